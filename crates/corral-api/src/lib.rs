@@ -1,0 +1,62 @@
+//! Corral's API types: the objects users create (VMs, images), the objects the system reports
+//! (tasks, hosts), the request bodies of the REST API, and their validation.
+//!
+//! This crate does no I/O. The controller validates every request with the functions here before it
+//! writes anything, so a bad request changes nothing; the OpenAPI document is generated from these
+//! types, so the document and the wire format cannot disagree.
+
+mod error;
+mod host;
+mod image;
+mod meta;
+mod size;
+mod task;
+mod vm;
+
+pub use error::{ApiErrorBody, ValidationError};
+pub use host::{Accel, Host};
+pub use image::{DirectBoot, DiskFormat, Image, ImagePhase, ImageSource, ImageSpec, ImageStatus};
+pub use meta::{validate_name, ObjectMeta, DEFAULT_PROJECT};
+pub use size::{format_bytes, parse_size};
+pub use task::{Task, TaskState};
+pub use vm::{
+    Condition, CreateVmRequest, DiskStatus, PowerState, StopVmRequest, Vm, VmPhase, VmSpec,
+    VmStatus, MIN_MEMORY_BYTES,
+};
+
+/// Paths of the REST API, shared by the server and the client so they cannot drift apart.
+pub mod paths {
+    /// Prefix of every endpoint.
+    pub const PREFIX: &str = "/api/v1";
+}
+
+/// Body of `GET /api/v1/health`, the one endpoint that needs no token.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct Health {
+    /// Always "ok" when the API answers.
+    pub status: String,
+    /// Corral's version.
+    pub version: String,
+}
+
+/// Body of `POST /api/v1/projects/{project}/images:build-jeos`.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct BuildJeosRequest {
+    /// Name of the image to create; "jeos" when absent.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Rebuild from the Debian packages even if the image already exists and is ready.
+    #[serde(default)]
+    pub rebuild: bool,
+}
+
+/// A page of the serial console log of a VM.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct ConsoleChunk {
+    /// Byte offset in the console log where `data` starts.
+    pub offset: u64,
+    /// Byte offset to ask for next to continue reading.
+    pub next_offset: u64,
+    /// Console output, decoded as UTF-8 with invalid bytes replaced.
+    pub data: String,
+}

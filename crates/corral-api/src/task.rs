@@ -1,0 +1,56 @@
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+/// Where a task is in its life.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskState {
+    Running,
+    Succeeded,
+    Failed,
+}
+
+/// A long operation (build an image, start or stop a VM) that clients follow to its end.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct Task {
+    pub id: Uuid,
+    pub project: String,
+    /// What the task does, e.g. "vm.start", "image.build-jeos".
+    pub kind: String,
+    /// The object it acts on, e.g. "vm/web-1".
+    pub target: String,
+    pub state: TaskState,
+    /// 0 to 100.
+    pub progress: u8,
+    /// The current step, for people.
+    pub message: String,
+    /// Why it failed, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Task {
+    pub fn new(project: &str, kind: &str, target: String) -> Self {
+        let now = Utc::now();
+        Self {
+            id: Uuid::new_v4(),
+            project: project.to_string(),
+            kind: kind.to_string(),
+            target,
+            state: TaskState::Running,
+            progress: 0,
+            message: "queued".into(),
+            error: None,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.state != TaskState::Running
+    }
+}

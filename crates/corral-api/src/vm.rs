@@ -1,0 +1,281 @@
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::{parse_size, validate_name, ObjectMeta, ValidationError};
+
+/// Smallest memory a VM may have: below this no Linux guest boots.
+pub const MIN_MEMORY_BYTES: u64 = 64 << 20;
+/// Most vCPUs one VM may have (QEMU's `pc` machine limit).
+const MAX_CPUS: u32 = 255;
+
+/// Whether the user wants the VM to run.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PowerState {
+    Running,
+    Stopped,
+}
+
+/// The desired state of a VM, written by the API and read by the host agent.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct VmSpec {
+    /// Name of the image (in the same project) the disk is cloned from.
+    pub image: String,
+    pub cpus: u32,
+    pub memory_bytes: u64,
+    /// Size of the VM's disk as the guest sees it.
+    pub disk_bytes: u64,
+    pub power: PowerState,
+    /// When stopping: skip the ACPI shutdown and power off at once.
+    #[serde(default)]
+    pub force_stop: bool,
+    /// Incremented by each reboot request; the agent resets the VM until it has seen this many.
+    #[serde(default)]
+    pub reboots: u64,
+}
+
+/// Where a VM is in its life, as observed by its host agent.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum VmPhase {
+    /// Accepted; no host has acted on it yet.
+    Pending,
+    Stopped,
+    Starting,
+    Running,
+    Stopping,
+    Deleting,
+    /// The last attempt to reach the desired state failed; see the conditions.
+    Failed,
+}
+
+impl std::fmt::Display for VmPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        f.write_str(&s)
+    }
+}
+
+/// One observed fact about a VM, with the reason it holds.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct Condition {
+    /// "DiskReady" or "Running".
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub status: bool,
+    /// CamelCase reason, e.g. "Started", "GuestPoweredOff", "QemuFailed".
+    pub reason: String,
+    pub message: String,
+    pub last_transition: DateTime<Utc>,
+}
+
+/// The VM's disk as it exists on the host.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct DiskStatus {
+    pub path: String,
+    /// The image file the disk is a linked clone of.
+    pub backing: String,
+}
+
+/// The observed state of a VM, written only by its host agent.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct VmStatus {
+    pub phase: VmPhase,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// The spec generation the agent last acted on.
+    pub observed_generation: u64,
+    /// Reboots performed (compare with `spec.reboots`).
+    #[serde(default)]
+    pub reboots: u64,
+    /// Process id of QEMU on the host while the VM runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskStatus>,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}
+
+impl Default for VmStatus {
+    fn default() -> Self {
+        Self {
+            phase: VmPhase::Pending,
+            host: None,
+            observed_generation: 0,
+            reboots: 0,
+            pid: None,
+            started_at: None,
+            disk: None,
+            conditions: Vec::new(),
+        }
+    }
+}
+
+impl VmStatus {
+    /// Sets a condition, keeping its transition time when its status did not change.
+    pub fn set_condition(&mut self, kind: &str, status: bool, reason: &str, message: &str) {
+        let now = Utc::now();
+        match self.conditions.iter_mut().find(|c| c.kind == kind) {
+            Some(c) => {
+                if c.status != status {
+                    c.last_transition = now;
+                }
+                c.status = status;
+                c.reason = reason.to_string();
+                c.message = message.to_string();
+            }
+            None => self.conditions.push(Condition {
+                kind: kind.to_string(),
+                status,
+                reason: reason.to_string(),
+                message: message.to_string(),
+                last_transition: now,
+            }),
+        }
+    }
+
+    pub fn condition(&self, kind: &str) -> Option<&Condition> {
+        self.conditions.iter().find(|c| c.kind == kind)
+    }
+}
+
+/// A virtual machine.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct Vm {
+    pub meta: ObjectMeta,
+    pub spec: VmSpec,
+    pub status: VmStatus,
+}
+
+/// Body of `POST /api/v1/projects/{project}/vms`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct CreateVmRequest {
+    pub name: String,
+    pub image: String,
+    #[serde(default = "one")]
+    pub cpus: u32,
+    /// Memory with a unit, e.g. "256M" or "1G".
+    pub memory: String,
+    /// Disk size with a unit; the image's size when absent.
+    #[serde(default)]
+    pub disk: Option<String>,
+    /// Start the VM once it is created.
+    #[serde(default)]
+    pub start: bool,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl CreateVmRequest {
+    /// Checks everything that does not depend on the state of the cluster, and returns the spec.
+    /// `disk_bytes` is 0 when the request leaves the disk size to the image.
+    pub fn to_spec(&self) -> Result<VmSpec, ValidationError> {
+        validate_name("VM", &self.name)?;
+        validate_name("image", &self.image)?;
+        if self.cpus == 0 || self.cpus > MAX_CPUS {
+            return Err(ValidationError::new(format!(
+                "a VM needs 1 to {MAX_CPUS} CPUs, not {}: pass --cpus N",
+                self.cpus
+            )));
+        }
+        let memory_bytes = parse_size("memory", &self.memory)?;
+        if memory_bytes < MIN_MEMORY_BYTES || memory_bytes % (1 << 20) != 0 {
+            return Err(ValidationError::new(format!(
+                "memory {:?} is not usable: give a whole number of MiB, at least 64M (e.g. 256M)",
+                self.memory
+            )));
+        }
+        let disk_bytes = match &self.disk {
+            Some(d) => {
+                let b = parse_size("disk size", d)?;
+                if b == 0 || b % 512 != 0 {
+                    return Err(ValidationError::new(format!(
+                        "disk size {d:?} is not usable: give a multiple of 512 bytes, e.g. 1G"
+                    )));
+                }
+                b
+            }
+            None => 0,
+        };
+        Ok(VmSpec {
+            image: self.image.clone(),
+            cpus: self.cpus,
+            memory_bytes,
+            disk_bytes,
+            power: if self.start {
+                PowerState::Running
+            } else {
+                PowerState::Stopped
+            },
+            force_stop: false,
+            reboots: 0,
+        })
+    }
+}
+
+/// Body of `POST /api/v1/projects/{project}/vms/{name}/stop`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+pub struct StopVmRequest {
+    /// Power off at once instead of asking the guest to shut down (ACPI) first.
+    #[serde(default)]
+    pub force: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req() -> CreateVmRequest {
+        CreateVmRequest {
+            name: "web-1".into(),
+            image: "jeos".into(),
+            cpus: 1,
+            memory: "256M".into(),
+            disk: Some("1G".into()),
+            start: true,
+        }
+    }
+
+    #[test]
+    fn valid_request_becomes_spec() {
+        let spec = req().to_spec().unwrap();
+        assert_eq!(spec.memory_bytes, 256 << 20);
+        assert_eq!(spec.disk_bytes, 1 << 30);
+        assert_eq!(spec.power, PowerState::Running);
+    }
+
+    #[test]
+    fn bad_requests_say_what_to_fix() {
+        let cases: Vec<(CreateVmRequest, &str)> = vec![
+            (CreateVmRequest { memory: "12XB".into(), ..req() }, "malformed memory"),
+            (CreateVmRequest { memory: "16M".into(), ..req() }, "at least 64M"),
+            (CreateVmRequest { cpus: 0, ..req() }, "1 to 255 CPUs"),
+            (CreateVmRequest { name: "Bad_Name".into(), ..req() }, "invalid VM name"),
+            (CreateVmRequest { image: "../etc".into(), ..req() }, "invalid image name"),
+            (CreateVmRequest { disk: Some("100".into()), ..req() }, "multiple of 512"),
+        ];
+        for (r, want) in cases {
+            let err = r.to_spec().unwrap_err();
+            assert!(err.0.contains(want), "{err} should contain {want}");
+        }
+    }
+
+    #[test]
+    fn conditions_keep_transition_time_when_unchanged() {
+        let mut s = VmStatus::default();
+        s.set_condition("Running", true, "Started", "");
+        let t = s.condition("Running").unwrap().last_transition;
+        s.set_condition("Running", true, "Adopted", "");
+        assert_eq!(s.condition("Running").unwrap().last_transition, t);
+        assert_eq!(s.condition("Running").unwrap().reason, "Adopted");
+    }
+}
