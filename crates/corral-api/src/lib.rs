@@ -60,3 +60,35 @@ pub struct ConsoleChunk {
     /// Console output, decoded as UTF-8 with invalid bytes replaced.
     pub data: String,
 }
+
+/// Where each kind of object lives in the store. One place, so every crate agrees.
+pub mod keys {
+    use uuid::Uuid;
+
+    pub const VMS: &str = "/corral/vms/";
+    pub const HOSTS: &str = "/corral/hosts/";
+    pub const TASKS: &str = "/corral/tasks/";
+    pub const ADMIN_TOKEN: &str = "/corral/auth/admin-token-sha256";
+
+    pub fn project(name: &str) -> String {
+        format!("/corral/projects/{name}")
+    }
+    pub fn vms(project: &str) -> String {
+        format!("{VMS}{project}/")
+    }
+    pub fn vm(project: &str, name: &str) -> String {
+        format!("{VMS}{project}/{name}")
+    }
+    pub fn images(project: &str) -> String {
+        format!("/corral/images/{project}/")
+    }
+    pub fn image(project: &str, name: &str) -> String {
+        format!("/corral/images/{project}/{name}")
+    }
+    pub fn host(name: &str) -> String {
+        format!("{HOSTS}{name}")
+    }
+    pub fn task(id: Uuid) -> String {
+        format!("{TASKS}{id}")
+    }
+}

@@ -10,6 +10,7 @@
 //! The store knows nothing of VMs or images: it stores bytes.
 
 pub mod contract;
+mod json;
 mod redb_store;
 
 use std::time::Duration;
@@ -17,6 +18,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
+pub use json::{get_json, list_json, update_json, Versioned};
 pub use redb_store::RedbStore;
 
 /// A store-wide logical clock: every committed transaction gets the next revision.
@@ -122,5 +124,11 @@ pub trait Store: Send + Sync + 'static {
 
     async fn delete(&self, key: &str, when: Precondition) -> Result<Revision, StoreError> {
         self.txn(vec![Op::Delete { key: key.into(), when }]).await
+    }
+}
+
+impl From<serde_json::Error> for StoreError {
+    fn from(e: serde_json::Error) -> Self {
+        StoreError::Backend { path: "(value)".into(), message: format!("stored value is not valid: {e}") }
     }
 }

@@ -1,0 +1,357 @@
+//! The VM reconciler and the loop that runs one worker per VM.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use corral_api::{keys, Accel, DiskStatus, Host, Image, ImagePhase, PowerState, Vm, VmPhase};
+use corral_hypervisor::{Driver, LaunchSpec, RunState};
+use corral_store::{get_json, Precondition, Store, StoreError, Versioned};
+use tokio::sync::mpsc;
+
+use crate::{layout, AgentError};
+
+/// How an agent runs.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// This host's name in the cluster.
+    pub host: String,
+    pub data_dir: PathBuf,
+    pub accel: Accel,
+    /// What the hypervisor reports of its version.
+    pub hypervisor: String,
+    /// How long a guest gets to shut down after the ACPI power button before it is powered off.
+    pub stop_timeout: Duration,
+    /// How often every VM is reconciled even when nothing changed (catches crashed guests).
+    pub resync: Duration,
+}
+
+/// What the worker does after one reconcile.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The VM is in its desired state; wait for a change.
+    Steady,
+    /// In transition (or failed): look again after this long.
+    Requeue(Duration),
+    /// The VM was deleted or belongs to another host: the worker ends.
+    Gone,
+}
+
+/// Per-VM memory of a worker that does not belong in the store.
+#[derive(Debug, Default)]
+pub struct WorkerState {
+    /// When the ACPI shutdown was requested.
+    stopping_since: Option<Instant>,
+    /// Consecutive failed starts, for backoff.
+    failures: u32,
+}
+
+async fn write_status(store: &dyn Store, key: &str, rev: u64, vm: &Vm) -> Result<Option<u64>, AgentError> {
+    let bytes = serde_json::to_vec(vm).map_err(StoreError::from)?;
+    match store.put(key, bytes, Precondition::ModRevision(rev)).await {
+        Ok(r) => Ok(Some(r)),
+        Err(StoreError::Conflict { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn image_of(store: &dyn Store, vm: &Vm) -> Result<Image, String> {
+    let key = keys::image(&vm.meta.project, &vm.spec.image);
+    match get_json::<Image>(store, &key).await {
+        Ok(Some(Versioned { value, .. })) if value.status.phase == ImagePhase::Ready => Ok(value),
+        Ok(Some(_)) => Err(format!("image {} is not ready", vm.spec.image)),
+        Ok(None) => Err(format!("image {} does not exist", vm.spec.image)),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn launch_spec(vm: &Vm, image: &Image, disk: &Path, accel: Accel) -> LaunchSpec {
+    LaunchSpec {
+        name: vm.meta.name.clone(),
+        cpus: vm.spec.cpus,
+        memory_mib: vm.spec.memory_bytes >> 20,
+        disk: disk.to_path_buf(),
+        direct_boot: image.status.boot.clone(),
+        accel,
+    }
+}
+
+/// Moves the VM at `key` one step toward its spec and records what was observed. Idempotent.
+pub async fn reconcile(
+    store: &dyn Store,
+    driver: &dyn Driver,
+    cfg: &AgentConfig,
+    key: &str,
+    ws: &mut WorkerState,
+) -> Result<Outcome, AgentError> {
+    let Some(Versioned { value: mut vm, revision }) = get_json::<Vm>(store, key).await? else {
+        return Ok(Outcome::Gone);
+    };
+    if vm.status.host.as_deref().is_some_and(|h| h != cfg.host) {
+        return Ok(Outcome::Gone);
+    }
+    let dir = layout::vm_dir(&cfg.data_dir, vm.meta.uid);
+    let before = vm.clone();
+    vm.status.host = Some(cfg.host.clone());
+    let observed = driver.observe(&dir).await?;
+
+    if vm.meta.deletion_requested_at.is_some() {
+        let mut rev = revision;
+        if vm.status.phase != VmPhase::Deleting {
+            vm.status.phase = VmPhase::Deleting;
+            match write_status(store, key, revision, &vm).await? {
+                Some(r) => rev = r,
+                None => return Ok(Outcome::Requeue(Duration::ZERO)),
+            }
+        }
+        driver.kill(&dir).await?;
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(AgentError::Other(format!("removing {}: {e}", dir.display()))),
+        }
+        return match store.delete(key, Precondition::ModRevision(rev)).await {
+            Ok(_) | Err(StoreError::NotFound { .. }) => Ok(Outcome::Gone),
+            Err(StoreError::Conflict { .. }) => Ok(Outcome::Requeue(Duration::ZERO)),
+            Err(e) => Err(e.into()),
+        };
+    }
+
+    let disk = layout::vm_disk(&cfg.data_dir, vm.meta.uid);
+    if !disk.exists() {
+        let image = match image_of(store, &vm).await {
+            Ok(i) => i,
+            Err(msg) => {
+                vm.status.phase = VmPhase::Failed;
+                vm.status.set_condition("DiskReady", false, "ImageUnavailable", &msg);
+                vm.status.observed_generation = vm.meta.generation;
+                return finish(store, key, revision, &before, &vm, Outcome::Requeue(Duration::from_secs(10))).await;
+            }
+        };
+        let backing = PathBuf::from(image.status.path.clone().unwrap_or_default());
+        let format = image.status.format.unwrap_or(corral_api::DiskFormat::Qcow2);
+        std::fs::create_dir_all(&dir).map_err(|e| AgentError::Other(format!("creating {}: {e}", dir.display())))?;
+        corral_hypervisor::disk::create_linked_clone(&backing, format, &disk, vm.spec.disk_bytes).await?;
+        vm.status.disk = Some(DiskStatus { path: disk.display().to_string(), backing: backing.display().to_string() });
+        vm.status.set_condition("DiskReady", true, "Cloned", &format!("linked clone of image {}", vm.spec.image));
+    }
+
+    let mut outcome = Outcome::Steady;
+    match (vm.spec.power, observed) {
+        (PowerState::Running, None) => {
+            if before.status.phase == VmPhase::Running {
+                tracing::warn!(vm = %vm.meta.name, "QEMU exited while the VM should run; starting it again");
+            }
+            ws.stopping_since = None;
+            let started = match image_of(store, &vm).await {
+                Ok(image) => driver
+                    .start(&dir, &launch_spec(&vm, &image, &disk, cfg.accel))
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(msg) => Err(msg),
+            };
+            match started {
+                Ok(pid) => {
+                    ws.failures = 0;
+                    vm.status.phase = VmPhase::Running;
+                    vm.status.pid = Some(pid);
+                    vm.status.started_at = Some(Utc::now());
+                    vm.status.reboots = vm.spec.reboots;
+                    vm.status.set_condition("Running", true, "Started", "");
+                }
+                Err(msg) => {
+                    ws.failures += 1;
+                    vm.status.phase = VmPhase::Failed;
+                    vm.status.pid = None;
+                    vm.status.set_condition("Running", false, "StartFailed", &msg);
+                    let backoff = 5u64.saturating_mul(1 << ws.failures.min(6)).min(300);
+                    outcome = Outcome::Requeue(Duration::from_secs(backoff));
+                }
+            }
+        }
+        (PowerState::Running, Some(o)) if o.state == RunState::GuestShutdown => {
+            // The guest shut itself down: that is the owner's wish, as with a physical machine.
+            driver.kill(&dir).await?;
+            vm.spec.power = PowerState::Stopped;
+            vm.meta.bump();
+            mark_stopped(&mut vm, "GuestPoweredOff", "the guest shut itself down");
+        }
+        (PowerState::Running, Some(o)) => {
+            if vm.spec.reboots > vm.status.reboots {
+                driver.reset(&dir).await?;
+                vm.status.reboots = vm.spec.reboots;
+                vm.status.started_at = Some(Utc::now());
+                vm.status.set_condition("Running", true, "Rebooted", "reset by request");
+            } else if before.status.pid != Some(o.pid) {
+                vm.status.set_condition("Running", true, "Adopted", "found running after an agent restart");
+            }
+            vm.status.phase = VmPhase::Running;
+            vm.status.pid = Some(o.pid);
+            vm.status.started_at.get_or_insert_with(Utc::now);
+        }
+        (PowerState::Stopped, Some(o)) => {
+            let timed_out = ws.stopping_since.is_some_and(|t| t.elapsed() >= cfg.stop_timeout);
+            if vm.spec.force_stop || o.state == RunState::GuestShutdown || timed_out {
+                driver.kill(&dir).await?;
+                let (reason, msg) = if o.state == RunState::GuestShutdown {
+                    ("ShutDown", "the guest shut down")
+                } else if vm.spec.force_stop {
+                    ("PoweredOff", "powered off without asking the guest")
+                } else {
+                    ("PoweredOffAfterTimeout", "the guest did not shut down in time; powered off")
+                };
+                ws.stopping_since = None;
+                mark_stopped(&mut vm, reason, msg);
+            } else {
+                if ws.stopping_since.is_none() {
+                    driver.powerdown(&dir).await?;
+                    ws.stopping_since = Some(Instant::now());
+                }
+                vm.status.phase = VmPhase::Stopping;
+                outcome = Outcome::Requeue(Duration::from_millis(200));
+            }
+        }
+        (PowerState::Stopped, None) => {
+            ws.stopping_since = None;
+            if vm.status.phase != VmPhase::Stopped {
+                let was_running = vm.status.condition("Running").is_some_and(|c| c.status);
+                mark_stopped(&mut vm, "Stopped", if was_running { "the process is gone" } else { "" });
+            }
+        }
+    }
+    if outcome == Outcome::Steady || vm.status.phase == VmPhase::Failed {
+        vm.status.observed_generation = vm.meta.generation;
+    }
+    finish(store, key, revision, &before, &vm, outcome).await
+}
+
+fn mark_stopped(vm: &mut Vm, reason: &str, msg: &str) {
+    vm.status.phase = VmPhase::Stopped;
+    vm.status.pid = None;
+    vm.status.started_at = None;
+    vm.status.set_condition("Running", false, reason, msg);
+}
+
+/// Writes the VM back if anything changed; a lost compare-and-swap means "look again now".
+async fn finish(store: &dyn Store, key: &str, rev: u64, before: &Vm, vm: &Vm, outcome: Outcome) -> Result<Outcome, AgentError> {
+    if vm == before {
+        return Ok(outcome);
+    }
+    match write_status(store, key, rev, vm).await? {
+        Some(_) => Ok(outcome),
+        None => Ok(Outcome::Requeue(Duration::ZERO)),
+    }
+}
+
+/// A host agent bound to a store and a driver.
+pub struct Agent {
+    store: Arc<dyn Store>,
+    driver: Arc<dyn Driver>,
+    cfg: AgentConfig,
+}
+
+fn memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()))
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+impl Agent {
+    pub fn new(store: Arc<dyn Store>, driver: Arc<dyn Driver>, cfg: AgentConfig) -> Arc<Self> {
+        Arc::new(Self { store, driver, cfg })
+    }
+
+    async fn heartbeat(&self) -> Result<(), AgentError> {
+        let host = Host {
+            name: self.cfg.host.clone(),
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            memory_bytes: memory_bytes(),
+            accel: self.cfg.accel,
+            hypervisor: self.cfg.hypervisor.clone(),
+            last_heartbeat: Utc::now(),
+        };
+        let bytes = serde_json::to_vec(&host).map_err(StoreError::from)?;
+        self.store.put(&keys::host(&self.cfg.host), bytes, Precondition::Any).await?;
+        Ok(())
+    }
+
+    /// Registers the host, then reconciles VMs until the task is dropped.
+    pub async fn run(self: Arc<Self>) -> Result<(), AgentError> {
+        self.heartbeat().await?;
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                if let Err(e) = me.heartbeat().await {
+                    tracing::warn!(error = %e, "heartbeat failed");
+                }
+            }
+        });
+        let mut workers: HashMap<String, mpsc::Sender<()>> = HashMap::new();
+        loop {
+            let (kvs, rev) = self.store.list(keys::VMS).await?;
+            for kv in kvs {
+                self.kick(&mut workers, &kv.key);
+            }
+            let mut watch = self.store.watch(keys::VMS, rev + 1).await?;
+            let mut resync = tokio::time::interval(self.cfg.resync);
+            loop {
+                tokio::select! {
+                    ev = watch.recv() => match ev {
+                        Some(Ok(e)) => self.kick(&mut workers, &e.kv.key),
+                        Some(Err(e)) => { tracing::info!(error = %e, "watch ended; listing again"); break; }
+                        None => break,
+                    },
+                    _ = resync.tick() => {
+                        let keys: Vec<String> = workers.keys().cloned().collect();
+                        for k in keys { self.kick(&mut workers, &k); }
+                    }
+                }
+            }
+        }
+    }
+
+    fn kick(self: &Arc<Self>, workers: &mut HashMap<String, mpsc::Sender<()>>, key: &str) {
+        workers.retain(|_, tx| !tx.is_closed());
+        let tx = workers.entry(key.to_string()).or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(1);
+            tokio::spawn(self.clone().worker(key.to_string(), rx));
+            tx
+        });
+        // A full channel already holds a kick: changes coalesce.
+        let _ = tx.try_send(());
+    }
+
+    /// Reconciles one VM whenever kicked or when its requeue time comes; never two at once for a VM.
+    async fn worker(self: Arc<Self>, key: String, mut kicks: mpsc::Receiver<()>) {
+        let mut ws = WorkerState::default();
+        while kicks.recv().await.is_some() {
+            loop {
+                let wait = match reconcile(&*self.store, &*self.driver, &self.cfg, &key, &mut ws).await {
+                    Ok(Outcome::Gone) => return,
+                    Ok(Outcome::Steady) => break,
+                    Ok(Outcome::Requeue(d)) => d,
+                    Err(e) => {
+                        tracing::warn!(vm = %key, error = %e, "reconcile failed; retrying");
+                        Duration::from_secs(2)
+                    }
+                };
+                tokio::select! {
+                    k = kicks.recv() => if k.is_none() { return },
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,211 @@
+//! The reconciler against the fake driver and a real store (and real qemu-img for the clones).
+
+use super::*;
+use corral_api::{ImageSource, ImageSpec, ImageStatus, ObjectMeta, VmSpec, VmStatus};
+use corral_hypervisor::fake::FakeDriver;
+use corral_store::RedbStore;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    store: Arc<dyn Store>,
+    driver: FakeDriver,
+    cfg: AgentConfig,
+}
+
+async fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.path().join("store.redb")).expect("store"));
+    let base = dir.path().join("base.qcow2");
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&base)
+        .arg("64M")
+        .output()
+        .expect("qemu-img must be installed (scripts/setup.sh)");
+    assert!(out.status.success());
+    let image = Image {
+        meta: ObjectMeta::new("default", "jeos"),
+        spec: ImageSpec { source: ImageSource::Import },
+        status: ImageStatus {
+            phase: ImagePhase::Ready,
+            format: Some(corral_api::DiskFormat::Qcow2),
+            path: Some(base.display().to_string()),
+            virtual_bytes: 64 << 20,
+            actual_bytes: 0,
+            boot: None,
+            message: String::new(),
+        },
+    };
+    store
+        .put(&keys::image("default", "jeos"), serde_json::to_vec(&image).expect("json"), Precondition::Absent)
+        .await
+        .expect("image");
+    let cfg = AgentConfig {
+        host: "h1".into(),
+        data_dir: dir.path().to_path_buf(),
+        accel: Accel::Tcg,
+        hypervisor: "fake".into(),
+        stop_timeout: Duration::from_secs(30),
+        resync: Duration::from_secs(5),
+    };
+    Fixture { _dir: dir, store, driver: FakeDriver::default(), cfg }
+}
+
+impl Fixture {
+    async fn create(&self, name: &str, power: PowerState) -> String {
+        let vm = Vm {
+            meta: ObjectMeta::new("default", name),
+            spec: VmSpec {
+                image: "jeos".into(),
+                cpus: 1,
+                memory_bytes: 256 << 20,
+                disk_bytes: 1 << 30,
+                power,
+                force_stop: false,
+                reboots: 0,
+            },
+            status: VmStatus::default(),
+        };
+        let key = keys::vm("default", name);
+        self.store.put(&key, serde_json::to_vec(&vm).expect("json"), Precondition::Absent).await.expect("put");
+        key
+    }
+
+    async fn vm(&self, key: &str) -> Vm {
+        get_json::<Vm>(&*self.store, key).await.expect("get").expect("exists").value
+    }
+
+    async fn edit(&self, key: &str, f: impl Fn(&mut Vm)) {
+        corral_store::update_json::<Vm, StoreError>(&*self.store, key, |vm| {
+            f(vm);
+            vm.meta.bump();
+            Ok(true)
+        })
+        .await
+        .expect("update");
+    }
+
+    async fn reconcile(&self, key: &str, ws: &mut WorkerState) -> Outcome {
+        reconcile(&*self.store, &self.driver, &self.cfg, key, ws).await.expect("reconcile")
+    }
+
+    fn run_dir(&self, vm: &Vm) -> PathBuf {
+        layout::vm_dir(&self.cfg.data_dir, vm.meta.uid)
+    }
+}
+
+#[tokio::test]
+async fn starts_a_vm_on_a_linked_clone_and_is_idempotent() {
+    let f = fixture().await;
+    let key = f.create("web", PowerState::Running).await;
+    let mut ws = WorkerState::default();
+    assert_eq!(f.reconcile(&key, &mut ws).await, Outcome::Steady);
+    let vm = f.vm(&key).await;
+    assert_eq!(vm.status.phase, VmPhase::Running);
+    assert_eq!(vm.status.host.as_deref(), Some("h1"));
+    assert_eq!(vm.status.observed_generation, vm.meta.generation);
+    let info = corral_hypervisor::disk::info(&layout::vm_disk(&f.cfg.data_dir, vm.meta.uid)).await.expect("info");
+    assert_eq!(info.virtual_size, 1 << 30);
+    assert!(info.backing_filename.expect("backed").ends_with("base.qcow2"));
+
+    let rev = f.store.get(&key).await.expect("get").expect("kv").mod_revision;
+    assert_eq!(f.reconcile(&key, &mut ws).await, Outcome::Steady);
+    assert_eq!(f.store.get(&key).await.expect("get").expect("kv").mod_revision, rev, "second pass writes nothing");
+    assert_eq!(f.driver.calls().iter().filter(|c| c.starts_with("start")).count(), 1);
+}
+
+#[tokio::test]
+async fn graceful_stop_asks_the_guest_then_records_the_shutdown() {
+    let f = fixture().await;
+    let key = f.create("db", PowerState::Running).await;
+    let mut ws = WorkerState::default();
+    f.reconcile(&key, &mut ws).await;
+    f.edit(&key, |vm| vm.spec.power = PowerState::Stopped).await;
+    assert!(matches!(f.reconcile(&key, &mut ws).await, Outcome::Requeue(_)));
+    assert_eq!(f.vm(&key).await.status.phase, VmPhase::Stopping);
+    assert_eq!(f.reconcile(&key, &mut ws).await, Outcome::Steady);
+    let vm = f.vm(&key).await;
+    assert_eq!(vm.status.phase, VmPhase::Stopped);
+    assert_eq!(vm.status.condition("Running").expect("cond").reason, "ShutDown");
+    let calls = f.driver.calls();
+    let dir_name = f.run_dir(&vm).file_name().expect("name").to_string_lossy().into_owned();
+    assert_eq!(calls[1..], [format!("powerdown {dir_name}"), format!("kill {dir_name}")]);
+}
+
+#[tokio::test]
+async fn a_guest_that_powers_itself_off_stays_off() {
+    let f = fixture().await;
+    let key = f.create("app", PowerState::Running).await;
+    let mut ws = WorkerState::default();
+    f.reconcile(&key, &mut ws).await;
+    let vm = f.vm(&key).await;
+    f.driver.guest_powers_off(&f.run_dir(&vm));
+    f.reconcile(&key, &mut ws).await;
+    let after = f.vm(&key).await;
+    assert_eq!(after.spec.power, PowerState::Stopped);
+    assert!(after.meta.generation > vm.meta.generation);
+    assert_eq!(after.status.condition("Running").expect("cond").reason, "GuestPoweredOff");
+    assert!(!f.driver.is_running(&f.run_dir(&vm)));
+    assert_eq!(f.reconcile(&key, &mut ws).await, Outcome::Steady);
+    assert_eq!(f.driver.calls().iter().filter(|c| c.starts_with("start")).count(), 1, "not restarted");
+}
+
+#[tokio::test]
+async fn a_failed_start_is_reported_and_retried_later() {
+    let f = fixture().await;
+    let key = f.create("bad", PowerState::Running).await;
+    f.driver.fail_next_start("could not allocate memory");
+    let mut ws = WorkerState::default();
+    assert!(matches!(f.reconcile(&key, &mut ws).await, Outcome::Requeue(d) if d >= Duration::from_secs(5)));
+    let vm = f.vm(&key).await;
+    assert_eq!(vm.status.phase, VmPhase::Failed);
+    let cond = vm.status.condition("Running").expect("cond");
+    assert_eq!(cond.reason, "StartFailed");
+    assert!(cond.message.contains("could not allocate memory"));
+    assert_eq!(f.reconcile(&key, &mut ws).await, Outcome::Steady);
+    assert_eq!(f.vm(&key).await.status.phase, VmPhase::Running);
+}
+
+#[tokio::test]
+async fn a_running_vm_found_by_a_new_agent_is_adopted_not_restarted() {
+    let f = fixture().await;
+    let key = f.create("keep", PowerState::Running).await;
+    f.reconcile(&key, &mut WorkerState::default()).await;
+    let started = f.vm(&key).await.status.started_at;
+    // A new agent process: fresh worker state, and a status that lost track of the pid.
+    f.edit(&key, |vm| vm.status.pid = None).await;
+    assert_eq!(f.reconcile(&key, &mut WorkerState::default()).await, Outcome::Steady);
+    let vm = f.vm(&key).await;
+    assert_eq!(vm.status.condition("Running").expect("cond").reason, "Adopted");
+    assert_eq!(vm.status.started_at, started);
+    assert_eq!(f.driver.calls().iter().filter(|c| c.starts_with("start")).count(), 1);
+}
+
+#[tokio::test]
+async fn reboot_resets_once_and_delete_removes_everything() {
+    let f = fixture().await;
+    let key = f.create("tmp", PowerState::Running).await;
+    let mut ws = WorkerState::default();
+    f.reconcile(&key, &mut ws).await;
+    f.edit(&key, |vm| vm.spec.reboots += 1).await;
+    f.reconcile(&key, &mut ws).await;
+    f.reconcile(&key, &mut ws).await;
+    assert_eq!(f.driver.calls().iter().filter(|c| c.starts_with("reset")).count(), 1);
+    assert_eq!(f.vm(&key).await.status.reboots, 1);
+
+    let vm = f.vm(&key).await;
+    f.edit(&key, |vm| vm.meta.deletion_requested_at = Some(Utc::now())).await;
+    assert_eq!(f.reconcile(&key, &mut ws).await, Outcome::Gone);
+    assert!(f.store.get(&key).await.expect("get").is_none());
+    assert!(!f.run_dir(&vm).exists(), "disk and run directory removed");
+    assert!(!f.driver.is_running(&f.run_dir(&vm)));
+}
+
+#[tokio::test]
+async fn a_vm_of_another_host_is_left_alone() {
+    let f = fixture().await;
+    let key = f.create("other", PowerState::Running).await;
+    f.edit(&key, |vm| vm.status.host = Some("h2".into())).await;
+    assert_eq!(f.reconcile(&key, &mut WorkerState::default()).await, Outcome::Gone);
+    assert!(f.driver.calls().is_empty());
+}

@@ -1,0 +1,96 @@
+//! How a host runs guests. Everything above this crate speaks the [`Driver`] trait; the QEMU driver
+//! ([`QemuDriver`]) is the real one, [`fake::FakeDriver`] stands in for it in control-plane tests.
+//!
+//! A VM instance is named by its run directory on the host, which holds what QEMU needs to be found
+//! again by a new agent process: the pid file, the QMP socket, the serial console socket and log.
+//! QEMU runs detached from the agent (its own session), so VMs survive an agent restart.
+//! This crate never touches the store.
+
+pub mod accel;
+pub mod disk;
+pub mod fake;
+mod qemu;
+pub mod qmp;
+
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+
+pub use accel::{AccelChoice, detect_accel};
+pub use qemu::{qemu_version, QemuDriver};
+
+/// Everything needed to start one VM.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LaunchSpec {
+    pub name: String,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    /// The VM's own disk (a qcow2 linked clone).
+    pub disk: PathBuf,
+    /// Kernel, initrd and command line for direct kernel boot; `None` boots from the disk.
+    pub direct_boot: Option<corral_api::DirectBoot>,
+    pub accel: corral_api::Accel,
+}
+
+/// What the guest is doing, as the hypervisor sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunState {
+    Running,
+    /// The guest powered itself off; the process waits to be told to quit.
+    GuestShutdown,
+    /// Anything else QEMU reports (paused, in migration, ...).
+    Other(String),
+}
+
+/// A live VM process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Observed {
+    pub pid: u32,
+    pub state: RunState,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("QEMU did not start: {0}")]
+    StartFailed(String),
+    #[error("QMP at {path}: {message}")]
+    Qmp { path: String, message: String },
+    #[error("{what} failed: {message}")]
+    Io { what: String, message: String },
+    #[error("the path {0} is too long for a unix socket (108 bytes at most): use a shorter --data-dir")]
+    PathTooLong(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl DriverError {
+    pub fn io(what: impl Into<String>, e: impl std::fmt::Display) -> Self {
+        DriverError::Io { what: what.into(), message: e.to_string() }
+    }
+}
+
+/// One hypervisor. Every call is idempotent where that makes sense: observing or killing a VM that is
+/// not running is not an error.
+#[async_trait]
+pub trait Driver: Send + Sync + 'static {
+    /// Starts the VM; returns once the hypervisor runs it. `run_dir` must exist.
+    async fn start(&self, run_dir: &Path, spec: &LaunchSpec) -> Result<u32, DriverError>;
+    /// The VM's process, or `None` when it does not run.
+    async fn observe(&self, run_dir: &Path) -> Result<Option<Observed>, DriverError>;
+    /// Asks the guest to shut down (ACPI power button).
+    async fn powerdown(&self, run_dir: &Path) -> Result<(), DriverError>;
+    /// Hard reset, as the reset button of a PC.
+    async fn reset(&self, run_dir: &Path) -> Result<(), DriverError>;
+    /// Powers off at once and waits until the process is gone.
+    async fn kill(&self, run_dir: &Path) -> Result<(), DriverError>;
+}
+
+/// Files of a VM instance inside its run directory.
+pub fn console_log(run_dir: &Path) -> PathBuf {
+    run_dir.join("console.log")
+}
+
+/// The serial console socket: what a client writes there is typed on the guest's ttyS0.
+pub fn serial_socket(run_dir: &Path) -> PathBuf {
+    run_dir.join("serial.sock")
+}
