@@ -18,7 +18,7 @@ pub use host::{Accel, Host};
 pub use image::{DirectBoot, DiskFormat, Image, ImagePhase, ImageSource, ImageSpec, ImageStatus};
 pub use meta::{validate_name, ObjectMeta, DEFAULT_PROJECT};
 pub use size::{format_bytes, parse_size};
-pub use task::{Task, TaskState};
+pub use task::{Task, TaskGoal, TaskState};
 pub use vm::{
     Condition, CreateVmRequest, DiskStatus, PowerState, StopVmRequest, Vm, VmPhase, VmSpec,
     VmStatus, MIN_MEMORY_BYTES,

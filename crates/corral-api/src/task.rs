@@ -12,6 +12,21 @@ pub enum TaskState {
     Failed,
 }
 
+/// What a task waits for; kept with the task so a restarted controller can go on following it.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum TaskGoal {
+    /// The VM's disk exists (and, with `start`, the VM runs) at this generation.
+    VmCreate { generation: u64, start: bool },
+    VmStart { generation: u64 },
+    VmStop { generation: u64 },
+    /// The VM has been reset this many times.
+    VmReboot { reboots: u64 },
+    /// The VM is gone.
+    VmDelete,
+    ImageBuild,
+}
+
 /// A long operation (build an image, start or stop a VM) that clients follow to its end.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq)]
 pub struct Task {
@@ -21,6 +36,7 @@ pub struct Task {
     pub kind: String,
     /// The object it acts on, e.g. "vm/web-1".
     pub target: String,
+    pub goal: TaskGoal,
     pub state: TaskState,
     /// 0 to 100.
     pub progress: u8,
@@ -34,13 +50,14 @@ pub struct Task {
 }
 
 impl Task {
-    pub fn new(project: &str, kind: &str, target: String) -> Self {
+    pub fn new(project: &str, kind: &str, target: String, goal: TaskGoal) -> Self {
         let now = Utc::now();
         Self {
             id: Uuid::new_v4(),
             project: project.to_string(),
             kind: kind.to_string(),
             target,
+            goal,
             state: TaskState::Running,
             progress: 0,
             message: "queued".into(),

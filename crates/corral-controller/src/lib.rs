@@ -1,0 +1,143 @@
+//! The control plane's front: the REST API under `/api/v1`. Handlers validate a request completely
+//! (against the request itself and the cluster's state) before they write anything, then write the
+//! desired state and a task in one store transaction. They never drive a hypervisor: host agents
+//! reconcile what was written. Every endpoint but `/health` needs the bearer token.
+
+mod auth;
+mod error;
+mod images;
+mod tasks;
+mod vms;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use corral_api::{keys, Health, Host, Task};
+use corral_store::{get_json, list_json, Precondition, Store, StoreError};
+use utoipa::OpenApi;
+
+pub use error::ApiError;
+
+/// What every handler needs.
+#[derive(Clone)]
+pub struct Ctx {
+    pub store: Arc<dyn Store>,
+    /// Where image files and VM run directories live (the all-in-one host's data dir).
+    pub data_dir: PathBuf,
+    admin_token_hash: Vec<u8>,
+}
+
+/// Prepares the store on first start (the default project, the admin token) and resumes tasks.
+/// Returns the context and, on first start only, the new admin token in clear text.
+pub async fn init(store: Arc<dyn Store>, data_dir: PathBuf) -> Result<(Ctx, Option<String>), ApiError> {
+    let project = keys::project(corral_api::DEFAULT_PROJECT);
+    match store.put(&project, b"{}".to_vec(), Precondition::Absent).await {
+        Ok(_) | Err(StoreError::Conflict { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let (hash, token) = match store.get(keys::ADMIN_TOKEN).await? {
+        Some(kv) => (kv.value, None),
+        None => {
+            let token = auth::new_token();
+            let hash = auth::hash(&token);
+            store.put(keys::ADMIN_TOKEN, hash.clone(), Precondition::Absent).await?;
+            (hash, Some(token))
+        }
+    };
+    let ctx = Ctx { store, data_dir, admin_token_hash: hash };
+    tasks::resume(&ctx).await?;
+    Ok((ctx, token))
+}
+
+pub(crate) async fn ensure_project(ctx: &Ctx, project: &str) -> Result<(), ApiError> {
+    if ctx.store.get(&keys::project(project)).await?.is_none() {
+        return Err(ApiError::NotFound(format!(
+            "project {project} does not exist: use --project default (projects other than default arrive with multi-tenancy)"
+        )));
+    }
+    Ok(())
+}
+
+#[utoipa::path(get, path = "/api/v1/health", tag = "system", responses((status = 200, body = Health)))]
+async fn health() -> Json<Health> {
+    Json(Health { status: "ok".into(), version: env!("CARGO_PKG_VERSION").into() })
+}
+
+#[utoipa::path(get, path = "/api/v1/hosts", tag = "hosts", responses((status = 200, body = [Host])), security(("bearer" = [])))]
+async fn list_hosts(State(ctx): State<Ctx>) -> Result<Json<Vec<Host>>, ApiError> {
+    Ok(Json(list_json::<Host>(&*ctx.store, keys::HOSTS).await?.0))
+}
+
+#[utoipa::path(get, path = "/api/v1/tasks", tag = "tasks", responses((status = 200, description = "newest first", body = [Task])), security(("bearer" = [])))]
+async fn list_tasks(State(ctx): State<Ctx>) -> Result<Json<Vec<Task>>, ApiError> {
+    let (mut tasks, _) = list_json::<Task>(&*ctx.store, keys::TASKS).await?;
+    tasks.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+    Ok(Json(tasks))
+}
+
+#[utoipa::path(get, path = "/api/v1/tasks/{id}", tag = "tasks", params(("id" = uuid::Uuid, Path)),
+    responses((status = 200, body = Task), (status = 404, body = corral_api::ApiErrorBody)), security(("bearer" = [])))]
+async fn get_task(State(ctx): State<Ctx>, Path(id): Path<uuid::Uuid>) -> Result<Json<Task>, ApiError> {
+    get_json::<Task>(&*ctx.store, &keys::task(id))
+        .await?
+        .map(|v| Json(v.value))
+        .ok_or_else(|| ApiError::NotFound(format!("task {id} does not exist: see `corral task list`")))
+}
+
+async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(openapi())
+}
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = api.components.get_or_insert_with(Default::default);
+        components.add_security_scheme("bearer", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()));
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Corral API", description = "Corral, an open virtual datacenter OS: VMs, images, hosts and tasks."),
+    paths(
+        health, list_hosts, list_tasks, get_task,
+        vms::list, vms::get, vms::create, vms::start, vms::stop, vms::reboot, vms::delete, vms::console,
+        images::list, images::get, images::build_jeos, images::import, images::delete,
+    ),
+    modifiers(&BearerAuth)
+)]
+struct ApiDoc;
+
+/// The OpenAPI document of this API, as served at `/api/v1/openapi.json` and committed in `docs/`.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+/// The API's routes.
+pub fn router(ctx: Ctx) -> Router {
+    let p = "/api/v1/projects/{project}";
+    let authed = Router::new()
+        .route("/api/v1/openapi.json", get(openapi_json))
+        .route("/api/v1/hosts", get(list_hosts))
+        .route("/api/v1/tasks", get(list_tasks))
+        .route("/api/v1/tasks/{id}", get(get_task))
+        .route(&format!("{p}/vms"), get(vms::list).post(vms::create))
+        .route(&format!("{p}/vms/{{name}}"), get(vms::get).delete(vms::delete))
+        .route(&format!("{p}/vms/{{name}}/start"), post(vms::start))
+        .route(&format!("{p}/vms/{{name}}/stop"), post(vms::stop))
+        .route(&format!("{p}/vms/{{name}}/reboot"), post(vms::reboot))
+        .route(&format!("{p}/vms/{{name}}/console"), get(vms::console))
+        .route(&format!("{p}/images"), get(images::list))
+        .route(&format!("{p}/images/build-jeos"), post(images::build_jeos))
+        .route(
+            &format!("{p}/images/{{name}}"),
+            get(images::get).put(images::import).delete(images::delete).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(ctx.clone(), auth::require_token));
+    Router::new().route("/api/v1/health", get(health)).merge(authed).with_state(ctx)
+}

@@ -1,1 +1,258 @@
-fn main() {}
+//! `corral`: the one binary. `up` runs an all-in-one datacenter (controller, host agent and embedded
+//! store in one process); `controller` runs the control plane alone; the other subcommands are the
+//! client, talking to the REST API.
+
+mod client;
+mod output;
+mod serve;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use corral_api::{BuildJeosRequest, ConsoleChunk, CreateVmRequest, Host, Image, StopVmRequest, Task, Vm};
+
+use client::Client;
+use output::Format;
+
+#[derive(Parser, Debug)]
+#[command(name = "corral", version, about = "Corral: an open virtual datacenter OS")]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Debug)]
+struct Global {
+    /// API address (default: the config written by `corral up`, else http://127.0.0.1:7480).
+    #[arg(long, env = "CORRAL_URL", global = true)]
+    url: Option<String>,
+    /// API token (default: the config written by `corral up`).
+    #[arg(long, env = "CORRAL_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// Project (tenant) to act in.
+    #[arg(long, env = "CORRAL_PROJECT", global = true, default_value = "default")]
+    project: String,
+    /// Output format: a readable table, or JSON with the API's documented fields.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Format::Table)]
+    output: Format,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run an all-in-one datacenter on this machine: controller, host agent and embedded store.
+    Up(serve::UpArgs),
+    /// Run the control plane alone (API and store); hosts join it with `corral agent` (multi-host).
+    Controller(serve::ControllerArgs),
+    /// Images VMs are created from.
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// Virtual machines.
+    #[command(subcommand)]
+    Vm(VmCmd),
+    /// Hypervisor hosts.
+    #[command(subcommand)]
+    Host(HostCmd),
+    /// Long operations.
+    #[command(subcommand)]
+    Task(TaskCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum ImageCmd {
+    /// Build the default guest image from Debian packages (cached; --rebuild to build again).
+    BuildJeos {
+        #[arg(long, default_value = "jeos")]
+        name: String,
+        #[arg(long)]
+        rebuild: bool,
+    },
+    List,
+    Show { name: String },
+    /// Import a qcow2 or raw disk image.
+    Import { name: String, file: PathBuf },
+    /// Delete an image (refused while VMs use it).
+    Delete { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum VmCmd {
+    /// Create a VM whose disk is a thin linked clone of an image.
+    Create {
+        name: String,
+        #[arg(long)]
+        image: String,
+        #[arg(long, default_value_t = 1)]
+        cpus: u32,
+        /// Memory, e.g. 256M or 2G.
+        #[arg(long)]
+        memory: String,
+        /// Disk size, e.g. 1G (default: the image's size).
+        #[arg(long)]
+        disk: Option<String>,
+        /// Start it once created.
+        #[arg(long)]
+        start: bool,
+    },
+    List,
+    Show { name: String },
+    Start { name: String },
+    /// Ask the guest to shut down (ACPI); power off after the timeout, or at once with --force.
+    Stop {
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Reset the VM.
+    Reboot { name: String },
+    /// Delete the VM and its disk (a running VM needs --force).
+    Delete {
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the serial console log.
+    Console {
+        name: String,
+        /// Keep printing new output until interrupted.
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum HostCmd {
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+enum TaskCmd {
+    List,
+    Show { id: uuid::Uuid },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Up(args) => serve::up(args),
+        Command::Controller(args) => serve::controller(args),
+        other => client_command(&cli.global, other),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn client_command(g: &Global, cmd: Command) -> Result<()> {
+    let c = Client::new(g.url.clone(), g.token.clone());
+    let p = format!("/projects/{}", g.project);
+    let fmt = g.output;
+    let show_progress = fmt == Format::Table;
+    // Follows a task to its end, then prints the object it acted on (or the task).
+    let finish_vm = |task: Task, name: &str| -> Result<()> {
+        let task = c.wait(task, show_progress)?;
+        match c.get::<Vm>(&format!("{p}/vms/{name}")) {
+            Ok(vm) => output::vms(fmt, &[vm], true),
+            Err(_) => output::task(fmt, &task),
+        }
+    };
+    match cmd {
+        Command::Image(cmd) => match cmd {
+            ImageCmd::BuildJeos { name, rebuild } => {
+                let task: Task = c.post(&format!("{p}/images/build-jeos"), &BuildJeosRequest { name: Some(name.clone()), rebuild })?;
+                c.wait(task, show_progress)?;
+                output::images(fmt, &[c.get::<Image>(&format!("{p}/images/{name}"))?], true)
+            }
+            ImageCmd::List => output::images(fmt, &c.get::<Vec<Image>>(&format!("{p}/images"))?, false),
+            ImageCmd::Show { name } => output::images(fmt, &[c.get::<Image>(&format!("{p}/images/{name}"))?], true),
+            ImageCmd::Import { name, file } => {
+                let image: Image = c.put_file(&format!("{p}/images/{name}"), &file)?;
+                output::images(fmt, &[image], true)
+            }
+            ImageCmd::Delete { name } => {
+                c.delete::<serde_json::Value>(&format!("{p}/images/{name}"))?;
+                output::done(fmt, &format!("image {name} deleted"))
+            }
+        },
+        Command::Vm(cmd) => match cmd {
+            VmCmd::Create { name, image, cpus, memory, disk, start } => {
+                let req = CreateVmRequest { name: name.clone(), image, cpus, memory, disk, start };
+                let task: Task = c.post(&format!("{p}/vms"), &req)?;
+                finish_vm(task, &name)
+            }
+            VmCmd::List => output::vms(fmt, &c.get::<Vec<Vm>>(&format!("{p}/vms"))?, false),
+            VmCmd::Show { name } => output::vms(fmt, &[c.get::<Vm>(&format!("{p}/vms/{name}"))?], true),
+            VmCmd::Start { name } => finish_vm(c.post(&format!("{p}/vms/{name}/start"), &serde_json::json!({}))?, &name),
+            VmCmd::Stop { name, force } => finish_vm(c.post(&format!("{p}/vms/{name}/stop"), &StopVmRequest { force })?, &name),
+            VmCmd::Reboot { name } => finish_vm(c.post(&format!("{p}/vms/{name}/reboot"), &serde_json::json!({}))?, &name),
+            VmCmd::Delete { name, force } => {
+                let task: Task = c.delete(&format!("{p}/vms/{name}?force={force}"))?;
+                let task = c.wait(task, show_progress)?;
+                output::task(fmt, &task)
+            }
+            VmCmd::Console { name, follow } => console(&c, &p, &name, follow, fmt),
+        },
+        Command::Host(HostCmd::List) => output::hosts(fmt, &c.get::<Vec<Host>>("/hosts")?),
+        Command::Task(TaskCmd::List) => output::tasks(fmt, &c.get::<Vec<Task>>("/tasks")?),
+        Command::Task(TaskCmd::Show { id }) => output::task(fmt, &c.get::<Task>(&format!("/tasks/{id}"))?),
+        Command::Up(_) | Command::Controller(_) => unreachable!("handled in main"),
+    }
+}
+
+fn console(c: &Client, p: &str, name: &str, follow: bool, fmt: Format) -> Result<()> {
+    use std::io::Write;
+    let mut offset = 0;
+    loop {
+        let chunk: ConsoleChunk = c.get(&format!("{p}/vms/{name}/console?offset={offset}"))?;
+        if fmt == Format::Json && !follow {
+            println!("{}", serde_json::to_string_pretty(&chunk)?);
+            return Ok(());
+        }
+        print!("{}", chunk.data);
+        std::io::stdout().flush()?;
+        let got = chunk.next_offset != offset;
+        offset = chunk.next_offset;
+        if !follow && !got {
+            return Ok(());
+        }
+        if !got {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_vm_create_and_global_flags() {
+        let cli = Cli::try_parse_from([
+            "corral", "vm", "create", "web", "--image", "jeos", "--cpus", "2", "--memory", "256M", "--start", "-o", "json",
+        ])
+        .expect("parses");
+        assert_eq!(cli.global.output, Format::Json);
+        match cli.command {
+            Command::Vm(VmCmd::Create { name, cpus, memory, start, disk, .. }) => {
+                assert_eq!((name.as_str(), cpus, memory.as_str(), start, disk), ("web", 2, "256M", true, None));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn rejects_unknown_flags_and_missing_arguments() {
+        assert!(Cli::try_parse_from(["corral", "vm", "create", "web", "--memory", "1G"]).is_err(), "--image is required");
+        assert!(Cli::try_parse_from(["corral", "vm", "stop", "web", "--hard"]).is_err());
+        assert!(Cli::try_parse_from(["corral", "up", "--accel", "xen"]).is_err());
+    }
+}

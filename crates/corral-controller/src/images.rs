@@ -1,0 +1,226 @@
+//! Image endpoints: build JeOS (a task), import an uploaded disk, list, delete.
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use corral_api::{
+    keys, validate_name, BuildJeosRequest, Image, ImagePhase, ImageSource, ImageSpec, ImageStatus, ObjectMeta,
+    Task, TaskGoal, Vm,
+};
+use corral_store::{get_json, list_json, update_json, Op, Precondition, StoreError};
+use http_body_util::BodyExt;
+use tokio::io::AsyncWriteExt;
+
+use crate::{ensure_project, tasks, ApiError, Ctx};
+
+fn not_found(project: &str, name: &str) -> ApiError {
+    ApiError::NotFound(format!("image {name} does not exist in project {project}: see `corral image list`"))
+}
+
+#[utoipa::path(get, path = "/api/v1/projects/{project}/images", tag = "images",
+    params(("project" = String, Path)), responses((status = 200, body = [Image])), security(("bearer" = [])))]
+pub async fn list(State(ctx): State<Ctx>, Path(project): Path<String>) -> Result<Json<Vec<Image>>, ApiError> {
+    ensure_project(&ctx, &project).await?;
+    Ok(Json(list_json::<Image>(&*ctx.store, &keys::images(&project)).await?.0))
+}
+
+#[utoipa::path(get, path = "/api/v1/projects/{project}/images/{name}", tag = "images",
+    params(("project" = String, Path), ("name" = String, Path)),
+    responses((status = 200, body = Image), (status = 404, body = corral_api::ApiErrorBody)), security(("bearer" = [])))]
+pub async fn get(State(ctx): State<Ctx>, Path((project, name)): Path<(String, String)>) -> Result<Json<Image>, ApiError> {
+    ensure_project(&ctx, &project).await?;
+    get_json::<Image>(&*ctx.store, &keys::image(&project, &name))
+        .await?
+        .map(|v| Json(v.value))
+        .ok_or_else(|| not_found(&project, &name))
+}
+
+/// VMs of the project whose disk is a clone of the image.
+async fn users(ctx: &Ctx, project: &str, image: &str) -> Result<Vec<String>, ApiError> {
+    let (vms, _) = list_json::<Vm>(&*ctx.store, &keys::vms(project)).await?;
+    Ok(vms.into_iter().filter(|v| v.spec.image == image).map(|v| v.meta.name).collect())
+}
+
+#[utoipa::path(post, path = "/api/v1/projects/{project}/images/build-jeos", tag = "images",
+    params(("project" = String, Path)), request_body = BuildJeosRequest,
+    responses((status = 202, description = "build started, or already built (the task says so)", body = Task),
+        (status = 409, body = corral_api::ApiErrorBody)),
+    security(("bearer" = [])))]
+pub async fn build_jeos(
+    State(ctx): State<Ctx>,
+    Path(project): Path<String>,
+    Json(req): Json<BuildJeosRequest>,
+) -> Result<(StatusCode, Json<Task>), ApiError> {
+    ensure_project(&ctx, &project).await?;
+    let name = req.name.clone().unwrap_or_else(|| "jeos".into());
+    validate_name("image", &name)?;
+    let key = keys::image(&project, &name);
+    let mut task = Task::new(&project, "image.build-jeos", format!("image/{name}"), TaskGoal::ImageBuild);
+    let existing = get_json::<Image>(&*ctx.store, &key).await?;
+    let (image, when) = match existing {
+        Some(v) if v.value.status.phase == ImagePhase::Building => {
+            return Err(ApiError::Conflict(format!("image {name} is being built already: follow its task with `corral task list`")))
+        }
+        Some(v) if v.value.spec.source != ImageSource::Jeos => {
+            return Err(ApiError::Conflict(format!("image {name} exists and was imported: pick another name with --name")))
+        }
+        Some(v) if v.value.status.phase == ImagePhase::Ready && !req.rebuild => {
+            // Cached: nothing to do, and the task says why.
+            task.state = corral_api::TaskState::Succeeded;
+            task.progress = 100;
+            task.message = "already built; pass --rebuild to build it again".into();
+            let task = tasks::submit(&ctx, task, vec![], String::new).await?;
+            return Ok((StatusCode::ACCEPTED, Json(task)));
+        }
+        Some(v) => {
+            let in_use = users(&ctx, &project, &name).await?;
+            if !in_use.is_empty() {
+                return Err(ApiError::Conflict(format!(
+                    "image {name} is used by VMs {}: their disks are backed by it; delete them first, or build under another name with --name",
+                    in_use.join(", ")
+                )));
+            }
+            let mut img = v.value;
+            img.meta.bump();
+            (img, Precondition::ModRevision(v.revision))
+        }
+        None => (
+            Image {
+                meta: ObjectMeta::new(&project, &name),
+                spec: ImageSpec { source: ImageSource::Jeos },
+                status: ImageStatus {
+                    phase: ImagePhase::Building,
+                    format: None,
+                    path: None,
+                    virtual_bytes: 0,
+                    actual_bytes: 0,
+                    boot: None,
+                    message: String::new(),
+                },
+            },
+            Precondition::Absent,
+        ),
+    };
+    let mut image = image;
+    image.status.phase = ImagePhase::Building;
+    image.status.message = "building".into();
+    let op = Op::Put { key: key.clone(), value: serde_json::to_vec(&image).map_err(StoreError::from)?, when, lease: None };
+    let n = name.clone();
+    let task = tasks::submit(&ctx, task, vec![op], move || format!("image {n} changed while the build was being set up: try again")).await?;
+    let (ctx2, task_id, uid) = (ctx.clone(), task.id, image.meta.uid);
+    tokio::spawn(async move {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u8, String)>();
+        let reporter = {
+            let ctx = ctx2.clone();
+            tokio::spawn(async move {
+                while let Some((p, msg)) = rx.recv().await {
+                    tasks::update(&ctx, task_id, p.min(99), &msg, None).await;
+                }
+            })
+        };
+        let result = corral_agent::images::build_jeos(&ctx2.data_dir, uid, move |p, m| {
+            let _ = tx.send((p, m.to_string()));
+        })
+        .await;
+        let _ = reporter.await;
+        let end = match &result {
+            Ok(_) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        };
+        let written = update_json::<Image, StoreError>(&*ctx2.store, &key, |img| {
+            match &result {
+                Ok(status) => img.status = status.clone(),
+                Err(e) => {
+                    img.status.phase = ImagePhase::Failed;
+                    img.status.message = e.to_string();
+                }
+            }
+            Ok(true)
+        })
+        .await;
+        if let Err(e) = written {
+            tracing::error!(error = %e, "could not record the built image");
+        }
+        tasks::update(&ctx2, task_id, 100, if end.is_ok() { "built" } else { "failed" }, Some(end)).await;
+    });
+    Ok((StatusCode::ACCEPTED, Json(task)))
+}
+
+#[utoipa::path(put, path = "/api/v1/projects/{project}/images/{name}", tag = "images",
+    params(("project" = String, Path), ("name" = String, Path)),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "the disk image: qcow2, or raw"),
+    responses((status = 201, body = Image), (status = 400, body = corral_api::ApiErrorBody), (status = 409, body = corral_api::ApiErrorBody)),
+    security(("bearer" = [])))]
+pub async fn import(
+    State(ctx): State<Ctx>,
+    Path((project, name)): Path<(String, String)>,
+    body: Body,
+) -> Result<(StatusCode, Json<Image>), ApiError> {
+    ensure_project(&ctx, &project).await?;
+    validate_name("image", &name)?;
+    let key = keys::image(&project, &name);
+    if ctx.store.get(&key).await?.is_some() {
+        return Err(ApiError::Conflict(format!("image {name} already exists in project {project}: delete it first or pick another name")));
+    }
+    let uploads = ctx.data_dir.join("uploads");
+    std::fs::create_dir_all(&uploads).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let tmp = uploads.join(format!("{}.part", uuid::Uuid::new_v4().simple()));
+    let received = receive(body, &tmp).await;
+    let image_meta = ObjectMeta::new(&project, &name);
+    let status = match received {
+        Ok(()) => corral_agent::images::import(&ctx.data_dir, image_meta.uid, &tmp).await,
+        Err(e) => Err(corral_agent::AgentError::Other(e)),
+    };
+    let _ = std::fs::remove_file(&tmp);
+    let status = status.map_err(|e| ApiError::BadRequest(format!("cannot import {name}: {e}")))?;
+    let image = Image { meta: image_meta, spec: ImageSpec { source: ImageSource::Import }, status };
+    let value = serde_json::to_vec(&image).map_err(StoreError::from)?;
+    match ctx.store.put(&key, value, Precondition::Absent).await {
+        Ok(_) => Ok((StatusCode::CREATED, Json(image))),
+        Err(StoreError::Conflict { .. }) => {
+            corral_agent::images::remove(&ctx.data_dir, image.meta.uid);
+            Err(ApiError::Conflict(format!("image {name} was created meanwhile: pick another name")))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn receive(body: Body, path: &std::path::Path) -> Result<(), String> {
+    let mut file = tokio::fs::File::create(path).await.map_err(|e| e.to_string())?;
+    let mut body = body;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| format!("upload interrupted: {e}"))?;
+        if let Some(data) = frame.data_ref() {
+            file.write_all(data).await.map_err(|e| e.to_string())?;
+        }
+    }
+    file.flush().await.map_err(|e| e.to_string())
+}
+
+#[utoipa::path(delete, path = "/api/v1/projects/{project}/images/{name}", tag = "images",
+    params(("project" = String, Path), ("name" = String, Path)),
+    responses((status = 204), (status = 404, body = corral_api::ApiErrorBody), (status = 409, body = corral_api::ApiErrorBody)),
+    security(("bearer" = [])))]
+pub async fn delete(State(ctx): State<Ctx>, Path((project, name)): Path<(String, String)>) -> Result<StatusCode, ApiError> {
+    ensure_project(&ctx, &project).await?;
+    let key = keys::image(&project, &name);
+    let image = get_json::<Image>(&*ctx.store, &key).await?.ok_or_else(|| not_found(&project, &name))?;
+    let in_use = users(&ctx, &project, &name).await?;
+    if !in_use.is_empty() {
+        return Err(ApiError::Conflict(format!(
+            "image {name} is in use by VMs {}: delete them first (their disks are backed by it)",
+            in_use.join(", ")
+        )));
+    }
+    if image.value.status.phase == ImagePhase::Building {
+        return Err(ApiError::Conflict(format!("image {name} is being built: wait for the build to finish")));
+    }
+    match ctx.store.delete(&key, Precondition::ModRevision(image.revision)).await {
+        Ok(_) => {}
+        Err(StoreError::Conflict { .. }) => return Err(ApiError::Conflict(format!("image {name} changed meanwhile: try again"))),
+        Err(e) => return Err(e.into()),
+    }
+    corral_agent::images::remove(&ctx.data_dir, image.value.meta.uid);
+    Ok(StatusCode::NO_CONTENT)
+}

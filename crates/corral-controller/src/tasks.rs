@@ -1,0 +1,230 @@
+//! Tasks: long operations clients follow. A VM task does no work itself: it waits until the VM's
+//! observed state (written by the host agent) reaches its goal, and reports the steps on the way.
+//! Its goal is stored with it, so a restarted controller picks up following where it left off.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use corral_api::{keys, Task, TaskGoal, TaskState, Vm, VmPhase};
+use corral_store::{get_json, list_json, update_json, Op, Precondition, StoreError};
+
+use crate::{ApiError, Ctx};
+
+/// How long a task may take before it is reported as failed.
+const TASK_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Where a task stands, judged from the VM.
+#[derive(Debug, PartialEq)]
+pub enum Verdict {
+    Progress(u8, String),
+    Done(String),
+    Failed(String),
+}
+
+fn failure(vm: &Vm) -> String {
+    vm.status
+        .conditions
+        .iter()
+        .find(|c| !c.status && !c.message.is_empty())
+        .map(|c| format!("{}: {}", c.reason, c.message))
+        .unwrap_or_else(|| "the VM is in phase failed".into())
+}
+
+fn progress_of(vm: &Vm) -> Verdict {
+    let disk = vm.status.condition("DiskReady").is_some_and(|c| c.status);
+    match vm.status.phase {
+        VmPhase::Pending => Verdict::Progress(10, "waiting for the host agent".into()),
+        VmPhase::Starting => Verdict::Progress(70, "starting QEMU".into()),
+        VmPhase::Stopping => Verdict::Progress(50, "waiting for the guest to shut down (ACPI)".into()),
+        VmPhase::Deleting => Verdict::Progress(50, "removing the VM and its disk".into()),
+        _ if disk => Verdict::Progress(40, "disk ready".into()),
+        _ => Verdict::Progress(20, "working".into()),
+    }
+}
+
+/// Judges a VM task from the VM as it is now (`None`: the VM does not exist). Pure.
+pub fn evaluate(goal: &TaskGoal, vm: Option<&Vm>) -> Verdict {
+    let Some(vm) = vm else {
+        return match goal {
+            TaskGoal::VmDelete => Verdict::Done("deleted".into()),
+            _ => Verdict::Failed("the VM was deleted".into()),
+        };
+    };
+    let observed = |g: u64| vm.status.observed_generation >= g;
+    let phase = vm.status.phase;
+    match goal {
+        TaskGoal::VmCreate { generation, start } => match (observed(*generation), phase, start) {
+            (true, VmPhase::Failed, _) => Verdict::Failed(failure(vm)),
+            (true, VmPhase::Running, true) => Verdict::Done(format!("running on {}", vm.status.host.as_deref().unwrap_or("?"))),
+            (true, VmPhase::Stopped, false) => Verdict::Done("created (stopped)".into()),
+            _ => progress_of(vm),
+        },
+        TaskGoal::VmStart { generation } => match (observed(*generation), phase) {
+            (true, VmPhase::Failed) => Verdict::Failed(failure(vm)),
+            (true, VmPhase::Running) => Verdict::Done("running".into()),
+            _ => progress_of(vm),
+        },
+        TaskGoal::VmStop { generation } => match (observed(*generation), phase) {
+            (true, VmPhase::Failed) => Verdict::Failed(failure(vm)),
+            (true, VmPhase::Stopped) => {
+                let how = vm.status.condition("Running").map(|c| c.message.clone()).unwrap_or_default();
+                Verdict::Done(if how.is_empty() { "stopped".into() } else { format!("stopped: {how}") })
+            }
+            _ => progress_of(vm),
+        },
+        TaskGoal::VmReboot { reboots } => match phase {
+            VmPhase::Failed => Verdict::Failed(failure(vm)),
+            VmPhase::Running if vm.status.reboots >= *reboots => Verdict::Done("rebooted".into()),
+            VmPhase::Stopped => Verdict::Failed("the VM stopped before it was rebooted".into()),
+            _ => Verdict::Progress(50, "resetting".into()),
+        },
+        TaskGoal::VmDelete => progress_of(vm),
+        TaskGoal::ImageBuild => Verdict::Failed("not a VM task".into()),
+    }
+}
+
+/// Stores a new task together with `ops`, all in one transaction, and starts following it if it
+/// is a VM task. A failed precondition in `ops` is a conflict described by `conflict`.
+pub async fn submit(ctx: &Ctx, task: Task, mut ops: Vec<Op>, conflict: impl FnOnce() -> String) -> Result<Task, ApiError> {
+    ops.push(Op::Put {
+        key: keys::task(task.id),
+        value: serde_json::to_vec(&task).map_err(StoreError::from)?,
+        when: Precondition::Absent,
+        lease: None,
+    });
+    match ctx.store.txn(ops).await {
+        Ok(_) => {}
+        Err(StoreError::Conflict { .. }) => return Err(ApiError::Conflict(conflict())),
+        Err(e) => return Err(e.into()),
+    }
+    follow_if_vm_task(ctx, &task);
+    Ok(task)
+}
+
+fn follow_if_vm_task(ctx: &Ctx, task: &Task) {
+    if task.goal != TaskGoal::ImageBuild {
+        let ctx = ctx.clone();
+        let task = task.clone();
+        tokio::spawn(async move { follow(ctx, task).await });
+    }
+}
+
+/// Records progress (or the end) of a task.
+pub async fn update(ctx: &Ctx, id: uuid::Uuid, progress: u8, message: &str, end: Option<Result<(), String>>) {
+    let res = update_json::<Task, StoreError>(&*ctx.store, &keys::task(id), |t| {
+        if t.is_finished() || (t.progress == progress && t.message == message && end.is_none()) {
+            return Ok(false);
+        }
+        t.progress = progress;
+        t.message = message.to_string();
+        t.updated_at = Utc::now();
+        match &end {
+            Some(Ok(())) => t.state = TaskState::Succeeded,
+            Some(Err(e)) => {
+                t.state = TaskState::Failed;
+                t.error = Some(e.clone());
+            }
+            None => {}
+        }
+        Ok(true)
+    })
+    .await;
+    if let Err(e) = res {
+        tracing::warn!(task = %id, error = %e, "could not record task progress");
+    }
+}
+
+fn vm_key(task: &Task) -> String {
+    let name = task.target.strip_prefix("vm/").unwrap_or(&task.target);
+    keys::vm(&task.project, name)
+}
+
+/// Follows a VM task until the VM reaches the goal, fails, or the task times out.
+async fn follow(ctx: Ctx, task: Task) {
+    let key = vm_key(&task);
+    let deadline = tokio::time::Instant::now() + TASK_TIMEOUT;
+    let mut watch = match ctx.store.watch(&key, 0).await {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "task watch failed; polling");
+            None
+        }
+    };
+    loop {
+        let vm = match get_json::<Vm>(&*ctx.store, &key).await {
+            Ok(v) => v.map(|v| v.value),
+            Err(e) => {
+                tracing::warn!(error = %e, "task could not read its VM");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        match evaluate(&task.goal, vm.as_ref()) {
+            Verdict::Done(msg) => return update(&ctx, task.id, 100, &msg, Some(Ok(()))).await,
+            Verdict::Failed(msg) => return update(&ctx, task.id, 100, "failed", Some(Err(msg))).await,
+            Verdict::Progress(p, msg) => update(&ctx, task.id, p, &msg, None).await,
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return update(&ctx, task.id, 100, "failed", Some(Err("timed out after 10 minutes; see `corral vm show`".into()))).await;
+        }
+        // Wake on a change of the VM, or after a second at the latest.
+        let wait = async {
+            match watch.as_mut() {
+                Some(w) => {
+                    let _ = w.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), wait).await;
+    }
+}
+
+/// After a restart: follow VM tasks again; image builds died with the old process.
+pub async fn resume(ctx: &Ctx) -> Result<(), ApiError> {
+    let (tasks, _) = list_json::<Task>(&*ctx.store, keys::TASKS).await?;
+    for t in tasks.into_iter().filter(|t| !t.is_finished()) {
+        if t.goal == TaskGoal::ImageBuild {
+            update(ctx, t.id, 100, "failed", Some(Err("the controller restarted during the build: run it again".into()))).await;
+        } else {
+            follow_if_vm_task(ctx, &t);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use corral_api::{ObjectMeta, PowerState, VmSpec, VmStatus};
+
+    fn vm(phase: VmPhase, observed: u64) -> Vm {
+        let mut status = VmStatus { phase, observed_generation: observed, ..VmStatus::default() };
+        if phase == VmPhase::Failed {
+            status.set_condition("Running", false, "StartFailed", "no memory");
+        }
+        Vm {
+            meta: ObjectMeta::new("default", "a"),
+            spec: VmSpec { image: "jeos".into(), cpus: 1, memory_bytes: 1 << 28, disk_bytes: 0, power: PowerState::Running, force_stop: false, reboots: 0 },
+            status,
+        }
+    }
+
+    #[test]
+    fn a_task_ends_only_when_its_generation_was_observed() {
+        let goal = TaskGoal::VmStart { generation: 3 };
+        assert!(matches!(evaluate(&goal, Some(&vm(VmPhase::Running, 2))), Verdict::Progress(..)), "an older observation does not count");
+        assert!(matches!(evaluate(&goal, Some(&vm(VmPhase::Running, 3))), Verdict::Done(_)));
+        assert_eq!(evaluate(&goal, Some(&vm(VmPhase::Failed, 3))), Verdict::Failed("StartFailed: no memory".into()));
+        assert!(matches!(evaluate(&goal, None), Verdict::Failed(_)));
+    }
+
+    #[test]
+    fn create_without_start_ends_stopped_and_delete_ends_when_gone() {
+        let goal = TaskGoal::VmCreate { generation: 1, start: false };
+        assert!(matches!(evaluate(&goal, Some(&vm(VmPhase::Stopped, 1))), Verdict::Done(_)));
+        assert!(matches!(evaluate(&goal, Some(&vm(VmPhase::Pending, 0))), Verdict::Progress(10, _)));
+        assert!(matches!(evaluate(&TaskGoal::VmDelete, Some(&vm(VmPhase::Deleting, 1))), Verdict::Progress(..)));
+        assert!(matches!(evaluate(&TaskGoal::VmDelete, None), Verdict::Done(_)));
+    }
+}

@@ -1,0 +1,246 @@
+//! VM endpoints. Each validates against the request and the cluster's state, then writes the desired
+//! state and a task in one transaction; the host agent does the rest.
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use chrono::Utc;
+use corral_api::{
+    format_bytes, keys, ConsoleChunk, CreateVmRequest, Host, Image, ImagePhase, ObjectMeta, PowerState,
+    StopVmRequest, Task, TaskGoal, Vm, VmPhase, VmStatus,
+};
+use corral_store::{get_json, list_json, update_json, Op, Precondition, StoreError};
+use serde::Deserialize;
+
+use crate::{ensure_project, tasks, ApiError, Ctx};
+
+fn vm_not_found(project: &str, name: &str) -> ApiError {
+    ApiError::NotFound(format!("VM {name} does not exist in project {project}: see `corral vm list`"))
+}
+
+async fn load(ctx: &Ctx, project: &str, name: &str) -> Result<Vm, ApiError> {
+    ensure_project(ctx, project).await?;
+    get_json::<Vm>(&*ctx.store, &keys::vm(project, name))
+        .await?
+        .map(|v| v.value)
+        .ok_or_else(|| vm_not_found(project, name))
+}
+
+#[utoipa::path(get, path = "/api/v1/projects/{project}/vms", tag = "vms",
+    params(("project" = String, Path)), responses((status = 200, body = [Vm])), security(("bearer" = [])))]
+pub async fn list(State(ctx): State<Ctx>, Path(project): Path<String>) -> Result<Json<Vec<Vm>>, ApiError> {
+    ensure_project(&ctx, &project).await?;
+    Ok(Json(list_json::<Vm>(&*ctx.store, &keys::vms(&project)).await?.0))
+}
+
+#[utoipa::path(get, path = "/api/v1/projects/{project}/vms/{name}", tag = "vms",
+    params(("project" = String, Path), ("name" = String, Path)),
+    responses((status = 200, body = Vm), (status = 404, body = corral_api::ApiErrorBody)), security(("bearer" = [])))]
+pub async fn get(State(ctx): State<Ctx>, Path((project, name)): Path<(String, String)>) -> Result<Json<Vm>, ApiError> {
+    Ok(Json(load(&ctx, &project, &name).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/projects/{project}/vms", tag = "vms",
+    params(("project" = String, Path)), request_body = CreateVmRequest,
+    responses((status = 202, description = "accepted; follow the task", body = Task),
+        (status = 400, body = corral_api::ApiErrorBody), (status = 404, body = corral_api::ApiErrorBody),
+        (status = 409, body = corral_api::ApiErrorBody)),
+    security(("bearer" = [])))]
+pub async fn create(
+    State(ctx): State<Ctx>,
+    Path(project): Path<String>,
+    Json(req): Json<CreateVmRequest>,
+) -> Result<(StatusCode, Json<Task>), ApiError> {
+    ensure_project(&ctx, &project).await?;
+    let mut spec = req.to_spec()?;
+    let image = get_json::<Image>(&*ctx.store, &keys::image(&project, &spec.image)).await?.map(|v| v.value);
+    let image = match image {
+        Some(i) if i.status.phase == ImagePhase::Ready => i,
+        Some(_) => return Err(ApiError::Conflict(format!("image {} is not ready yet: wait for its build task to finish", spec.image))),
+        None => {
+            return Err(ApiError::NotFound(format!(
+                "image {} does not exist in project {project}: build it with `corral image build-jeos` or import one with `corral image import`",
+                spec.image
+            )))
+        }
+    };
+    if spec.disk_bytes == 0 {
+        spec.disk_bytes = image.status.virtual_bytes;
+    } else if spec.disk_bytes < image.status.virtual_bytes {
+        return Err(ApiError::BadRequest(format!(
+            "disk size {} is smaller than image {} ({}): use --disk {} or larger",
+            format_bytes(spec.disk_bytes),
+            spec.image,
+            format_bytes(image.status.virtual_bytes),
+            format_bytes(image.status.virtual_bytes)
+        )));
+    }
+    check_capacity(&ctx, spec.cpus, spec.memory_bytes).await?;
+    let vm = Vm { meta: ObjectMeta::new(&project, &req.name), spec, status: VmStatus::default() };
+    let goal = TaskGoal::VmCreate { generation: vm.meta.generation, start: req.start };
+    let task = Task::new(&project, "vm.create", format!("vm/{}", req.name), goal);
+    let op = Op::Put {
+        key: keys::vm(&project, &req.name),
+        value: serde_json::to_vec(&vm).map_err(StoreError::from)?,
+        when: Precondition::Absent,
+        lease: None,
+    };
+    let name = req.name.clone();
+    let task = tasks::submit(&ctx, task, vec![op], || {
+        format!("a VM named {name} already exists in project {project}: pick another name or delete it first")
+    })
+    .await?;
+    Ok((StatusCode::ACCEPTED, Json(task)))
+}
+
+/// A VM must fit on some host: no more vCPUs than its CPUs, no more memory than it has.
+async fn check_capacity(ctx: &Ctx, cpus: u32, memory: u64) -> Result<(), ApiError> {
+    let (hosts, _) = list_json::<Host>(&*ctx.store, keys::HOSTS).await?;
+    let Some(max_cpus) = hosts.iter().map(|h| h.cpus).max() else { return Ok(()) };
+    let max_mem = hosts.iter().map(|h| h.memory_bytes).max().unwrap_or(0);
+    if cpus > max_cpus {
+        return Err(ApiError::BadRequest(format!(
+            "the VM asks for {cpus} CPUs but the largest host has {max_cpus}: use --cpus {max_cpus} or fewer"
+        )));
+    }
+    if memory > max_mem {
+        return Err(ApiError::BadRequest(format!(
+            "the VM asks for {} of memory but the largest host has {}: use a smaller --memory",
+            format_bytes(memory),
+            format_bytes(max_mem)
+        )));
+    }
+    Ok(())
+}
+
+/// Changes a VM's spec with compare-and-swap and submits a task for the change.
+async fn change(
+    ctx: &Ctx,
+    project: &str,
+    name: &str,
+    kind: &str,
+    edit: impl Fn(&mut Vm) -> Result<TaskGoal, ApiError>,
+) -> Result<(StatusCode, Json<Task>), ApiError> {
+    ensure_project(ctx, project).await?;
+    let mut goal = None;
+    let updated = update_json::<Vm, ApiError>(&*ctx.store, &keys::vm(project, name), |vm| {
+        if vm.meta.deletion_requested_at.is_some() {
+            return Err(ApiError::Conflict(format!("VM {name} is being deleted")));
+        }
+        goal = Some(edit(vm)?);
+        vm.meta.bump();
+        Ok(true)
+    })
+    .await?;
+    if updated.is_none() {
+        return Err(vm_not_found(project, name));
+    }
+    let goal = goal.ok_or_else(|| ApiError::Internal("no goal".into()))?;
+    let task = Task::new(project, kind, format!("vm/{name}"), goal);
+    let task = tasks::submit(ctx, task, vec![], String::new).await?;
+    Ok((StatusCode::ACCEPTED, Json(task)))
+}
+
+#[utoipa::path(post, path = "/api/v1/projects/{project}/vms/{name}/start", tag = "vms",
+    params(("project" = String, Path), ("name" = String, Path)),
+    responses((status = 202, body = Task), (status = 404, body = corral_api::ApiErrorBody)), security(("bearer" = [])))]
+pub async fn start(State(ctx): State<Ctx>, Path((project, name)): Path<(String, String)>) -> Result<(StatusCode, Json<Task>), ApiError> {
+    change(&ctx, &project, &name, "vm.start", |vm| {
+        vm.spec.power = PowerState::Running;
+        vm.spec.force_stop = false;
+        Ok(TaskGoal::VmStart { generation: vm.meta.generation + 1 })
+    })
+    .await
+}
+
+#[utoipa::path(post, path = "/api/v1/projects/{project}/vms/{name}/stop", tag = "vms",
+    params(("project" = String, Path), ("name" = String, Path)), request_body = StopVmRequest,
+    responses((status = 202, body = Task), (status = 404, body = corral_api::ApiErrorBody)), security(("bearer" = [])))]
+pub async fn stop(
+    State(ctx): State<Ctx>,
+    Path((project, name)): Path<(String, String)>,
+    Json(req): Json<StopVmRequest>,
+) -> Result<(StatusCode, Json<Task>), ApiError> {
+    change(&ctx, &project, &name, "vm.stop", |vm| {
+        vm.spec.power = PowerState::Stopped;
+        vm.spec.force_stop = req.force;
+        Ok(TaskGoal::VmStop { generation: vm.meta.generation + 1 })
+    })
+    .await
+}
+
+#[utoipa::path(post, path = "/api/v1/projects/{project}/vms/{name}/reboot", tag = "vms",
+    params(("project" = String, Path), ("name" = String, Path)),
+    responses((status = 202, body = Task), (status = 409, body = corral_api::ApiErrorBody)), security(("bearer" = [])))]
+pub async fn reboot(State(ctx): State<Ctx>, Path((project, name)): Path<(String, String)>) -> Result<(StatusCode, Json<Task>), ApiError> {
+    change(&ctx, &project, &name, "vm.reboot", |vm| {
+        if vm.spec.power != PowerState::Running || vm.status.phase != VmPhase::Running {
+            return Err(ApiError::Conflict(format!("VM {} is not running: start it with `corral vm start {}`", vm.meta.name, vm.meta.name)));
+        }
+        vm.spec.reboots += 1;
+        Ok(TaskGoal::VmReboot { reboots: vm.spec.reboots })
+    })
+    .await
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct DeleteQuery {
+    /// Delete even if the VM runs (it is powered off first).
+    #[serde(default)]
+    pub force: bool,
+}
+
+#[utoipa::path(delete, path = "/api/v1/projects/{project}/vms/{name}", tag = "vms",
+    params(("project" = String, Path), ("name" = String, Path), DeleteQuery),
+    responses((status = 202, body = Task), (status = 409, body = corral_api::ApiErrorBody)), security(("bearer" = [])))]
+pub async fn delete(
+    State(ctx): State<Ctx>,
+    Path((project, name)): Path<(String, String)>,
+    Query(q): Query<DeleteQuery>,
+) -> Result<(StatusCode, Json<Task>), ApiError> {
+    change(&ctx, &project, &name, "vm.delete", |vm| {
+        let running = vm.spec.power == PowerState::Running || !matches!(vm.status.phase, VmPhase::Stopped | VmPhase::Pending | VmPhase::Failed);
+        if running && !q.force {
+            return Err(ApiError::Conflict(format!(
+                "VM {} is running: stop it first with `corral vm stop {}`, or delete it anyway with --force",
+                vm.meta.name, vm.meta.name
+            )));
+        }
+        vm.meta.deletion_requested_at = Some(Utc::now());
+        vm.spec.force_stop = true;
+        Ok(TaskGoal::VmDelete)
+    })
+    .await
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct ConsoleQuery {
+    /// Byte offset to read from (0: the start of the log of the current power-on).
+    #[serde(default)]
+    pub offset: u64,
+}
+
+#[utoipa::path(get, path = "/api/v1/projects/{project}/vms/{name}/console", tag = "vms",
+    params(("project" = String, Path), ("name" = String, Path), ConsoleQuery),
+    responses((status = 200, body = ConsoleChunk), (status = 404, body = corral_api::ApiErrorBody)), security(("bearer" = [])))]
+pub async fn console(
+    State(ctx): State<Ctx>,
+    Path((project, name)): Path<(String, String)>,
+    Query(q): Query<ConsoleQuery>,
+) -> Result<Json<ConsoleChunk>, ApiError> {
+    use std::io::{Read, Seek, SeekFrom};
+    const MAX: u64 = 64 * 1024;
+    let vm = load(&ctx, &project, &name).await?;
+    let path = corral_hypervisor::console_log(&corral_agent::layout::vm_dir(&ctx.data_dir, vm.meta.uid));
+    let mut data = Vec::new();
+    if let Ok(mut f) = std::fs::File::open(&path) {
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        // A log shorter than the offset was restarted by a new power-on: read it from the start.
+        let offset = if q.offset > len { 0 } else { q.offset };
+        f.seek(SeekFrom::Start(offset)).map_err(|e| ApiError::Internal(e.to_string()))?;
+        f.take(MAX).read_to_end(&mut data).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let next = offset + data.len() as u64;
+        return Ok(Json(ConsoleChunk { offset, next_offset: next, data: String::from_utf8_lossy(&data).into_owned() }));
+    }
+    Ok(Json(ConsoleChunk { offset: 0, next_offset: 0, data: String::new() }))
+}

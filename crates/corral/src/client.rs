@@ -1,0 +1,145 @@
+//! The CLI's HTTP client: where the API is and which token to send (flags, environment, or the config
+//! file `corral up` writes), and typed calls that turn API errors into their sentences.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use corral_api::{ApiErrorBody, Task};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7480";
+
+/// What `corral up` writes so that client commands find the API without flags.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct ClientConfig {
+    pub url: String,
+    pub token: String,
+}
+
+/// `$CORRAL_CONFIG`, else `$XDG_CONFIG_HOME/corral/config.json`, else `~/.config/corral/config.json`.
+pub fn config_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("CORRAL_CONFIG") {
+        return PathBuf::from(p);
+    }
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".config"));
+    base.join("corral").join("config.json")
+}
+
+/// Writes a file only its owner can read.
+pub fn write_private(path: &std::path::Path, contents: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(contents)?;
+    Ok(())
+}
+
+pub struct Client {
+    base: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    pub fn new(url: Option<String>, token: Option<String>) -> Self {
+        let saved: ClientConfig = std::fs::read(config_path())
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let base = url
+            .or_else(|| (!saved.url.is_empty()).then(|| saved.url.clone()))
+            .unwrap_or_else(|| format!("http://{DEFAULT_LISTEN}"));
+        let token = token.or_else(|| (!saved.token.is_empty()).then_some(saved.token));
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(300)))
+            .build()
+            .into();
+        Self { base: base.trim_end_matches('/').to_string(), token, agent }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}/api/v1{path}", self.base)
+    }
+
+    fn auth<B>(&self, req: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.token {
+            Some(t) => req.header("Authorization", format!("Bearer {t}")),
+            None => req,
+        }
+    }
+
+    fn decode<T: DeserializeOwned>(&self, res: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<T> {
+        let mut res = res.map_err(|e| {
+            anyhow!("cannot reach the Corral API at {} ({e}): is `corral up` running? (set CORRAL_URL or --url)", self.base)
+        })?;
+        let status = res.status();
+        let text = res.body_mut().read_to_string().context("reading the response")?;
+        if status.is_success() {
+            let body = if text.is_empty() { "null" } else { &text };
+            return serde_json::from_str(body).with_context(|| format!("unexpected response: {text}"));
+        }
+        match serde_json::from_str::<ApiErrorBody>(&text) {
+            Ok(e) => bail!("{}", e.message),
+            Err(_) => bail!("the API answered {status}: {text}"),
+        }
+    }
+
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.decode(self.auth(self.agent.get(self.url(path))).call())
+    }
+
+    pub fn post<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> Result<T> {
+        self.decode(self.auth(self.agent.post(self.url(path))).send_json(body))
+    }
+
+    pub fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.decode(self.auth(self.agent.delete(self.url(path))).call())
+    }
+
+    pub fn put_file<T: DeserializeOwned>(&self, path: &str, file: &std::path::Path) -> Result<T> {
+        let mut f = std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+        let req = self.auth(self.agent.put(self.url(path))).header("Content-Type", "application/octet-stream");
+        self.decode(req.send(ureq::SendBody::from_reader(&mut f)))
+    }
+
+    /// Polls a task until it ends, drawing a progress bar when `show` is set. Fails with the task's
+    /// error if the task failed.
+    pub fn wait(&self, task: Task, show: bool) -> Result<Task> {
+        let bar = if show { indicatif::ProgressBar::new(100) } else { indicatif::ProgressBar::hidden() };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos:>3}% {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(format!("{} {}", task.kind, task.target));
+        let mut task = task;
+        loop {
+            bar.set_position(task.progress as u64);
+            bar.set_message(task.message.clone());
+            if task.is_finished() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(150));
+            task = self.get(&format!("/tasks/{}", task.id))?;
+        }
+        bar.finish();
+        match &task.error {
+            Some(e) => bail!("{} {} failed: {e}", task.kind, task.target),
+            None => Ok(task),
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! How the CLI prints: a table for people, or JSON whose fields are the API's (documented in the
+//! OpenAPI document), for scripts.
+
+use anyhow::Result;
+use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
+use corral_api::{format_bytes, Host, Image, Task, Vm};
+use serde::Serialize;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+fn json<T: Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut t = Table::new();
+    t.load_preset(UTF8_BORDERS_ONLY).set_header(header.to_vec());
+    for r in rows {
+        t.add_row(r);
+    }
+    println!("{t}");
+}
+
+/// One object (`single`) prints as one JSON object, a listing as an array.
+fn json_items<T: Serialize>(items: &[T], single: bool) -> Result<()> {
+    match (single, items.first()) {
+        (true, Some(one)) => json(one),
+        _ => json(&items),
+    }
+}
+
+pub fn vms(fmt: Format, vms: &[Vm], single: bool) -> Result<()> {
+    if fmt == Format::Json {
+        return json_items(vms, single);
+    }
+    table(
+        &["NAME", "PHASE", "HOST", "CPUS", "MEMORY", "DISK", "IMAGE", "PID", "REASON"],
+        vms.iter()
+            .map(|v| {
+                let reason = v
+                    .status
+                    .conditions
+                    .iter()
+                    .max_by_key(|c| c.last_transition)
+                    .map(|c| if c.message.is_empty() { c.reason.clone() } else { format!("{}: {}", c.reason, c.message) })
+                    .unwrap_or_default();
+                vec![
+                    v.meta.name.clone(),
+                    v.status.phase.to_string(),
+                    v.status.host.clone().unwrap_or_default(),
+                    v.spec.cpus.to_string(),
+                    format_bytes(v.spec.memory_bytes),
+                    format_bytes(v.spec.disk_bytes),
+                    v.spec.image.clone(),
+                    v.status.pid.map(|p| p.to_string()).unwrap_or_default(),
+                    reason,
+                ]
+            })
+            .collect(),
+    );
+    Ok(())
+}
+
+pub fn images(fmt: Format, images: &[Image], single: bool) -> Result<()> {
+    if fmt == Format::Json {
+        return json_items(images, single);
+    }
+    table(
+        &["NAME", "PHASE", "FORMAT", "SIZE", "ON DISK", "BOOT", "MESSAGE"],
+        images
+            .iter()
+            .map(|i| {
+                vec![
+                    i.meta.name.clone(),
+                    format!("{:?}", i.status.phase).to_lowercase(),
+                    i.status.format.map(|f| f.as_str().to_string()).unwrap_or_default(),
+                    format_bytes(i.status.virtual_bytes),
+                    format_bytes(i.status.actual_bytes),
+                    if i.status.boot.is_some() { "kernel".into() } else { "disk".into() },
+                    i.status.message.clone(),
+                ]
+            })
+            .collect(),
+    );
+    Ok(())
+}
+
+pub fn hosts(fmt: Format, hosts: &[Host]) -> Result<()> {
+    if fmt == Format::Json {
+        return json(&hosts);
+    }
+    table(
+        &["NAME", "CPUS", "MEMORY", "ACCEL", "HYPERVISOR", "LAST HEARTBEAT"],
+        hosts
+            .iter()
+            .map(|h| {
+                vec![
+                    h.name.clone(),
+                    h.cpus.to_string(),
+                    format_bytes(h.memory_bytes),
+                    h.accel.to_string(),
+                    h.hypervisor.clone(),
+                    h.last_heartbeat.to_rfc3339(),
+                ]
+            })
+            .collect(),
+    );
+    Ok(())
+}
+
+pub fn tasks(fmt: Format, tasks: &[Task]) -> Result<()> {
+    if fmt == Format::Json {
+        return json(&tasks);
+    }
+    table(
+        &["ID", "KIND", "TARGET", "STATE", "PROGRESS", "MESSAGE"],
+        tasks
+            .iter()
+            .map(|t| {
+                vec![
+                    t.id.to_string(),
+                    t.kind.clone(),
+                    t.target.clone(),
+                    format!("{:?}", t.state).to_lowercase(),
+                    format!("{}%", t.progress),
+                    t.error.clone().unwrap_or_else(|| t.message.clone()),
+                ]
+            })
+            .collect(),
+    );
+    Ok(())
+}
+
+pub fn task(fmt: Format, t: &Task) -> Result<()> {
+    if fmt == Format::Json {
+        return json(t);
+    }
+    tasks(fmt, std::slice::from_ref(t))
+}
+
+pub fn done(fmt: Format, message: &str) -> Result<()> {
+    if fmt == Format::Json {
+        return json(&serde_json::json!({ "ok": true, "message": message }));
+    }
+    println!("{message}");
+    Ok(())
+}

@@ -1,0 +1,142 @@
+//! `corral up` and `corral controller`: the server side of the binary.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use corral_agent::{Agent, AgentConfig};
+use corral_hypervisor::{detect_accel, AccelChoice, QemuDriver};
+use corral_store::{RedbStore, Store};
+
+use crate::client::{config_path, write_private, ClientConfig, DEFAULT_LISTEN};
+
+#[derive(Args, Debug)]
+pub struct ServerArgs {
+    /// Where state, images and VM disks live (default: $XDG_DATA_HOME/corral or ~/.local/share/corral).
+    #[arg(long, env = "CORRAL_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address the API listens on.
+    #[arg(long, default_value = DEFAULT_LISTEN)]
+    listen: SocketAddr,
+}
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Accelerator: auto uses KVM only where the CPU has hardware virtualization.
+    #[arg(long, default_value = "auto")]
+    accel: AccelChoice,
+    /// Name of this host in the cluster (default: the machine's host name).
+    #[arg(long)]
+    host_name: Option<String>,
+    /// Seconds a guest gets to shut down after the ACPI power button before it is powered off.
+    #[arg(long, default_value_t = 30)]
+    stop_timeout: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct ControllerArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+fn default_data_dir() -> PathBuf {
+    std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".local/share"))
+        .join("corral")
+}
+
+fn host_name(given: Option<String>) -> Result<String> {
+    let name = given.unwrap_or_else(|| {
+        let h = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_lowercase();
+        if corral_api::validate_name("host", &h).is_ok() { h } else { "local".into() }
+    });
+    corral_api::validate_name("host", &name)?;
+    Ok(name)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CORRAL_LOG").unwrap_or_else(|_| "info".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// Opens the store, prepares the controller and serves the API until Ctrl-C or SIGTERM.
+async fn serve(args: &ServerArgs, agent: Option<(AccelChoice, String, Duration)>) -> Result<()> {
+    let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating the data dir {}", data_dir.display()))?;
+    let data_dir = data_dir.canonicalize()?;
+    let store: Arc<dyn Store> = Arc::new(
+        RedbStore::open(&data_dir.join("store.redb")).context("opening the store (is another `corral up` using this data dir?)")?,
+    );
+    let (ctx, new_token) = corral_controller::init(store.clone(), data_dir.clone()).await?;
+    let token_file = data_dir.join("admin-token");
+    if let Some(token) = new_token {
+        write_private(&token_file, format!("{token}\n").as_bytes())?;
+    }
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (is Corral already running? use --listen)", args.listen))?;
+    let url = format!("http://{}", listener.local_addr()?);
+    match std::fs::read_to_string(&token_file) {
+        Ok(token) => {
+            let cfg = ClientConfig { url: url.clone(), token: token.trim().to_string() };
+            write_private(&config_path(), &serde_json::to_vec_pretty(&cfg)?)?;
+        }
+        Err(_) => tracing::warn!("{} is missing: client commands need CORRAL_TOKEN", token_file.display()),
+    }
+    if let Some((accel, host, stop_timeout)) = agent {
+        let accel = detect_accel(accel).map_err(anyhow::Error::msg)?;
+        let hypervisor = corral_hypervisor::qemu_version().await?;
+        let cfg = AgentConfig { host, data_dir: data_dir.clone(), accel, hypervisor, stop_timeout, resync: Duration::from_secs(5) };
+        let agent = Agent::new(store.clone(), Arc::new(QemuDriver), cfg);
+        tokio::spawn(async move {
+            if let Err(e) = agent.run().await {
+                tracing::error!(error = %e, "the host agent stopped");
+            }
+        });
+        println!("accelerator: {accel}");
+    }
+    println!("Corral is up.");
+    println!("  API:         {url}/api/v1");
+    println!("  admin token: {}", token_file.display());
+    println!("  data dir:    {}", data_dir.display());
+    println!("  client config: {} (CLI commands use it)", config_path().display());
+    println!("Ctrl-C stops the control plane; running VMs keep running.");
+    axum::serve(listener, corral_controller::router(ctx))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving the API")?;
+    println!("Corral stopped; VMs were left running and will be adopted on the next start.");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+pub fn up(args: UpArgs) -> Result<()> {
+    init_logging();
+    let host = host_name(args.host_name)?;
+    runtime()?.block_on(serve(&args.server, Some((args.accel, host, Duration::from_secs(args.stop_timeout)))))
+}
+
+pub fn controller(args: ControllerArgs) -> Result<()> {
+    init_logging();
+    runtime()?.block_on(serve(&args.server, None))
+}
