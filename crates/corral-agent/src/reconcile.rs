@@ -132,7 +132,10 @@ pub async fn reconcile(
         };
         let backing = PathBuf::from(image.status.path.clone().unwrap_or_default());
         let format = image.status.format.unwrap_or(corral_api::DiskFormat::Qcow2);
-        std::fs::create_dir_all(&dir).map_err(|e| AgentError::Other(format!("creating {}: {e}", dir.display())))?;
+        // The run directory holds the console log and control sockets: owner only.
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)))
+            .map_err(|e| AgentError::Other(format!("creating {}: {e}", dir.display())))?;
         corral_hypervisor::disk::create_linked_clone(&backing, format, &disk, vm.spec.disk_bytes).await?;
         vm.status.disk = Some(DiskStatus { path: disk.display().to_string(), backing: backing.display().to_string() });
         vm.status.set_condition("DiskReady", true, "Cloned", &format!("linked clone of image {}", vm.spec.image));

@@ -157,11 +157,22 @@ pub async fn import(
     Path((project, name)): Path<(String, String)>,
     body: Body,
 ) -> Result<(StatusCode, Json<Image>), ApiError> {
-    ensure_project(&ctx, &project).await?;
-    validate_name("image", &name)?;
     let key = keys::image(&project, &name);
-    if ctx.store.get(&key).await?.is_some() {
-        return Err(ApiError::Conflict(format!("image {name} already exists in project {project}: delete it first or pick another name")));
+    let checked = async {
+        ensure_project(&ctx, &project).await?;
+        validate_name("image", &name)?;
+        if ctx.store.get(&key).await?.is_some() {
+            return Err(ApiError::Conflict(format!("image {name} already exists in project {project}: delete it first or pick another name")));
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = checked {
+        // Read the upload to its end before answering: a client still sending would otherwise see a
+        // broken connection instead of the reason.
+        let mut body = body;
+        while let Some(Ok(_)) = body.frame().await {}
+        return Err(e);
     }
     let uploads = ctx.data_dir.join("uploads");
     std::fs::create_dir_all(&uploads).map_err(|e| ApiError::Internal(e.to_string()))?;

@@ -73,6 +73,8 @@ fn init_logging() {
 async fn serve(args: &ServerArgs, agent: Option<(AccelChoice, String, Duration)>) -> Result<()> {
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
     std::fs::create_dir_all(&data_dir).with_context(|| format!("creating the data dir {}", data_dir.display()))?;
+    // State, disks and the token live here: owner only.
+    std::fs::set_permissions(&data_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
     let data_dir = data_dir.canonicalize()?;
     let store: Arc<dyn Store> = Arc::new(
         RedbStore::open(&data_dir.join("store.redb")).context("opening the store (is another `corral up` using this data dir?)")?,

@@ -1,0 +1,222 @@
+//! A throwaway all-in-one datacenter for tests and benchmarks: its own data dir, config dir and port,
+//! a real `corral up` process, and the real CLI. Dropping it stops Corral and kills every QEMU that
+//! belongs to its data dir, also when the test failed.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_corral");
+pub const READY: &str = corral_jeos::READY_MARKER;
+
+pub struct Lab {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    server: Option<Child>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+impl Lab {
+    /// Starts `corral up` in a fresh directory (under /tmp: socket paths must stay short).
+    pub fn start() -> Lab {
+        let dir = tempfile::Builder::new().prefix("corral-test-").tempdir_in("/tmp").expect("tempdir");
+        let mut lab = Lab { dir, port: free_port(), server: None };
+        lab.up();
+        lab
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn config_home(&self) -> PathBuf {
+        self.dir.path().join("config")
+    }
+
+    /// (Re)starts the `corral up` process and waits for the API.
+    pub fn up(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("up.log"))
+            .expect("log");
+        let child = Command::new(BIN)
+            .args(["up", "--accel", "tcg", "--host-name", "test-host", "--stop-timeout", "15", "--listen"])
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .env("XDG_CONFIG_HOME", self.config_home())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("corral up starts");
+        self.server = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() && self.try_cli(&["host", "list"]).status.success() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "corral up did not come up in 30 s:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Kills the `corral up` process the hard way (as a crash or power loss of the control plane).
+    pub fn crash(&mut self) {
+        if let Some(mut c) = self.server.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops `corral up` as Ctrl-C does.
+    pub fn interrupt(&mut self) {
+        if let Some(mut c) = self.server.take() {
+            signal(c.id(), libc::SIGINT);
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("up.log")).unwrap_or_default()
+    }
+
+    /// Runs the CLI against this lab.
+    pub fn try_cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .env("XDG_CONFIG_HOME", self.config_home())
+            .env_remove("CORRAL_URL")
+            .env_remove("CORRAL_TOKEN")
+            .output()
+            .expect("corral runs")
+    }
+
+    /// Runs the CLI and insists it succeeds.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = self.try_cli(args);
+        assert!(
+            out.status.success(),
+            "corral {} failed:\n{}\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs the CLI with `-o json` and parses what it printed.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.extend(["-o", "json"]);
+        serde_json::from_str(&self.cli(&a)).expect("valid JSON")
+    }
+
+    /// Runs the CLI, insists it fails, and returns its error message.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.try_cli(args);
+        assert!(!out.status.success(), "corral {} should have failed", args.join(" "));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    pub fn build_jeos(&self) {
+        self.cli(&["image", "build-jeos"]);
+    }
+
+    pub fn vm(&self, name: &str) -> Value {
+        self.json(&["vm", "show", name])
+    }
+
+    pub fn console(&self, name: &str) -> String {
+        self.cli(&["vm", "console", name])
+    }
+
+    /// Waits until the VM's console holds `marker` `count` times.
+    pub fn wait_console(&self, name: &str, marker: &str, count: usize, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = self.console(name);
+            if text.matches(marker).count() >= count {
+                return text;
+            }
+            assert!(Instant::now() < deadline, "VM {name}: {marker:?} x{count} not on the console after {timeout:?}; console:\n{text}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn run_dir(&self, name: &str) -> PathBuf {
+        let vm = self.vm(name);
+        let disk = vm["status"]["disk"]["path"].as_str().expect("disk path");
+        Path::new(disk).parent().expect("run dir").to_path_buf()
+    }
+
+    /// Types a command on the guest's serial console and returns the value it prints as `KEY=value`.
+    pub fn guest_value(&self, name: &str, key: &str, command: &str) -> String {
+        let sock = self.run_dir(name).join("serial.sock");
+        let before = self.console(name).len();
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).expect("serial socket");
+        writeln!(s, "echo {key}=$({command})").expect("type");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = self.console(name);
+            let fresh = text.get(before..).unwrap_or("");
+            let found = fresh.lines().filter_map(|l| l.split_once(&format!("{key}="))).map(|(_, v)| v.trim()).find(|v| !v.is_empty() && !v.starts_with("$("));
+            if let Some(v) = found {
+                return v.to_string();
+            }
+            assert!(Instant::now() < deadline, "the guest did not answer {command:?}; console:\n{text}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// QEMU processes whose command line mentions this lab's data dir.
+    pub fn qemu_pids(&self) -> Vec<u32> {
+        pids_matching(&self.data_dir().display().to_string())
+    }
+}
+
+pub fn pids_matching(needle: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let cmd = String::from_utf8_lossy(&cmd);
+        if cmd.starts_with("qemu-system") && cmd.contains(needle) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+pub fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+pub fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) with plain integers.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(pid as libc::pid_t, sig);
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.crash();
+        for pid in self.qemu_pids() {
+            signal(pid, libc::SIGKILL);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.qemu_pids().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
