@@ -9,7 +9,13 @@ use uuid::Uuid;
 
 use crate::{layout, AgentError};
 
-fn ready(path: &Path, format: DiskFormat, info: &disk::DiskInfo, boot: Option<DirectBoot>, message: String) -> ImageStatus {
+fn ready(
+    path: &Path,
+    format: DiskFormat,
+    info: &disk::DiskInfo,
+    boot: Option<DirectBoot>,
+    message: String,
+) -> ImageStatus {
     ImageStatus {
         phase: ImagePhase::Ready,
         format: Some(format),
@@ -22,7 +28,11 @@ fn ready(path: &Path, format: DiskFormat, info: &disk::DiskInfo, boot: Option<Di
 }
 
 /// Builds JeOS into the directory of image `uid`.
-pub async fn build_jeos(data_dir: &Path, uid: Uuid, progress: impl Fn(u8, &str)) -> Result<ImageStatus, AgentError> {
+pub async fn build_jeos(
+    data_dir: &Path,
+    uid: Uuid,
+    progress: impl Fn(u8, &str),
+) -> Result<ImageStatus, AgentError> {
     let out = layout::image_dir(data_dir, uid);
     let jeos = corral_jeos::build(&layout::package_cache(data_dir), &out, progress).await?;
     let info = disk::info(&jeos.disk).await?;
@@ -31,7 +41,13 @@ pub async fn build_jeos(data_dir: &Path, uid: Uuid, progress: impl Fn(u8, &str))
         initrd: jeos.initrd.display().to_string(),
         cmdline: corral_jeos::CMDLINE.to_string(),
     };
-    Ok(ready(&jeos.disk, DiskFormat::Qcow2, &info, Some(boot), "built from Debian packages".into()))
+    Ok(ready(
+        &jeos.disk,
+        DiskFormat::Qcow2,
+        &info,
+        Some(boot),
+        "built from Debian packages".into(),
+    ))
 }
 
 /// Checks an uploaded file and moves it into the directory of image `uid`. Raw disks are kept raw
@@ -39,9 +55,11 @@ pub async fn build_jeos(data_dir: &Path, uid: Uuid, progress: impl Fn(u8, &str))
 pub async fn import(data_dir: &Path, uid: Uuid, upload: &Path) -> Result<ImageStatus, AgentError> {
     let format = disk::probe_image(upload).await.map_err(AgentError::Other)?;
     let dir = layout::image_dir(data_dir, uid);
-    std::fs::create_dir_all(&dir).map_err(|e| AgentError::Other(format!("creating {}: {e}", dir.display())))?;
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| AgentError::Other(format!("creating {}: {e}", dir.display())))?;
     let path = dir.join(format!("disk.{}", format.as_str()));
-    std::fs::rename(upload, &path).map_err(|e| AgentError::Other(format!("storing the image: {e}")))?;
+    std::fs::rename(upload, &path)
+        .map_err(|e| AgentError::Other(format!("storing the image: {e}")))?;
     let info = disk::info(&path).await?;
     Ok(ready(&path, format, &info, None, "imported".into()))
 }

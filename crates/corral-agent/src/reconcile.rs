@@ -48,7 +48,12 @@ pub struct WorkerState {
     failures: u32,
 }
 
-async fn write_status(store: &dyn Store, key: &str, rev: u64, vm: &Vm) -> Result<Option<u64>, AgentError> {
+async fn write_status(
+    store: &dyn Store,
+    key: &str,
+    rev: u64,
+    vm: &Vm,
+) -> Result<Option<u64>, AgentError> {
     let bytes = serde_json::to_vec(vm).map_err(StoreError::from)?;
     match store.put(key, bytes, Precondition::ModRevision(rev)).await {
         Ok(r) => Ok(Some(r)),
@@ -86,7 +91,11 @@ pub async fn reconcile(
     key: &str,
     ws: &mut WorkerState,
 ) -> Result<Outcome, AgentError> {
-    let Some(Versioned { value: mut vm, revision }) = get_json::<Vm>(store, key).await? else {
+    let Some(Versioned {
+        value: mut vm,
+        revision,
+    }) = get_json::<Vm>(store, key).await?
+    else {
         return Ok(Outcome::Gone);
     };
     if vm.status.host.as_deref().is_some_and(|h| h != cfg.host) {
@@ -110,7 +119,12 @@ pub async fn reconcile(
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(AgentError::Other(format!("removing {}: {e}", dir.display()))),
+            Err(e) => {
+                return Err(AgentError::Other(format!(
+                    "removing {}: {e}",
+                    dir.display()
+                )))
+            }
         }
         return match store.delete(key, Precondition::ModRevision(rev)).await {
             Ok(_) | Err(StoreError::NotFound { .. }) => Ok(Outcome::Gone),
@@ -125,20 +139,40 @@ pub async fn reconcile(
             Ok(i) => i,
             Err(msg) => {
                 vm.status.phase = VmPhase::Failed;
-                vm.status.set_condition("DiskReady", false, "ImageUnavailable", &msg);
+                vm.status
+                    .set_condition("DiskReady", false, "ImageUnavailable", &msg);
                 vm.status.observed_generation = vm.meta.generation;
-                return finish(store, key, revision, &before, &vm, Outcome::Requeue(Duration::from_secs(10))).await;
+                return finish(
+                    store,
+                    key,
+                    revision,
+                    &before,
+                    &vm,
+                    Outcome::Requeue(Duration::from_secs(10)),
+                )
+                .await;
             }
         };
         let backing = PathBuf::from(image.status.path.clone().unwrap_or_default());
         let format = image.status.format.unwrap_or(corral_api::DiskFormat::Qcow2);
         // The run directory holds the console log and control sockets: owner only.
         std::fs::create_dir_all(&dir)
-            .and_then(|()| std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)))
+            .and_then(|()| {
+                std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            })
             .map_err(|e| AgentError::Other(format!("creating {}: {e}", dir.display())))?;
-        corral_hypervisor::disk::create_linked_clone(&backing, format, &disk, vm.spec.disk_bytes).await?;
-        vm.status.disk = Some(DiskStatus { path: disk.display().to_string(), backing: backing.display().to_string() });
-        vm.status.set_condition("DiskReady", true, "Cloned", &format!("linked clone of image {}", vm.spec.image));
+        corral_hypervisor::disk::create_linked_clone(&backing, format, &disk, vm.spec.disk_bytes)
+            .await?;
+        vm.status.disk = Some(DiskStatus {
+            path: disk.display().to_string(),
+            backing: backing.display().to_string(),
+        });
+        vm.status.set_condition(
+            "DiskReady",
+            true,
+            "Cloned",
+            &format!("linked clone of image {}", vm.spec.image),
+        );
     }
 
     let mut outcome = Outcome::Steady;
@@ -168,7 +202,8 @@ pub async fn reconcile(
                     ws.failures += 1;
                     vm.status.phase = VmPhase::Failed;
                     vm.status.pid = None;
-                    vm.status.set_condition("Running", false, "StartFailed", &msg);
+                    vm.status
+                        .set_condition("Running", false, "StartFailed", &msg);
                     let backoff = 5u64.saturating_mul(1 << ws.failures.min(6)).min(300);
                     outcome = Outcome::Requeue(Duration::from_secs(backoff));
                 }
@@ -186,16 +221,24 @@ pub async fn reconcile(
                 driver.reset(&dir).await?;
                 vm.status.reboots = vm.spec.reboots;
                 vm.status.started_at = Some(Utc::now());
-                vm.status.set_condition("Running", true, "Rebooted", "reset by request");
+                vm.status
+                    .set_condition("Running", true, "Rebooted", "reset by request");
             } else if before.status.pid != Some(o.pid) {
-                vm.status.set_condition("Running", true, "Adopted", "found running after an agent restart");
+                vm.status.set_condition(
+                    "Running",
+                    true,
+                    "Adopted",
+                    "found running after an agent restart",
+                );
             }
             vm.status.phase = VmPhase::Running;
             vm.status.pid = Some(o.pid);
             vm.status.started_at.get_or_insert_with(Utc::now);
         }
         (PowerState::Stopped, Some(o)) => {
-            let timed_out = ws.stopping_since.is_some_and(|t| t.elapsed() >= cfg.stop_timeout);
+            let timed_out = ws
+                .stopping_since
+                .is_some_and(|t| t.elapsed() >= cfg.stop_timeout);
             if vm.spec.force_stop || o.state == RunState::GuestShutdown || timed_out {
                 driver.kill(&dir).await?;
                 let (reason, msg) = if o.state == RunState::GuestShutdown {
@@ -203,7 +246,10 @@ pub async fn reconcile(
                 } else if vm.spec.force_stop {
                     ("PoweredOff", "powered off without asking the guest")
                 } else {
-                    ("PoweredOffAfterTimeout", "the guest did not shut down in time; powered off")
+                    (
+                        "PoweredOffAfterTimeout",
+                        "the guest did not shut down in time; powered off",
+                    )
                 };
                 ws.stopping_since = None;
                 mark_stopped(&mut vm, reason, msg);
@@ -220,7 +266,15 @@ pub async fn reconcile(
             ws.stopping_since = None;
             if vm.status.phase != VmPhase::Stopped {
                 let was_running = vm.status.condition("Running").is_some_and(|c| c.status);
-                mark_stopped(&mut vm, "Stopped", if was_running { "the process is gone" } else { "" });
+                mark_stopped(
+                    &mut vm,
+                    "Stopped",
+                    if was_running {
+                        "the process is gone"
+                    } else {
+                        ""
+                    },
+                );
             }
         }
     }
@@ -238,7 +292,14 @@ fn mark_stopped(vm: &mut Vm, reason: &str, msg: &str) {
 }
 
 /// Writes the VM back if anything changed; a lost compare-and-swap means "look again now".
-async fn finish(store: &dyn Store, key: &str, rev: u64, before: &Vm, vm: &Vm, outcome: Outcome) -> Result<Outcome, AgentError> {
+async fn finish(
+    store: &dyn Store,
+    key: &str,
+    rev: u64,
+    before: &Vm,
+    vm: &Vm,
+    outcome: Outcome,
+) -> Result<Outcome, AgentError> {
     if vm == before {
         return Ok(outcome);
     }
@@ -261,7 +322,11 @@ fn memory_bytes() -> u64 {
         .and_then(|m| {
             m.lines()
                 .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()))
+                .and_then(|l| {
+                    l.split_whitespace()
+                        .nth(1)
+                        .and_then(|kb| kb.parse::<u64>().ok())
+                })
         })
         .map_or(0, |kb| kb * 1024)
 }
@@ -281,7 +346,9 @@ impl Agent {
             last_heartbeat: Utc::now(),
         };
         let bytes = serde_json::to_vec(&host).map_err(StoreError::from)?;
-        self.store.put(&keys::host(&self.cfg.host), bytes, Precondition::Any).await?;
+        self.store
+            .put(&keys::host(&self.cfg.host), bytes, Precondition::Any)
+            .await?;
         Ok(())
     }
 
@@ -338,15 +405,16 @@ impl Agent {
         let mut ws = WorkerState::default();
         while kicks.recv().await.is_some() {
             loop {
-                let wait = match reconcile(&*self.store, &*self.driver, &self.cfg, &key, &mut ws).await {
-                    Ok(Outcome::Gone) => return,
-                    Ok(Outcome::Steady) => break,
-                    Ok(Outcome::Requeue(d)) => d,
-                    Err(e) => {
-                        tracing::warn!(vm = %key, error = %e, "reconcile failed; retrying");
-                        Duration::from_secs(2)
-                    }
-                };
+                let wait =
+                    match reconcile(&*self.store, &*self.driver, &self.cfg, &key, &mut ws).await {
+                        Ok(Outcome::Gone) => return,
+                        Ok(Outcome::Steady) => break,
+                        Ok(Outcome::Requeue(d)) => d,
+                        Err(e) => {
+                            tracing::warn!(vm = %key, error = %e, "reconcile failed; retrying");
+                            Duration::from_secs(2)
+                        }
+                    };
                 tokio::select! {
                     k = kicks.recv() => if k.is_none() { return },
                     _ = tokio::time::sleep(wait) => {}

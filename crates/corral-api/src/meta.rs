@@ -53,7 +53,11 @@ pub fn validate_name(kind: &str, name: &str) -> Result<(), ValidationError> {
     let ok_chars = name
         .bytes()
         .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if name.is_empty() || name.len() > 63 || !ok_chars || name.starts_with('-') || name.ends_with('-')
+    if name.is_empty()
+        || name.len() > 63
+        || !ok_chars
+        || name.starts_with('-')
+        || name.ends_with('-')
     {
         return Err(ValidationError::new(format!(
             "invalid {kind} name {name:?}: use 1 to 63 lowercase letters, digits or '-', starting and ending with a letter or digit (e.g. \"web-1\")"
@@ -71,7 +75,17 @@ mod tests {
         for good in ["a", "web-1", "0db", &"x".repeat(63)] {
             assert!(validate_name("vm", good).is_ok(), "{good}");
         }
-        for bad in ["", "-a", "a-", "Web", "a_b", "a.b", "a b", "../x", &"x".repeat(64)] {
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "Web",
+            "a_b",
+            "a.b",
+            "a b",
+            "../x",
+            &"x".repeat(64),
+        ] {
             let err = validate_name("vm", bad).unwrap_err();
             assert!(err.0.contains("invalid vm name"), "{err}");
         }

@@ -17,11 +17,20 @@ pub enum TaskState {
 #[serde(rename_all = "snake_case", tag = "type")]
 pub enum TaskGoal {
     /// The VM's disk exists (and, with `start`, the VM runs) at this generation.
-    VmCreate { generation: u64, start: bool },
-    VmStart { generation: u64 },
-    VmStop { generation: u64 },
+    VmCreate {
+        generation: u64,
+        start: bool,
+    },
+    VmStart {
+        generation: u64,
+    },
+    VmStop {
+        generation: u64,
+    },
     /// The VM has been reset this many times.
-    VmReboot { reboots: u64 },
+    VmReboot {
+        reboots: u64,
+    },
     /// The VM is gone.
     VmDelete,
     ImageBuild,

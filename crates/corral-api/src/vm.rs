@@ -256,12 +256,42 @@ mod tests {
     #[test]
     fn bad_requests_say_what_to_fix() {
         let cases: Vec<(CreateVmRequest, &str)> = vec![
-            (CreateVmRequest { memory: "12XB".into(), ..req() }, "malformed memory"),
-            (CreateVmRequest { memory: "16M".into(), ..req() }, "at least 64M"),
+            (
+                CreateVmRequest {
+                    memory: "12XB".into(),
+                    ..req()
+                },
+                "malformed memory",
+            ),
+            (
+                CreateVmRequest {
+                    memory: "16M".into(),
+                    ..req()
+                },
+                "at least 64M",
+            ),
             (CreateVmRequest { cpus: 0, ..req() }, "1 to 255 CPUs"),
-            (CreateVmRequest { name: "Bad_Name".into(), ..req() }, "invalid VM name"),
-            (CreateVmRequest { image: "../etc".into(), ..req() }, "invalid image name"),
-            (CreateVmRequest { disk: Some("100".into()), ..req() }, "multiple of 512"),
+            (
+                CreateVmRequest {
+                    name: "Bad_Name".into(),
+                    ..req()
+                },
+                "invalid VM name",
+            ),
+            (
+                CreateVmRequest {
+                    image: "../etc".into(),
+                    ..req()
+                },
+                "invalid image name",
+            ),
+            (
+                CreateVmRequest {
+                    disk: Some("100".into()),
+                    ..req()
+                },
+                "multiple of 512",
+            ),
         ];
         for (r, want) in cases {
             let err = r.to_spec().unwrap_err();

@@ -25,15 +25,24 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-pub async fn require_token(State(ctx): State<Ctx>, req: Request, next: Next) -> Result<Response, ApiError> {
-    let header = req.headers().get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+pub async fn require_token(
+    State(ctx): State<Ctx>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let header = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
     let Some(token) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
         return Err(ApiError::Unauthorized(
             "this endpoint needs a token: send `Authorization: Bearer TOKEN` (the CLI reads CORRAL_TOKEN or the config written by `corral up`)".into(),
         ));
     };
     if !constant_time_eq(&hash(token.trim()), &ctx.admin_token_hash) {
-        return Err(ApiError::Unauthorized("the token is not valid: use the admin token that `corral up` wrote".into()));
+        return Err(ApiError::Unauthorized(
+            "the token is not valid: use the admin token that `corral up` wrote".into(),
+        ));
     }
     Ok(next.run(req).await)
 }

@@ -48,6 +48,13 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
         }
-        (status, Json(ApiErrorBody { code: code.into(), message: self.to_string() })).into_response()
+        (
+            status,
+            Json(ApiErrorBody {
+                code: code.into(),
+                message: self.to_string(),
+            }),
+        )
+            .into_response()
     }
 }

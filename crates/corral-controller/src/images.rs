@@ -5,8 +5,8 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use corral_api::{
-    keys, validate_name, BuildJeosRequest, Image, ImagePhase, ImageSource, ImageSpec, ImageStatus, ObjectMeta,
-    Task, TaskGoal, Vm,
+    keys, validate_name, BuildJeosRequest, Image, ImagePhase, ImageSource, ImageSpec, ImageStatus,
+    ObjectMeta, Task, TaskGoal, Vm,
 };
 use corral_store::{get_json, list_json, update_json, Op, Precondition, StoreError};
 use http_body_util::BodyExt;
@@ -15,20 +15,32 @@ use tokio::io::AsyncWriteExt;
 use crate::{ensure_project, tasks, ApiError, Ctx};
 
 fn not_found(project: &str, name: &str) -> ApiError {
-    ApiError::NotFound(format!("image {name} does not exist in project {project}: see `corral image list`"))
+    ApiError::NotFound(format!(
+        "image {name} does not exist in project {project}: see `corral image list`"
+    ))
 }
 
 #[utoipa::path(get, path = "/api/v1/projects/{project}/images", tag = "images",
     params(("project" = String, Path)), responses((status = 200, body = [Image])), security(("bearer" = [])))]
-pub async fn list(State(ctx): State<Ctx>, Path(project): Path<String>) -> Result<Json<Vec<Image>>, ApiError> {
+pub async fn list(
+    State(ctx): State<Ctx>,
+    Path(project): Path<String>,
+) -> Result<Json<Vec<Image>>, ApiError> {
     ensure_project(&ctx, &project).await?;
-    Ok(Json(list_json::<Image>(&*ctx.store, &keys::images(&project)).await?.0))
+    Ok(Json(
+        list_json::<Image>(&*ctx.store, &keys::images(&project))
+            .await?
+            .0,
+    ))
 }
 
 #[utoipa::path(get, path = "/api/v1/projects/{project}/images/{name}", tag = "images",
     params(("project" = String, Path), ("name" = String, Path)),
     responses((status = 200, body = Image), (status = 404, body = corral_api::ApiErrorBody)), security(("bearer" = [])))]
-pub async fn get(State(ctx): State<Ctx>, Path((project, name)): Path<(String, String)>) -> Result<Json<Image>, ApiError> {
+pub async fn get(
+    State(ctx): State<Ctx>,
+    Path((project, name)): Path<(String, String)>,
+) -> Result<Json<Image>, ApiError> {
     ensure_project(&ctx, &project).await?;
     get_json::<Image>(&*ctx.store, &keys::image(&project, &name))
         .await?
@@ -39,7 +51,11 @@ pub async fn get(State(ctx): State<Ctx>, Path((project, name)): Path<(String, St
 /// VMs of the project whose disk is a clone of the image.
 async fn users(ctx: &Ctx, project: &str, image: &str) -> Result<Vec<String>, ApiError> {
     let (vms, _) = list_json::<Vm>(&*ctx.store, &keys::vms(project)).await?;
-    Ok(vms.into_iter().filter(|v| v.spec.image == image).map(|v| v.meta.name).collect())
+    Ok(vms
+        .into_iter()
+        .filter(|v| v.spec.image == image)
+        .map(|v| v.meta.name)
+        .collect())
 }
 
 #[utoipa::path(post, path = "/api/v1/projects/{project}/images/build-jeos", tag = "images",
@@ -56,14 +72,23 @@ pub async fn build_jeos(
     let name = req.name.clone().unwrap_or_else(|| "jeos".into());
     validate_name("image", &name)?;
     let key = keys::image(&project, &name);
-    let mut task = Task::new(&project, "image.build-jeos", format!("image/{name}"), TaskGoal::ImageBuild);
+    let mut task = Task::new(
+        &project,
+        "image.build-jeos",
+        format!("image/{name}"),
+        TaskGoal::ImageBuild,
+    );
     let existing = get_json::<Image>(&*ctx.store, &key).await?;
     let (image, when) = match existing {
         Some(v) if v.value.status.phase == ImagePhase::Building => {
-            return Err(ApiError::Conflict(format!("image {name} is being built already: follow its task with `corral task list`")))
+            return Err(ApiError::Conflict(format!(
+                "image {name} is being built already: follow its task with `corral task list`"
+            )))
         }
         Some(v) if v.value.spec.source != ImageSource::Jeos => {
-            return Err(ApiError::Conflict(format!("image {name} exists and was imported: pick another name with --name")))
+            return Err(ApiError::Conflict(format!(
+                "image {name} exists and was imported: pick another name with --name"
+            )))
         }
         Some(v) if v.value.status.phase == ImagePhase::Ready && !req.rebuild => {
             // Cached: nothing to do, and the task says why.
@@ -88,7 +113,9 @@ pub async fn build_jeos(
         None => (
             Image {
                 meta: ObjectMeta::new(&project, &name),
-                spec: ImageSpec { source: ImageSource::Jeos },
+                spec: ImageSpec {
+                    source: ImageSource::Jeos,
+                },
                 status: ImageStatus {
                     phase: ImagePhase::Building,
                     format: None,
@@ -105,9 +132,17 @@ pub async fn build_jeos(
     let mut image = image;
     image.status.phase = ImagePhase::Building;
     image.status.message = "building".into();
-    let op = Op::Put { key: key.clone(), value: serde_json::to_vec(&image).map_err(StoreError::from)?, when, lease: None };
+    let op = Op::Put {
+        key: key.clone(),
+        value: serde_json::to_vec(&image).map_err(StoreError::from)?,
+        when,
+        lease: None,
+    };
     let n = name.clone();
-    let task = tasks::submit(&ctx, task, vec![op], move || format!("image {n} changed while the build was being set up: try again")).await?;
+    let task = tasks::submit(&ctx, task, vec![op], move || {
+        format!("image {n} changed while the build was being set up: try again")
+    })
+    .await?;
     let (ctx2, task_id, uid) = (ctx.clone(), task.id, image.meta.uid);
     tokio::spawn(async move {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u8, String)>();
@@ -142,7 +177,14 @@ pub async fn build_jeos(
         if let Err(e) = written {
             tracing::error!(error = %e, "could not record the built image");
         }
-        tasks::update(&ctx2, task_id, 100, if end.is_ok() { "built" } else { "failed" }, Some(end)).await;
+        tasks::update(
+            &ctx2,
+            task_id,
+            100,
+            if end.is_ok() { "built" } else { "failed" },
+            Some(end),
+        )
+        .await;
     });
     Ok((StatusCode::ACCEPTED, Json(task)))
 }
@@ -185,20 +227,30 @@ pub async fn import(
     };
     let _ = std::fs::remove_file(&tmp);
     let status = status.map_err(|e| ApiError::BadRequest(format!("cannot import {name}: {e}")))?;
-    let image = Image { meta: image_meta, spec: ImageSpec { source: ImageSource::Import }, status };
+    let image = Image {
+        meta: image_meta,
+        spec: ImageSpec {
+            source: ImageSource::Import,
+        },
+        status,
+    };
     let value = serde_json::to_vec(&image).map_err(StoreError::from)?;
     match ctx.store.put(&key, value, Precondition::Absent).await {
         Ok(_) => Ok((StatusCode::CREATED, Json(image))),
         Err(StoreError::Conflict { .. }) => {
             corral_agent::images::remove(&ctx.data_dir, image.meta.uid);
-            Err(ApiError::Conflict(format!("image {name} was created meanwhile: pick another name")))
+            Err(ApiError::Conflict(format!(
+                "image {name} was created meanwhile: pick another name"
+            )))
         }
         Err(e) => Err(e.into()),
     }
 }
 
 async fn receive(body: Body, path: &std::path::Path) -> Result<(), String> {
-    let mut file = tokio::fs::File::create(path).await.map_err(|e| e.to_string())?;
+    let mut file = tokio::fs::File::create(path)
+        .await
+        .map_err(|e| e.to_string())?;
     let mut body = body;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| format!("upload interrupted: {e}"))?;
@@ -213,10 +265,15 @@ async fn receive(body: Body, path: &std::path::Path) -> Result<(), String> {
     params(("project" = String, Path), ("name" = String, Path)),
     responses((status = 204), (status = 404, body = corral_api::ApiErrorBody), (status = 409, body = corral_api::ApiErrorBody)),
     security(("bearer" = [])))]
-pub async fn delete(State(ctx): State<Ctx>, Path((project, name)): Path<(String, String)>) -> Result<StatusCode, ApiError> {
+pub async fn delete(
+    State(ctx): State<Ctx>,
+    Path((project, name)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
     ensure_project(&ctx, &project).await?;
     let key = keys::image(&project, &name);
-    let image = get_json::<Image>(&*ctx.store, &key).await?.ok_or_else(|| not_found(&project, &name))?;
+    let image = get_json::<Image>(&*ctx.store, &key)
+        .await?
+        .ok_or_else(|| not_found(&project, &name))?;
     let in_use = users(&ctx, &project, &name).await?;
     if !in_use.is_empty() {
         return Err(ApiError::Conflict(format!(
@@ -225,11 +282,21 @@ pub async fn delete(State(ctx): State<Ctx>, Path((project, name)): Path<(String,
         )));
     }
     if image.value.status.phase == ImagePhase::Building {
-        return Err(ApiError::Conflict(format!("image {name} is being built: wait for the build to finish")));
+        return Err(ApiError::Conflict(format!(
+            "image {name} is being built: wait for the build to finish"
+        )));
     }
-    match ctx.store.delete(&key, Precondition::ModRevision(image.revision)).await {
+    match ctx
+        .store
+        .delete(&key, Precondition::ModRevision(image.revision))
+        .await
+    {
         Ok(_) => {}
-        Err(StoreError::Conflict { .. }) => return Err(ApiError::Conflict(format!("image {name} changed meanwhile: try again"))),
+        Err(StoreError::Conflict { .. }) => {
+            return Err(ApiError::Conflict(format!(
+                "image {name} changed meanwhile: try again"
+            )))
+        }
         Err(e) => return Err(e.into()),
     }
     corral_agent::images::remove(&ctx.data_dir, image.value.meta.uid);

@@ -32,9 +32,15 @@ pub struct Ctx {
 
 /// Prepares the store on first start (the default project, the admin token) and resumes tasks.
 /// Returns the context and, on first start only, the new admin token in clear text.
-pub async fn init(store: Arc<dyn Store>, data_dir: PathBuf) -> Result<(Ctx, Option<String>), ApiError> {
+pub async fn init(
+    store: Arc<dyn Store>,
+    data_dir: PathBuf,
+) -> Result<(Ctx, Option<String>), ApiError> {
     let project = keys::project(corral_api::DEFAULT_PROJECT);
-    match store.put(&project, b"{}".to_vec(), Precondition::Absent).await {
+    match store
+        .put(&project, b"{}".to_vec(), Precondition::Absent)
+        .await
+    {
         Ok(_) | Err(StoreError::Conflict { .. }) => {}
         Err(e) => return Err(e.into()),
     }
@@ -43,11 +49,17 @@ pub async fn init(store: Arc<dyn Store>, data_dir: PathBuf) -> Result<(Ctx, Opti
         None => {
             let token = auth::new_token();
             let hash = auth::hash(&token);
-            store.put(keys::ADMIN_TOKEN, hash.clone(), Precondition::Absent).await?;
+            store
+                .put(keys::ADMIN_TOKEN, hash.clone(), Precondition::Absent)
+                .await?;
             (hash, Some(token))
         }
     };
-    let ctx = Ctx { store, data_dir, admin_token_hash: hash };
+    let ctx = Ctx {
+        store,
+        data_dir,
+        admin_token_hash: hash,
+    };
     tasks::resume(&ctx).await?;
     Ok((ctx, token))
 }
@@ -63,7 +75,10 @@ pub(crate) async fn ensure_project(ctx: &Ctx, project: &str) -> Result<(), ApiEr
 
 #[utoipa::path(get, path = "/api/v1/health", tag = "system", responses((status = 200, body = Health)))]
 async fn health() -> Json<Health> {
-    Json(Health { status: "ok".into(), version: env!("CARGO_PKG_VERSION").into() })
+    Json(Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    })
 }
 
 #[utoipa::path(get, path = "/api/v1/hosts", tag = "hosts", responses((status = 200, body = [Host])), security(("bearer" = [])))]
@@ -80,11 +95,16 @@ async fn list_tasks(State(ctx): State<Ctx>) -> Result<Json<Vec<Task>>, ApiError>
 
 #[utoipa::path(get, path = "/api/v1/tasks/{id}", tag = "tasks", params(("id" = uuid::Uuid, Path)),
     responses((status = 200, body = Task), (status = 404, body = corral_api::ApiErrorBody)), security(("bearer" = [])))]
-async fn get_task(State(ctx): State<Ctx>, Path(id): Path<uuid::Uuid>) -> Result<Json<Task>, ApiError> {
+async fn get_task(
+    State(ctx): State<Ctx>,
+    Path(id): Path<uuid::Uuid>,
+) -> Result<Json<Task>, ApiError> {
     get_json::<Task>(&*ctx.store, &keys::task(id))
         .await?
         .map(|v| Json(v.value))
-        .ok_or_else(|| ApiError::NotFound(format!("task {id} does not exist: see `corral task list`")))
+        .ok_or_else(|| {
+            ApiError::NotFound(format!("task {id} does not exist: see `corral task list`"))
+        })
 }
 
 async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
@@ -97,7 +117,10 @@ impl utoipa::Modify for BearerAuth {
     fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
         use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
         let components = api.components.get_or_insert_with(Default::default);
-        components.add_security_scheme("bearer", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()));
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
     }
 }
 
@@ -127,7 +150,10 @@ pub fn router(ctx: Ctx) -> Router {
         .route("/api/v1/tasks", get(list_tasks))
         .route("/api/v1/tasks/{id}", get(get_task))
         .route(&format!("{p}/vms"), get(vms::list).post(vms::create))
-        .route(&format!("{p}/vms/{{name}}"), get(vms::get).delete(vms::delete))
+        .route(
+            &format!("{p}/vms/{{name}}"),
+            get(vms::get).delete(vms::delete),
+        )
         .route(&format!("{p}/vms/{{name}}/start"), post(vms::start))
         .route(&format!("{p}/vms/{{name}}/stop"), post(vms::stop))
         .route(&format!("{p}/vms/{{name}}/reboot"), post(vms::reboot))
@@ -136,8 +162,17 @@ pub fn router(ctx: Ctx) -> Router {
         .route(&format!("{p}/images/build-jeos"), post(images::build_jeos))
         .route(
             &format!("{p}/images/{{name}}"),
-            get(images::get).put(images::import).delete(images::delete).layer(axum::extract::DefaultBodyLimit::disable()),
+            get(images::get)
+                .put(images::import)
+                .delete(images::delete)
+                .layer(axum::extract::DefaultBodyLimit::disable()),
         )
-        .route_layer(axum::middleware::from_fn_with_state(ctx.clone(), auth::require_token));
-    Router::new().route("/api/v1/health", get(health)).merge(authed).with_state(ctx)
+        .route_layer(axum::middleware::from_fn_with_state(
+            ctx.clone(),
+            auth::require_token,
+        ));
+    Router::new()
+        .route("/api/v1/health", get(health))
+        .merge(authed)
+        .with_state(ctx)
 }

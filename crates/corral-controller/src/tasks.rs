@@ -35,7 +35,9 @@ fn progress_of(vm: &Vm) -> Verdict {
     match vm.status.phase {
         VmPhase::Pending => Verdict::Progress(10, "waiting for the host agent".into()),
         VmPhase::Starting => Verdict::Progress(70, "starting QEMU".into()),
-        VmPhase::Stopping => Verdict::Progress(50, "waiting for the guest to shut down (ACPI)".into()),
+        VmPhase::Stopping => {
+            Verdict::Progress(50, "waiting for the guest to shut down (ACPI)".into())
+        }
         VmPhase::Deleting => Verdict::Progress(50, "removing the VM and its disk".into()),
         _ if disk => Verdict::Progress(40, "disk ready".into()),
         _ => Verdict::Progress(20, "working".into()),
@@ -55,7 +57,10 @@ pub fn evaluate(goal: &TaskGoal, vm: Option<&Vm>) -> Verdict {
     match goal {
         TaskGoal::VmCreate { generation, start } => match (observed(*generation), phase, start) {
             (true, VmPhase::Failed, _) => Verdict::Failed(failure(vm)),
-            (true, VmPhase::Running, true) => Verdict::Done(format!("running on {}", vm.status.host.as_deref().unwrap_or("?"))),
+            (true, VmPhase::Running, true) => Verdict::Done(format!(
+                "running on {}",
+                vm.status.host.as_deref().unwrap_or("?")
+            )),
             (true, VmPhase::Stopped, false) => Verdict::Done("created (stopped)".into()),
             _ => progress_of(vm),
         },
@@ -67,8 +72,16 @@ pub fn evaluate(goal: &TaskGoal, vm: Option<&Vm>) -> Verdict {
         TaskGoal::VmStop { generation } => match (observed(*generation), phase) {
             (true, VmPhase::Failed) => Verdict::Failed(failure(vm)),
             (true, VmPhase::Stopped) => {
-                let how = vm.status.condition("Running").map(|c| c.message.clone()).unwrap_or_default();
-                Verdict::Done(if how.is_empty() { "stopped".into() } else { format!("stopped: {how}") })
+                let how = vm
+                    .status
+                    .condition("Running")
+                    .map(|c| c.message.clone())
+                    .unwrap_or_default();
+                Verdict::Done(if how.is_empty() {
+                    "stopped".into()
+                } else {
+                    format!("stopped: {how}")
+                })
             }
             _ => progress_of(vm),
         },
@@ -85,7 +98,12 @@ pub fn evaluate(goal: &TaskGoal, vm: Option<&Vm>) -> Verdict {
 
 /// Stores a new task together with `ops`, all in one transaction, and starts following it if it
 /// is a VM task. A failed precondition in `ops` is a conflict described by `conflict`.
-pub async fn submit(ctx: &Ctx, task: Task, mut ops: Vec<Op>, conflict: impl FnOnce() -> String) -> Result<Task, ApiError> {
+pub async fn submit(
+    ctx: &Ctx,
+    task: Task,
+    mut ops: Vec<Op>,
+    conflict: impl FnOnce() -> String,
+) -> Result<Task, ApiError> {
     ops.push(Op::Put {
         key: keys::task(task.id),
         value: serde_json::to_vec(&task).map_err(StoreError::from)?,
@@ -110,7 +128,13 @@ fn follow_if_vm_task(ctx: &Ctx, task: &Task) {
 }
 
 /// Records progress (or the end) of a task.
-pub async fn update(ctx: &Ctx, id: uuid::Uuid, progress: u8, message: &str, end: Option<Result<(), String>>) {
+pub async fn update(
+    ctx: &Ctx,
+    id: uuid::Uuid,
+    progress: u8,
+    message: &str,
+    end: Option<Result<(), String>>,
+) {
     let res = update_json::<Task, StoreError>(&*ctx.store, &keys::task(id), |t| {
         if t.is_finished() || (t.progress == progress && t.message == message && end.is_none()) {
             return Ok(false);
@@ -161,11 +185,22 @@ async fn follow(ctx: Ctx, task: Task) {
         };
         match evaluate(&task.goal, vm.as_ref()) {
             Verdict::Done(msg) => return update(&ctx, task.id, 100, &msg, Some(Ok(()))).await,
-            Verdict::Failed(msg) => return update(&ctx, task.id, 100, "failed", Some(Err(msg))).await,
+            Verdict::Failed(msg) => {
+                return update(&ctx, task.id, 100, "failed", Some(Err(msg))).await
+            }
             Verdict::Progress(p, msg) => update(&ctx, task.id, p, &msg, None).await,
         }
         if tokio::time::Instant::now() >= deadline {
-            return update(&ctx, task.id, 100, "failed", Some(Err("timed out after 10 minutes; see `corral vm show`".into()))).await;
+            return update(
+                &ctx,
+                task.id,
+                100,
+                "failed",
+                Some(Err(
+                    "timed out after 10 minutes; see `corral vm show`".into()
+                )),
+            )
+            .await;
         }
         // Wake on a change of the VM, or after a second at the latest.
         let wait = async {
@@ -185,7 +220,16 @@ pub async fn resume(ctx: &Ctx) -> Result<(), ApiError> {
     let (tasks, _) = list_json::<Task>(&*ctx.store, keys::TASKS).await?;
     for t in tasks.into_iter().filter(|t| !t.is_finished()) {
         if t.goal == TaskGoal::ImageBuild {
-            update(ctx, t.id, 100, "failed", Some(Err("the controller restarted during the build: run it again".into()))).await;
+            update(
+                ctx,
+                t.id,
+                100,
+                "failed",
+                Some(Err(
+                    "the controller restarted during the build: run it again".into(),
+                )),
+            )
+            .await;
         } else {
             follow_if_vm_task(ctx, &t);
         }
@@ -199,13 +243,25 @@ mod tests {
     use corral_api::{ObjectMeta, PowerState, VmSpec, VmStatus};
 
     fn vm(phase: VmPhase, observed: u64) -> Vm {
-        let mut status = VmStatus { phase, observed_generation: observed, ..VmStatus::default() };
+        let mut status = VmStatus {
+            phase,
+            observed_generation: observed,
+            ..VmStatus::default()
+        };
         if phase == VmPhase::Failed {
             status.set_condition("Running", false, "StartFailed", "no memory");
         }
         Vm {
             meta: ObjectMeta::new("default", "a"),
-            spec: VmSpec { image: "jeos".into(), cpus: 1, memory_bytes: 1 << 28, disk_bytes: 0, power: PowerState::Running, force_stop: false, reboots: 0 },
+            spec: VmSpec {
+                image: "jeos".into(),
+                cpus: 1,
+                memory_bytes: 1 << 28,
+                disk_bytes: 0,
+                power: PowerState::Running,
+                force_stop: false,
+                reboots: 0,
+            },
             status,
         }
     }
@@ -213,18 +269,45 @@ mod tests {
     #[test]
     fn a_task_ends_only_when_its_generation_was_observed() {
         let goal = TaskGoal::VmStart { generation: 3 };
-        assert!(matches!(evaluate(&goal, Some(&vm(VmPhase::Running, 2))), Verdict::Progress(..)), "an older observation does not count");
-        assert!(matches!(evaluate(&goal, Some(&vm(VmPhase::Running, 3))), Verdict::Done(_)));
-        assert_eq!(evaluate(&goal, Some(&vm(VmPhase::Failed, 3))), Verdict::Failed("StartFailed: no memory".into()));
+        assert!(
+            matches!(
+                evaluate(&goal, Some(&vm(VmPhase::Running, 2))),
+                Verdict::Progress(..)
+            ),
+            "an older observation does not count"
+        );
+        assert!(matches!(
+            evaluate(&goal, Some(&vm(VmPhase::Running, 3))),
+            Verdict::Done(_)
+        ));
+        assert_eq!(
+            evaluate(&goal, Some(&vm(VmPhase::Failed, 3))),
+            Verdict::Failed("StartFailed: no memory".into())
+        );
         assert!(matches!(evaluate(&goal, None), Verdict::Failed(_)));
     }
 
     #[test]
     fn create_without_start_ends_stopped_and_delete_ends_when_gone() {
-        let goal = TaskGoal::VmCreate { generation: 1, start: false };
-        assert!(matches!(evaluate(&goal, Some(&vm(VmPhase::Stopped, 1))), Verdict::Done(_)));
-        assert!(matches!(evaluate(&goal, Some(&vm(VmPhase::Pending, 0))), Verdict::Progress(10, _)));
-        assert!(matches!(evaluate(&TaskGoal::VmDelete, Some(&vm(VmPhase::Deleting, 1))), Verdict::Progress(..)));
-        assert!(matches!(evaluate(&TaskGoal::VmDelete, None), Verdict::Done(_)));
+        let goal = TaskGoal::VmCreate {
+            generation: 1,
+            start: false,
+        };
+        assert!(matches!(
+            evaluate(&goal, Some(&vm(VmPhase::Stopped, 1))),
+            Verdict::Done(_)
+        ));
+        assert!(matches!(
+            evaluate(&goal, Some(&vm(VmPhase::Pending, 0))),
+            Verdict::Progress(10, _)
+        ));
+        assert!(matches!(
+            evaluate(&TaskGoal::VmDelete, Some(&vm(VmPhase::Deleting, 1))),
+            Verdict::Progress(..)
+        ));
+        assert!(matches!(
+            evaluate(&TaskGoal::VmDelete, None),
+            Verdict::Done(_)
+        ));
     }
 }

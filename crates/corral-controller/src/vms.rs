@@ -6,8 +6,8 @@ use axum::http::StatusCode;
 use axum::Json;
 use chrono::Utc;
 use corral_api::{
-    format_bytes, keys, ConsoleChunk, CreateVmRequest, Host, Image, ImagePhase, ObjectMeta, PowerState,
-    StopVmRequest, Task, TaskGoal, Vm, VmPhase, VmStatus,
+    format_bytes, keys, ConsoleChunk, CreateVmRequest, Host, Image, ImagePhase, ObjectMeta,
+    PowerState, StopVmRequest, Task, TaskGoal, Vm, VmPhase, VmStatus,
 };
 use corral_store::{get_json, list_json, update_json, Op, Precondition, StoreError};
 use serde::Deserialize;
@@ -15,7 +15,9 @@ use serde::Deserialize;
 use crate::{ensure_project, tasks, ApiError, Ctx};
 
 fn vm_not_found(project: &str, name: &str) -> ApiError {
-    ApiError::NotFound(format!("VM {name} does not exist in project {project}: see `corral vm list`"))
+    ApiError::NotFound(format!(
+        "VM {name} does not exist in project {project}: see `corral vm list`"
+    ))
 }
 
 async fn load(ctx: &Ctx, project: &str, name: &str) -> Result<Vm, ApiError> {
@@ -28,15 +30,23 @@ async fn load(ctx: &Ctx, project: &str, name: &str) -> Result<Vm, ApiError> {
 
 #[utoipa::path(get, path = "/api/v1/projects/{project}/vms", tag = "vms",
     params(("project" = String, Path)), responses((status = 200, body = [Vm])), security(("bearer" = [])))]
-pub async fn list(State(ctx): State<Ctx>, Path(project): Path<String>) -> Result<Json<Vec<Vm>>, ApiError> {
+pub async fn list(
+    State(ctx): State<Ctx>,
+    Path(project): Path<String>,
+) -> Result<Json<Vec<Vm>>, ApiError> {
     ensure_project(&ctx, &project).await?;
-    Ok(Json(list_json::<Vm>(&*ctx.store, &keys::vms(&project)).await?.0))
+    Ok(Json(
+        list_json::<Vm>(&*ctx.store, &keys::vms(&project)).await?.0,
+    ))
 }
 
 #[utoipa::path(get, path = "/api/v1/projects/{project}/vms/{name}", tag = "vms",
     params(("project" = String, Path), ("name" = String, Path)),
     responses((status = 200, body = Vm), (status = 404, body = corral_api::ApiErrorBody)), security(("bearer" = [])))]
-pub async fn get(State(ctx): State<Ctx>, Path((project, name)): Path<(String, String)>) -> Result<Json<Vm>, ApiError> {
+pub async fn get(
+    State(ctx): State<Ctx>,
+    Path((project, name)): Path<(String, String)>,
+) -> Result<Json<Vm>, ApiError> {
     Ok(Json(load(&ctx, &project, &name).await?))
 }
 
@@ -53,7 +63,9 @@ pub async fn create(
 ) -> Result<(StatusCode, Json<Task>), ApiError> {
     ensure_project(&ctx, &project).await?;
     let mut spec = req.to_spec()?;
-    let image = get_json::<Image>(&*ctx.store, &keys::image(&project, &spec.image)).await?.map(|v| v.value);
+    let image = get_json::<Image>(&*ctx.store, &keys::image(&project, &spec.image))
+        .await?
+        .map(|v| v.value);
     let image = match image {
         Some(i) if i.status.phase == ImagePhase::Ready => i,
         Some(_) => return Err(ApiError::Conflict(format!("image {} is not ready yet: wait for its build task to finish", spec.image))),
@@ -76,8 +88,15 @@ pub async fn create(
         )));
     }
     check_capacity(&ctx, spec.cpus, spec.memory_bytes).await?;
-    let vm = Vm { meta: ObjectMeta::new(&project, &req.name), spec, status: VmStatus::default() };
-    let goal = TaskGoal::VmCreate { generation: vm.meta.generation, start: req.start };
+    let vm = Vm {
+        meta: ObjectMeta::new(&project, &req.name),
+        spec,
+        status: VmStatus::default(),
+    };
+    let goal = TaskGoal::VmCreate {
+        generation: vm.meta.generation,
+        start: req.start,
+    };
     let task = Task::new(&project, "vm.create", format!("vm/{}", req.name), goal);
     let op = Op::Put {
         key: keys::vm(&project, &req.name),
@@ -96,7 +115,9 @@ pub async fn create(
 /// A VM must fit on some host: no more vCPUs than its CPUs, no more memory than it has.
 async fn check_capacity(ctx: &Ctx, cpus: u32, memory: u64) -> Result<(), ApiError> {
     let (hosts, _) = list_json::<Host>(&*ctx.store, keys::HOSTS).await?;
-    let Some(max_cpus) = hosts.iter().map(|h| h.cpus).max() else { return Ok(()) };
+    let Some(max_cpus) = hosts.iter().map(|h| h.cpus).max() else {
+        return Ok(());
+    };
     let max_mem = hosts.iter().map(|h| h.memory_bytes).max().unwrap_or(0);
     if cpus > max_cpus {
         return Err(ApiError::BadRequest(format!(
@@ -144,11 +165,16 @@ async fn change(
 #[utoipa::path(post, path = "/api/v1/projects/{project}/vms/{name}/start", tag = "vms",
     params(("project" = String, Path), ("name" = String, Path)),
     responses((status = 202, body = Task), (status = 404, body = corral_api::ApiErrorBody)), security(("bearer" = [])))]
-pub async fn start(State(ctx): State<Ctx>, Path((project, name)): Path<(String, String)>) -> Result<(StatusCode, Json<Task>), ApiError> {
+pub async fn start(
+    State(ctx): State<Ctx>,
+    Path((project, name)): Path<(String, String)>,
+) -> Result<(StatusCode, Json<Task>), ApiError> {
     change(&ctx, &project, &name, "vm.start", |vm| {
         vm.spec.power = PowerState::Running;
         vm.spec.force_stop = false;
-        Ok(TaskGoal::VmStart { generation: vm.meta.generation + 1 })
+        Ok(TaskGoal::VmStart {
+            generation: vm.meta.generation + 1,
+        })
     })
     .await
 }
@@ -164,7 +190,9 @@ pub async fn stop(
     change(&ctx, &project, &name, "vm.stop", |vm| {
         vm.spec.power = PowerState::Stopped;
         vm.spec.force_stop = req.force;
-        Ok(TaskGoal::VmStop { generation: vm.meta.generation + 1 })
+        Ok(TaskGoal::VmStop {
+            generation: vm.meta.generation + 1,
+        })
     })
     .await
 }
@@ -172,13 +200,21 @@ pub async fn stop(
 #[utoipa::path(post, path = "/api/v1/projects/{project}/vms/{name}/reboot", tag = "vms",
     params(("project" = String, Path), ("name" = String, Path)),
     responses((status = 202, body = Task), (status = 409, body = corral_api::ApiErrorBody)), security(("bearer" = [])))]
-pub async fn reboot(State(ctx): State<Ctx>, Path((project, name)): Path<(String, String)>) -> Result<(StatusCode, Json<Task>), ApiError> {
+pub async fn reboot(
+    State(ctx): State<Ctx>,
+    Path((project, name)): Path<(String, String)>,
+) -> Result<(StatusCode, Json<Task>), ApiError> {
     change(&ctx, &project, &name, "vm.reboot", |vm| {
         if vm.spec.power != PowerState::Running || vm.status.phase != VmPhase::Running {
-            return Err(ApiError::Conflict(format!("VM {} is not running: start it with `corral vm start {}`", vm.meta.name, vm.meta.name)));
+            return Err(ApiError::Conflict(format!(
+                "VM {} is not running: start it with `corral vm start {}`",
+                vm.meta.name, vm.meta.name
+            )));
         }
         vm.spec.reboots += 1;
-        Ok(TaskGoal::VmReboot { reboots: vm.spec.reboots })
+        Ok(TaskGoal::VmReboot {
+            reboots: vm.spec.reboots,
+        })
     })
     .await
 }
@@ -231,16 +267,28 @@ pub async fn console(
     use std::io::{Read, Seek, SeekFrom};
     const MAX: u64 = 64 * 1024;
     let vm = load(&ctx, &project, &name).await?;
-    let path = corral_hypervisor::console_log(&corral_agent::layout::vm_dir(&ctx.data_dir, vm.meta.uid));
+    let path =
+        corral_hypervisor::console_log(&corral_agent::layout::vm_dir(&ctx.data_dir, vm.meta.uid));
     let mut data = Vec::new();
     if let Ok(mut f) = std::fs::File::open(&path) {
         let len = f.metadata().map(|m| m.len()).unwrap_or(0);
         // A log shorter than the offset was restarted by a new power-on: read it from the start.
         let offset = if q.offset > len { 0 } else { q.offset };
-        f.seek(SeekFrom::Start(offset)).map_err(|e| ApiError::Internal(e.to_string()))?;
-        f.take(MAX).read_to_end(&mut data).map_err(|e| ApiError::Internal(e.to_string()))?;
+        f.seek(SeekFrom::Start(offset))
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        f.take(MAX)
+            .read_to_end(&mut data)
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
         let next = offset + data.len() as u64;
-        return Ok(Json(ConsoleChunk { offset, next_offset: next, data: String::from_utf8_lossy(&data).into_owned() }));
+        return Ok(Json(ConsoleChunk {
+            offset,
+            next_offset: next,
+            data: String::from_utf8_lossy(&data).into_owned(),
+        }));
     }
-    Ok(Json(ConsoleChunk { offset: 0, next_offset: 0, data: String::new() }))
+    Ok(Json(ConsoleChunk {
+        offset: 0,
+        next_offset: 0,
+        data: String::new(),
+    }))
 }

@@ -58,13 +58,19 @@ mod tests {
         let without = "processor: 0\nflags\t\t: fpu vme sse hypervisor\n";
         assert!(kvm_usable(with, true));
         assert!(!kvm_usable(with, false));
-        assert!(!kvm_usable(without, true), "/dev/kvm alone (kvm_pvm) is not enough");
+        assert!(
+            !kvm_usable(without, true),
+            "/dev/kvm alone (kvm_pvm) is not enough"
+        );
         assert!(!kvm_usable("flags: fpu vmxx", true));
     }
 
     #[test]
     fn choice_parses() {
         assert_eq!("tcg".parse::<AccelChoice>(), Ok(AccelChoice::Tcg));
-        assert!("xen".parse::<AccelChoice>().unwrap_err().contains("auto, kvm or tcg"));
+        assert!("xen"
+            .parse::<AccelChoice>()
+            .unwrap_err()
+            .contains("auto, kvm or tcg"));
     }
 }

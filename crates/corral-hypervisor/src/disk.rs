@@ -22,11 +22,20 @@ pub struct DiskInfo {
 }
 
 async fn qemu_img(what: &str, args: &[&str]) -> Result<Vec<u8>, DriverError> {
-    let out = Command::new("qemu-img").args(args).output().await.map_err(|e| {
-        DriverError::Unavailable(format!("qemu-img cannot be run ({e}): install the Debian package qemu-utils"))
-    })?;
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .await
+        .map_err(|e| {
+            DriverError::Unavailable(format!(
+                "qemu-img cannot be run ({e}): install the Debian package qemu-utils"
+            ))
+        })?;
     if !out.status.success() {
-        return Err(DriverError::io(what, String::from_utf8_lossy(&out.stderr).trim()));
+        return Err(DriverError::io(
+            what,
+            String::from_utf8_lossy(&out.stderr).trim(),
+        ));
     }
     Ok(out.stdout)
 }
@@ -34,7 +43,11 @@ async fn qemu_img(what: &str, args: &[&str]) -> Result<Vec<u8>, DriverError> {
 /// Inspects a disk image; works on images in use (`-U`).
 pub async fn info(path: &Path) -> Result<DiskInfo, DriverError> {
     let p = path.to_string_lossy();
-    let out = qemu_img("reading the disk image", &["info", "-U", "--output=json", &p]).await?;
+    let out = qemu_img(
+        "reading the disk image",
+        &["info", "-U", "--output=json", &p],
+    )
+    .await?;
     serde_json::from_slice(&out).map_err(|e| DriverError::io("parsing qemu-img info", e))
 }
 
@@ -48,7 +61,17 @@ pub async fn create_linked_clone(
     let b = backing.to_string_lossy();
     let p = path.to_string_lossy();
     let size_arg = size.to_string();
-    let mut args = vec!["create", "-q", "-f", "qcow2", "-b", &b, "-F", backing_format.as_str(), &p];
+    let mut args = vec![
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        &b,
+        "-F",
+        backing_format.as_str(),
+        &p,
+    ];
     if size > 0 {
         args.push(&size_arg);
     }
@@ -57,10 +80,27 @@ pub async fn create_linked_clone(
 }
 
 /// Converts an image to qcow2.
-pub async fn convert_to_qcow2(src: &Path, src_format: DiskFormat, dst: &Path) -> Result<(), DriverError> {
+pub async fn convert_to_qcow2(
+    src: &Path,
+    src_format: DiskFormat,
+    dst: &Path,
+) -> Result<(), DriverError> {
     let s = src.to_string_lossy();
     let d = dst.to_string_lossy();
-    qemu_img("converting the image", &["convert", "-q", "-f", src_format.as_str(), "-O", "qcow2", &s, &d]).await?;
+    qemu_img(
+        "converting the image",
+        &[
+            "convert",
+            "-q",
+            "-f",
+            src_format.as_str(),
+            "-O",
+            "qcow2",
+            &s,
+            &d,
+        ],
+    )
+    .await?;
     Ok(())
 }
 
@@ -95,7 +135,9 @@ pub async fn probe_image(path: &Path) -> Result<DiskFormat, String> {
 fn read_head(path: &Path, n: usize) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     let mut buf = Vec::with_capacity(n);
-    std::fs::File::open(path)?.take(n as u64).read_to_end(&mut buf)?;
+    std::fs::File::open(path)?
+        .take(n as u64)
+        .read_to_end(&mut buf)?;
     Ok(buf)
 }
 

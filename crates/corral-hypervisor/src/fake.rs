@@ -24,7 +24,10 @@ struct FakeState {
 }
 
 fn name(run_dir: &Path) -> String {
-    run_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    run_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 impl FakeDriver {
@@ -70,7 +73,13 @@ impl Driver for FakeDriver {
         }
         s.next_pid += 1;
         let pid = 1000 + s.next_pid;
-        s.running.insert(run_dir.to_path_buf(), Observed { pid, state: RunState::Running });
+        s.running.insert(
+            run_dir.to_path_buf(),
+            Observed {
+                pid,
+                state: RunState::Running,
+            },
+        );
         Ok(pid)
     }
 

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 
-pub use accel::{AccelChoice, detect_accel};
+pub use accel::{detect_accel, AccelChoice};
 pub use qemu::{qemu_version, QemuDriver};
 
 /// Everything needed to start one VM.
@@ -57,7 +57,9 @@ pub enum DriverError {
     Qmp { path: String, message: String },
     #[error("{what} failed: {message}")]
     Io { what: String, message: String },
-    #[error("the path {0} is too long for a unix socket (108 bytes at most): use a shorter --data-dir")]
+    #[error(
+        "the path {0} is too long for a unix socket (108 bytes at most): use a shorter --data-dir"
+    )]
     PathTooLong(String),
     #[error("{0}")]
     Unavailable(String),
@@ -65,7 +67,10 @@ pub enum DriverError {
 
 impl DriverError {
     pub fn io(what: impl Into<String>, e: impl std::fmt::Display) -> Self {
-        DriverError::Io { what: what.into(), message: e.to_string() }
+        DriverError::Io {
+            what: what.into(),
+            message: e.to_string(),
+        }
     }
 }
 

@@ -33,7 +33,11 @@ pub async fn qemu_version() -> Result<String, DriverError> {
             "{QEMU} cannot be run ({e}): install the Debian package qemu-system-x86 (scripts/setup.sh does)"
         ))
     })?;
-    Ok(String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or_default().to_string())
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string())
 }
 
 /// The full QEMU command line for a VM. Exposed so benchmarks can run the very same flags by hand.
@@ -76,7 +80,10 @@ pub fn qemu_args(run_dir: &Path, spec: &LaunchSpec) -> Vec<String> {
         "-serial".into(),
         "chardev:serial0".into(),
         "-drive".into(),
-        format!("file={},if=virtio,format=qcow2,discard=unmap", p(spec.disk.clone())),
+        format!(
+            "file={},if=virtio,format=qcow2,discard=unmap",
+            p(spec.disk.clone())
+        ),
     ]);
     if let Some(b) = &spec.direct_boot {
         args.extend([
@@ -94,10 +101,16 @@ pub fn qemu_args(run_dir: &Path, spec: &LaunchSpec) -> Vec<String> {
 /// The pid in the run directory's pid file, if that process is alive and is the QEMU of this directory
 /// (a recycled pid belongs to someone else).
 fn live_pid(run_dir: &Path) -> Option<u32> {
-    let pid: u32 = std::fs::read_to_string(pid_file(run_dir)).ok()?.trim().parse().ok()?;
+    let pid: u32 = std::fs::read_to_string(pid_file(run_dir))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let needle = qmp_socket(run_dir).display().to_string();
-    let ours = cmdline.split(|b| *b == 0).any(|arg| String::from_utf8_lossy(arg).contains(&needle));
+    let ours = cmdline
+        .split(|b| *b == 0)
+        .any(|arg| String::from_utf8_lossy(arg).contains(&needle));
     ours.then_some(pid)
 }
 
@@ -135,7 +148,8 @@ impl Driver for QemuDriver {
         }
         let _ = std::fs::remove_file(pid_file(run_dir));
         // Each power-on starts a fresh console log.
-        std::fs::write(console_log(run_dir), b"").map_err(|e| DriverError::io("creating the console log", e))?;
+        std::fs::write(console_log(run_dir), b"")
+            .map_err(|e| DriverError::io("creating the console log", e))?;
         let args = qemu_args(run_dir, spec);
         tracing::debug!(?args, "starting QEMU");
         // With -daemonize the command returns once the guest is set up; QEMU then lives in its own
@@ -150,12 +164,17 @@ impl Driver for QemuDriver {
             let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
             return Err(DriverError::StartFailed(stderr));
         }
-        live_pid(run_dir)
-            .ok_or_else(|| DriverError::StartFailed("QEMU exited right after it started; see the console log".into()))
+        live_pid(run_dir).ok_or_else(|| {
+            DriverError::StartFailed(
+                "QEMU exited right after it started; see the console log".into(),
+            )
+        })
     }
 
     async fn observe(&self, run_dir: &Path) -> Result<Option<Observed>, DriverError> {
-        let Some(pid) = live_pid(run_dir) else { return Ok(None) };
+        let Some(pid) = live_pid(run_dir) else {
+            return Ok(None);
+        };
         let mut qmp = Qmp::connect(&qmp_socket(run_dir)).await?;
         let status = qmp.execute("query-status", None).await?;
         let state = match status.get("status").and_then(|s| s.as_str()) {
@@ -171,17 +190,25 @@ impl Driver for QemuDriver {
         if live_pid(run_dir).is_none() {
             return Ok(());
         }
-        Qmp::connect(&qmp_socket(run_dir)).await?.execute("system_powerdown", None).await?;
+        Qmp::connect(&qmp_socket(run_dir))
+            .await?
+            .execute("system_powerdown", None)
+            .await?;
         Ok(())
     }
 
     async fn reset(&self, run_dir: &Path) -> Result<(), DriverError> {
-        Qmp::connect(&qmp_socket(run_dir)).await?.execute("system_reset", None).await?;
+        Qmp::connect(&qmp_socket(run_dir))
+            .await?
+            .execute("system_reset", None)
+            .await?;
         Ok(())
     }
 
     async fn kill(&self, run_dir: &Path) -> Result<(), DriverError> {
-        let Some(pid) = live_pid(run_dir) else { return Ok(()) };
+        let Some(pid) = live_pid(run_dir) else {
+            return Ok(());
+        };
         // Ask QEMU to quit; if it does not answer or linger, kill it.
         if let Ok(mut qmp) = Qmp::connect(&qmp_socket(run_dir)).await {
             let _ = qmp.execute("quit", None).await;
@@ -189,10 +216,17 @@ impl Driver for QemuDriver {
         if !wait_gone(pid, Duration::from_secs(5)).await {
             signal(pid, libc::SIGKILL);
             if !wait_gone(pid, Duration::from_secs(5)).await {
-                return Err(DriverError::io("killing QEMU", format!("process {pid} is still alive")));
+                return Err(DriverError::io(
+                    "killing QEMU",
+                    format!("process {pid} is still alive"),
+                ));
             }
         }
-        for f in [qmp_socket(run_dir), serial_socket(run_dir), pid_file(run_dir)] {
+        for f in [
+            qmp_socket(run_dir),
+            serial_socket(run_dir),
+            pid_file(run_dir),
+        ] {
             let _ = std::fs::remove_file(f);
         }
         Ok(())

@@ -28,10 +28,17 @@ impl Qmp {
             .map_err(|_| qmp_err(&p, "connect timed out"))?
             .map_err(|e| qmp_err(&p, e))?;
         let (r, writer) = stream.into_split();
-        let mut qmp = Self { path: p, reader: BufReader::new(r), writer };
+        let mut qmp = Self {
+            path: p,
+            reader: BufReader::new(r),
+            writer,
+        };
         let greeting = qmp.read_message().await?;
         if greeting.get("QMP").is_none() {
-            return Err(qmp_err(&qmp.path, format!("unexpected greeting {greeting}")));
+            return Err(qmp_err(
+                &qmp.path,
+                format!("unexpected greeting {greeting}"),
+            ));
         }
         qmp.execute("qmp_capabilities", None).await?;
         Ok(qmp)
@@ -46,25 +53,36 @@ impl Qmp {
         if n == 0 {
             return Err(qmp_err(&self.path, "QEMU closed the connection"));
         }
-        serde_json::from_str(&line).map_err(|e| qmp_err(&self.path, format!("bad JSON {line:?}: {e}")))
+        serde_json::from_str(&line)
+            .map_err(|e| qmp_err(&self.path, format!("bad JSON {line:?}: {e}")))
     }
 
     /// Runs one command and returns its `return` value.
-    pub async fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, DriverError> {
+    pub async fn execute(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, DriverError> {
         let mut msg = json!({ "execute": command });
         if let Some(a) = arguments {
             msg["arguments"] = a;
         }
         let mut line = msg.to_string();
         line.push('\n');
-        self.writer.write_all(line.as_bytes()).await.map_err(|e| qmp_err(&self.path, e))?;
+        self.writer
+            .write_all(line.as_bytes())
+            .await
+            .map_err(|e| qmp_err(&self.path, e))?;
         loop {
             let reply = self.read_message().await?;
             if let Some(r) = reply.get("return") {
                 return Ok(r.clone());
             }
             if let Some(e) = reply.get("error") {
-                let desc = e.get("desc").and_then(Value::as_str).unwrap_or("unknown error");
+                let desc = e
+                    .get("desc")
+                    .and_then(Value::as_str)
+                    .unwrap_or("unknown error");
                 return Err(qmp_err(&self.path, format!("{command}: {desc}")));
             }
             // An event: not ours to handle here.
@@ -73,5 +91,8 @@ impl Qmp {
 }
 
 fn qmp_err(path: &str, e: impl std::fmt::Display) -> DriverError {
-    DriverError::Qmp { path: path.to_string(), message: e.to_string() }
+    DriverError::Qmp {
+        path: path.to_string(),
+        message: e.to_string(),
+    }
 }

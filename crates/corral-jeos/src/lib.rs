@@ -51,7 +51,10 @@ pub enum JeosError {
 }
 
 fn step(step: &str, e: impl std::fmt::Display) -> JeosError {
-    JeosError::Step { step: step.into(), message: e.to_string() }
+    JeosError::Step {
+        step: step.into(),
+        message: e.to_string(),
+    }
 }
 
 async fn run(what: &str, cmd: &mut Command) -> Result<String, JeosError> {
@@ -64,9 +67,12 @@ async fn run(what: &str, cmd: &mut Command) -> Result<String, JeosError> {
 
 /// The concrete kernel package the `linux-image-cloud-amd64` meta package points at.
 async fn kernel_package() -> Result<String, JeosError> {
-    let out = run("asking apt for the kernel package", Command::new("apt-cache").args(["depends", KERNEL_META]))
-        .await
-        .map_err(|_| JeosError::UnknownPackage(KERNEL_META.into()))?;
+    let out = run(
+        "asking apt for the kernel package",
+        Command::new("apt-cache").args(["depends", KERNEL_META]),
+    )
+    .await
+    .map_err(|_| JeosError::UnknownPackage(KERNEL_META.into()))?;
     out.lines()
         .filter_map(|l| l.trim().strip_prefix("Depends: "))
         .find(|p| p.starts_with("linux-image-"))
@@ -77,22 +83,37 @@ async fn kernel_package() -> Result<String, JeosError> {
 /// Downloads a package into `cache` unless a .deb of it is already there; returns the .deb path.
 async fn fetch_deb(cache: &Path, package: &str) -> Result<PathBuf, JeosError> {
     let find = || -> Option<PathBuf> {
-        std::fs::read_dir(cache).ok()?.flatten().map(|e| e.path()).find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&format!("{package}_")) && n.ends_with(".deb"))
-        })
+        std::fs::read_dir(cache)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&format!("{package}_")) && n.ends_with(".deb"))
+            })
     };
     if let Some(p) = find() {
         return Ok(p);
     }
-    run(&format!("apt-get download {package}"), Command::new("apt-get").arg("download").arg(package).current_dir(cache))
-        .await?;
+    run(
+        &format!("apt-get download {package}"),
+        Command::new("apt-get")
+            .arg("download")
+            .arg(package)
+            .current_dir(cache),
+    )
+    .await?;
     find().ok_or_else(|| JeosError::UnknownPackage(package.into()))
 }
 
 async fn unpack(deb: &Path, dir: &Path) -> Result<(), JeosError> {
-    run("unpacking a package", Command::new("dpkg-deb").arg("-x").arg(deb).arg(dir)).await.map(|_| ())
+    run(
+        "unpacking a package",
+        Command::new("dpkg-deb").arg("-x").arg(deb).arg(dir),
+    )
+    .await
+    .map(|_| ())
 }
 
 fn write_exec(path: &Path, text: &str) -> Result<(), JeosError> {
@@ -101,12 +122,17 @@ fn write_exec(path: &Path, text: &str) -> Result<(), JeosError> {
         std::fs::create_dir_all(parent).map_err(|e| step("writing the guest files", e))?;
     }
     std::fs::write(path, text).map_err(|e| step("writing the guest files", e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).map_err(|e| step("writing the guest files", e))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| step("writing the guest files", e))
 }
 
 /// Builds the image into `out` (replacing what is there), keeping downloaded packages in `cache`.
 /// `progress` is told the percentage done and the current step.
-pub async fn build(cache: &Path, out: &Path, progress: impl Fn(u8, &str)) -> Result<Jeos, JeosError> {
+pub async fn build(
+    cache: &Path,
+    out: &Path,
+    progress: impl Fn(u8, &str),
+) -> Result<Jeos, JeosError> {
     let io = |e: std::io::Error| step("preparing the build directory", e);
     std::fs::create_dir_all(cache).map_err(io)?;
     let work = out.with_extension("building");
@@ -139,36 +165,85 @@ pub async fn build(cache: &Path, out: &Path, progress: impl Fn(u8, &str)) -> Res
     }
     write_exec(&ird.join("init"), include_str!("../guest/init"))?;
     let initrd = work.join("initrd.img");
-    let list = run("listing the initramfs", Command::new("find").arg(".").current_dir(&ird)).await?;
+    let list = run(
+        "listing the initramfs",
+        Command::new("find").arg(".").current_dir(&ird),
+    )
+    .await?;
     cpio(&ird, &list, &initrd).await?;
 
     progress(70, "building the root file system");
     let root = work.join("root");
-    for d in ["bin", "sbin", "etc/init.d", "etc/acpi/PWRF", "proc", "sys", "dev", "tmp", "run", "root", "var/log", "usr/bin", "usr/sbin"] {
+    for d in [
+        "bin",
+        "sbin",
+        "etc/init.d",
+        "etc/acpi/PWRF",
+        "proc",
+        "sys",
+        "dev",
+        "tmp",
+        "run",
+        "root",
+        "var/log",
+        "usr/bin",
+        "usr/sbin",
+    ] {
         std::fs::create_dir_all(root.join(d)).map_err(io)?;
     }
     std::fs::copy(&busybox, root.join("bin/busybox")).map_err(io)?;
-    let applets = run("listing busybox applets", Command::new(&busybox).arg("--list")).await?;
-    for a in applets.lines().map(str::trim).filter(|a| !a.is_empty() && *a != "busybox") {
+    let applets = run(
+        "listing busybox applets",
+        Command::new(&busybox).arg("--list"),
+    )
+    .await?;
+    for a in applets
+        .lines()
+        .map(str::trim)
+        .filter(|a| !a.is_empty() && *a != "busybox")
+    {
         let _ = std::os::unix::fs::symlink("/bin/busybox", root.join("bin").join(a));
     }
     std::os::unix::fs::symlink("/bin/busybox", root.join("sbin/init")).map_err(io)?;
     std::fs::write(root.join("etc/inittab"), include_str!("../guest/inittab")).map_err(io)?;
     write_exec(&root.join("etc/init.d/rcS"), include_str!("../guest/rcS"))?;
-    write_exec(&root.join("etc/acpi/PWRF/00000080"), "#!/bin/sh\npoweroff\n")?;
+    write_exec(
+        &root.join("etc/acpi/PWRF/00000080"),
+        "#!/bin/sh\npoweroff\n",
+    )?;
     std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").map_err(io)?;
     std::fs::write(root.join("etc/group"), "root:x:0:\n").map_err(io)?;
     let raw = work.join("root.raw");
-    std::fs::File::create(&raw).and_then(|f| f.set_len(ROOTFS_MIB << 20)).map_err(io)?;
-    run("making the ext4 file system", Command::new("mkfs.ext4").args(["-q", "-L", "jeos", "-d"]).arg(&root).arg(&raw)).await?;
+    std::fs::File::create(&raw)
+        .and_then(|f| f.set_len(ROOTFS_MIB << 20))
+        .map_err(io)?;
+    run(
+        "making the ext4 file system",
+        Command::new("mkfs.ext4")
+            .args(["-q", "-L", "jeos", "-d"])
+            .arg(&root)
+            .arg(&raw),
+    )
+    .await?;
     progress(85, "converting the disk to qcow2");
     let disk = work.join("disk.qcow2");
-    run("converting to qcow2", Command::new("qemu-img").args(["convert", "-q", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&disk)).await?;
+    run(
+        "converting to qcow2",
+        Command::new("qemu-img")
+            .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+            .arg(&raw)
+            .arg(&disk),
+    )
+    .await?;
 
     progress(95, "installing the image");
     let _ = std::fs::remove_dir_all(out);
     std::fs::create_dir_all(out).map_err(io)?;
-    let result = Jeos { disk: out.join("disk.qcow2"), kernel: out.join("vmlinuz"), initrd: out.join("initrd.img") };
+    let result = Jeos {
+        disk: out.join("disk.qcow2"),
+        kernel: out.join("vmlinuz"),
+        initrd: out.join("initrd.img"),
+    };
     std::fs::rename(&disk, &result.disk).map_err(io)?;
     std::fs::copy(&vmlinuz, &result.kernel).map_err(io)?;
     std::fs::rename(&initrd, &result.initrd).map_err(io)?;
@@ -179,14 +254,27 @@ pub async fn build(cache: &Path, out: &Path, progress: impl Fn(u8, &str)) -> Res
 
 /// The kernel image and its module tree inside an unpacked kernel package.
 fn find_kernel(kdir: &Path) -> Result<(PathBuf, PathBuf), JeosError> {
-    let missing = || step("finding the kernel", format!("no boot/vmlinuz-* in {}", kdir.display()));
+    let missing = || {
+        step(
+            "finding the kernel",
+            format!("no boot/vmlinuz-* in {}", kdir.display()),
+        )
+    };
     let boot = std::fs::read_dir(kdir.join("boot")).map_err(|_| missing())?;
     let vmlinuz = boot
         .flatten()
         .map(|e| e.path())
-        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("vmlinuz-")))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("vmlinuz-"))
+        })
         .ok_or_else(missing)?;
-    let version = vmlinuz.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("vmlinuz-")).unwrap_or_default();
+    let version = vmlinuz
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("vmlinuz-"))
+        .unwrap_or_default();
     let modules = kdir.join("lib/modules").join(version).join("kernel");
     Ok((vmlinuz, modules))
 }
@@ -204,9 +292,15 @@ async fn cpio(dir: &Path, list: &str, out: &Path) -> Result<(), JeosError> {
         .spawn()
         .map_err(|e| step("running cpio (install the Debian package cpio)", e))?;
     if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(list.as_bytes()).await.map_err(|e| step("running cpio", e))?;
+        stdin
+            .write_all(list.as_bytes())
+            .await
+            .map_err(|e| step("running cpio", e))?;
     }
-    let out = child.wait_with_output().await.map_err(|e| step("running cpio", e))?;
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| step("running cpio", e))?;
     if !out.status.success() {
         return Err(step("running cpio", String::from_utf8_lossy(&out.stderr)));
     }

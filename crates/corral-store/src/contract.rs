@@ -34,61 +34,134 @@ where
 
 async fn put_get_and_versions(s: &dyn Store) {
     assert!(s.get("/k").await.expect("get").is_none());
-    let r1 = s.put("/k", b"a".to_vec(), Precondition::Any).await.expect("put");
-    let r2 = s.put("/k", b"b".to_vec(), Precondition::Any).await.expect("put");
+    let r1 = s
+        .put("/k", b"a".to_vec(), Precondition::Any)
+        .await
+        .expect("put");
+    let r2 = s
+        .put("/k", b"b".to_vec(), Precondition::Any)
+        .await
+        .expect("put");
     assert!(r2 > r1, "revisions grow: {r1} then {r2}");
     let kv = s.get("/k").await.expect("get").expect("present");
-    assert_eq!((kv.value.as_slice(), kv.create_revision, kv.mod_revision, kv.version), (&b"b"[..], r1, r2, 2));
+    assert_eq!(
+        (
+            kv.value.as_slice(),
+            kv.create_revision,
+            kv.mod_revision,
+            kv.version
+        ),
+        (&b"b"[..], r1, r2, 2)
+    );
     assert_eq!(s.current_revision().await.expect("rev"), r2);
     let r3 = s.delete("/k", Precondition::Any).await.expect("delete");
     assert!(r3 > r2);
     assert!(s.get("/k").await.expect("get").is_none());
-    assert!(matches!(s.delete("/k", Precondition::Any).await, Err(StoreError::NotFound { .. })));
+    assert!(matches!(
+        s.delete("/k", Precondition::Any).await,
+        Err(StoreError::NotFound { .. })
+    ));
 }
 
 async fn compare_and_swap(s: &dyn Store) {
-    let r1 = s.put("/vm", b"v1".to_vec(), Precondition::Absent).await.expect("create");
+    let r1 = s
+        .put("/vm", b"v1".to_vec(), Precondition::Absent)
+        .await
+        .expect("create");
     let dup = s.put("/vm", b"other".to_vec(), Precondition::Absent).await;
-    assert!(matches!(dup, Err(StoreError::Conflict { .. })), "second create must conflict: {dup:?}");
-    let r2 = s.put("/vm", b"v2".to_vec(), Precondition::ModRevision(r1)).await.expect("cas");
+    assert!(
+        matches!(dup, Err(StoreError::Conflict { .. })),
+        "second create must conflict: {dup:?}"
+    );
+    let r2 = s
+        .put("/vm", b"v2".to_vec(), Precondition::ModRevision(r1))
+        .await
+        .expect("cas");
     // A writer that read at r1 lost the race.
-    let stale = s.put("/vm", b"v3".to_vec(), Precondition::ModRevision(r1)).await;
-    assert!(matches!(stale, Err(StoreError::Conflict { .. })), "stale CAS must conflict: {stale:?}");
+    let stale = s
+        .put("/vm", b"v3".to_vec(), Precondition::ModRevision(r1))
+        .await;
+    assert!(
+        matches!(stale, Err(StoreError::Conflict { .. })),
+        "stale CAS must conflict: {stale:?}"
+    );
     let stale_del = s.delete("/vm", Precondition::ModRevision(r1)).await;
     assert!(matches!(stale_del, Err(StoreError::Conflict { .. })));
-    assert_eq!(s.get("/vm").await.expect("get").expect("present").value, b"v2");
-    s.delete("/vm", Precondition::ModRevision(r2)).await.expect("cas delete");
-    let missing = s.put("/vm", b"x".to_vec(), Precondition::ModRevision(r2)).await;
-    assert!(matches!(missing, Err(StoreError::Conflict { .. })), "CAS on a missing key conflicts");
+    assert_eq!(
+        s.get("/vm").await.expect("get").expect("present").value,
+        b"v2"
+    );
+    s.delete("/vm", Precondition::ModRevision(r2))
+        .await
+        .expect("cas delete");
+    let missing = s
+        .put("/vm", b"x".to_vec(), Precondition::ModRevision(r2))
+        .await;
+    assert!(
+        matches!(missing, Err(StoreError::Conflict { .. })),
+        "CAS on a missing key conflicts"
+    );
 }
 
 async fn transactions_are_all_or_nothing(s: &dyn Store) {
-    s.put("/a", b"1".to_vec(), Precondition::Any).await.expect("put");
+    s.put("/a", b"1".to_vec(), Precondition::Any)
+        .await
+        .expect("put");
     let before = s.current_revision().await.expect("rev");
     let res = s
         .txn(vec![
-            Op::Put { key: "/b".into(), value: b"2".to_vec(), when: Precondition::Absent, lease: None },
-            Op::Put { key: "/a".into(), value: b"x".to_vec(), when: Precondition::Absent, lease: None },
+            Op::Put {
+                key: "/b".into(),
+                value: b"2".to_vec(),
+                when: Precondition::Absent,
+                lease: None,
+            },
+            Op::Put {
+                key: "/a".into(),
+                value: b"x".to_vec(),
+                when: Precondition::Absent,
+                lease: None,
+            },
         ])
         .await;
     assert!(matches!(res, Err(StoreError::Conflict { .. })));
-    assert!(s.get("/b").await.expect("get").is_none(), "a failed txn writes nothing");
-    assert_eq!(s.current_revision().await.expect("rev"), before, "a failed txn takes no revision");
+    assert!(
+        s.get("/b").await.expect("get").is_none(),
+        "a failed txn writes nothing"
+    );
+    assert_eq!(
+        s.current_revision().await.expect("rev"),
+        before,
+        "a failed txn takes no revision"
+    );
     let rev = s
         .txn(vec![
-            Op::Put { key: "/b".into(), value: b"2".to_vec(), when: Precondition::Absent, lease: None },
-            Op::Delete { key: "/a".into(), when: Precondition::Any },
+            Op::Put {
+                key: "/b".into(),
+                value: b"2".to_vec(),
+                when: Precondition::Absent,
+                lease: None,
+            },
+            Op::Delete {
+                key: "/a".into(),
+                when: Precondition::Any,
+            },
         ])
         .await
         .expect("txn");
     assert_eq!(rev, before + 1, "one transaction, one revision");
-    assert_eq!(s.get("/b").await.expect("get").expect("b").mod_revision, rev);
+    assert_eq!(
+        s.get("/b").await.expect("get").expect("b").mod_revision,
+        rev
+    );
     assert!(s.get("/a").await.expect("get").is_none());
 }
 
 async fn list_by_prefix(s: &dyn Store) {
     for k in ["/vms/p/b", "/vms/p/a", "/vms/q/c", "/vmsx", "/images/p/a"] {
-        s.put(k, k.as_bytes().to_vec(), Precondition::Any).await.expect("put");
+        s.put(k, k.as_bytes().to_vec(), Precondition::Any)
+            .await
+            .expect("put");
     }
     let (kvs, rev) = s.list("/vms/p/").await.expect("list");
     let keys: Vec<_> = kvs.iter().map(|k| k.key.as_str()).collect();
@@ -99,9 +172,17 @@ async fn list_by_prefix(s: &dyn Store) {
 }
 
 async fn watch_replays_then_follows(s: &dyn Store) {
-    let r1 = s.put("/w/a", b"1".to_vec(), Precondition::Any).await.expect("put");
-    s.put("/other", b"x".to_vec(), Precondition::Any).await.expect("put");
-    let r2 = s.put("/w/b", b"2".to_vec(), Precondition::Any).await.expect("put");
+    let r1 = s
+        .put("/w/a", b"1".to_vec(), Precondition::Any)
+        .await
+        .expect("put");
+    s.put("/other", b"x".to_vec(), Precondition::Any)
+        .await
+        .expect("put");
+    let r2 = s
+        .put("/w/b", b"2".to_vec(), Precondition::Any)
+        .await
+        .expect("put");
     let mut w = s.watch("/w/", r1).await.expect("watch");
     let r3 = s.delete("/w/a", Precondition::Any).await.expect("delete");
     let mut seen = Vec::new();
@@ -135,7 +216,9 @@ async fn watch_orders_concurrent_writers(s: Arc<dyn Store>) {
         let s = s.clone();
         writers.push(tokio::spawn(async move {
             for i in 0..25 {
-                s.put(&format!("/c/{t}/{i}"), vec![t as u8], Precondition::Any).await.expect("put");
+                s.put(&format!("/c/{t}/{i}"), vec![t as u8], Precondition::Any)
+                    .await
+                    .expect("put");
             }
         }));
     }
@@ -149,35 +232,70 @@ async fn watch_orders_concurrent_writers(s: Arc<dyn Store>) {
             .expect("event within 5 s")
             .expect("open")
             .expect("ok");
-        assert!(e.kv.mod_revision > last, "revisions strictly increase: {} after {last}", e.kv.mod_revision);
+        assert!(
+            e.kv.mod_revision > last,
+            "revisions strictly increase: {} after {last}",
+            e.kv.mod_revision
+        );
         last = e.kv.mod_revision;
     }
 }
 
 async fn leases_expire_and_can_be_kept(s: &dyn Store) {
-    let short = s.grant_lease(Duration::from_millis(300)).await.expect("grant");
-    let kept = s.grant_lease(Duration::from_millis(300)).await.expect("grant");
+    let short = s
+        .grant_lease(Duration::from_millis(300))
+        .await
+        .expect("grant");
+    let kept = s
+        .grant_lease(Duration::from_millis(300))
+        .await
+        .expect("grant");
     let from = s.current_revision().await.expect("rev") + 1;
     for (key, lease) in [("/hb/short", short), ("/hb/kept", kept)] {
-        s.txn(vec![Op::Put { key: key.into(), value: b"x".to_vec(), when: Precondition::Any, lease: Some(lease) }])
-            .await
-            .expect("put with lease");
+        s.txn(vec![Op::Put {
+            key: key.into(),
+            value: b"x".to_vec(),
+            when: Precondition::Any,
+            lease: Some(lease),
+        }])
+        .await
+        .expect("put with lease");
     }
     let mut w = s.watch("/hb/short", from).await.expect("watch");
     for _ in 0..12 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         s.keep_alive(kept).await.expect("keep alive");
     }
-    assert!(s.get("/hb/short").await.expect("get").is_none(), "key of an expired lease is gone");
-    assert!(s.get("/hb/kept").await.expect("get").is_some(), "key of a kept lease stays");
-    assert!(matches!(s.keep_alive(short).await, Err(StoreError::LeaseNotFound(_))));
+    assert!(
+        s.get("/hb/short").await.expect("get").is_none(),
+        "key of an expired lease is gone"
+    );
+    assert!(
+        s.get("/hb/kept").await.expect("get").is_some(),
+        "key of a kept lease stays"
+    );
+    assert!(matches!(
+        s.keep_alive(short).await,
+        Err(StoreError::LeaseNotFound(_))
+    ));
     let put = w.recv().await.expect("open").expect("ok");
     let del = w.recv().await.expect("open").expect("ok");
     assert_eq!((put.kind, del.kind), (EventKind::Put, EventKind::Delete));
     s.revoke_lease(kept).await.expect("revoke");
-    assert!(s.get("/hb/kept").await.expect("get").is_none(), "revoke deletes at once");
+    assert!(
+        s.get("/hb/kept").await.expect("get").is_none(),
+        "revoke deletes at once"
+    );
     let unknown = s
-        .txn(vec![Op::Put { key: "/hb/x".into(), value: vec![], when: Precondition::Any, lease: Some(kept) }])
+        .txn(vec![Op::Put {
+            key: "/hb/x".into(),
+            value: vec![],
+            when: Precondition::Any,
+            lease: Some(kept),
+        }])
         .await;
-    assert!(matches!(unknown, Err(StoreError::LeaseNotFound(_))), "{unknown:?}");
+    assert!(
+        matches!(unknown, Err(StoreError::LeaseNotFound(_))),
+        "{unknown:?}"
+    );
 }

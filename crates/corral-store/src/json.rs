@@ -13,16 +13,28 @@ pub struct Versioned<T> {
     pub revision: Revision,
 }
 
-pub async fn get_json<T: DeserializeOwned>(store: &dyn Store, key: &str) -> Result<Option<Versioned<T>>, StoreError> {
+pub async fn get_json<T: DeserializeOwned>(
+    store: &dyn Store,
+    key: &str,
+) -> Result<Option<Versioned<T>>, StoreError> {
     match store.get(key).await? {
-        Some(kv) => Ok(Some(Versioned { value: serde_json::from_slice(&kv.value)?, revision: kv.mod_revision })),
+        Some(kv) => Ok(Some(Versioned {
+            value: serde_json::from_slice(&kv.value)?,
+            revision: kv.mod_revision,
+        })),
         None => Ok(None),
     }
 }
 
-pub async fn list_json<T: DeserializeOwned>(store: &dyn Store, prefix: &str) -> Result<(Vec<T>, Revision), StoreError> {
+pub async fn list_json<T: DeserializeOwned>(
+    store: &dyn Store,
+    prefix: &str,
+) -> Result<(Vec<T>, Revision), StoreError> {
     let (kvs, rev) = store.list(prefix).await?;
-    let items = kvs.iter().map(|kv| serde_json::from_slice(&kv.value)).collect::<Result<_, _>>()?;
+    let items = kvs
+        .iter()
+        .map(|kv| serde_json::from_slice(&kv.value))
+        .collect::<Result<_, _>>()?;
     Ok((items, rev))
 }
 
@@ -39,14 +51,21 @@ where
     E: From<StoreError>,
 {
     loop {
-        let Some(Versioned { mut value, revision }) = get_json::<T>(store, key).await? else {
+        let Some(Versioned {
+            mut value,
+            revision,
+        }) = get_json::<T>(store, key).await?
+        else {
             return Ok(None);
         };
         if !change(&mut value)? {
             return Ok(Some(value));
         }
         let bytes = serde_json::to_vec(&value).map_err(StoreError::from)?;
-        match store.put(key, bytes, Precondition::ModRevision(revision)).await {
+        match store
+            .put(key, bytes, Precondition::ModRevision(revision))
+            .await
+        {
             Ok(_) => return Ok(Some(value)),
             Err(StoreError::Conflict { .. }) => continue,
             Err(e) => return Err(e.into()),

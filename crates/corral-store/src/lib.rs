@@ -92,7 +92,10 @@ pub enum StoreError {
     #[error("{key:?} does not exist")]
     NotFound { key: String },
     #[error("revision {requested} is no longer kept (oldest kept is {oldest}): list again and watch from the listed revision")]
-    Compacted { requested: Revision, oldest: Revision },
+    Compacted {
+        requested: Revision,
+        oldest: Revision,
+    },
     #[error("lease {0} does not exist or has expired")]
     LeaseNotFound(LeaseId),
     #[error("the watcher fell behind the stream of changes: list again and watch from the listed revision")]
@@ -118,17 +121,35 @@ pub trait Store: Send + Sync + 'static {
     /// Ends a lease now, deleting its keys.
     async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError>;
 
-    async fn put(&self, key: &str, value: Vec<u8>, when: Precondition) -> Result<Revision, StoreError> {
-        self.txn(vec![Op::Put { key: key.into(), value, when, lease: None }]).await
+    async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        when: Precondition,
+    ) -> Result<Revision, StoreError> {
+        self.txn(vec![Op::Put {
+            key: key.into(),
+            value,
+            when,
+            lease: None,
+        }])
+        .await
     }
 
     async fn delete(&self, key: &str, when: Precondition) -> Result<Revision, StoreError> {
-        self.txn(vec![Op::Delete { key: key.into(), when }]).await
+        self.txn(vec![Op::Delete {
+            key: key.into(),
+            when,
+        }])
+        .await
     }
 }
 
 impl From<serde_json::Error> for StoreError {
     fn from(e: serde_json::Error) -> Self {
-        StoreError::Backend { path: "(value)".into(), message: format!("stored value is not valid: {e}") }
+        StoreError::Backend {
+            path: "(value)".into(),
+            message: format!("stored value is not valid: {e}"),
+        }
     }
 }

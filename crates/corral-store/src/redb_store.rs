@@ -11,10 +11,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use redb::{
-    Database, MultimapTableDefinition, ReadableTable,
-    TableDefinition, WriteTransaction,
-};
+use redb::{Database, MultimapTableDefinition, ReadableTable, TableDefinition, WriteTransaction};
 use tokio::sync::{broadcast, mpsc};
 
 use crate::{
@@ -91,7 +88,10 @@ trait OrBackend<T> {
 
 impl<T, E: Into<redb::Error>> OrBackend<T> for Result<T, E> {
     fn be(self, path: &Path) -> Result<T, StoreError> {
-        self.map_err(|e| StoreError::Backend { path: path.display().to_string(), message: e.into().to_string() })
+        self.map_err(|e| StoreError::Backend {
+            path: path.display().to_string(),
+            message: e.into().to_string(),
+        })
     }
 }
 
@@ -104,7 +104,11 @@ async fn expire_leases(inner: Weak<Inner>) {
         let expired: Vec<LeaseId> = {
             let leases = inner.leases.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
-            leases.iter().filter(|(_, (_, d))| *d <= now).map(|(id, _)| *id).collect()
+            leases
+                .iter()
+                .filter(|(_, (_, d))| *d <= now)
+                .map(|(id, _)| *id)
+                .collect()
         };
         for id in expired {
             let inner = inner.clone();
@@ -168,12 +172,19 @@ fn decode_events(mut b: &[u8]) -> Vec<Event> {
         u32::from_le_bytes(a) as usize
     };
     while !b.is_empty() {
-        let kind = if b[0] == 0 { EventKind::Put } else { EventKind::Delete };
+        let kind = if b[0] == 0 {
+            EventKind::Put
+        } else {
+            EventKind::Delete
+        };
         let klen = len_at(b, 1);
         let key = String::from_utf8_lossy(&b[5..5 + klen]).into_owned();
         let vlen = len_at(b, 5 + klen);
         let start = 9 + klen;
-        events.push(Event { kind, kv: decode_kv(&key, &b[start..start + vlen]) });
+        events.push(Event {
+            kind,
+            kv: decode_kv(&key, &b[start..start + vlen]),
+        });
         b = &b[start + vlen..];
     }
     events
@@ -213,9 +224,18 @@ impl Inner {
         Ok(rev)
     }
 
-    fn apply(&self, txn: &WriteTransaction, ops: Vec<Op>) -> Result<(Revision, Vec<Event>), StoreError> {
+    fn apply(
+        &self,
+        txn: &WriteTransaction,
+        ops: Vec<Op>,
+    ) -> Result<(Revision, Vec<Event>), StoreError> {
         let mut meta = txn.open_table(META).be(&self.path)?;
-        let rev = meta.get("revision").be(&self.path)?.map(|v| v.value()).unwrap_or(1) + 1;
+        let rev = meta
+            .get("revision")
+            .be(&self.path)?
+            .map(|v| v.value())
+            .unwrap_or(1)
+            + 1;
         let mut kv_table = txn.open_table(KV).be(&self.path)?;
         let mut lease_keys = txn.open_multimap_table(LEASE_KEYS).be(&self.path)?;
         let mut events = Vec::with_capacity(ops.len());
@@ -223,7 +243,10 @@ impl Inner {
             let key = match &op {
                 Op::Put { key, .. } | Op::Delete { key, .. } => key.clone(),
             };
-            let current = kv_table.get(key.as_str()).be(&self.path)?.map(|v| decode_kv(&key, v.value()));
+            let current = kv_table
+                .get(key.as_str())
+                .be(&self.path)?
+                .map(|v| decode_kv(&key, v.value()));
             let when = match &op {
                 Op::Put { when, .. } | Op::Delete { when, .. } => *when,
             };
@@ -242,7 +265,11 @@ impl Inner {
             match op {
                 Op::Put { value, lease, .. } => {
                     if let Some(l) = lease {
-                        let known = self.leases.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&l);
+                        let known = self
+                            .leases
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .contains_key(&l);
                         if !known {
                             return Err(StoreError::LeaseNotFound(l));
                         }
@@ -256,8 +283,13 @@ impl Inner {
                         key: key.clone(),
                         value,
                     };
-                    kv_table.insert(key.as_str(), encode_kv(&kv).as_slice()).be(&self.path)?;
-                    events.push(Event { kind: EventKind::Put, kv });
+                    kv_table
+                        .insert(key.as_str(), encode_kv(&kv).as_slice())
+                        .be(&self.path)?;
+                    events.push(Event {
+                        kind: EventKind::Put,
+                        kv,
+                    });
                 }
                 Op::Delete { .. } => {
                     let Some(c) = current else {
@@ -266,14 +298,20 @@ impl Inner {
                     kv_table.remove(key.as_str()).be(&self.path)?;
                     events.push(Event {
                         kind: EventKind::Delete,
-                        kv: KeyValue { value: Vec::new(), mod_revision: rev, lease: None, ..c },
+                        kv: KeyValue {
+                            value: Vec::new(),
+                            mod_revision: rev,
+                            lease: None,
+                            ..c
+                        },
                     });
                 }
             }
         }
         meta.insert("revision", rev).be(&self.path)?;
         let mut log = txn.open_table(LOG).be(&self.path)?;
-        log.insert(rev, encode_events(&events).as_slice()).be(&self.path)?;
+        log.insert(rev, encode_events(&events).as_slice())
+            .be(&self.path)?;
         if rev % 1000 == 0 && rev > HISTORY {
             let oldest = rev - HISTORY;
             log.retain_in(..oldest, |_, _| false).be(&self.path)?;
@@ -287,15 +325,26 @@ impl Inner {
         let txn = self.db.begin_read().be(&self.path)?;
         let rev = read_revision(&txn, self)?;
         let meta = txn.open_table(META).be(&self.path)?;
-        let oldest = meta.get("oldest").be(&self.path)?.map(|v| v.value()).unwrap_or(1);
+        let oldest = meta
+            .get("oldest")
+            .be(&self.path)?
+            .map(|v| v.value())
+            .unwrap_or(1);
         if from < oldest {
-            return Err(StoreError::Compacted { requested: from, oldest });
+            return Err(StoreError::Compacted {
+                requested: from,
+                oldest,
+            });
         }
         let log = txn.open_table(LOG).be(&self.path)?;
         let mut out = Vec::new();
         for row in log.range(from..=rev).be(&self.path)? {
             let (_, v) = row.be(&self.path)?;
-            out.extend(decode_events(v.value()).into_iter().filter(|e| e.kv.key.starts_with(prefix)));
+            out.extend(
+                decode_events(v.value())
+                    .into_iter()
+                    .filter(|e| e.kv.key.starts_with(prefix)),
+            );
         }
         Ok((out, rev))
     }
@@ -305,14 +354,21 @@ impl Inner {
         let txn = self.db.begin_write().be(&self.path)?;
         let id = {
             let mut meta = txn.open_table(META).be(&self.path)?;
-            let id = meta.get("next_lease").be(&self.path)?.map(|v| v.value()).unwrap_or(1);
+            let id = meta
+                .get("next_lease")
+                .be(&self.path)?
+                .map(|v| v.value())
+                .unwrap_or(1);
             meta.insert("next_lease", id + 1).be(&self.path)?;
             let mut leases = txn.open_table(LEASES).be(&self.path)?;
             leases.insert(id, ttl.as_millis() as u64).be(&self.path)?;
             id
         };
         txn.commit().be(&self.path)?;
-        self.leases.lock().unwrap_or_else(|p| p.into_inner()).insert(id, (ttl, Instant::now() + ttl));
+        self.leases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, (ttl, Instant::now() + ttl));
         Ok(id)
     }
 
@@ -327,7 +383,13 @@ impl Inner {
             keys
         };
         if !keys.is_empty() {
-            let ops = keys.into_iter().map(|key| Op::Delete { key, when: Precondition::Any }).collect();
+            let ops = keys
+                .into_iter()
+                .map(|key| Op::Delete {
+                    key,
+                    when: Precondition::Any,
+                })
+                .collect();
             match self.write(ops) {
                 Ok(_) | Err(StoreError::NotFound { .. }) => {}
                 Err(e) => return Err(e),
@@ -342,14 +404,21 @@ impl Inner {
             lk.remove_all(id).be(&self.path)?;
         }
         txn.commit().be(&self.path)?;
-        self.leases.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        self.leases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
         Ok(())
     }
 }
 
 fn read_revision(txn: &redb::ReadTransaction, inner: &Inner) -> Result<Revision, StoreError> {
     let meta = txn.open_table(META).be(&inner.path)?;
-    Ok(meta.get("revision").be(&inner.path)?.map(|v| v.value()).unwrap_or(1))
+    Ok(meta
+        .get("revision")
+        .be(&inner.path)?
+        .map(|v| v.value())
+        .unwrap_or(1))
 }
 
 impl RedbStore {
@@ -360,7 +429,10 @@ impl RedbStore {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || f(&inner))
             .await
-            .map_err(|e| StoreError::Backend { path: self.inner.path.display().to_string(), message: e.to_string() })?
+            .map_err(|e| StoreError::Backend {
+                path: self.inner.path.display().to_string(),
+                message: e.to_string(),
+            })?
     }
 }
 
@@ -444,7 +516,12 @@ impl Store for RedbStore {
     }
 
     async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
-        let known = self.inner.leases.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&lease);
+        let known = self
+            .inner
+            .leases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&lease);
         if !known {
             return Err(StoreError::LeaseNotFound(lease));
         }
@@ -467,7 +544,10 @@ mod tests {
     async fn contract_holds() {
         contract::run_all(|| async {
             let (dir, store) = fresh();
-            (Box::new(dir) as Box<dyn std::any::Any + Send>, Arc::new(store) as Arc<dyn Store>)
+            (
+                Box::new(dir) as Box<dyn std::any::Any + Send>,
+                Arc::new(store) as Arc<dyn Store>,
+            )
         })
         .await;
     }
@@ -478,8 +558,14 @@ mod tests {
         let path = dir.path().join("store.redb");
         let rev = {
             let store = RedbStore::open(&path).expect("open");
-            store.put("/a", b"1".to_vec(), Precondition::Absent).await.expect("put");
-            store.put("/a", b"2".to_vec(), Precondition::Any).await.expect("put")
+            store
+                .put("/a", b"1".to_vec(), Precondition::Absent)
+                .await
+                .expect("put");
+            store
+                .put("/a", b"2".to_vec(), Precondition::Any)
+                .await
+                .expect("put")
         };
         // The first handle is gone; wait for its lease task to let go of the database.
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -25,7 +25,10 @@ pub fn config_path() -> PathBuf {
     }
     let base = std::env::var_os("XDG_CONFIG_HOME")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".config"));
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+                .join(".config")
+        });
     base.join("corral").join("config.json")
 }
 
@@ -68,7 +71,11 @@ impl Client {
             .timeout_global(Some(Duration::from_secs(300)))
             .build()
             .into();
-        Self { base: base.trim_end_matches('/').to_string(), token, agent }
+        Self {
+            base: base.trim_end_matches('/').to_string(),
+            token,
+            agent,
+        }
     }
 
     fn url(&self, path: &str) -> String {
@@ -82,15 +89,22 @@ impl Client {
         }
     }
 
-    fn decode<T: DeserializeOwned>(&self, res: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<T> {
+    fn decode<T: DeserializeOwned>(
+        &self,
+        res: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<T> {
         let mut res = res.map_err(|e| {
             anyhow!("cannot reach the Corral API at {} ({e}): is `corral up` running? (set CORRAL_URL or --url)", self.base)
         })?;
         let status = res.status();
-        let text = res.body_mut().read_to_string().context("reading the response")?;
+        let text = res
+            .body_mut()
+            .read_to_string()
+            .context("reading the response")?;
         if status.is_success() {
             let body = if text.is_empty() { "null" } else { &text };
-            return serde_json::from_str(body).with_context(|| format!("unexpected response: {text}"));
+            return serde_json::from_str(body)
+                .with_context(|| format!("unexpected response: {text}"));
         }
         match serde_json::from_str::<ApiErrorBody>(&text) {
             Ok(e) => bail!("{}", e.message),
@@ -111,15 +125,22 @@ impl Client {
     }
 
     pub fn put_file<T: DeserializeOwned>(&self, path: &str, file: &std::path::Path) -> Result<T> {
-        let mut f = std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
-        let req = self.auth(self.agent.put(self.url(path))).header("Content-Type", "application/octet-stream");
+        let mut f =
+            std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+        let req = self
+            .auth(self.agent.put(self.url(path)))
+            .header("Content-Type", "application/octet-stream");
         self.decode(req.send(ureq::SendBody::from_reader(&mut f)))
     }
 
     /// Polls a task until it ends, drawing a progress bar when `show` is set. Fails with the task's
     /// error if the task failed.
     pub fn wait(&self, task: Task, show: bool) -> Result<Task> {
-        let bar = if show { indicatif::ProgressBar::new(100) } else { indicatif::ProgressBar::hidden() };
+        let bar = if show {
+            indicatif::ProgressBar::new(100)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
         bar.set_style(
             indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos:>3}% {msg}")
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())

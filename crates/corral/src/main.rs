@@ -10,13 +10,19 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
-use corral_api::{BuildJeosRequest, ConsoleChunk, CreateVmRequest, Host, Image, StopVmRequest, Task, Vm};
+use corral_api::{
+    BuildJeosRequest, ConsoleChunk, CreateVmRequest, Host, Image, StopVmRequest, Task, Vm,
+};
 
 use client::Client;
 use output::Format;
 
 #[derive(Parser, Debug)]
-#[command(name = "corral", version, about = "Corral: an open virtual datacenter OS")]
+#[command(
+    name = "corral",
+    version,
+    about = "Corral: an open virtual datacenter OS"
+)]
 struct Cli {
     #[command(flatten)]
     global: Global,
@@ -70,11 +76,18 @@ enum ImageCmd {
         rebuild: bool,
     },
     List,
-    Show { name: String },
+    Show {
+        name: String,
+    },
     /// Import a qcow2 or raw disk image.
-    Import { name: String, file: PathBuf },
+    Import {
+        name: String,
+        file: PathBuf,
+    },
     /// Delete an image (refused while VMs use it).
-    Delete { name: String },
+    Delete {
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -97,8 +110,12 @@ enum VmCmd {
         start: bool,
     },
     List,
-    Show { name: String },
-    Start { name: String },
+    Show {
+        name: String,
+    },
+    Start {
+        name: String,
+    },
     /// Ask the guest to shut down (ACPI); power off after the timeout, or at once with --force.
     Stop {
         name: String,
@@ -106,7 +123,9 @@ enum VmCmd {
         force: bool,
     },
     /// Reset the VM.
-    Reboot { name: String },
+    Reboot {
+        name: String,
+    },
     /// Delete the VM and its disk (a running VM needs --force).
     Delete {
         name: String,
@@ -162,12 +181,22 @@ fn client_command(g: &Global, cmd: Command) -> Result<()> {
     match cmd {
         Command::Image(cmd) => match cmd {
             ImageCmd::BuildJeos { name, rebuild } => {
-                let task: Task = c.post(&format!("{p}/images/build-jeos"), &BuildJeosRequest { name: Some(name.clone()), rebuild })?;
+                let task: Task = c.post(
+                    &format!("{p}/images/build-jeos"),
+                    &BuildJeosRequest {
+                        name: Some(name.clone()),
+                        rebuild,
+                    },
+                )?;
                 c.wait(task, show_progress)?;
                 output::images(fmt, &[c.get::<Image>(&format!("{p}/images/{name}"))?], true)
             }
-            ImageCmd::List => output::images(fmt, &c.get::<Vec<Image>>(&format!("{p}/images"))?, false),
-            ImageCmd::Show { name } => output::images(fmt, &[c.get::<Image>(&format!("{p}/images/{name}"))?], true),
+            ImageCmd::List => {
+                output::images(fmt, &c.get::<Vec<Image>>(&format!("{p}/images"))?, false)
+            }
+            ImageCmd::Show { name } => {
+                output::images(fmt, &[c.get::<Image>(&format!("{p}/images/{name}"))?], true)
+            }
             ImageCmd::Import { name, file } => {
                 let image: Image = c.put_file(&format!("{p}/images/{name}"), &file)?;
                 output::images(fmt, &[image], true)
@@ -178,16 +207,41 @@ fn client_command(g: &Global, cmd: Command) -> Result<()> {
             }
         },
         Command::Vm(cmd) => match cmd {
-            VmCmd::Create { name, image, cpus, memory, disk, start } => {
-                let req = CreateVmRequest { name: name.clone(), image, cpus, memory, disk, start };
+            VmCmd::Create {
+                name,
+                image,
+                cpus,
+                memory,
+                disk,
+                start,
+            } => {
+                let req = CreateVmRequest {
+                    name: name.clone(),
+                    image,
+                    cpus,
+                    memory,
+                    disk,
+                    start,
+                };
                 let task: Task = c.post(&format!("{p}/vms"), &req)?;
                 finish_vm(task, &name)
             }
             VmCmd::List => output::vms(fmt, &c.get::<Vec<Vm>>(&format!("{p}/vms"))?, false),
-            VmCmd::Show { name } => output::vms(fmt, &[c.get::<Vm>(&format!("{p}/vms/{name}"))?], true),
-            VmCmd::Start { name } => finish_vm(c.post(&format!("{p}/vms/{name}/start"), &serde_json::json!({}))?, &name),
-            VmCmd::Stop { name, force } => finish_vm(c.post(&format!("{p}/vms/{name}/stop"), &StopVmRequest { force })?, &name),
-            VmCmd::Reboot { name } => finish_vm(c.post(&format!("{p}/vms/{name}/reboot"), &serde_json::json!({}))?, &name),
+            VmCmd::Show { name } => {
+                output::vms(fmt, &[c.get::<Vm>(&format!("{p}/vms/{name}"))?], true)
+            }
+            VmCmd::Start { name } => finish_vm(
+                c.post(&format!("{p}/vms/{name}/start"), &serde_json::json!({}))?,
+                &name,
+            ),
+            VmCmd::Stop { name, force } => finish_vm(
+                c.post(&format!("{p}/vms/{name}/stop"), &StopVmRequest { force })?,
+                &name,
+            ),
+            VmCmd::Reboot { name } => finish_vm(
+                c.post(&format!("{p}/vms/{name}/reboot"), &serde_json::json!({}))?,
+                &name,
+            ),
             VmCmd::Delete { name, force } => {
                 let task: Task = c.delete(&format!("{p}/vms/{name}?force={force}"))?;
                 let task = c.wait(task, show_progress)?;
@@ -197,7 +251,9 @@ fn client_command(g: &Global, cmd: Command) -> Result<()> {
         },
         Command::Host(HostCmd::List) => output::hosts(fmt, &c.get::<Vec<Host>>("/hosts")?),
         Command::Task(TaskCmd::List) => output::tasks(fmt, &c.get::<Vec<Task>>("/tasks")?),
-        Command::Task(TaskCmd::Show { id }) => output::task(fmt, &c.get::<Task>(&format!("/tasks/{id}"))?),
+        Command::Task(TaskCmd::Show { id }) => {
+            output::task(fmt, &c.get::<Task>(&format!("/tasks/{id}"))?)
+        }
         Command::Up(_) | Command::Controller(_) => unreachable!("handled in main"),
     }
 }
@@ -237,13 +293,24 @@ mod tests {
     #[test]
     fn parses_vm_create_and_global_flags() {
         let cli = Cli::try_parse_from([
-            "corral", "vm", "create", "web", "--image", "jeos", "--cpus", "2", "--memory", "256M", "--start", "-o", "json",
+            "corral", "vm", "create", "web", "--image", "jeos", "--cpus", "2", "--memory", "256M",
+            "--start", "-o", "json",
         ])
         .expect("parses");
         assert_eq!(cli.global.output, Format::Json);
         match cli.command {
-            Command::Vm(VmCmd::Create { name, cpus, memory, start, disk, .. }) => {
-                assert_eq!((name.as_str(), cpus, memory.as_str(), start, disk), ("web", 2, "256M", true, None));
+            Command::Vm(VmCmd::Create {
+                name,
+                cpus,
+                memory,
+                start,
+                disk,
+                ..
+            }) => {
+                assert_eq!(
+                    (name.as_str(), cpus, memory.as_str(), start, disk),
+                    ("web", 2, "256M", true, None)
+                );
             }
             other => panic!("unexpected {other:?}"),
         }
@@ -251,7 +318,10 @@ mod tests {
 
     #[test]
     fn rejects_unknown_flags_and_missing_arguments() {
-        assert!(Cli::try_parse_from(["corral", "vm", "create", "web", "--memory", "1G"]).is_err(), "--image is required");
+        assert!(
+            Cli::try_parse_from(["corral", "vm", "create", "web", "--memory", "1G"]).is_err(),
+            "--image is required"
+        );
         assert!(Cli::try_parse_from(["corral", "vm", "stop", "web", "--hard"]).is_err());
         assert!(Cli::try_parse_from(["corral", "up", "--accel", "xen"]).is_err());
     }

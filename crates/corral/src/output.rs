@@ -39,7 +39,9 @@ pub fn vms(fmt: Format, vms: &[Vm], single: bool) -> Result<()> {
         return json_items(vms, single);
     }
     table(
-        &["NAME", "PHASE", "HOST", "CPUS", "MEMORY", "DISK", "IMAGE", "PID", "REASON"],
+        &[
+            "NAME", "PHASE", "HOST", "CPUS", "MEMORY", "DISK", "IMAGE", "PID", "REASON",
+        ],
         vms.iter()
             .map(|v| {
                 let reason = v
@@ -47,7 +49,13 @@ pub fn vms(fmt: Format, vms: &[Vm], single: bool) -> Result<()> {
                     .conditions
                     .iter()
                     .max_by_key(|c| c.last_transition)
-                    .map(|c| if c.message.is_empty() { c.reason.clone() } else { format!("{}: {}", c.reason, c.message) })
+                    .map(|c| {
+                        if c.message.is_empty() {
+                            c.reason.clone()
+                        } else {
+                            format!("{}: {}", c.reason, c.message)
+                        }
+                    })
                     .unwrap_or_default();
                 vec![
                     v.meta.name.clone(),
@@ -71,17 +79,26 @@ pub fn images(fmt: Format, images: &[Image], single: bool) -> Result<()> {
         return json_items(images, single);
     }
     table(
-        &["NAME", "PHASE", "FORMAT", "SIZE", "ON DISK", "BOOT", "MESSAGE"],
+        &[
+            "NAME", "PHASE", "FORMAT", "SIZE", "ON DISK", "BOOT", "MESSAGE",
+        ],
         images
             .iter()
             .map(|i| {
                 vec![
                     i.meta.name.clone(),
                     format!("{:?}", i.status.phase).to_lowercase(),
-                    i.status.format.map(|f| f.as_str().to_string()).unwrap_or_default(),
+                    i.status
+                        .format
+                        .map(|f| f.as_str().to_string())
+                        .unwrap_or_default(),
                     format_bytes(i.status.virtual_bytes),
                     format_bytes(i.status.actual_bytes),
-                    if i.status.boot.is_some() { "kernel".into() } else { "disk".into() },
+                    if i.status.boot.is_some() {
+                        "kernel".into()
+                    } else {
+                        "disk".into()
+                    },
                     i.status.message.clone(),
                 ]
             })
@@ -95,7 +112,14 @@ pub fn hosts(fmt: Format, hosts: &[Host]) -> Result<()> {
         return json(&hosts);
     }
     table(
-        &["NAME", "CPUS", "MEMORY", "ACCEL", "HYPERVISOR", "LAST HEARTBEAT"],
+        &[
+            "NAME",
+            "CPUS",
+            "MEMORY",
+            "ACCEL",
+            "HYPERVISOR",
+            "LAST HEARTBEAT",
+        ],
         hosts
             .iter()
             .map(|h| {

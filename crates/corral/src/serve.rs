@@ -47,37 +47,59 @@ pub struct ControllerArgs {
 fn default_data_dir() -> PathBuf {
     std::env::var_os("XDG_DATA_HOME")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".local/share"))
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+                .join(".local/share")
+        })
         .join("corral")
 }
 
 fn host_name(given: Option<String>) -> Result<String> {
     let name = given.unwrap_or_else(|| {
-        let h = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_lowercase();
-        if corral_api::validate_name("host", &h).is_ok() { h } else { "local".into() }
+        let h = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .unwrap_or_default()
+            .trim()
+            .to_lowercase();
+        if corral_api::validate_name("host", &h).is_ok() {
+            h
+        } else {
+            "local".into()
+        }
     });
     corral_api::validate_name("host", &name)?;
     Ok(name)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CORRAL_LOG").unwrap_or_else(|_| "info".into());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("CORRAL_LOG").unwrap_or_else(|_| "info".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// Opens the store, prepares the controller and serves the API until Ctrl-C or SIGTERM.
 async fn serve(args: &ServerArgs, agent: Option<(AccelChoice, String, Duration)>) -> Result<()> {
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
-    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating the data dir {}", data_dir.display()))?;
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating the data dir {}", data_dir.display()))?;
     // State, disks and the token live here: owner only.
-    std::fs::set_permissions(&data_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    std::fs::set_permissions(
+        &data_dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )?;
     let data_dir = data_dir.canonicalize()?;
     let store: Arc<dyn Store> = Arc::new(
-        RedbStore::open(&data_dir.join("store.redb")).context("opening the store (is another `corral up` using this data dir?)")?,
+        RedbStore::open(&data_dir.join("store.redb"))
+            .context("opening the store (is another `corral up` using this data dir?)")?,
     );
     let (ctx, new_token) = corral_controller::init(store.clone(), data_dir.clone()).await?;
     let token_file = data_dir.join("admin-token");
@@ -86,19 +108,37 @@ async fn serve(args: &ServerArgs, agent: Option<(AccelChoice, String, Duration)>
     }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
-        .with_context(|| format!("cannot listen on {} (is Corral already running? use --listen)", args.listen))?;
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (is Corral already running? use --listen)",
+                args.listen
+            )
+        })?;
     let url = format!("http://{}", listener.local_addr()?);
     match std::fs::read_to_string(&token_file) {
         Ok(token) => {
-            let cfg = ClientConfig { url: url.clone(), token: token.trim().to_string() };
+            let cfg = ClientConfig {
+                url: url.clone(),
+                token: token.trim().to_string(),
+            };
             write_private(&config_path(), &serde_json::to_vec_pretty(&cfg)?)?;
         }
-        Err(_) => tracing::warn!("{} is missing: client commands need CORRAL_TOKEN", token_file.display()),
+        Err(_) => tracing::warn!(
+            "{} is missing: client commands need CORRAL_TOKEN",
+            token_file.display()
+        ),
     }
     if let Some((accel, host, stop_timeout)) = agent {
         let accel = detect_accel(accel).map_err(anyhow::Error::msg)?;
         let hypervisor = corral_hypervisor::qemu_version().await?;
-        let cfg = AgentConfig { host, data_dir: data_dir.clone(), accel, hypervisor, stop_timeout, resync: Duration::from_secs(5) };
+        let cfg = AgentConfig {
+            host,
+            data_dir: data_dir.clone(),
+            accel,
+            hypervisor,
+            stop_timeout,
+            resync: Duration::from_secs(5),
+        };
         let agent = Agent::new(store.clone(), Arc::new(QemuDriver), cfg);
         tokio::spawn(async move {
             if let Err(e) = agent.run().await {
@@ -111,7 +151,10 @@ async fn serve(args: &ServerArgs, agent: Option<(AccelChoice, String, Duration)>
     println!("  API:         {url}/api/v1");
     println!("  admin token: {}", token_file.display());
     println!("  data dir:    {}", data_dir.display());
-    println!("  client config: {} (CLI commands use it)", config_path().display());
+    println!(
+        "  client config: {} (CLI commands use it)",
+        config_path().display()
+    );
     println!("Ctrl-C stops the control plane; running VMs keep running.");
     axum::serve(listener, corral_controller::router(ctx))
         .with_graceful_shutdown(shutdown_signal())
@@ -135,7 +178,10 @@ async fn shutdown_signal() {
 pub fn up(args: UpArgs) -> Result<()> {
     init_logging();
     let host = host_name(args.host_name)?;
-    runtime()?.block_on(serve(&args.server, Some((args.accel, host, Duration::from_secs(args.stop_timeout)))))
+    runtime()?.block_on(serve(
+        &args.server,
+        Some((args.accel, host, Duration::from_secs(args.stop_timeout))),
+    ))
 }
 
 pub fn controller(args: ControllerArgs) -> Result<()> {

@@ -17,44 +17,105 @@ fn bad_requests_get_a_sentence_and_change_nothing() {
     lab.build_jeos();
     lab.cli(&["vm", "create", "a", "--image", "jeos", "--memory", "256M"]);
     let cases: &[(&[&str], &str)] = &[
-        (&["vm", "create", "a", "--image", "jeos", "--memory", "256M"], "already exists"),
-        (&["vm", "create", "b", "--image", "nope", "--memory", "256M"], "image nope does not exist"),
-        (&["vm", "create", "b", "--image", "jeos", "--memory", "12XB"], "malformed memory \"12XB\""),
-        (&["vm", "create", "b", "--image", "jeos", "--memory", "256M", "--cpus", "4096"], "1 to 255 CPUs"),
-        (&["vm", "create", "b", "--image", "jeos", "--memory", "256M", "--cpus", "200"], "largest host has"),
-        (&["vm", "create", "b", "--image", "jeos", "--memory", "64T"], "largest host has"),
-        (&["vm", "create", "b", "--image", "jeos", "--memory", "256M", "--disk", "1M"], "smaller than image jeos"),
-        (&["vm", "create", "B_1", "--image", "jeos", "--memory", "256M"], "invalid VM name"),
+        (
+            &["vm", "create", "a", "--image", "jeos", "--memory", "256M"],
+            "already exists",
+        ),
+        (
+            &["vm", "create", "b", "--image", "nope", "--memory", "256M"],
+            "image nope does not exist",
+        ),
+        (
+            &["vm", "create", "b", "--image", "jeos", "--memory", "12XB"],
+            "malformed memory \"12XB\"",
+        ),
+        (
+            &[
+                "vm", "create", "b", "--image", "jeos", "--memory", "256M", "--cpus", "4096",
+            ],
+            "1 to 255 CPUs",
+        ),
+        (
+            &[
+                "vm", "create", "b", "--image", "jeos", "--memory", "256M", "--cpus", "200",
+            ],
+            "largest host has",
+        ),
+        (
+            &["vm", "create", "b", "--image", "jeos", "--memory", "64T"],
+            "largest host has",
+        ),
+        (
+            &[
+                "vm", "create", "b", "--image", "jeos", "--memory", "256M", "--disk", "1M",
+            ],
+            "smaller than image jeos",
+        ),
+        (
+            &["vm", "create", "B_1", "--image", "jeos", "--memory", "256M"],
+            "invalid VM name",
+        ),
         (&["vm", "start", "ghost"], "VM ghost does not exist"),
         (&["vm", "reboot", "a"], "is not running"),
-        (&["vm", "show", "a", "--project", "other"], "project other does not exist"),
+        (
+            &["vm", "show", "a", "--project", "other"],
+            "project other does not exist",
+        ),
         (&["image", "delete", "jeos"], "in use by VMs a"),
     ];
     for (args, want) in cases {
         let err = lab.fails(args);
-        assert!(err.contains(want), "corral {}: expected {want:?} in {err:?}", args.join(" "));
+        assert!(
+            err.contains(want),
+            "corral {}: expected {want:?} in {err:?}",
+            args.join(" ")
+        );
     }
     assert_eq!(vm_count(&lab), 1, "no failed request created anything");
-    assert_eq!(lab.vm("a")["meta"]["generation"], 1, "no failed request changed the VM");
+    assert_eq!(
+        lab.vm("a")["meta"]["generation"],
+        1,
+        "no failed request changed the VM"
+    );
 }
 
 #[test]
 fn every_call_but_health_needs_the_token() {
     let lab = Lab::start();
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
     let base = format!("http://127.0.0.1:{}/api/v1", lab.port);
     let health = agent.get(format!("{base}/health")).call().expect("health");
     assert_eq!(health.status(), 200);
-    for path in ["/hosts", "/tasks", "/projects/default/vms", "/projects/default/images", "/openapi.json"] {
+    for path in [
+        "/hosts",
+        "/tasks",
+        "/projects/default/vms",
+        "/projects/default/images",
+        "/openapi.json",
+    ] {
         let none = agent.get(format!("{base}{path}")).call().expect("call");
         assert_eq!(none.status(), 401, "{path} without a token");
-        let mut wrong = agent.get(format!("{base}{path}")).header("Authorization", "Bearer nope").call().expect("call");
+        let mut wrong = agent
+            .get(format!("{base}{path}"))
+            .header("Authorization", "Bearer nope")
+            .call()
+            .expect("call");
         assert_eq!(wrong.status(), 401, "{path} with a wrong token");
         let body: corral_api::ApiErrorBody = wrong.body_mut().read_json().expect("error body");
         assert!(body.message.contains("token"), "{}", body.message);
     }
     let out = std::process::Command::new(common::BIN)
-        .args(["vm", "list", "--url", &format!("http://127.0.0.1:{}", lab.port), "--token", "wrong"])
+        .args([
+            "vm",
+            "list",
+            "--url",
+            &format!("http://127.0.0.1:{}", lab.port),
+            "--token",
+            "wrong",
+        ])
         .env("XDG_CONFIG_HOME", lab.dir.path().join("nowhere"))
         .output()
         .expect("run");
@@ -62,7 +123,10 @@ fn every_call_but_health_needs_the_token() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("token is not valid"));
     // The token file is private.
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(lab.data_dir().join("admin-token")).expect("token file").permissions().mode();
+    let mode = std::fs::metadata(lab.data_dir().join("admin-token"))
+        .expect("token file")
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o077, 0, "admin token readable by others: {mode:o}");
 }
 
@@ -70,7 +134,10 @@ fn every_call_but_health_needs_the_token() {
 fn the_served_openapi_document_is_the_committed_one() {
     let lab = Lab::start();
     let token = std::fs::read_to_string(lab.data_dir().join("admin-token")).expect("token");
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
     let mut res = agent
         .get(format!("http://127.0.0.1:{}/api/v1/openapi.json", lab.port))
         .header("Authorization", format!("Bearer {}", token.trim()))
@@ -79,7 +146,8 @@ fn the_served_openapi_document_is_the_committed_one() {
     assert_eq!(res.status(), 200);
     let served: serde_json::Value = res.body_mut().read_json().expect("json");
     let committed: serde_json::Value =
-        serde_json::from_str(include_str!("../../../docs/openapi.json")).expect("docs/openapi.json is JSON");
+        serde_json::from_str(include_str!("../../../docs/openapi.json"))
+            .expect("docs/openapi.json is JSON");
     assert!(served == committed, "docs/openapi.json is stale: regenerate it with `cargo run -p corral-controller --example openapi > docs/openapi.json`");
 }
 
@@ -94,19 +162,48 @@ fn imports_accept_disks_and_refuse_other_files() {
 
     // A raw disk with an ext4 file system, and a qcow2 of it.
     let raw = dir.join("data.raw");
-    std::fs::File::create(&raw).and_then(|f| f.set_len(16 << 20)).expect("raw");
-    assert!(std::process::Command::new("mkfs.ext4").args(["-q"]).arg(&raw).status().expect("mkfs").success());
+    std::fs::File::create(&raw)
+        .and_then(|f| f.set_len(16 << 20))
+        .expect("raw");
+    assert!(std::process::Command::new("mkfs.ext4")
+        .args(["-q"])
+        .arg(&raw)
+        .status()
+        .expect("mkfs")
+        .success());
     let qcow = dir.join("data.qcow2");
-    assert!(std::process::Command::new("qemu-img").args(["convert", "-q", "-O", "qcow2"]).arg(&raw).arg(&qcow).status().expect("convert").success());
+    assert!(std::process::Command::new("qemu-img")
+        .args(["convert", "-q", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&qcow)
+        .status()
+        .expect("convert")
+        .success());
     let a = lab.json(&["image", "import", "rawdisk", raw.to_str().expect("utf8")]);
-    assert_eq!((a["status"]["format"].as_str(), a["status"]["virtual_bytes"].as_u64()), (Some("raw"), Some(16 << 20)));
+    assert_eq!(
+        (
+            a["status"]["format"].as_str(),
+            a["status"]["virtual_bytes"].as_u64()
+        ),
+        (Some("raw"), Some(16 << 20))
+    );
     let b = lab.json(&["image", "import", "qdisk", qcow.to_str().expect("utf8")]);
     assert_eq!(b["status"]["format"], "qcow2");
-    assert!(lab.fails(&["image", "import", "qdisk", qcow.to_str().expect("utf8")]).contains("already exists"));
-    let names: Vec<String> = lab.json(&["image", "list"]).as_array().expect("list").iter().map(|i| i["meta"]["name"].as_str().unwrap_or("").to_string()).collect();
+    assert!(lab
+        .fails(&["image", "import", "qdisk", qcow.to_str().expect("utf8")])
+        .contains("already exists"));
+    let names: Vec<String> = lab
+        .json(&["image", "list"])
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|i| i["meta"]["name"].as_str().unwrap_or("").to_string())
+        .collect();
     assert_eq!(names, ["qdisk", "rawdisk"]);
     // A VM on an imported image gets a clone backed by it.
-    lab.cli(&["vm", "create", "v", "--image", "rawdisk", "--memory", "128M", "--disk", "32M"]);
+    lab.cli(&[
+        "vm", "create", "v", "--image", "rawdisk", "--memory", "128M", "--disk", "32M",
+    ]);
     let vm = lab.vm("v");
     assert_eq!(vm["status"]["disk"]["backing"], a["status"]["path"]);
 }
@@ -140,23 +237,44 @@ fn a_hard_kill_loses_nothing_that_was_acknowledged() {
     lab.crash();
     writer.join().expect("writer");
     let acked = acknowledged.lock().expect("lock").clone();
-    assert!(acked.len() >= 2, "the kill came too early to test anything: {acked:?}");
+    assert!(
+        acked.len() >= 2,
+        "the kill came too early to test anything: {acked:?}"
+    );
     lab.up();
     let vms = lab.json(&["vm", "list"]);
-    let names: std::collections::HashSet<String> =
-        vms.as_array().expect("list").iter().map(|v| v["meta"]["name"].as_str().unwrap_or("").to_string()).collect();
+    let names: std::collections::HashSet<String> = vms
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|v| v["meta"]["name"].as_str().unwrap_or("").to_string())
+        .collect();
     for n in &acked {
-        assert!(names.contains(n), "{n} was acknowledged but is gone after the restart");
+        assert!(
+            names.contains(n),
+            "{n} was acknowledged but is gone after the restart"
+        );
     }
-    assert!(names.len() <= acked.len() + 1, "at most the one unacknowledged create may have landed");
+    assert!(
+        names.len() <= acked.len() + 1,
+        "at most the one unacknowledged create may have landed"
+    );
     // The store is consistent: every VM settles (disk cloned, stopped).
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let vms = lab.json(&["vm", "list"]);
-        if vms.as_array().expect("list").iter().all(|v| v["status"]["phase"] == "stopped") {
+        if vms
+            .as_array()
+            .expect("list")
+            .iter()
+            .all(|v| v["status"]["phase"] == "stopped")
+        {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "VMs did not settle: {vms}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "VMs did not settle: {vms}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }

@@ -15,12 +15,22 @@ fn a_guest_boots_stops_starts_reboots_and_is_deleted() {
     // Built once, cached after: a second build does nothing and says so.
     let again = lab.cli(&["task", "list"]);
     lab.build_jeos();
-    assert!(lab.cli(&["task", "list"]).contains("already built"), "second build must be a no-op; tasks before:\n{again}");
+    assert!(
+        lab.cli(&["task", "list"]).contains("already built"),
+        "second build must be a no-op; tasks before:\n{again}"
+    );
 
-    let vm = lab.json(&["vm", "create", "web", "--image", "jeos", "--cpus", "1", "--memory", "256M", "--disk", "1G", "--start"]);
+    let vm = lab.json(&[
+        "vm", "create", "web", "--image", "jeos", "--cpus", "1", "--memory", "256M", "--disk",
+        "1G", "--start",
+    ]);
     assert_eq!(vm["status"]["phase"], "running");
     lab.wait_console("web", READY, 1, BOOT);
-    assert_eq!(lab.guest_value("web", "HOST", "hostname"), "web", "the guest got its name");
+    assert_eq!(
+        lab.guest_value("web", "HOST", "hostname"),
+        "web",
+        "the guest got its name"
+    );
 
     // The disk is a thin linked clone of the image.
     let run_dir = lab.run_dir("web");
@@ -33,12 +43,21 @@ fn a_guest_boots_stops_starts_reboots_and_is_deleted() {
     let image = lab.json(&["image", "show", "jeos"]);
     assert_eq!(info["backing-filename"], image["status"]["path"]);
     assert_eq!(info["virtual-size"], 1u64 << 30);
-    assert!(info["actual-size"].as_u64().expect("size") < 4 << 20, "a fresh clone takes almost no space: {info}");
+    assert!(
+        info["actual-size"].as_u64().expect("size") < 4 << 20,
+        "a fresh clone takes almost no space: {info}"
+    );
 
     // Graceful stop: the guest's own init shuts it down.
     let stopped = lab.json(&["vm", "stop", "web"]);
     assert_eq!(stopped["status"]["phase"], "stopped");
-    let reason = stopped["status"]["conditions"].as_array().expect("conds").iter().find(|c| c["type"] == "Running").expect("Running")["reason"].clone();
+    let reason = stopped["status"]["conditions"]
+        .as_array()
+        .expect("conds")
+        .iter()
+        .find(|c| c["type"] == "Running")
+        .expect("Running")["reason"]
+        .clone();
     assert_eq!(reason, "ShutDown", "ACPI shutdown, not a forced power-off");
     assert!(lab.console("web").contains("corral-jeos: shutting down"));
     assert!(lab.qemu_pids().is_empty(), "no QEMU left after stop");
@@ -48,10 +67,17 @@ fn a_guest_boots_stops_starts_reboots_and_is_deleted() {
     let pid = lab.vm("web")["status"]["pid"].as_u64().expect("pid");
     lab.cli(&["vm", "reboot", "web"]);
     lab.wait_console("web", READY, 2, BOOT);
-    assert_eq!(lab.vm("web")["status"]["pid"].as_u64(), Some(pid), "a reboot keeps the QEMU process");
+    assert_eq!(
+        lab.vm("web")["status"]["pid"].as_u64(),
+        Some(pid),
+        "a reboot keeps the QEMU process"
+    );
 
     let err = lab.fails(&["vm", "delete", "web"]);
-    assert!(err.contains("is running") && err.contains("--force"), "{err}");
+    assert!(
+        err.contains("is running") && err.contains("--force"),
+        "{err}"
+    );
     assert!(alive(pid as u32), "a refused delete changes nothing");
     lab.cli(&["vm", "delete", "web", "--force"]);
     assert!(lab.fails(&["vm", "show", "web"]).contains("does not exist"));
@@ -65,10 +91,15 @@ fn a_guest_boots_stops_starts_reboots_and_is_deleted() {
 fn a_restarted_datacenter_adopts_running_guests() {
     let mut lab = Lab::start();
     lab.build_jeos();
-    lab.cli(&["vm", "create", "db", "--image", "jeos", "--memory", "256M", "--start"]);
+    lab.cli(&[
+        "vm", "create", "db", "--image", "jeos", "--memory", "256M", "--start",
+    ]);
     lab.wait_console("db", READY, 1, BOOT);
     let pid = lab.vm("db")["status"]["pid"].as_u64().expect("pid") as u32;
-    let before: f64 = lab.guest_value("db", "UP", "cut -d' ' -f1 /proc/uptime").parse().expect("uptime");
+    let before: f64 = lab
+        .guest_value("db", "UP", "cut -d' ' -f1 /proc/uptime")
+        .parse()
+        .expect("uptime");
 
     // The control plane dies hard; the guest must not notice.
     lab.crash();
@@ -77,10 +108,24 @@ fn a_restarted_datacenter_adopts_running_guests() {
     lab.up();
     let vm = lab.vm("db");
     assert_eq!(vm["status"]["phase"], "running");
-    assert_eq!(vm["status"]["pid"].as_u64(), Some(pid as u64), "adopted, not restarted");
-    let after: f64 = lab.guest_value("db", "UP", "cut -d' ' -f1 /proc/uptime").parse().expect("uptime");
-    assert!(after > before + 0.9, "the guest's uptime kept growing: {before} then {after}");
-    assert_eq!(lab.console("db").matches(READY).count(), 1, "no second boot");
+    assert_eq!(
+        vm["status"]["pid"].as_u64(),
+        Some(pid as u64),
+        "adopted, not restarted"
+    );
+    let after: f64 = lab
+        .guest_value("db", "UP", "cut -d' ' -f1 /proc/uptime")
+        .parse()
+        .expect("uptime");
+    assert!(
+        after > before + 0.9,
+        "the guest's uptime kept growing: {before} then {after}"
+    );
+    assert_eq!(
+        lab.console("db").matches(READY).count(),
+        1,
+        "no second boot"
+    );
 
     // Ctrl-C (SIGINT) leaves VMs running as well.
     lab.interrupt();
@@ -95,7 +140,9 @@ fn a_restarted_datacenter_adopts_running_guests() {
 fn a_guest_that_powers_itself_off_is_recorded_as_stopped() {
     let lab = Lab::start();
     lab.build_jeos();
-    lab.cli(&["vm", "create", "app", "--image", "jeos", "--memory", "128M", "--start"]);
+    lab.cli(&[
+        "vm", "create", "app", "--image", "jeos", "--memory", "128M", "--start",
+    ]);
     lab.wait_console("app", READY, 1, BOOT);
     let sock = lab.run_dir("app").join("serial.sock");
     let mut s = std::os::unix::net::UnixStream::connect(sock).expect("serial");
@@ -104,7 +151,10 @@ fn a_guest_that_powers_itself_off_is_recorded_as_stopped() {
     loop {
         let vm = lab.vm("app");
         if vm["status"]["phase"] == "stopped" {
-            assert_eq!(vm["spec"]["power"], "stopped", "the guest's wish becomes the desired state");
+            assert_eq!(
+                vm["spec"]["power"], "stopped",
+                "the guest's wish becomes the desired state"
+            );
             break;
         }
         assert!(std::time::Instant::now() < deadline, "not stopped: {vm}");

@@ -14,7 +14,8 @@ struct Fixture {
 
 async fn fixture() -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.path().join("store.redb")).expect("store"));
+    let store: Arc<dyn Store> =
+        Arc::new(RedbStore::open(&dir.path().join("store.redb")).expect("store"));
     let base = dir.path().join("base.qcow2");
     let out = std::process::Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2"])
@@ -25,7 +26,9 @@ async fn fixture() -> Fixture {
     assert!(out.status.success());
     let image = Image {
         meta: ObjectMeta::new("default", "jeos"),
-        spec: ImageSpec { source: ImageSource::Import },
+        spec: ImageSpec {
+            source: ImageSource::Import,
+        },
         status: ImageStatus {
             phase: ImagePhase::Ready,
             format: Some(corral_api::DiskFormat::Qcow2),
@@ -37,7 +40,11 @@ async fn fixture() -> Fixture {
         },
     };
     store
-        .put(&keys::image("default", "jeos"), serde_json::to_vec(&image).expect("json"), Precondition::Absent)
+        .put(
+            &keys::image("default", "jeos"),
+            serde_json::to_vec(&image).expect("json"),
+            Precondition::Absent,
+        )
         .await
         .expect("image");
     let cfg = AgentConfig {
@@ -48,7 +55,12 @@ async fn fixture() -> Fixture {
         stop_timeout: Duration::from_secs(30),
         resync: Duration::from_secs(5),
     };
-    Fixture { _dir: dir, store, driver: FakeDriver::default(), cfg }
+    Fixture {
+        _dir: dir,
+        store,
+        driver: FakeDriver::default(),
+        cfg,
+    }
 }
 
 impl Fixture {
@@ -67,12 +79,23 @@ impl Fixture {
             status: VmStatus::default(),
         };
         let key = keys::vm("default", name);
-        self.store.put(&key, serde_json::to_vec(&vm).expect("json"), Precondition::Absent).await.expect("put");
+        self.store
+            .put(
+                &key,
+                serde_json::to_vec(&vm).expect("json"),
+                Precondition::Absent,
+            )
+            .await
+            .expect("put");
         key
     }
 
     async fn vm(&self, key: &str) -> Vm {
-        get_json::<Vm>(&*self.store, key).await.expect("get").expect("exists").value
+        get_json::<Vm>(&*self.store, key)
+            .await
+            .expect("get")
+            .expect("exists")
+            .value
     }
 
     async fn edit(&self, key: &str, f: impl Fn(&mut Vm)) {
@@ -86,7 +109,9 @@ impl Fixture {
     }
 
     async fn reconcile(&self, key: &str, ws: &mut WorkerState) -> Outcome {
-        reconcile(&*self.store, &self.driver, &self.cfg, key, ws).await.expect("reconcile")
+        reconcile(&*self.store, &self.driver, &self.cfg, key, ws)
+            .await
+            .expect("reconcile")
     }
 
     fn run_dir(&self, vm: &Vm) -> PathBuf {
@@ -104,14 +129,41 @@ async fn starts_a_vm_on_a_linked_clone_and_is_idempotent() {
     assert_eq!(vm.status.phase, VmPhase::Running);
     assert_eq!(vm.status.host.as_deref(), Some("h1"));
     assert_eq!(vm.status.observed_generation, vm.meta.generation);
-    let info = corral_hypervisor::disk::info(&layout::vm_disk(&f.cfg.data_dir, vm.meta.uid)).await.expect("info");
+    let info = corral_hypervisor::disk::info(&layout::vm_disk(&f.cfg.data_dir, vm.meta.uid))
+        .await
+        .expect("info");
     assert_eq!(info.virtual_size, 1 << 30);
-    assert!(info.backing_filename.expect("backed").ends_with("base.qcow2"));
+    assert!(info
+        .backing_filename
+        .expect("backed")
+        .ends_with("base.qcow2"));
 
-    let rev = f.store.get(&key).await.expect("get").expect("kv").mod_revision;
+    let rev = f
+        .store
+        .get(&key)
+        .await
+        .expect("get")
+        .expect("kv")
+        .mod_revision;
     assert_eq!(f.reconcile(&key, &mut ws).await, Outcome::Steady);
-    assert_eq!(f.store.get(&key).await.expect("get").expect("kv").mod_revision, rev, "second pass writes nothing");
-    assert_eq!(f.driver.calls().iter().filter(|c| c.starts_with("start")).count(), 1);
+    assert_eq!(
+        f.store
+            .get(&key)
+            .await
+            .expect("get")
+            .expect("kv")
+            .mod_revision,
+        rev,
+        "second pass writes nothing"
+    );
+    assert_eq!(
+        f.driver
+            .calls()
+            .iter()
+            .filter(|c| c.starts_with("start"))
+            .count(),
+        1
+    );
 }
 
 #[tokio::test]
@@ -121,15 +173,29 @@ async fn graceful_stop_asks_the_guest_then_records_the_shutdown() {
     let mut ws = WorkerState::default();
     f.reconcile(&key, &mut ws).await;
     f.edit(&key, |vm| vm.spec.power = PowerState::Stopped).await;
-    assert!(matches!(f.reconcile(&key, &mut ws).await, Outcome::Requeue(_)));
+    assert!(matches!(
+        f.reconcile(&key, &mut ws).await,
+        Outcome::Requeue(_)
+    ));
     assert_eq!(f.vm(&key).await.status.phase, VmPhase::Stopping);
     assert_eq!(f.reconcile(&key, &mut ws).await, Outcome::Steady);
     let vm = f.vm(&key).await;
     assert_eq!(vm.status.phase, VmPhase::Stopped);
-    assert_eq!(vm.status.condition("Running").expect("cond").reason, "ShutDown");
+    assert_eq!(
+        vm.status.condition("Running").expect("cond").reason,
+        "ShutDown"
+    );
     let calls = f.driver.calls();
-    let dir_name = f.run_dir(&vm).file_name().expect("name").to_string_lossy().into_owned();
-    assert_eq!(calls[1..], [format!("powerdown {dir_name}"), format!("kill {dir_name}")]);
+    let dir_name = f
+        .run_dir(&vm)
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned();
+    assert_eq!(
+        calls[1..],
+        [format!("powerdown {dir_name}"), format!("kill {dir_name}")]
+    );
 }
 
 #[tokio::test]
@@ -144,10 +210,21 @@ async fn a_guest_that_powers_itself_off_stays_off() {
     let after = f.vm(&key).await;
     assert_eq!(after.spec.power, PowerState::Stopped);
     assert!(after.meta.generation > vm.meta.generation);
-    assert_eq!(after.status.condition("Running").expect("cond").reason, "GuestPoweredOff");
+    assert_eq!(
+        after.status.condition("Running").expect("cond").reason,
+        "GuestPoweredOff"
+    );
     assert!(!f.driver.is_running(&f.run_dir(&vm)));
     assert_eq!(f.reconcile(&key, &mut ws).await, Outcome::Steady);
-    assert_eq!(f.driver.calls().iter().filter(|c| c.starts_with("start")).count(), 1, "not restarted");
+    assert_eq!(
+        f.driver
+            .calls()
+            .iter()
+            .filter(|c| c.starts_with("start"))
+            .count(),
+        1,
+        "not restarted"
+    );
 }
 
 #[tokio::test]
@@ -156,7 +233,9 @@ async fn a_failed_start_is_reported_and_retried_later() {
     let key = f.create("bad", PowerState::Running).await;
     f.driver.fail_next_start("could not allocate memory");
     let mut ws = WorkerState::default();
-    assert!(matches!(f.reconcile(&key, &mut ws).await, Outcome::Requeue(d) if d >= Duration::from_secs(5)));
+    assert!(
+        matches!(f.reconcile(&key, &mut ws).await, Outcome::Requeue(d) if d >= Duration::from_secs(5))
+    );
     let vm = f.vm(&key).await;
     assert_eq!(vm.status.phase, VmPhase::Failed);
     let cond = vm.status.condition("Running").expect("cond");
@@ -174,11 +253,24 @@ async fn a_running_vm_found_by_a_new_agent_is_adopted_not_restarted() {
     let started = f.vm(&key).await.status.started_at;
     // A new agent process: fresh worker state, and a status that lost track of the pid.
     f.edit(&key, |vm| vm.status.pid = None).await;
-    assert_eq!(f.reconcile(&key, &mut WorkerState::default()).await, Outcome::Steady);
+    assert_eq!(
+        f.reconcile(&key, &mut WorkerState::default()).await,
+        Outcome::Steady
+    );
     let vm = f.vm(&key).await;
-    assert_eq!(vm.status.condition("Running").expect("cond").reason, "Adopted");
+    assert_eq!(
+        vm.status.condition("Running").expect("cond").reason,
+        "Adopted"
+    );
     assert_eq!(vm.status.started_at, started);
-    assert_eq!(f.driver.calls().iter().filter(|c| c.starts_with("start")).count(), 1);
+    assert_eq!(
+        f.driver
+            .calls()
+            .iter()
+            .filter(|c| c.starts_with("start"))
+            .count(),
+        1
+    );
 }
 
 #[tokio::test]
@@ -190,11 +282,19 @@ async fn reboot_resets_once_and_delete_removes_everything() {
     f.edit(&key, |vm| vm.spec.reboots += 1).await;
     f.reconcile(&key, &mut ws).await;
     f.reconcile(&key, &mut ws).await;
-    assert_eq!(f.driver.calls().iter().filter(|c| c.starts_with("reset")).count(), 1);
+    assert_eq!(
+        f.driver
+            .calls()
+            .iter()
+            .filter(|c| c.starts_with("reset"))
+            .count(),
+        1
+    );
     assert_eq!(f.vm(&key).await.status.reboots, 1);
 
     let vm = f.vm(&key).await;
-    f.edit(&key, |vm| vm.meta.deletion_requested_at = Some(Utc::now())).await;
+    f.edit(&key, |vm| vm.meta.deletion_requested_at = Some(Utc::now()))
+        .await;
     assert_eq!(f.reconcile(&key, &mut ws).await, Outcome::Gone);
     assert!(f.store.get(&key).await.expect("get").is_none());
     assert!(!f.run_dir(&vm).exists(), "disk and run directory removed");
@@ -206,6 +306,9 @@ async fn a_vm_of_another_host_is_left_alone() {
     let f = fixture().await;
     let key = f.create("other", PowerState::Running).await;
     f.edit(&key, |vm| vm.status.host = Some("h2".into())).await;
-    assert_eq!(f.reconcile(&key, &mut WorkerState::default()).await, Outcome::Gone);
+    assert_eq!(
+        f.reconcile(&key, &mut WorkerState::default()).await,
+        Outcome::Gone
+    );
     assert!(f.driver.calls().is_empty());
 }

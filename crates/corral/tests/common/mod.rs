@@ -20,14 +20,25 @@ pub struct Lab {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 impl Lab {
     /// Starts `corral up` in a fresh directory (under /tmp: socket paths must stay short).
     pub fn start() -> Lab {
-        let dir = tempfile::Builder::new().prefix("corral-test-").tempdir_in("/tmp").expect("tempdir");
-        let mut lab = Lab { dir, port: free_port(), server: None };
+        let dir = tempfile::Builder::new()
+            .prefix("corral-test-")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        let mut lab = Lab {
+            dir,
+            port: free_port(),
+            server: None,
+        };
         lab.up();
         lab
     }
@@ -48,7 +59,16 @@ impl Lab {
             .open(self.dir.path().join("up.log"))
             .expect("log");
         let child = Command::new(BIN)
-            .args(["up", "--accel", "tcg", "--host-name", "test-host", "--stop-timeout", "15", "--listen"])
+            .args([
+                "up",
+                "--accel",
+                "tcg",
+                "--host-name",
+                "test-host",
+                "--stop-timeout",
+                "15",
+                "--listen",
+            ])
             .arg(format!("127.0.0.1:{}", self.port))
             .arg("--data-dir")
             .arg(self.data_dir())
@@ -61,10 +81,16 @@ impl Lab {
         self.server = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() && self.try_cli(&["host", "list"]).status.success() {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+                && self.try_cli(&["host", "list"]).status.success()
+            {
                 return;
             }
-            assert!(Instant::now() < deadline, "corral up did not come up in 30 s:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "corral up did not come up in 30 s:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -123,7 +149,11 @@ impl Lab {
     /// Runs the CLI, insists it fails, and returns its error message.
     pub fn fails(&self, args: &[&str]) -> String {
         let out = self.try_cli(args);
-        assert!(!out.status.success(), "corral {} should have failed", args.join(" "));
+        assert!(
+            !out.status.success(),
+            "corral {} should have failed",
+            args.join(" ")
+        );
         String::from_utf8_lossy(&out.stderr).into_owned()
     }
 
@@ -140,7 +170,13 @@ impl Lab {
     }
 
     /// Waits until the VM's console holds `marker` `count` times.
-    pub fn wait_console(&self, name: &str, marker: &str, count: usize, timeout: Duration) -> String {
+    pub fn wait_console(
+        &self,
+        name: &str,
+        marker: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> String {
         let deadline = Instant::now() + timeout;
         loop {
             let text = self.console(name);
@@ -168,11 +204,18 @@ impl Lab {
         loop {
             let text = self.console(name);
             let fresh = text.get(before..).unwrap_or("");
-            let found = fresh.lines().filter_map(|l| l.split_once(&format!("{key}="))).map(|(_, v)| v.trim()).find(|v| !v.is_empty() && !v.starts_with("$("));
+            let found = fresh
+                .lines()
+                .filter_map(|l| l.split_once(&format!("{key}=")))
+                .map(|(_, v)| v.trim())
+                .find(|v| !v.is_empty() && !v.starts_with("$("));
             if let Some(v) = found {
                 return v.to_string();
             }
-            assert!(Instant::now() < deadline, "the guest did not answer {command:?}; console:\n{text}");
+            assert!(
+                Instant::now() < deadline,
+                "the guest did not answer {command:?}; console:\n{text}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -186,8 +229,12 @@ impl Lab {
 pub fn pids_matching(needle: &str) -> Vec<u32> {
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
         let cmd = String::from_utf8_lossy(&cmd);
         if cmd.starts_with("qemu-system") && cmd.contains(needle) {
             pids.push(pid);

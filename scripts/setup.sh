@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what Corral needs on Debian 12. Safe to run again: it installs only what is missing.
+set -euo pipefail
+
+packages=(qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs iproute2 ca-certificates)
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+# `corral image build-jeos` downloads the cloud kernel with apt: the package lists must know it.
+if [ ${#missing[@]} -gt 0 ] || ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
+  $sudo apt-get update -qq
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null; then
+  echo "setup: cargo is missing; install Rust with rustup (https://rustup.rs) and run this again" >&2
+  exit 1
+fi
+echo "setup: $(qemu-system-x86_64 --version | head -1); $(qemu-img --version | head -1)"
