@@ -24,10 +24,17 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn wait_file_contains(path: &Path, marker: &str, timeout: Duration) -> Instant {
     let deadline = Instant::now() + timeout;
     loop {
-        if std::fs::read_to_string(path).map(|t| t.contains(marker)).unwrap_or(false) {
+        if std::fs::read_to_string(path)
+            .map(|t| t.contains(marker))
+            .unwrap_or(false)
+        {
             return Instant::now();
         }
-        assert!(Instant::now() < deadline, "{marker} not in {} after {timeout:?}", path.display());
+        assert!(
+            Instant::now() < deadline,
+            "{marker} not in {} after {timeout:?}",
+            path.display()
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -38,9 +45,17 @@ fn corral_boot(lab: &Lab, name: &str) -> (f64, Vec<String>) {
     let out = lab.try_cli(&[
         "vm", "create", name, "--image", "jeos", "--memory", "256M", "--start", "-o", "json",
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let run_dir = lab.run_dir(name);
-    let t = wait_file_contains(&run_dir.join("console.log"), READY, Duration::from_secs(120));
+    let t = wait_file_contains(
+        &run_dir.join("console.log"),
+        READY,
+        Duration::from_secs(120),
+    );
     let pid = lab.vm(name)["status"]["pid"].as_u64().expect("pid");
     let argv = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
     let argv = argv
@@ -56,7 +71,10 @@ fn plain_boot(argv: &[String], corral_run_dir: &str, image: &str, dir: &Path) ->
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).expect("dir");
     let d = dir.display().to_string();
-    let args: Vec<String> = argv[1..].iter().map(|a| a.replace(corral_run_dir, &d)).collect();
+    let args: Vec<String> = argv[1..]
+        .iter()
+        .map(|a| a.replace(corral_run_dir, &d))
+        .collect();
     let start = Instant::now();
     let st = Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", image])
@@ -65,7 +83,10 @@ fn plain_boot(argv: &[String], corral_run_dir: &str, image: &str, dir: &Path) ->
         .status()
         .expect("qemu-img");
     assert!(st.success());
-    let st = Command::new("qemu-system-x86_64").args(&args).status().expect("qemu");
+    let st = Command::new("qemu-system-x86_64")
+        .args(&args)
+        .status()
+        .expect("qemu");
     assert!(st.success());
     let t = wait_file_contains(&dir.join("console.log"), READY, Duration::from_secs(120));
     let secs = t.duration_since(start).as_secs_f64();
@@ -97,7 +118,11 @@ fn boot_benchmark(lab: &Lab) {
 }
 
 fn du(path: &Path) -> u64 {
-    let out = Command::new("du").arg("-sb").arg(path).output().expect("du");
+    let out = Command::new("du")
+        .arg("-sb")
+        .arg(path)
+        .output()
+        .expect("du");
     String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
         .next()
@@ -108,14 +133,21 @@ fn du(path: &Path) -> u64 {
 fn clone_benchmark(lab: &Lab) {
     let token = std::fs::read_to_string(lab.data_dir().join("admin-token")).expect("token");
     let auth = format!("Bearer {}", token.trim());
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
     let base = format!("http://127.0.0.1:{}/api/v1/projects/default", lab.port);
     let vms_dir = lab.data_dir().join("vms");
     let before = du(&vms_dir);
     let start = Instant::now();
     for i in 0..50 {
         let body = serde_json::json!({"name": format!("clone-{i}"), "image": "jeos", "memory": "128M", "disk": "1G"});
-        let res = agent.post(format!("{base}/vms")).header("Authorization", &auth).send_json(&body).expect("post");
+        let res = agent
+            .post(format!("{base}/vms"))
+            .header("Authorization", &auth)
+            .send_json(&body)
+            .expect("post");
         assert_eq!(res.status(), 202);
     }
     let accepted = start.elapsed().as_secs_f64();
@@ -128,11 +160,19 @@ fn clone_benchmark(lab: &Lab) {
             .body_mut()
             .read_json()
             .expect("json");
-        let ready = vms.iter().filter(|v| v.meta.name.starts_with("clone-") && v.status.phase == corral_api::VmPhase::Stopped).count();
+        let ready = vms
+            .iter()
+            .filter(|v| {
+                v.meta.name.starts_with("clone-") && v.status.phase == corral_api::VmPhase::Stopped
+            })
+            .count();
         if ready == 50 {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(120), "clones not ready: {ready}/50");
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "clones not ready: {ready}/50"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     let total = start.elapsed().as_secs_f64();
