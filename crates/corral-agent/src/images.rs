@@ -53,15 +53,25 @@ pub async fn build_jeos(
 /// Checks an uploaded file and moves it into the directory of image `uid`. Raw disks are kept raw
 /// (clones are qcow2 overlays either way). A file that is not a disk image is refused with the reason.
 pub async fn import(data_dir: &Path, uid: Uuid, upload: &Path) -> Result<ImageStatus, AgentError> {
-    let format = disk::probe_image(upload).await.map_err(AgentError::Other)?;
+    let format = disk::probe_image(upload)
+        .await
+        .map_err(AgentError::BadImage)?;
     let dir = layout::image_dir(data_dir, uid);
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| AgentError::Other(format!("creating {}: {e}", dir.display())))?;
     let path = dir.join(format!("disk.{}", format.as_str()));
-    std::fs::rename(upload, &path)
-        .map_err(|e| AgentError::Other(format!("storing the image: {e}")))?;
-    let info = disk::info(&path).await?;
-    Ok(ready(&path, format, &info, None, "imported".into()))
+    let stored = async {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| AgentError::Other(format!("creating {}: {e}", dir.display())))?;
+        std::fs::rename(upload, &path)
+            .map_err(|e| AgentError::Other(format!("storing the image: {e}")))?;
+        Ok::<_, AgentError>(disk::info(&path).await?)
+    };
+    match stored.await {
+        Ok(info) => Ok(ready(&path, format, &info, None, "imported".into())),
+        Err(e) => {
+            remove(data_dir, uid);
+            Err(e)
+        }
+    }
 }
 
 /// Removes the files of image `uid`.

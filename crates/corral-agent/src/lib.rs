@@ -11,7 +11,7 @@ pub mod images;
 pub mod layout;
 mod reconcile;
 
-pub use reconcile::{reconcile, Agent, AgentConfig, Outcome};
+pub use reconcile::{Agent, AgentConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -21,6 +21,9 @@ pub enum AgentError {
     Driver(#[from] corral_hypervisor::DriverError),
     #[error(transparent)]
     Jeos(#[from] corral_jeos::JeosError),
+    /// The file given as an image is not one Corral accepts; the message says why.
+    #[error("{0}")]
+    BadImage(String),
     #[error("{0}")]
     Other(String),
 }

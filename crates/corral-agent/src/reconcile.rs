@@ -30,7 +30,7 @@ pub struct AgentConfig {
 
 /// What the worker does after one reconcile.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// The VM is in its desired state; wait for a change.
     Steady,
     /// In transition (or failed): look again after this long.
@@ -41,11 +41,54 @@ pub enum Outcome {
 
 /// Per-VM memory of a worker that does not belong in the store.
 #[derive(Debug, Default)]
-pub struct WorkerState {
+pub(crate) struct WorkerState {
     /// When the ACPI shutdown was requested.
     stopping_since: Option<Instant>,
     /// Consecutive failed starts, for backoff.
     failures: u32,
+    /// The reboot count this worker already reset the VM for.
+    reset_done: u64,
+}
+
+/// Makes sure the VM's disk exists (a linked clone of its image) and is recorded in its status.
+/// The clone is made under a temporary name and renamed, so a crash never leaves a half-made disk
+/// under the real name.
+async fn ensure_disk(
+    store: &dyn Store,
+    vm: &mut Vm,
+    dir: &Path,
+    disk: &Path,
+) -> Result<(), String> {
+    if !disk.exists() {
+        let image = image_of(store, vm).await?;
+        let backing = PathBuf::from(image.status.path.clone().unwrap_or_default());
+        let format = image.status.format.unwrap_or(corral_api::DiskFormat::Qcow2);
+        // The run directory holds the console log and control sockets: owner only.
+        std::fs::create_dir_all(dir)
+            .and_then(|()| {
+                std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            })
+            .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let tmp = disk.with_extension("qcow2.part");
+        corral_hypervisor::disk::create_linked_clone(&backing, format, &tmp, vm.spec.disk_bytes)
+            .await
+            .map_err(|e| e.to_string())?;
+        std::fs::rename(&tmp, disk).map_err(|e| format!("creating {}: {e}", disk.display()))?;
+    }
+    if vm.status.disk.is_none() {
+        let backing = corral_hypervisor::disk::info(disk)
+            .await
+            .map_err(|e| e.to_string())?
+            .backing_filename
+            .unwrap_or_default();
+        vm.status.disk = Some(DiskStatus {
+            path: disk.display().to_string(),
+            backing,
+        });
+        let msg = format!("linked clone of image {}", vm.spec.image);
+        vm.status.set_condition("DiskReady", true, "Cloned", &msg);
+    }
+    Ok(())
 }
 
 async fn write_status(
@@ -84,7 +127,7 @@ fn launch_spec(vm: &Vm, image: &Image, disk: &Path, accel: Accel) -> LaunchSpec 
 }
 
 /// Moves the VM at `key` one step toward its spec and records what was observed. Idempotent.
-pub async fn reconcile(
+pub(crate) async fn reconcile(
     store: &dyn Store,
     driver: &dyn Driver,
     cfg: &AgentConfig,
@@ -104,8 +147,8 @@ pub async fn reconcile(
     let dir = layout::vm_dir(&cfg.data_dir, vm.meta.uid);
     let before = vm.clone();
     vm.status.host = Some(cfg.host.clone());
-    let observed = driver.observe(&dir).await?;
 
+    // Deletion needs no QMP: it must work also when QEMU hangs.
     if vm.meta.deletion_requested_at.is_some() {
         let mut rev = revision;
         if vm.status.phase != VmPhase::Deleting {
@@ -134,46 +177,24 @@ pub async fn reconcile(
     }
 
     let disk = layout::vm_disk(&cfg.data_dir, vm.meta.uid);
-    if !disk.exists() {
-        let image = match image_of(store, &vm).await {
-            Ok(i) => i,
-            Err(msg) => {
-                vm.status.phase = VmPhase::Failed;
-                vm.status
-                    .set_condition("DiskReady", false, "ImageUnavailable", &msg);
-                vm.status.observed_generation = vm.meta.generation;
-                return finish(
-                    store,
-                    key,
-                    revision,
-                    &before,
-                    &vm,
-                    Outcome::Requeue(Duration::from_secs(10)),
-                )
-                .await;
-            }
-        };
-        let backing = PathBuf::from(image.status.path.clone().unwrap_or_default());
-        let format = image.status.format.unwrap_or(corral_api::DiskFormat::Qcow2);
-        // The run directory holds the console log and control sockets: owner only.
-        std::fs::create_dir_all(&dir)
-            .and_then(|()| {
-                std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-            })
-            .map_err(|e| AgentError::Other(format!("creating {}: {e}", dir.display())))?;
-        corral_hypervisor::disk::create_linked_clone(&backing, format, &disk, vm.spec.disk_bytes)
-            .await?;
-        vm.status.disk = Some(DiskStatus {
-            path: disk.display().to_string(),
-            backing: backing.display().to_string(),
-        });
-        vm.status.set_condition(
-            "DiskReady",
-            true,
-            "Cloned",
-            &format!("linked clone of image {}", vm.spec.image),
-        );
+    if let Err(msg) = ensure_disk(store, &mut vm, &dir, &disk).await {
+        vm.status.phase = VmPhase::Failed;
+        vm.status
+            .set_condition("DiskReady", false, "DiskUnavailable", &msg);
+        vm.status.observed_generation = vm.meta.generation;
+        let retry = Outcome::Requeue(Duration::from_secs(10));
+        return finish(store, key, revision, &before, &vm, retry).await;
     }
+    let observed = match driver.observe(&dir).await {
+        Ok(o) => o,
+        // A force stop does not need QEMU's answer either.
+        Err(e) if vm.spec.power == PowerState::Stopped && vm.spec.force_stop => {
+            tracing::warn!(vm = %vm.meta.name, error = %e, "QMP does not answer; powering off");
+            driver.kill(&dir).await?;
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
 
     let mut outcome = Outcome::Steady;
     match (vm.spec.power, observed) {
@@ -209,6 +230,16 @@ pub async fn reconcile(
                 }
             }
         }
+        (PowerState::Running, Some(o))
+            if o.state == RunState::GuestShutdown && ws.stopping_since.is_some() =>
+        {
+            // Our own ACPI request finished after the owner asked for the VM to run again:
+            // power off now and start it on the next pass.
+            driver.kill(&dir).await?;
+            ws.stopping_since = None;
+            vm.status.phase = VmPhase::Stopping;
+            outcome = Outcome::Requeue(Duration::ZERO);
+        }
         (PowerState::Running, Some(o)) if o.state == RunState::GuestShutdown => {
             // The guest shut itself down: that is the owner's wish, as with a physical machine.
             driver.kill(&dir).await?;
@@ -217,12 +248,23 @@ pub async fn reconcile(
             mark_stopped(&mut vm, "GuestPoweredOff", "the guest shut itself down");
         }
         (PowerState::Running, Some(o)) => {
-            if vm.spec.reboots > vm.status.reboots {
+            if vm.spec.reboots > vm.status.reboots && ws.reset_done < vm.spec.reboots {
+                // Remembered here too: if the status write below loses a race, no second reset.
+                ws.reset_done = vm.spec.reboots;
                 driver.reset(&dir).await?;
                 vm.status.reboots = vm.spec.reboots;
                 vm.status.started_at = Some(Utc::now());
                 vm.status
                     .set_condition("Running", true, "Rebooted", "reset by request");
+            } else if vm.spec.reboots > vm.status.reboots {
+                vm.status.reboots = vm.spec.reboots;
+            } else if let RunState::Other(state) = &o.state {
+                vm.status.set_condition(
+                    "Running",
+                    true,
+                    "HypervisorState",
+                    &format!("QEMU reports {state}"),
+                );
             } else if before.status.pid != Some(o.pid) {
                 vm.status.set_condition(
                     "Running",
@@ -366,27 +408,43 @@ impl Agent {
             }
         });
         let mut workers: HashMap<String, mpsc::Sender<()>> = HashMap::new();
+        let mut backoff = Duration::from_millis(100);
         loop {
+            if let Err(e) = self.clone().follow(&mut workers).await {
+                tracing::warn!(error = %e, "lost the store; retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+
+    /// Lists the VMs, then follows their changes until the watch ends.
+    async fn follow(
+        self: Arc<Self>,
+        workers: &mut HashMap<String, mpsc::Sender<()>>,
+    ) -> Result<(), AgentError> {
+        {
             let (kvs, rev) = self.store.list(keys::VMS).await?;
             for kv in kvs {
-                self.kick(&mut workers, &kv.key);
+                self.kick(workers, &kv.key);
             }
             let mut watch = self.store.watch(keys::VMS, rev + 1).await?;
             let mut resync = tokio::time::interval(self.cfg.resync);
             loop {
                 tokio::select! {
                     ev = watch.recv() => match ev {
-                        Some(Ok(e)) => self.kick(&mut workers, &e.kv.key),
+                        Some(Ok(e)) => self.kick(workers, &e.kv.key),
                         Some(Err(e)) => { tracing::info!(error = %e, "watch ended; listing again"); break; }
                         None => break,
                     },
                     _ = resync.tick() => {
                         let keys: Vec<String> = workers.keys().cloned().collect();
-                        for k in keys { self.kick(&mut workers, &k); }
+                        for k in keys { self.kick(workers, &k); }
                     }
                 }
             }
         }
+        Ok(())
     }
 
     fn kick(self: &Arc<Self>, workers: &mut HashMap<String, mpsc::Sender<()>>, key: &str) {

@@ -41,6 +41,8 @@ pub enum ImagePhase {
     Building,
     Ready,
     Failed,
+    /// Being deleted: no new VM may use it.
+    Deleting,
 }
 
 /// Kernel and initramfs that boot an image directly, without firmware or a boot loader.

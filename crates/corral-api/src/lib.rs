@@ -24,12 +24,6 @@ pub use vm::{
     VmStatus, MIN_MEMORY_BYTES,
 };
 
-/// Paths of the REST API, shared by the server and the client so they cannot drift apart.
-pub mod paths {
-    /// Prefix of every endpoint.
-    pub const PREFIX: &str = "/api/v1";
-}
-
 /// Body of `GET /api/v1/health`, the one endpoint that needs no token.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Health {
@@ -68,6 +62,7 @@ pub mod keys {
     pub const VMS: &str = "/corral/vms/";
     pub const HOSTS: &str = "/corral/hosts/";
     pub const TASKS: &str = "/corral/tasks/";
+    pub const IMAGES: &str = "/corral/images/";
     pub const ADMIN_TOKEN: &str = "/corral/auth/admin-token-sha256";
 
     pub fn project(name: &str) -> String {
@@ -80,10 +75,10 @@ pub mod keys {
         format!("{VMS}{project}/{name}")
     }
     pub fn images(project: &str) -> String {
-        format!("/corral/images/{project}/")
+        format!("{IMAGES}{project}/")
     }
     pub fn image(project: &str, name: &str) -> String {
-        format!("/corral/images/{project}/{name}")
+        format!("{IMAGES}{project}/{name}")
     }
     pub fn host(name: &str) -> String {
         format!("{HOSTS}{name}")

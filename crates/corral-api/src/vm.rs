@@ -8,6 +8,8 @@ use crate::{parse_size, validate_name, ObjectMeta, ValidationError};
 pub const MIN_MEMORY_BYTES: u64 = 64 << 20;
 /// Most vCPUs one VM may have (QEMU's `pc` machine limit).
 const MAX_CPUS: u32 = 255;
+/// Largest disk Corral creates (qcow2 itself stops near 64 TiB with default clusters).
+const MAX_DISK_BYTES: u64 = 16 << 40;
 
 /// Whether the user wants the VM to run.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
@@ -42,7 +44,6 @@ pub enum VmPhase {
     /// Accepted; no host has acted on it yet.
     Pending,
     Stopped,
-    Starting,
     Running,
     Stopping,
     Deleting,
@@ -197,9 +198,9 @@ impl CreateVmRequest {
         let disk_bytes = match &self.disk {
             Some(d) => {
                 let b = parse_size("disk size", d)?;
-                if b == 0 || b % 512 != 0 {
+                if b == 0 || b % 512 != 0 || b > MAX_DISK_BYTES {
                     return Err(ValidationError::new(format!(
-                        "disk size {d:?} is not usable: give a multiple of 512 bytes, e.g. 1G"
+                        "disk size {d:?} is not usable: give a multiple of 512 bytes up to 16T, e.g. 1G"
                     )));
                 }
                 b
@@ -292,6 +293,13 @@ mod tests {
                 },
                 "multiple of 512",
             ),
+            (
+                CreateVmRequest {
+                    disk: Some("100000T".into()),
+                    ..req()
+                },
+                "up to 16T",
+            ),
         ];
         for (r, want) in cases {
             let err = r.to_spec().unwrap_err();
@@ -304,8 +312,14 @@ mod tests {
         let mut s = VmStatus::default();
         s.set_condition("Running", true, "Started", "");
         let t = s.condition("Running").unwrap().last_transition;
+        std::thread::sleep(std::time::Duration::from_millis(2));
         s.set_condition("Running", true, "Adopted", "");
         assert_eq!(s.condition("Running").unwrap().last_transition, t);
         assert_eq!(s.condition("Running").unwrap().reason, "Adopted");
+        s.set_condition("Running", false, "Stopped", "");
+        assert!(
+            s.condition("Running").unwrap().last_transition > t,
+            "a flip moves the time"
+        );
     }
 }

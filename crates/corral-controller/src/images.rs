@@ -1,7 +1,7 @@
 //! Image endpoints: build JeOS (a task), import an uploaded disk, list, delete.
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use corral_api::{
@@ -12,7 +12,18 @@ use corral_store::{get_json, list_json, update_json, Op, Precondition, StoreErro
 use http_body_util::BodyExt;
 use tokio::io::AsyncWriteExt;
 
-use crate::{ensure_project, tasks, ApiError, Ctx};
+use crate::{ensure_project, tasks, ApiError, ApiJson, ApiPath, Ctx};
+
+/// Image names that are API paths of their own.
+fn validate_image_name(name: &str) -> Result<(), ApiError> {
+    validate_name("image", name)?;
+    if name == "build-jeos" {
+        return Err(ApiError::BadRequest(
+            "the image name build-jeos is reserved: pick another name".into(),
+        ));
+    }
+    Ok(())
+}
 
 fn not_found(project: &str, name: &str) -> ApiError {
     ApiError::NotFound(format!(
@@ -24,7 +35,7 @@ fn not_found(project: &str, name: &str) -> ApiError {
     params(("project" = String, Path)), responses((status = 200, body = [Image])), security(("bearer" = [])))]
 pub async fn list(
     State(ctx): State<Ctx>,
-    Path(project): Path<String>,
+    ApiPath(project): ApiPath<String>,
 ) -> Result<Json<Vec<Image>>, ApiError> {
     ensure_project(&ctx, &project).await?;
     Ok(Json(
@@ -39,7 +50,7 @@ pub async fn list(
     responses((status = 200, body = Image), (status = 404, body = corral_api::ApiErrorBody)), security(("bearer" = [])))]
 pub async fn get(
     State(ctx): State<Ctx>,
-    Path((project, name)): Path<(String, String)>,
+    ApiPath((project, name)): ApiPath<(String, String)>,
 ) -> Result<Json<Image>, ApiError> {
     ensure_project(&ctx, &project).await?;
     get_json::<Image>(&*ctx.store, &keys::image(&project, &name))
@@ -65,12 +76,12 @@ async fn users(ctx: &Ctx, project: &str, image: &str) -> Result<Vec<String>, Api
     security(("bearer" = [])))]
 pub async fn build_jeos(
     State(ctx): State<Ctx>,
-    Path(project): Path<String>,
-    Json(req): Json<BuildJeosRequest>,
+    ApiPath(project): ApiPath<String>,
+    ApiJson(req): ApiJson<BuildJeosRequest>,
 ) -> Result<(StatusCode, Json<Task>), ApiError> {
     ensure_project(&ctx, &project).await?;
     let name = req.name.clone().unwrap_or_else(|| "jeos".into());
-    validate_name("image", &name)?;
+    validate_image_name(&name)?;
     let key = keys::image(&project, &name);
     let mut task = Task::new(
         &project,
@@ -79,10 +90,16 @@ pub async fn build_jeos(
         TaskGoal::ImageBuild,
     );
     let existing = get_json::<Image>(&*ctx.store, &key).await?;
+    let existing_status = existing.as_ref().map(|v| v.value.status.clone());
     let (image, when) = match existing {
-        Some(v) if v.value.status.phase == ImagePhase::Building => {
+        Some(v)
+            if matches!(
+                v.value.status.phase,
+                ImagePhase::Building | ImagePhase::Deleting
+            ) =>
+        {
             return Err(ApiError::Conflict(format!(
-                "image {name} is being built already: follow its task with `corral task list`"
+                "image {name} is being built or deleted: follow its task with `corral task list`"
             )))
         }
         Some(v) if v.value.spec.source != ImageSource::Jeos => {
@@ -95,17 +112,10 @@ pub async fn build_jeos(
             task.state = corral_api::TaskState::Succeeded;
             task.progress = 100;
             task.message = "already built; pass --rebuild to build it again".into();
-            let task = tasks::submit(&ctx, task, vec![], String::new).await?;
+            let task = tasks::submit(&ctx, task, vec![]).await?;
             return Ok((StatusCode::ACCEPTED, Json(task)));
         }
         Some(v) => {
-            let in_use = users(&ctx, &project, &name).await?;
-            if !in_use.is_empty() {
-                return Err(ApiError::Conflict(format!(
-                    "image {name} is used by VMs {}: their disks are backed by it; delete them first, or build under another name with --name",
-                    in_use.join(", ")
-                )));
-            }
             let mut img = v.value;
             img.meta.bump();
             (img, Precondition::ModRevision(v.revision))
@@ -138,11 +148,34 @@ pub async fn build_jeos(
         when,
         lease: None,
     };
-    let n = name.clone();
-    let task = tasks::submit(&ctx, task, vec![op], move || {
-        format!("image {n} changed while the build was being set up: try again")
-    })
-    .await?;
+    let previous = existing_status;
+    let task = match tasks::submit(&ctx, task, vec![op]).await {
+        Ok(t) => t,
+        Err(StoreError::Conflict { .. }) => {
+            return Err(ApiError::Conflict(format!(
+                "image {name} changed while the build was being set up: try again"
+            )))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    // Checked after the image is marked as building: a VM created from here on conflicts on the
+    // image, and one created before is seen here. A rebuild would replace its backing file.
+    if let Some(previous) = previous {
+        let in_use = users(&ctx, &project, &name).await?;
+        if !in_use.is_empty() {
+            let msg = format!(
+                "image {name} is used by VMs {}: their disks are backed by it; delete them first, or build under another name with --name",
+                in_use.join(", ")
+            );
+            update_json::<Image, StoreError>(&*ctx.store, &key, |img| {
+                img.status = previous.clone();
+                Ok(true)
+            })
+            .await?;
+            tasks::update(&ctx, task.id, 100, "failed", Some(Err(msg.clone()))).await;
+            return Err(ApiError::Conflict(msg));
+        }
+    }
     let (ctx2, task_id, uid) = (ctx.clone(), task.id, image.meta.uid);
     tokio::spawn(async move {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u8, String)>();
@@ -196,13 +229,13 @@ pub async fn build_jeos(
     security(("bearer" = [])))]
 pub async fn import(
     State(ctx): State<Ctx>,
-    Path((project, name)): Path<(String, String)>,
+    ApiPath((project, name)): ApiPath<(String, String)>,
     body: Body,
 ) -> Result<(StatusCode, Json<Image>), ApiError> {
     let key = keys::image(&project, &name);
     let checked = async {
         ensure_project(&ctx, &project).await?;
-        validate_name("image", &name)?;
+        validate_image_name(&name)?;
         if ctx.store.get(&key).await?.is_some() {
             return Err(ApiError::Conflict(format!("image {name} already exists in project {project}: delete it first or pick another name")));
         }
@@ -223,10 +256,16 @@ pub async fn import(
     let image_meta = ObjectMeta::new(&project, &name);
     let status = match received {
         Ok(()) => corral_agent::images::import(&ctx.data_dir, image_meta.uid, &tmp).await,
-        Err(e) => Err(corral_agent::AgentError::Other(e)),
+        // A broken upload is the client's problem.
+        Err(e) => Err(corral_agent::AgentError::BadImage(e)),
     };
     let _ = std::fs::remove_file(&tmp);
-    let status = status.map_err(|e| ApiError::BadRequest(format!("cannot import {name}: {e}")))?;
+    let status = status.map_err(|e| match e {
+        corral_agent::AgentError::BadImage(why) => {
+            ApiError::BadRequest(format!("cannot import {name}: {why}"))
+        }
+        other => ApiError::Internal(format!("importing {name}: {other}")),
+    })?;
     let image = Image {
         meta: image_meta,
         spec: ImageSpec {
@@ -267,36 +306,50 @@ async fn receive(body: Body, path: &std::path::Path) -> Result<(), String> {
     security(("bearer" = [])))]
 pub async fn delete(
     State(ctx): State<Ctx>,
-    Path((project, name)): Path<(String, String)>,
+    ApiPath((project, name)): ApiPath<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     ensure_project(&ctx, &project).await?;
     let key = keys::image(&project, &name);
     let image = get_json::<Image>(&*ctx.store, &key)
         .await?
         .ok_or_else(|| not_found(&project, &name))?;
+    if matches!(
+        image.value.status.phase,
+        ImagePhase::Building | ImagePhase::Deleting
+    ) {
+        return Err(ApiError::Conflict(format!(
+            "image {name} is being built or deleted: wait for that to finish"
+        )));
+    }
+    // Mark it first, then look for users: a VM created from here on conflicts on the image, and
+    // one created before is seen below.
+    let changed = || ApiError::Conflict(format!("image {name} changed meanwhile: try again"));
+    let mut marked = image.value.clone();
+    marked.status.phase = ImagePhase::Deleting;
+    let value = serde_json::to_vec(&marked).map_err(StoreError::from)?;
+    let rev = match ctx
+        .store
+        .put(&key, value, Precondition::ModRevision(image.revision))
+        .await
+    {
+        Ok(r) => r,
+        Err(StoreError::Conflict { .. }) => return Err(changed()),
+        Err(e) => return Err(e.into()),
+    };
     let in_use = users(&ctx, &project, &name).await?;
     if !in_use.is_empty() {
+        let value = serde_json::to_vec(&image.value).map_err(StoreError::from)?;
+        ctx.store
+            .put(&key, value, Precondition::ModRevision(rev))
+            .await?;
         return Err(ApiError::Conflict(format!(
             "image {name} is in use by VMs {}: delete them first (their disks are backed by it)",
             in_use.join(", ")
         )));
     }
-    if image.value.status.phase == ImagePhase::Building {
-        return Err(ApiError::Conflict(format!(
-            "image {name} is being built: wait for the build to finish"
-        )));
-    }
-    match ctx
-        .store
-        .delete(&key, Precondition::ModRevision(image.revision))
-        .await
-    {
+    match ctx.store.delete(&key, Precondition::ModRevision(rev)).await {
         Ok(_) => {}
-        Err(StoreError::Conflict { .. }) => {
-            return Err(ApiError::Conflict(format!(
-                "image {name} changed meanwhile: try again"
-            )))
-        }
+        Err(StoreError::Conflict { .. }) => return Err(changed()),
         Err(e) => return Err(e.into()),
     }
     corral_agent::images::remove(&ctx.data_dir, image.value.meta.uid);

@@ -12,14 +12,14 @@ mod vms;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use corral_api::{keys, Health, Host, Task};
 use corral_store::{get_json, list_json, Precondition, Store, StoreError};
 use utoipa::OpenApi;
 
-pub use error::ApiError;
+pub use error::{ApiError, ApiJson, ApiPath, ApiQuery};
 
 /// What every handler needs.
 #[derive(Clone)]
@@ -30,12 +30,14 @@ pub struct Ctx {
     admin_token_hash: Vec<u8>,
 }
 
-/// Prepares the store on first start (the default project, the admin token) and resumes tasks.
-/// Returns the context and, on first start only, the new admin token in clear text.
+/// Prepares the store (the default project, the hash of the admin token) and resumes tasks.
+/// The token itself lives with the operator (the binary keeps it in a 0600 file); the store only
+/// holds its SHA-256, written on every start, so the file is the one source of truth.
 pub async fn init(
     store: Arc<dyn Store>,
     data_dir: PathBuf,
-) -> Result<(Ctx, Option<String>), ApiError> {
+    admin_token: &str,
+) -> Result<Ctx, ApiError> {
     let project = keys::project(corral_api::DEFAULT_PROJECT);
     match store
         .put(&project, b"{}".to_vec(), Precondition::Absent)
@@ -44,24 +46,25 @@ pub async fn init(
         Ok(_) | Err(StoreError::Conflict { .. }) => {}
         Err(e) => return Err(e.into()),
     }
-    let (hash, token) = match store.get(keys::ADMIN_TOKEN).await? {
-        Some(kv) => (kv.value, None),
-        None => {
-            let token = auth::new_token();
-            let hash = auth::hash(&token);
-            store
-                .put(keys::ADMIN_TOKEN, hash.clone(), Precondition::Absent)
-                .await?;
-            (hash, Some(token))
-        }
-    };
+    let hash = auth::hash(admin_token);
+    let stored = store.get(keys::ADMIN_TOKEN).await?;
+    if stored.is_none_or(|kv| kv.value != hash) {
+        store
+            .put(keys::ADMIN_TOKEN, hash.clone(), Precondition::Any)
+            .await?;
+    }
     let ctx = Ctx {
         store,
         data_dir,
         admin_token_hash: hash,
     };
     tasks::resume(&ctx).await?;
-    Ok((ctx, token))
+    Ok(ctx)
+}
+
+/// A new random API token.
+pub fn new_token() -> String {
+    auth::new_token()
 }
 
 pub(crate) async fn ensure_project(ctx: &Ctx, project: &str) -> Result<(), ApiError> {
@@ -97,7 +100,7 @@ async fn list_tasks(State(ctx): State<Ctx>) -> Result<Json<Vec<Task>>, ApiError>
     responses((status = 200, body = Task), (status = 404, body = corral_api::ApiErrorBody)), security(("bearer" = [])))]
 async fn get_task(
     State(ctx): State<Ctx>,
-    Path(id): Path<uuid::Uuid>,
+    ApiPath(id): ApiPath<uuid::Uuid>,
 ) -> Result<Json<Task>, ApiError> {
     get_json::<Task>(&*ctx.store, &keys::task(id))
         .await?

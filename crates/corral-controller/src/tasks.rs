@@ -5,13 +5,15 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use corral_api::{keys, Task, TaskGoal, TaskState, Vm, VmPhase};
+use corral_api::{keys, Image, ImagePhase, PowerState, Task, TaskGoal, TaskState, Vm, VmPhase};
 use corral_store::{get_json, list_json, update_json, Op, Precondition, StoreError};
 
 use crate::{ApiError, Ctx};
 
 /// How long a task may take before it is reported as failed.
 const TASK_TIMEOUT: Duration = Duration::from_secs(600);
+
+const SUPERSEDED: &str = "superseded: a later request changed whether the VM should run";
 
 /// Where a task stands, judged from the VM.
 #[derive(Debug, PartialEq)]
@@ -34,7 +36,6 @@ fn progress_of(vm: &Vm) -> Verdict {
     let disk = vm.status.condition("DiskReady").is_some_and(|c| c.status);
     match vm.status.phase {
         VmPhase::Pending => Verdict::Progress(10, "waiting for the host agent".into()),
-        VmPhase::Starting => Verdict::Progress(70, "starting QEMU".into()),
         VmPhase::Stopping => {
             Verdict::Progress(50, "waiting for the guest to shut down (ACPI)".into())
         }
@@ -53,6 +54,8 @@ pub fn evaluate(goal: &TaskGoal, vm: Option<&Vm>) -> Verdict {
         };
     };
     let observed = |g: u64| vm.status.observed_generation >= g;
+    // A later request changed what the VM should do: this task's goal will never be reached.
+    let superseded = |want: PowerState| vm.spec.power != want;
     let phase = vm.status.phase;
     match goal {
         TaskGoal::VmCreate { generation, start } => match (observed(*generation), phase, start) {
@@ -61,9 +64,18 @@ pub fn evaluate(goal: &TaskGoal, vm: Option<&Vm>) -> Verdict {
                 "running on {}",
                 vm.status.host.as_deref().unwrap_or("?")
             )),
-            (true, VmPhase::Stopped, false) => Verdict::Done("created (stopped)".into()),
+            (true, _, false) if vm.status.condition("DiskReady").is_some_and(|c| c.status) => {
+                Verdict::Done("created".into())
+            }
+            (_, _, true) if superseded(PowerState::Running) => Verdict::Failed(SUPERSEDED.into()),
             _ => progress_of(vm),
         },
+        TaskGoal::VmStart { .. } if superseded(PowerState::Running) => {
+            Verdict::Failed(SUPERSEDED.into())
+        }
+        TaskGoal::VmStop { .. } if superseded(PowerState::Stopped) => {
+            Verdict::Failed(SUPERSEDED.into())
+        }
         TaskGoal::VmStart { generation } => match (observed(*generation), phase) {
             (true, VmPhase::Failed) => Verdict::Failed(failure(vm)),
             (true, VmPhase::Running) => Verdict::Done("running".into()),
@@ -97,24 +109,15 @@ pub fn evaluate(goal: &TaskGoal, vm: Option<&Vm>) -> Verdict {
 }
 
 /// Stores a new task together with `ops`, all in one transaction, and starts following it if it
-/// is a VM task. A failed precondition in `ops` is a conflict described by `conflict`.
-pub async fn submit(
-    ctx: &Ctx,
-    task: Task,
-    mut ops: Vec<Op>,
-    conflict: impl FnOnce() -> String,
-) -> Result<Task, ApiError> {
+/// is a VM task. A failed precondition in `ops` comes back as the store's `Conflict`, naming the key.
+pub async fn submit(ctx: &Ctx, task: Task, mut ops: Vec<Op>) -> Result<Task, StoreError> {
     ops.push(Op::Put {
         key: keys::task(task.id),
-        value: serde_json::to_vec(&task).map_err(StoreError::from)?,
+        value: serde_json::to_vec(&task)?,
         when: Precondition::Absent,
         lease: None,
     });
-    match ctx.store.txn(ops).await {
-        Ok(_) => {}
-        Err(StoreError::Conflict { .. }) => return Err(ApiError::Conflict(conflict())),
-        Err(e) => return Err(e.into()),
-    }
+    ctx.store.txn(ops).await?;
     follow_if_vm_task(ctx, &task);
     Ok(task)
 }
@@ -163,61 +166,66 @@ fn vm_key(task: &Task) -> String {
     keys::vm(&task.project, name)
 }
 
-/// Follows a VM task until the VM reaches the goal, fails, or the task times out.
+/// Follows a VM task until the VM reaches the goal, fails, or the task times out (counted from
+/// the task's creation, also across controller restarts).
 async fn follow(ctx: Ctx, task: Task) {
     let key = vm_key(&task);
-    let deadline = tokio::time::Instant::now() + TASK_TIMEOUT;
-    let mut watch = match ctx.store.watch(&key, 0).await {
-        Ok(w) => Some(w),
-        Err(e) => {
-            tracing::warn!(error = %e, "task watch failed; polling");
-            None
-        }
-    };
+    let age = (chrono::Utc::now() - task.created_at)
+        .to_std()
+        .unwrap_or_default();
+    let deadline = tokio::time::Instant::now() + TASK_TIMEOUT.saturating_sub(age);
+    let mut watch = None;
     loop {
-        let vm = match get_json::<Vm>(&*ctx.store, &key).await {
-            Ok(v) => v.map(|v| v.value),
-            Err(e) => {
-                tracing::warn!(error = %e, "task could not read its VM");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        match evaluate(&task.goal, vm.as_ref()) {
-            Verdict::Done(msg) => return update(&ctx, task.id, 100, &msg, Some(Ok(()))).await,
-            Verdict::Failed(msg) => {
-                return update(&ctx, task.id, 100, "failed", Some(Err(msg))).await
-            }
-            Verdict::Progress(p, msg) => update(&ctx, task.id, p, &msg, None).await,
-        }
         if tokio::time::Instant::now() >= deadline {
-            return update(
-                &ctx,
-                task.id,
-                100,
-                "failed",
-                Some(Err(
-                    "timed out after 10 minutes; see `corral vm show`".into()
-                )),
-            )
-            .await;
+            let msg = "timed out after 10 minutes; see `corral vm show`";
+            return update(&ctx, task.id, 100, "failed", Some(Err(msg.into()))).await;
         }
-        // Wake on a change of the VM, or after a second at the latest.
-        let wait = async {
-            match watch.as_mut() {
-                Some(w) => {
-                    let _ = w.recv().await;
+        if watch.is_none() {
+            watch = ctx.store.watch(&key, 0).await.ok();
+        }
+        match get_json::<Vm>(&*ctx.store, &key).await {
+            Ok(vm) => match evaluate(&task.goal, vm.map(|v| v.value).as_ref()) {
+                Verdict::Done(msg) => return update(&ctx, task.id, 100, &msg, Some(Ok(()))).await,
+                Verdict::Failed(msg) => {
+                    return update(&ctx, task.id, 100, "failed", Some(Err(msg))).await
                 }
-                None => std::future::pending::<()>().await,
+                Verdict::Progress(p, msg) => update(&ctx, task.id, p, &msg, None).await,
+            },
+            Err(e) => tracing::warn!(error = %e, "task could not read its VM"),
+        }
+        // Wake on a change of the VM, or after a second at the latest; a watch that ended is
+        // made again on the next round.
+        let changed = async {
+            match watch.as_mut() {
+                Some(w) => matches!(w.recv().await, Some(Ok(_))),
+                None => std::future::pending().await,
             }
         };
-        let _ = tokio::time::timeout(Duration::from_secs(1), wait).await;
+        match tokio::time::timeout(Duration::from_secs(1), changed).await {
+            Ok(true) | Err(_) => {}
+            Ok(false) => watch = None,
+        }
     }
 }
 
 /// After a restart: follow VM tasks again; image builds died with the old process.
 pub async fn resume(ctx: &Ctx) -> Result<(), ApiError> {
     let (tasks, _) = list_json::<Task>(&*ctx.store, keys::TASKS).await?;
+    // Images whose build died with the old process.
+    let (projects, _) = ctx.store.list(keys::IMAGES).await?;
+    for kv in projects {
+        let building = serde_json::from_slice::<Image>(&kv.value)
+            .is_ok_and(|i| i.status.phase == ImagePhase::Building);
+        if building {
+            update_json::<Image, StoreError>(&*ctx.store, &kv.key, |i| {
+                i.status.phase = ImagePhase::Failed;
+                i.status.message =
+                    "the controller restarted during the build: build it again".into();
+                Ok(true)
+            })
+            .await?;
+        }
+    }
     for t in tasks.into_iter().filter(|t| !t.is_finished()) {
         if t.goal == TaskGoal::ImageBuild {
             update(
@@ -248,8 +256,10 @@ mod tests {
             observed_generation: observed,
             ..VmStatus::default()
         };
-        if phase == VmPhase::Failed {
-            status.set_condition("Running", false, "StartFailed", "no memory");
+        match phase {
+            VmPhase::Failed => status.set_condition("Running", false, "StartFailed", "no memory"),
+            VmPhase::Pending => {}
+            _ => status.set_condition("DiskReady", true, "Cloned", ""),
         }
         Vm {
             meta: ObjectMeta::new("default", "a"),

@@ -1,7 +1,7 @@
 //! VM endpoints. Each validates against the request and the cluster's state, then writes the desired
 //! state and a task in one transaction; the host agent does the rest.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use chrono::Utc;
@@ -9,10 +9,10 @@ use corral_api::{
     format_bytes, keys, ConsoleChunk, CreateVmRequest, Host, Image, ImagePhase, ObjectMeta,
     PowerState, StopVmRequest, Task, TaskGoal, Vm, VmPhase, VmStatus,
 };
-use corral_store::{get_json, list_json, update_json, Op, Precondition, StoreError};
+use corral_store::{get_json, list_json, Op, Precondition, StoreError, Versioned};
 use serde::Deserialize;
 
-use crate::{ensure_project, tasks, ApiError, Ctx};
+use crate::{ensure_project, tasks, ApiError, ApiJson, ApiPath, ApiQuery, Ctx};
 
 fn vm_not_found(project: &str, name: &str) -> ApiError {
     ApiError::NotFound(format!(
@@ -32,7 +32,7 @@ async fn load(ctx: &Ctx, project: &str, name: &str) -> Result<Vm, ApiError> {
     params(("project" = String, Path)), responses((status = 200, body = [Vm])), security(("bearer" = [])))]
 pub async fn list(
     State(ctx): State<Ctx>,
-    Path(project): Path<String>,
+    ApiPath(project): ApiPath<String>,
 ) -> Result<Json<Vec<Vm>>, ApiError> {
     ensure_project(&ctx, &project).await?;
     Ok(Json(
@@ -45,7 +45,7 @@ pub async fn list(
     responses((status = 200, body = Vm), (status = 404, body = corral_api::ApiErrorBody)), security(("bearer" = [])))]
 pub async fn get(
     State(ctx): State<Ctx>,
-    Path((project, name)): Path<(String, String)>,
+    ApiPath((project, name)): ApiPath<(String, String)>,
 ) -> Result<Json<Vm>, ApiError> {
     Ok(Json(load(&ctx, &project, &name).await?))
 }
@@ -58,15 +58,15 @@ pub async fn get(
     security(("bearer" = [])))]
 pub async fn create(
     State(ctx): State<Ctx>,
-    Path(project): Path<String>,
-    Json(req): Json<CreateVmRequest>,
+    ApiPath(project): ApiPath<String>,
+    ApiJson(req): ApiJson<CreateVmRequest>,
 ) -> Result<(StatusCode, Json<Task>), ApiError> {
     ensure_project(&ctx, &project).await?;
     let mut spec = req.to_spec()?;
-    let image = get_json::<Image>(&*ctx.store, &keys::image(&project, &spec.image))
-        .await?
-        .map(|v| v.value);
-    let image = match image {
+    let image_key = keys::image(&project, &spec.image);
+    let image = get_json::<Image>(&*ctx.store, &image_key).await?;
+    let image_rev = image.as_ref().map_or(0, |v| v.revision);
+    let image = match image.map(|v| v.value) {
         Some(i) if i.status.phase == ImagePhase::Ready => i,
         Some(_) => return Err(ApiError::Conflict(format!("image {} is not ready yet: wait for its build task to finish", spec.image))),
         None => {
@@ -104,12 +104,23 @@ pub async fn create(
         when: Precondition::Absent,
         lease: None,
     };
-    let name = req.name.clone();
-    let task = tasks::submit(&ctx, task, vec![op], || {
-        format!("a VM named {name} already exists in project {project}: pick another name or delete it first")
-    })
-    .await?;
-    Ok((StatusCode::ACCEPTED, Json(task)))
+    // The image must still be the ready one we checked: a delete or rebuild in between conflicts.
+    let check = Op::Check {
+        key: image_key.clone(),
+        when: Precondition::ModRevision(image_rev),
+    };
+    match tasks::submit(&ctx, task, vec![check, op]).await {
+        Ok(task) => Ok((StatusCode::ACCEPTED, Json(task))),
+        Err(StoreError::Conflict { key }) if key == image_key => Err(ApiError::Conflict(format!(
+            "image {} changed while the VM was being created (deleted or rebuilt): try again",
+            vm.spec.image
+        ))),
+        Err(StoreError::Conflict { .. }) => Err(ApiError::Conflict(format!(
+            "a VM named {} already exists in project {project}: pick another name or delete it first",
+            req.name
+        ))),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// A VM must fit on some host: no more vCPUs than its CPUs, no more memory than it has.
@@ -134,7 +145,8 @@ async fn check_capacity(ctx: &Ctx, cpus: u32, memory: u64) -> Result<(), ApiErro
     Ok(())
 }
 
-/// Changes a VM's spec with compare-and-swap and submits a task for the change.
+/// Changes a VM's spec and stores a task for the change, in one transaction guarded by the VM's
+/// revision; retries when the VM changed in between.
 async fn change(
     ctx: &Ctx,
     project: &str,
@@ -143,23 +155,33 @@ async fn change(
     edit: impl Fn(&mut Vm) -> Result<TaskGoal, ApiError>,
 ) -> Result<(StatusCode, Json<Task>), ApiError> {
     ensure_project(ctx, project).await?;
-    let mut goal = None;
-    let updated = update_json::<Vm, ApiError>(&*ctx.store, &keys::vm(project, name), |vm| {
+    let key = keys::vm(project, name);
+    loop {
+        let Some(Versioned {
+            value: mut vm,
+            revision,
+        }) = get_json::<Vm>(&*ctx.store, &key).await?
+        else {
+            return Err(vm_not_found(project, name));
+        };
         if vm.meta.deletion_requested_at.is_some() {
             return Err(ApiError::Conflict(format!("VM {name} is being deleted")));
         }
-        goal = Some(edit(vm)?);
+        let goal = edit(&mut vm)?;
         vm.meta.bump();
-        Ok(true)
-    })
-    .await?;
-    if updated.is_none() {
-        return Err(vm_not_found(project, name));
+        let task = Task::new(project, kind, format!("vm/{name}"), goal);
+        let op = Op::Put {
+            key: key.clone(),
+            value: serde_json::to_vec(&vm).map_err(StoreError::from)?,
+            when: Precondition::ModRevision(revision),
+            lease: None,
+        };
+        match tasks::submit(ctx, task, vec![op]).await {
+            Ok(task) => return Ok((StatusCode::ACCEPTED, Json(task))),
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
     }
-    let goal = goal.ok_or_else(|| ApiError::Internal("no goal".into()))?;
-    let task = Task::new(project, kind, format!("vm/{name}"), goal);
-    let task = tasks::submit(ctx, task, vec![], String::new).await?;
-    Ok((StatusCode::ACCEPTED, Json(task)))
 }
 
 #[utoipa::path(post, path = "/api/v1/projects/{project}/vms/{name}/start", tag = "vms",
@@ -167,7 +189,7 @@ async fn change(
     responses((status = 202, body = Task), (status = 404, body = corral_api::ApiErrorBody)), security(("bearer" = [])))]
 pub async fn start(
     State(ctx): State<Ctx>,
-    Path((project, name)): Path<(String, String)>,
+    ApiPath((project, name)): ApiPath<(String, String)>,
 ) -> Result<(StatusCode, Json<Task>), ApiError> {
     change(&ctx, &project, &name, "vm.start", |vm| {
         vm.spec.power = PowerState::Running;
@@ -184,8 +206,8 @@ pub async fn start(
     responses((status = 202, body = Task), (status = 404, body = corral_api::ApiErrorBody)), security(("bearer" = [])))]
 pub async fn stop(
     State(ctx): State<Ctx>,
-    Path((project, name)): Path<(String, String)>,
-    Json(req): Json<StopVmRequest>,
+    ApiPath((project, name)): ApiPath<(String, String)>,
+    ApiJson(req): ApiJson<StopVmRequest>,
 ) -> Result<(StatusCode, Json<Task>), ApiError> {
     change(&ctx, &project, &name, "vm.stop", |vm| {
         vm.spec.power = PowerState::Stopped;
@@ -202,7 +224,7 @@ pub async fn stop(
     responses((status = 202, body = Task), (status = 409, body = corral_api::ApiErrorBody)), security(("bearer" = [])))]
 pub async fn reboot(
     State(ctx): State<Ctx>,
-    Path((project, name)): Path<(String, String)>,
+    ApiPath((project, name)): ApiPath<(String, String)>,
 ) -> Result<(StatusCode, Json<Task>), ApiError> {
     change(&ctx, &project, &name, "vm.reboot", |vm| {
         if vm.spec.power != PowerState::Running || vm.status.phase != VmPhase::Running {
@@ -231,8 +253,8 @@ pub struct DeleteQuery {
     responses((status = 202, body = Task), (status = 409, body = corral_api::ApiErrorBody)), security(("bearer" = [])))]
 pub async fn delete(
     State(ctx): State<Ctx>,
-    Path((project, name)): Path<(String, String)>,
-    Query(q): Query<DeleteQuery>,
+    ApiPath((project, name)): ApiPath<(String, String)>,
+    ApiQuery(q): ApiQuery<DeleteQuery>,
 ) -> Result<(StatusCode, Json<Task>), ApiError> {
     change(&ctx, &project, &name, "vm.delete", |vm| {
         let running = vm.spec.power == PowerState::Running || !matches!(vm.status.phase, VmPhase::Stopped | VmPhase::Pending | VmPhase::Failed);
@@ -261,8 +283,8 @@ pub struct ConsoleQuery {
     responses((status = 200, body = ConsoleChunk), (status = 404, body = corral_api::ApiErrorBody)), security(("bearer" = [])))]
 pub async fn console(
     State(ctx): State<Ctx>,
-    Path((project, name)): Path<(String, String)>,
-    Query(q): Query<ConsoleQuery>,
+    ApiPath((project, name)): ApiPath<(String, String)>,
+    ApiQuery(q): ApiQuery<ConsoleQuery>,
 ) -> Result<Json<ConsoleChunk>, ApiError> {
     use std::io::{Read, Seek, SeekFrom};
     const MAX: u64 = 64 * 1024;

@@ -19,6 +19,21 @@ pub struct DiskInfo {
     pub actual_size: u64,
     #[serde(rename = "backing-filename", default)]
     pub backing_filename: Option<String>,
+    /// Format-specific details; for qcow2, `data.data-file` names an external data file.
+    #[serde(rename = "format-specific", default)]
+    pub format_specific: Option<serde_json::Value>,
+}
+
+impl DiskInfo {
+    /// The external data file of a qcow2 image, if it has one.
+    pub fn data_file(&self) -> Option<String> {
+        let v = self
+            .format_specific
+            .as_ref()?
+            .get("data")?
+            .get("data-file")?;
+        Some(v.as_str().map_or_else(|| v.to_string(), str::to_string))
+    }
 }
 
 async fn qemu_img(what: &str, args: &[&str]) -> Result<Vec<u8>, DriverError> {
@@ -79,40 +94,20 @@ pub async fn create_linked_clone(
     Ok(())
 }
 
-/// Converts an image to qcow2.
-pub async fn convert_to_qcow2(
-    src: &Path,
-    src_format: DiskFormat,
-    dst: &Path,
-) -> Result<(), DriverError> {
-    let s = src.to_string_lossy();
-    let d = dst.to_string_lossy();
-    qemu_img(
-        "converting the image",
-        &[
-            "convert",
-            "-q",
-            "-f",
-            src_format.as_str(),
-            "-O",
-            "qcow2",
-            &s,
-            &d,
-        ],
-    )
-    .await?;
-    Ok(())
-}
-
 /// Decides whether a file is a disk image Corral accepts, and which format it has.
 ///
-/// qcow2 is recognised by qemu-img; a qcow2 with a backing file is refused (it could point anywhere on
+/// qcow2 is recognised by qemu-img; a qcow2 with a backing file or an external data file is refused (either could point anywhere on
 /// the host). Any file is "raw" to qemu-img, so a raw file must also look like a disk: a multiple of
 /// 512 bytes that starts with a partition table (MBR or GPT) or a file system Linux boots from.
 pub async fn probe_image(path: &Path) -> Result<DiskFormat, String> {
     let info = info(path).await.map_err(|e| e.to_string())?;
     match info.format.as_str() {
         "qcow2" => {
+            if let Some(f) = info.data_file() {
+                return Err(format!(
+                    "the qcow2 image keeps its data in an external file ({f}): convert it to a self-contained image with `qemu-img convert -O qcow2 IN OUT`"
+                ));
+            }
             if let Some(b) = info.backing_filename {
                 return Err(format!(
                     "the qcow2 image has a backing file ({b}): flatten it first with `qemu-img convert -O qcow2 IN OUT`"

@@ -40,7 +40,7 @@ pub async fn qemu_version() -> Result<String, DriverError> {
         .to_string())
 }
 
-/// The full QEMU command line for a VM. Exposed so benchmarks can run the very same flags by hand.
+/// The full QEMU command line for a VM.
 pub fn qemu_args(run_dir: &Path, spec: &LaunchSpec) -> Vec<String> {
     let p = |p: PathBuf| p.display().to_string();
     let mut args: Vec<String> = vec![
@@ -123,10 +123,21 @@ fn signal(pid: u32, sig: libc::c_int) {
     }
 }
 
+/// Whether the process is gone: absent, or a zombie nobody reaped yet (when Corral is PID 1 or a
+/// subreaper, daemonized QEMUs become its children).
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
+        Err(_) => true,
+    }
+}
+
 async fn wait_gone(pid: u32, timeout: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + timeout;
     while tokio::time::Instant::now() < deadline {
-        if !Path::new(&format!("/proc/{pid}")).exists() {
+        if gone(pid) {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -139,6 +150,13 @@ impl Driver for QemuDriver {
     async fn start(&self, run_dir: &Path, spec: &LaunchSpec) -> Result<u32, DriverError> {
         if let Some(pid) = live_pid(run_dir) {
             return Ok(pid);
+        }
+        // QEMU option values are comma-separated: a comma in a path would change the options.
+        if run_dir.to_string_lossy().contains(',') {
+            return Err(DriverError::StartFailed(format!(
+                "the path {} contains a comma, which QEMU options cannot carry: use a --data-dir without commas",
+                run_dir.display()
+            )));
         }
         for sock in [qmp_socket(run_dir), serial_socket(run_dir)] {
             if sock.as_os_str().len() > MAX_SOCKET_PATH {
@@ -214,7 +232,10 @@ impl Driver for QemuDriver {
             let _ = qmp.execute("quit", None).await;
         }
         if !wait_gone(pid, Duration::from_secs(5)).await {
-            signal(pid, libc::SIGKILL);
+            // Only if the pid still is this VM's QEMU (it may have exited and been reused).
+            if live_pid(run_dir) == Some(pid) {
+                signal(pid, libc::SIGKILL);
+            }
             if !wait_gone(pid, Duration::from_secs(5)).await {
                 return Err(DriverError::io(
                     "killing QEMU",

@@ -23,6 +23,8 @@ where
     let (_g, s) = factory().await;
     transactions_are_all_or_nothing(&*s).await;
     let (_g, s) = factory().await;
+    checks_guard_without_writing(&*s).await;
+    let (_g, s) = factory().await;
     list_by_prefix(&*s).await;
     let (_g, s) = factory().await;
     watch_replays_then_follows(&*s).await;
@@ -157,6 +159,41 @@ async fn transactions_are_all_or_nothing(s: &dyn Store) {
     assert!(s.get("/a").await.expect("get").is_none());
 }
 
+async fn checks_guard_without_writing(s: &dyn Store) {
+    let r1 = s
+        .put("/img", b"ready".to_vec(), Precondition::Any)
+        .await
+        .expect("put");
+    let check = |r| Op::Check {
+        key: "/img".into(),
+        when: Precondition::ModRevision(r),
+    };
+    let create = |k: &str| Op::Put {
+        key: k.into(),
+        value: b"x".to_vec(),
+        when: Precondition::Absent,
+        lease: None,
+    };
+    s.txn(vec![check(r1), create("/vm")])
+        .await
+        .expect("check holds");
+    assert_eq!(
+        s.get("/img").await.expect("get").expect("img").mod_revision,
+        r1,
+        "a check writes nothing"
+    );
+    assert!(s.get("/vm").await.expect("get").is_some());
+    s.put("/img", b"deleting".to_vec(), Precondition::Any)
+        .await
+        .expect("put");
+    let res = s.txn(vec![check(r1), create("/vm2")]).await;
+    assert!(
+        matches!(res, Err(StoreError::Conflict { ref key }) if key == "/img"),
+        "{res:?}"
+    );
+    assert!(s.get("/vm2").await.expect("get").is_none());
+}
+
 async fn list_by_prefix(s: &dyn Store) {
     for k in ["/vms/p/b", "/vms/p/a", "/vms/q/c", "/vmsx", "/images/p/a"] {
         s.put(k, k.as_bytes().to_vec(), Precondition::Any)
@@ -202,6 +239,21 @@ async fn watch_replays_then_follows(s: &dyn Store) {
             (EventKind::Delete, "/w/a".to_string(), r3),
         ]
     );
+    // A watch from a future revision gets nothing older than that revision.
+    let mut future = s.watch("/w/", r3 + 2).await.expect("watch");
+    s.put("/w/c", b"3".to_vec(), Precondition::Any)
+        .await
+        .expect("put");
+    let r5 = s
+        .put("/w/d", b"4".to_vec(), Precondition::Any)
+        .await
+        .expect("put");
+    let e = tokio::time::timeout(Duration::from_secs(5), future.recv())
+        .await
+        .expect("event")
+        .expect("open")
+        .expect("ok");
+    assert_eq!((e.kv.key.as_str(), e.kv.mod_revision), ("/w/d", r5));
     // Watching from a later revision skips what came before.
     let mut w2 = s.watch("/w/", r3).await.expect("watch");
     let e = w2.recv().await.expect("open").expect("ok");
@@ -285,6 +337,28 @@ async fn leases_expire_and_can_be_kept(s: &dyn Store) {
     assert!(
         s.get("/hb/kept").await.expect("get").is_none(),
         "revoke deletes at once"
+    );
+    // A key re-put without the lease is not the lease's any more; a deleted one is just gone.
+    let l = s.grant_lease(Duration::from_secs(60)).await.expect("grant");
+    for key in ["/hb/a", "/hb/b"] {
+        let put = Op::Put {
+            key: key.into(),
+            value: vec![],
+            when: Precondition::Any,
+            lease: Some(l),
+        };
+        s.txn(vec![put]).await.expect("put");
+    }
+    s.put("/hb/a", b"mine".to_vec(), Precondition::Any)
+        .await
+        .expect("re-put");
+    s.delete("/hb/b", Precondition::Any).await.expect("delete");
+    s.revoke_lease(l)
+        .await
+        .expect("revoke with one key gone and one detached");
+    assert_eq!(
+        s.get("/hb/a").await.expect("get").expect("kept").value,
+        b"mine"
     );
     let unknown = s
         .txn(vec![Op::Put {

@@ -65,6 +65,11 @@ pub enum Op {
         key: String,
         when: Precondition,
     },
+    /// Writes nothing; the transaction fails unless `when` holds for `key` (etcd's compare).
+    Check {
+        key: String,
+        when: Precondition,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -11,7 +11,10 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use redb::{Database, MultimapTableDefinition, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{
+    Database, MultimapTableDefinition, ReadableMultimapTable, ReadableTable, TableDefinition,
+    WriteTransaction,
+};
 use tokio::sync::{broadcast, mpsc};
 
 use crate::{
@@ -112,7 +115,7 @@ async fn expire_leases(inner: Weak<Inner>) {
         };
         for id in expired {
             let inner = inner.clone();
-            let res = tokio::task::spawn_blocking(move || inner.revoke(id)).await;
+            let res = tokio::task::spawn_blocking(move || inner.revoke(id, true)).await;
             if let Ok(Err(e)) = res {
                 tracing::warn!(lease = id, error = %e, "could not expire lease");
             }
@@ -240,16 +243,15 @@ impl Inner {
         let mut lease_keys = txn.open_multimap_table(LEASE_KEYS).be(&self.path)?;
         let mut events = Vec::with_capacity(ops.len());
         for op in ops {
-            let key = match &op {
-                Op::Put { key, .. } | Op::Delete { key, .. } => key.clone(),
+            let (key, when) = match &op {
+                Op::Put { key, when, .. } | Op::Delete { key, when } | Op::Check { key, when } => {
+                    (key.clone(), *when)
+                }
             };
             let current = kv_table
                 .get(key.as_str())
                 .be(&self.path)?
                 .map(|v| decode_kv(&key, v.value()));
-            let when = match &op {
-                Op::Put { when, .. } | Op::Delete { when, .. } => *when,
-            };
             let holds = match (when, &current) {
                 (Precondition::Any, _) => true,
                 (Precondition::Absent, c) => c.is_none(),
@@ -258,6 +260,9 @@ impl Inner {
             };
             if !holds {
                 return Err(StoreError::Conflict { key });
+            }
+            if matches!(op, Op::Check { .. }) {
+                continue;
             }
             if let Some(old_lease) = current.as_ref().and_then(|c| c.lease) {
                 lease_keys.remove(old_lease, key.as_str()).be(&self.path)?;
@@ -291,6 +296,7 @@ impl Inner {
                         kv,
                     });
                 }
+                Op::Check { .. } => {}
                 Op::Delete { .. } => {
                     let Some(c) = current else {
                         return Err(StoreError::NotFound { key });
@@ -372,9 +378,24 @@ impl Inner {
         Ok(id)
     }
 
-    fn revoke(&self, id: LeaseId) -> Result<(), StoreError> {
+    /// Ends lease `id` and deletes its keys, in one transaction. With `only_if_expired`, a lease
+    /// renewed since its expiry was noticed is left alone.
+    fn revoke(&self, id: LeaseId, only_if_expired: bool) -> Result<(), StoreError> {
+        let _guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        {
+            let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+            match leases.get(&id) {
+                Some((_, deadline)) if only_if_expired && *deadline > Instant::now() => {
+                    return Ok(())
+                }
+                Some(_) => {
+                    leases.remove(&id);
+                }
+                None => return Err(StoreError::LeaseNotFound(id)),
+            }
+        }
+        let txn = self.db.begin_write().be(&self.path)?;
         let keys: Vec<String> = {
-            let txn = self.db.begin_read().be(&self.path)?;
             let table = txn.open_multimap_table(LEASE_KEYS).be(&self.path)?;
             let mut keys = Vec::new();
             for k in table.get(id).be(&self.path)? {
@@ -382,21 +403,19 @@ impl Inner {
             }
             keys
         };
-        if !keys.is_empty() {
-            let ops = keys
-                .into_iter()
-                .map(|key| Op::Delete {
-                    key,
-                    when: Precondition::Any,
-                })
-                .collect();
-            match self.write(ops) {
-                Ok(_) | Err(StoreError::NotFound { .. }) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        let _guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let txn = self.db.begin_write().be(&self.path)?;
+        // The multimap only holds keys still attached to this lease: puts and deletes keep it in step.
+        let ops: Vec<Op> = keys
+            .into_iter()
+            .map(|key| Op::Delete {
+                key,
+                when: Precondition::Any,
+            })
+            .collect();
+        let published = if ops.is_empty() {
+            None
+        } else {
+            Some(self.apply(&txn, ops)?)
+        };
         {
             let mut leases = txn.open_table(LEASES).be(&self.path)?;
             leases.remove(id).be(&self.path)?;
@@ -404,10 +423,9 @@ impl Inner {
             lk.remove_all(id).be(&self.path)?;
         }
         txn.commit().be(&self.path)?;
-        self.leases
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
+        if let Some(batch) = published {
+            let _ = self.events.send(Arc::new(batch));
+        }
         Ok(())
     }
 }
@@ -470,9 +488,14 @@ impl Store for RedbStore {
                 }
             }
             loop {
-                match live.recv().await {
+                // Stop as soon as the watcher goes away, not at its next matching event.
+                let next = tokio::select! {
+                    next = live.recv() => next,
+                    _ = tx.closed() => return,
+                };
+                match next {
                     Ok(batch) => {
-                        if batch.0 <= upto {
+                        if batch.0 <= upto || batch.0 < from {
                             continue;
                         }
                         for e in batch.1.iter().filter(|e| e.kv.key.starts_with(&prefix)) {
@@ -516,16 +539,7 @@ impl Store for RedbStore {
     }
 
     async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
-        let known = self
-            .inner
-            .leases
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(&lease);
-        if !known {
-            return Err(StoreError::LeaseNotFound(lease));
-        }
-        self.blocking(move |i| i.revoke(lease)).await
+        self.blocking(move |i| i.revoke(lease, false)).await
     }
 }
 

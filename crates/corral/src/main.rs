@@ -50,7 +50,7 @@ struct Global {
 enum Command {
     /// Run an all-in-one datacenter on this machine: controller, host agent and embedded store.
     Up(serve::UpArgs),
-    /// Run the control plane alone (API and store); hosts join it with `corral agent` (multi-host).
+    /// Run the control plane alone (API and store), without a local host agent.
     Controller(serve::ControllerArgs),
     /// Images VMs are created from.
     #[command(subcommand)]

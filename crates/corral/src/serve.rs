@@ -101,11 +101,21 @@ async fn serve(args: &ServerArgs, agent: Option<(AccelChoice, String, Duration)>
         RedbStore::open(&data_dir.join("store.redb"))
             .context("opening the store (is another `corral up` using this data dir?)")?,
     );
-    let (ctx, new_token) = corral_controller::init(store.clone(), data_dir.clone()).await?;
-    let token_file = data_dir.join("admin-token");
-    if let Some(token) = new_token {
-        write_private(&token_file, format!("{token}\n").as_bytes())?;
+    if data_dir.to_string_lossy().contains(',') {
+        anyhow::bail!("the data dir {} contains a comma, which QEMU options cannot carry: pick another --data-dir", data_dir.display());
     }
+    // The admin token file is the source of truth; it is written (atomically) before its hash is
+    // stored, so a crash in between cannot lock the operator out.
+    let token_file = data_dir.join("admin-token");
+    let token = match std::fs::read_to_string(&token_file) {
+        Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
+        _ => {
+            let t = corral_controller::new_token();
+            write_private(&token_file, format!("{t}\n").as_bytes())?;
+            t
+        }
+    };
+    let ctx = corral_controller::init(store.clone(), data_dir.clone(), &token).await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| {
@@ -115,19 +125,11 @@ async fn serve(args: &ServerArgs, agent: Option<(AccelChoice, String, Duration)>
             )
         })?;
     let url = format!("http://{}", listener.local_addr()?);
-    match std::fs::read_to_string(&token_file) {
-        Ok(token) => {
-            let cfg = ClientConfig {
-                url: url.clone(),
-                token: token.trim().to_string(),
-            };
-            write_private(&config_path(), &serde_json::to_vec_pretty(&cfg)?)?;
-        }
-        Err(_) => tracing::warn!(
-            "{} is missing: client commands need CORRAL_TOKEN",
-            token_file.display()
-        ),
-    }
+    let cfg = ClientConfig {
+        url: url.clone(),
+        token,
+    };
+    write_private(&config_path(), &serde_json::to_vec_pretty(&cfg)?)?;
     if let Some((accel, host, stop_timeout)) = agent {
         let accel = detect_accel(accel).map_err(anyhow::Error::msg)?;
         let hypervisor = corral_hypervisor::qemu_version().await?;

@@ -79,6 +79,23 @@ fn bad_requests_get_a_sentence_and_change_nothing() {
     );
 }
 
+/// Every operation of the OpenAPI document, with its path parameters filled in.
+fn operations() -> Vec<(String, String)> {
+    let doc: serde_json::Value =
+        serde_json::from_str(include_str!("../../../docs/openapi.json")).expect("openapi.json");
+    let mut ops = Vec::new();
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        let concrete = path
+            .replace("{project}", "default")
+            .replace("{name}", "x")
+            .replace("{id}", "00000000-0000-0000-0000-000000000000");
+        for method in item.as_object().expect("item").keys() {
+            ops.push((method.to_uppercase(), concrete.clone()));
+        }
+    }
+    ops
+}
+
 #[test]
 fn every_call_but_health_needs_the_token() {
     let lab = Lab::start();
@@ -86,48 +103,65 @@ fn every_call_but_health_needs_the_token() {
         .http_status_as_error(false)
         .build()
         .into();
-    let base = format!("http://127.0.0.1:{}/api/v1", lab.port);
-    let health = agent.get(format!("{base}/health")).call().expect("health");
-    assert_eq!(health.status(), 200);
-    for path in [
-        "/hosts",
-        "/tasks",
-        "/projects/default/vms",
-        "/projects/default/images",
-        "/openapi.json",
-    ] {
-        let none = agent.get(format!("{base}{path}")).call().expect("call");
-        assert_eq!(none.status(), 401, "{path} without a token");
-        let mut wrong = agent
-            .get(format!("{base}{path}"))
-            .header("Authorization", "Bearer nope")
-            .call()
-            .expect("call");
-        assert_eq!(wrong.status(), 401, "{path} with a wrong token");
-        let body: corral_api::ApiErrorBody = wrong.body_mut().read_json().expect("error body");
-        assert!(body.message.contains("token"), "{}", body.message);
+    let base = format!("http://127.0.0.1:{}", lab.port);
+    let ops = operations();
+    assert!(ops.len() >= 15, "the document lists the API: {ops:?}");
+    for (method, path) in ops {
+        for token in [None, Some("Bearer nope")] {
+            let mut req = ureq::http::Request::builder()
+                .method(method.as_str())
+                .uri(format!("{base}{path}"));
+            if let Some(t) = token {
+                req = req.header("Authorization", t);
+            }
+            let req = req.body(()).expect("request");
+            let mut res = agent.run(req).expect("call");
+            if path == "/api/v1/health" {
+                assert_eq!(res.status(), 200);
+                continue;
+            }
+            assert_eq!(res.status(), 401, "{method} {path} with token {token:?}");
+            let body: corral_api::ApiErrorBody = res.body_mut().read_json().expect("error body");
+            assert!(body.message.contains("token"), "{}", body.message);
+        }
     }
+    // With the token, malformed input is a 400 with a sentence, not axum's plain text.
+    let token = std::fs::read_to_string(lab.data_dir().join("admin-token")).expect("token");
+    let mut res = agent
+        .post(format!("{base}/api/v1/projects/default/vms"))
+        .header("Authorization", format!("Bearer {}", token.trim()))
+        .header("Content-Type", "application/json")
+        .send("{\"name\": 5}")
+        .expect("call");
+    assert_eq!(res.status(), 400);
+    let body: corral_api::ApiErrorBody = res.body_mut().read_json().expect("error body");
+    assert!(
+        body.message.contains("request body is not valid"),
+        "{}",
+        body.message
+    );
+
     let out = std::process::Command::new(common::BIN)
-        .args([
-            "vm",
-            "list",
-            "--url",
-            &format!("http://127.0.0.1:{}", lab.port),
-            "--token",
-            "wrong",
-        ])
+        .args(["vm", "list", "--url", &base, "--token", "wrong"])
         .env("XDG_CONFIG_HOME", lab.dir.path().join("nowhere"))
         .output()
         .expect("run");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("token is not valid"));
-    // The token file is private.
+    // The token file and the client config are private.
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(lab.data_dir().join("admin-token"))
-        .expect("token file")
-        .permissions()
-        .mode();
-    assert_eq!(mode & 0o077, 0, "admin token readable by others: {mode:o}");
+    for f in [
+        lab.data_dir().join("admin-token"),
+        lab.dir.path().join("config/corral/config.json"),
+    ] {
+        let mode = std::fs::metadata(&f).expect("file").permissions().mode();
+        assert_eq!(
+            mode & 0o077,
+            0,
+            "{} readable by others: {mode:o}",
+            f.display()
+        );
+    }
 }
 
 #[test]
@@ -159,6 +193,18 @@ fn imports_accept_disks_and_refuse_other_files() {
     std::fs::write(&text, "not a disk\n".repeat(100)).expect("write");
     let err = lab.fails(&["image", "import", "notes", text.to_str().expect("utf8")]);
     assert!(err.contains("not a disk image"), "{err}");
+    // A qcow2 whose data lives in another host file would expose that file to guests.
+    let sneaky = dir.join("sneaky.qcow2");
+    let made = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-o"])
+        .arg(format!("data_file={}", dir.join("victim.raw").display()))
+        .arg(&sneaky)
+        .arg("16M")
+        .status()
+        .expect("qemu-img");
+    assert!(made.success());
+    let err = lab.fails(&["image", "import", "sneaky", sneaky.to_str().expect("utf8")]);
+    assert!(err.contains("external file"), "{err}");
 
     // A raw disk with an ext4 file system, and a qcow2 of it.
     let raw = dir.join("data.raw");

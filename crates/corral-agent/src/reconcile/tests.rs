@@ -312,3 +312,55 @@ async fn a_vm_of_another_host_is_left_alone() {
     );
     assert!(f.driver.calls().is_empty());
 }
+
+#[tokio::test]
+async fn a_start_during_our_own_shutdown_runs_the_vm_again() {
+    let f = fixture().await;
+    let key = f.create("flip", PowerState::Running).await;
+    let mut ws = WorkerState::default();
+    f.reconcile(&key, &mut ws).await;
+    f.edit(&key, |vm| vm.spec.power = PowerState::Stopped).await;
+    f.reconcile(&key, &mut ws).await; // ACPI power button sent; the guest goes down
+    f.edit(&key, |vm| vm.spec.power = PowerState::Running).await;
+    // The guest finishes the shutdown we asked for: that is not the owner's wish.
+    let first = f.reconcile(&key, &mut ws).await;
+    assert_eq!(first, Outcome::Requeue(Duration::ZERO));
+    assert_eq!(f.reconcile(&key, &mut ws).await, Outcome::Steady);
+    let vm = f.vm(&key).await;
+    assert_eq!(
+        vm.spec.power,
+        PowerState::Running,
+        "the start request stands"
+    );
+    assert_eq!(vm.status.phase, VmPhase::Running);
+    assert_eq!(
+        f.driver
+            .calls()
+            .iter()
+            .filter(|c| c.starts_with("start"))
+            .count(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn a_disk_that_cannot_be_made_fails_the_vm_with_the_reason() {
+    let f = fixture().await;
+    let key = f.create("nodisk", PowerState::Running).await;
+    f.edit(&key, |vm| vm.spec.image = "missing".into()).await;
+    let out = f.reconcile(&key, &mut WorkerState::default()).await;
+    assert!(matches!(out, Outcome::Requeue(_)));
+    let vm = f.vm(&key).await;
+    assert_eq!(vm.status.phase, VmPhase::Failed);
+    let cond = vm.status.condition("DiskReady").expect("cond");
+    assert!(
+        cond.message.contains("image missing does not exist"),
+        "{}",
+        cond.message
+    );
+    assert_eq!(
+        vm.status.observed_generation, vm.meta.generation,
+        "the failure is an answer"
+    );
+    assert!(f.driver.calls().is_empty());
+}

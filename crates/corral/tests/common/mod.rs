@@ -236,15 +236,21 @@ pub fn pids_matching(needle: &str) -> Vec<u32> {
             continue;
         };
         let cmd = String::from_utf8_lossy(&cmd);
-        if cmd.starts_with("qemu-system") && cmd.contains(needle) {
+        if cmd.starts_with("qemu-system") && cmd.contains(needle) && alive(pid) {
             pids.push(pid);
         }
     }
     pids
 }
 
+/// Whether the process runs: present and not a zombie waiting to be reaped by init.
 pub fn alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
+        Err(_) => false,
+    }
 }
 
 pub fn signal(pid: u32, sig: libc::c_int) {

@@ -1,0 +1,309 @@
+//! Where a VM runs. Pure and deterministic: no I/O, no clock, no randomness; the same cluster and
+//! request give the same decision, so decisions can be tested exhaustively and replayed.
+//!
+//! A decision is filters, then scores. Filters remove hosts that must not get the VM (not
+//! connected, in maintenance, not enough capacity after overcommit, a hard affinity or anti-affinity
+//! rule, a pin to another host); what each filter removed is kept, so a VM that cannot be placed
+//! gets a reason a user can act on. Scores order the remaining hosts by the cluster's policy
+//! (`spread` or `pack`) and by soft rules; ties go to the host name, for determinism.
+
+use corral_api::format_bytes;
+
+/// Whether a host takes new VMs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostState {
+    Connected,
+    NotResponding,
+    Maintenance,
+}
+
+/// What the scheduler knows of a host.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostView {
+    pub name: String,
+    pub state: HostState,
+    pub cpus: u32,
+    pub memory_bytes: u64,
+    /// vCPUs and memory of the VMs placed on the host.
+    pub allocated_cpus: u32,
+    pub allocated_memory: u64,
+    /// Names of the VMs placed on the host.
+    pub vms: Vec<String>,
+}
+
+/// How VMs are spread over hosts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// Balance load: the host with the most room left after placement.
+    Spread,
+    /// Fill hosts before using new ones: the fullest host that still fits.
+    Pack,
+}
+
+/// Per-cluster placement settings.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Policy {
+    pub placement: Placement,
+    /// vCPUs that may be allocated per physical CPU (1.0: none overcommitted).
+    pub cpu_overcommit: f64,
+    /// Memory that may be allocated per byte of host memory.
+    pub memory_overcommit: f64,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            placement: Placement::Spread,
+            cpu_overcommit: 4.0,
+            memory_overcommit: 1.0,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rule {
+    /// Members run on the same host.
+    Affinity,
+    /// Members run on different hosts.
+    AntiAffinity,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Strength {
+    /// Hard: never broken; the VM stays pending instead.
+    Must,
+    /// Soft: followed when possible.
+    Should,
+}
+
+/// A VM group with a placement rule.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Group {
+    pub name: String,
+    pub rule: Rule,
+    pub strength: Strength,
+    pub members: Vec<String>,
+}
+
+/// A VM to place.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Request {
+    pub vm: String,
+    pub cpus: u32,
+    pub memory_bytes: u64,
+    /// Pinned by the user to this host.
+    pub host: Option<String>,
+}
+
+/// The scheduler's answer.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decision {
+    Place {
+        host: String,
+    },
+    /// No host fits; the reason says why, in words a user can act on.
+    Pending {
+        reason: String,
+    },
+}
+
+fn cap(v: u64, ratio: f64) -> u64 {
+    (v as f64 * ratio).floor() as u64
+}
+
+/// Free capacity of a host after overcommit: (vCPUs, bytes). Negative room counts as none.
+pub fn free(policy: &Policy, h: &HostView) -> (u64, u64) {
+    let cpus = cap(h.cpus as u64, policy.cpu_overcommit).saturating_sub(h.allocated_cpus as u64);
+    let mem = cap(h.memory_bytes, policy.memory_overcommit).saturating_sub(h.allocated_memory);
+    (cpus, mem)
+}
+
+/// Hosts running a member (other than the VM itself) of `group`.
+fn member_hosts<'a>(hosts: &'a [HostView], group: &Group, vm: &str) -> Vec<&'a str> {
+    hosts
+        .iter()
+        .filter(|h| h.vms.iter().any(|v| v != vm && group.members.contains(v)))
+        .map(|h| h.name.as_str())
+        .collect()
+}
+
+/// Picks a host for `req`. `groups` are all groups of the cluster; those without the VM are ignored.
+pub fn place(policy: &Policy, hosts: &[HostView], groups: &[Group], req: &Request) -> Decision {
+    let my_groups: Vec<&Group> = groups
+        .iter()
+        .filter(|g| g.members.contains(&req.vm))
+        .collect();
+    let mut candidates: Vec<&HostView> = Vec::new();
+    let (mut pinned_out, mut not_connected, mut maintenance) = (0, 0, 0);
+    let (mut no_cpu, mut no_mem) = (0, 0);
+    let mut anti: Vec<String> = Vec::new();
+    let mut aff: Vec<String> = Vec::new();
+    for h in hosts {
+        if req.host.as_ref().is_some_and(|p| p != &h.name) {
+            pinned_out += 1;
+            continue;
+        }
+        match h.state {
+            HostState::Connected => {}
+            HostState::NotResponding => {
+                not_connected += 1;
+                continue;
+            }
+            HostState::Maintenance => {
+                maintenance += 1;
+                continue;
+            }
+        }
+        let (cpus, mem) = free(policy, h);
+        if (req.cpus as u64) > cpus {
+            no_cpu += 1;
+            continue;
+        }
+        if req.memory_bytes > mem {
+            no_mem += 1;
+            continue;
+        }
+        let broken = my_groups
+            .iter()
+            .filter(|g| g.strength == Strength::Must)
+            .find(|g| {
+                let on = member_hosts(hosts, g, &req.vm);
+                match g.rule {
+                    Rule::AntiAffinity => on.contains(&h.name.as_str()),
+                    Rule::Affinity => !on.is_empty() && !on.contains(&h.name.as_str()),
+                }
+            });
+        if let Some(g) = broken {
+            match g.rule {
+                Rule::AntiAffinity => anti.push(g.name.clone()),
+                Rule::Affinity => aff.push(g.name.clone()),
+            }
+            continue;
+        }
+        candidates.push(h);
+    }
+    if candidates.is_empty() {
+        return Decision::Pending {
+            reason: reason(
+                policy,
+                hosts,
+                req,
+                [pinned_out, not_connected, maintenance, no_cpu, no_mem],
+                &anti,
+                &aff,
+            ),
+        };
+    }
+    let score = |h: &HostView| -> (i64, i64) {
+        // Soft rules first: each satisfied "should" counts, each broken one costs.
+        let mut soft = 0i64;
+        for g in my_groups.iter().filter(|g| g.strength == Strength::Should) {
+            let on = member_hosts(hosts, g, &req.vm);
+            let here = on.contains(&h.name.as_str());
+            soft += match (g.rule, here) {
+                (Rule::Affinity, true) | (Rule::AntiAffinity, false) => 1,
+                (Rule::Affinity, false) if on.is_empty() => 0,
+                _ => -1,
+            };
+        }
+        // Load after placement, in thousandths of the scarcer resource.
+        let (cpus, mem) = free(policy, h);
+        let cpu_total = cap(h.cpus as u64, policy.cpu_overcommit).max(1);
+        let mem_total = cap(h.memory_bytes, policy.memory_overcommit).max(1);
+        let cpu_left = (cpus - req.cpus as u64) * 1000 / cpu_total;
+        let mem_left = (mem - req.memory_bytes) * 1000 / mem_total;
+        let left = cpu_left.min(mem_left) as i64;
+        let fit = match policy.placement {
+            Placement::Spread => left,
+            Placement::Pack => -left,
+        };
+        (soft, fit)
+    };
+    let best = candidates
+        .iter()
+        .max_by(|a, b| score(a).cmp(&score(b)).then_with(|| b.name.cmp(&a.name)))
+        .map(|h| h.name.clone());
+    match best {
+        Some(host) => Decision::Place { host },
+        None => Decision::Pending {
+            reason: "no host".into(),
+        },
+    }
+}
+
+fn reason(
+    policy: &Policy,
+    hosts: &[HostView],
+    req: &Request,
+    counts: [usize; 5],
+    anti: &[String],
+    aff: &[String],
+) -> String {
+    let [pinned_out, not_connected, maintenance, no_cpu, no_mem] = counts;
+    if hosts.is_empty() {
+        return "no host is connected: start a host agent (`corral up` runs one)".into();
+    }
+    if let Some(p) = &req.host {
+        if pinned_out == hosts.len() {
+            return format!(
+                "the VM is pinned to host {p}, which does not exist: see `corral host list`"
+            );
+        }
+    }
+    let mut parts = Vec::new();
+    if no_mem > 0 {
+        let largest = hosts
+            .iter()
+            .filter(|h| h.state == HostState::Connected)
+            .map(|h| (free(policy, h).1, h.name.as_str()))
+            .max_by(|a, b| a.0.cmp(&b.0).then_with(|| b.1.cmp(a.1)));
+        let hint = largest
+            .map(|(m, n)| format!("; largest free is {} on {n}", format_bytes(m)))
+            .unwrap_or_default();
+        parts.push(format!(
+            "no host has {} of memory free{hint}",
+            format_bytes(req.memory_bytes)
+        ));
+    }
+    if no_cpu > 0 {
+        let largest = hosts
+            .iter()
+            .filter(|h| h.state == HostState::Connected)
+            .map(|h| free(policy, h).0)
+            .max()
+            .unwrap_or(0);
+        parts.push(format!(
+            "no host has {} vCPUs free (most is {largest})",
+            req.cpus
+        ));
+    }
+    if !anti.is_empty() {
+        parts.push(format!(
+            "hard anti-affinity group {} already has a member on every host that could take the VM",
+            dedup(anti)
+        ));
+    }
+    if !aff.is_empty() {
+        parts.push(format!(
+            "affinity group {} runs on a host that cannot take the VM",
+            dedup(aff)
+        ));
+    }
+    if maintenance > 0 {
+        parts.push(format!("{maintenance} host(s) in maintenance"));
+    }
+    if not_connected > 0 {
+        parts.push(format!("{not_connected} host(s) not responding"));
+    }
+    parts.join("; ")
+}
+
+fn dedup(names: &[String]) -> String {
+    let mut v = names.to_vec();
+    v.sort();
+    v.dedup();
+    v.join(", ")
+}
+
+#[cfg(test)]
+mod tests;
