@@ -6,9 +6,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use corral_api::{keys, Accel, DiskStatus, Host, Image, ImagePhase, PowerState, Vm, VmPhase};
+use corral_api::{
+    keys, Accel, DiskStatus, Host, HostStatus, Image, ImagePhase, PowerState, Vm, VmPhase,
+};
 use corral_hypervisor::{Driver, LaunchSpec, RunState};
-use corral_store::{get_json, Precondition, Store, StoreError, Versioned};
+use corral_store::{get_json, update_json, Precondition, Store, StoreError, Versioned};
 use tokio::sync::mpsc;
 
 use crate::{layout, AgentError};
@@ -141,12 +143,12 @@ pub(crate) async fn reconcile(
     else {
         return Ok(Outcome::Gone);
     };
-    if vm.status.host.as_deref().is_some_and(|h| h != cfg.host) {
+    // Only VMs the scheduler placed on this host; a VM placed later wakes a new worker.
+    if vm.status.host.as_deref() != Some(cfg.host.as_str()) {
         return Ok(Outcome::Gone);
     }
     let dir = layout::vm_dir(&cfg.data_dir, vm.meta.uid);
     let before = vm.clone();
-    vm.status.host = Some(cfg.host.clone());
 
     // Deletion needs no QMP: it must work also when QEMU hangs.
     if vm.meta.deletion_requested_at.is_some() {
@@ -378,20 +380,37 @@ impl Agent {
         Arc::new(Self { store, driver, cfg })
     }
 
+    /// Records this host's capacity and a fresh heartbeat, keeping what the operator set.
     async fn heartbeat(&self) -> Result<(), AgentError> {
-        let host = Host {
-            name: self.cfg.host.clone(),
+        let status = HostStatus {
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
             memory_bytes: memory_bytes(),
             accel: self.cfg.accel,
             hypervisor: self.cfg.hypervisor.clone(),
             last_heartbeat: Utc::now(),
         };
-        let bytes = serde_json::to_vec(&host).map_err(StoreError::from)?;
-        self.store
-            .put(&keys::host(&self.cfg.host), bytes, Precondition::Any)
+        let key = keys::host(&self.cfg.host);
+        loop {
+            let updated = update_json::<Host, AgentError>(&*self.store, &key, |h| {
+                h.status = status.clone();
+                Ok(true)
+            })
             .await?;
-        Ok(())
+            if updated.is_some() {
+                return Ok(());
+            }
+            let host = Host {
+                name: self.cfg.host.clone(),
+                maintenance: false,
+                status: status.clone(),
+            };
+            let bytes = serde_json::to_vec(&host).map_err(StoreError::from)?;
+            match self.store.put(&key, bytes, Precondition::Absent).await {
+                Ok(_) => return Ok(()),
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// Registers the host, then reconciles VMs until the task is dropped.

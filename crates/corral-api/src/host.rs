@@ -21,10 +21,19 @@ impl std::fmt::Display for Accel {
     }
 }
 
-/// A hypervisor host as its agent reports it.
+/// A hypervisor host. The operator owns `maintenance`; the host's agent owns `status`.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq)]
 pub struct Host {
     pub name: String,
+    /// A host in maintenance gets no new VMs.
+    #[serde(default)]
+    pub maintenance: bool,
+    pub status: HostStatus,
+}
+
+/// What a host's agent reports with every heartbeat.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct HostStatus {
     /// Logical CPUs of the machine.
     pub cpus: u32,
     /// Physical memory of the machine in bytes.
@@ -33,4 +42,78 @@ pub struct Host {
     /// What `qemu-system-x86_64 --version` printed.
     pub hypervisor: String,
     pub last_heartbeat: DateTime<Utc>,
+}
+
+/// Whether a host takes part in the cluster.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum HostState {
+    /// Heartbeats arrive; new VMs may land here.
+    Connected,
+    /// No heartbeat within the timeout; its VMs are left alone.
+    NotResponding,
+    /// The operator took it out of service: no new VMs.
+    Maintenance,
+}
+
+/// A host as the API shows it: the record, its state, and what is placed on it.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct HostInfo {
+    #[serde(flatten)]
+    pub host: Host,
+    pub state: HostState,
+    /// Since when the host has not responded (its last heartbeat), when it does not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_responding_since: Option<DateTime<Utc>>,
+    /// vCPUs and memory of the VMs placed on the host.
+    pub allocated_cpus: u32,
+    pub allocated_memory_bytes: u64,
+    /// VMs placed on the host, as "project/name".
+    pub vms: Vec<String>,
+}
+
+/// How the cluster places VMs.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PlacementPolicy {
+    /// Balance load across hosts.
+    Spread,
+    /// Fill hosts before using new ones.
+    Pack,
+}
+
+/// Cluster-wide placement settings (`GET`/`PUT /api/v1/cluster`).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct ClusterSettings {
+    pub placement: PlacementPolicy,
+    /// vCPUs that may be allocated per host CPU.
+    pub cpu_overcommit: f64,
+    /// Memory that may be allocated per byte of host memory.
+    pub memory_overcommit: f64,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        Self {
+            placement: PlacementPolicy::Spread,
+            cpu_overcommit: 4.0,
+            memory_overcommit: 1.0,
+        }
+    }
+}
+
+impl ClusterSettings {
+    pub fn validate(&self) -> Result<(), crate::ValidationError> {
+        for (what, v) in [
+            ("cpu_overcommit", self.cpu_overcommit),
+            ("memory_overcommit", self.memory_overcommit),
+        ] {
+            if !(v.is_finite() && (0.1..=64.0).contains(&v)) {
+                return Err(crate::ValidationError::new(format!(
+                    "{what} {v} is out of range: use a ratio between 0.1 and 64 (1 means no overcommit)"
+                )));
+            }
+        }
+        Ok(())
+    }
 }

@@ -6,6 +6,7 @@
 //! types, so the document and the wire format cannot disagree.
 
 mod error;
+mod group;
 mod host;
 mod image;
 mod meta;
@@ -14,7 +15,8 @@ mod task;
 mod vm;
 
 pub use error::{ApiErrorBody, ValidationError};
-pub use host::{Accel, Host};
+pub use group::{CreateGroupRequest, GroupRule, GroupStrength, VmGroup};
+pub use host::{Accel, ClusterSettings, Host, HostInfo, HostState, HostStatus, PlacementPolicy};
 pub use image::{DirectBoot, DiskFormat, Image, ImagePhase, ImageSource, ImageSpec, ImageStatus};
 pub use meta::{validate_name, ObjectMeta, DEFAULT_PROJECT};
 pub use size::{format_bytes, parse_size};
@@ -64,6 +66,8 @@ pub mod keys {
     pub const TASKS: &str = "/corral/tasks/";
     pub const IMAGES: &str = "/corral/images/";
     pub const ADMIN_TOKEN: &str = "/corral/auth/admin-token-sha256";
+    pub const CLUSTER: &str = "/corral/cluster";
+    pub const GROUPS: &str = "/corral/groups/";
 
     pub fn project(name: &str) -> String {
         format!("/corral/projects/{name}")
@@ -79,6 +83,12 @@ pub mod keys {
     }
     pub fn image(project: &str, name: &str) -> String {
         format!("{IMAGES}{project}/{name}")
+    }
+    pub fn groups(project: &str) -> String {
+        format!("{GROUPS}{project}/")
+    }
+    pub fn group(project: &str, name: &str) -> String {
+        format!("{GROUPS}{project}/{name}")
     }
     pub fn host(name: &str) -> String {
         format!("{HOSTS}{name}")

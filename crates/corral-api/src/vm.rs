@@ -35,13 +35,16 @@ pub struct VmSpec {
     /// Incremented by each reboot request; the agent resets the VM until it has seen this many.
     #[serde(default)]
     pub reboots: u64,
+    /// Pinned by the user to this host; otherwise the scheduler picks one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 /// Where a VM is in its life, as observed by its host agent.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum VmPhase {
-    /// Accepted; no host has acted on it yet.
+    /// Accepted; not placed on a host yet, or the host has not acted on it yet.
     Pending,
     Stopped,
     Running,
@@ -170,6 +173,9 @@ pub struct CreateVmRequest {
     /// Start the VM once it is created.
     #[serde(default)]
     pub start: bool,
+    /// Run on this host instead of where the scheduler would place it.
+    #[serde(default)]
+    pub host: Option<String>,
 }
 
 fn one() -> u32 {
@@ -182,6 +188,9 @@ impl CreateVmRequest {
     pub fn to_spec(&self) -> Result<VmSpec, ValidationError> {
         validate_name("VM", &self.name)?;
         validate_name("image", &self.image)?;
+        if let Some(h) = &self.host {
+            validate_name("host", h)?;
+        }
         if self.cpus == 0 || self.cpus > MAX_CPUS {
             return Err(ValidationError::new(format!(
                 "a VM needs 1 to {MAX_CPUS} CPUs, not {}: pass --cpus N",
@@ -219,6 +228,7 @@ impl CreateVmRequest {
             },
             force_stop: false,
             reboots: 0,
+            host: self.host.clone(),
         })
     }
 }
@@ -243,6 +253,7 @@ mod tests {
             memory: "256M".into(),
             disk: Some("1G".into()),
             start: true,
+            host: None,
         }
     }
 

@@ -5,7 +5,9 @@
 
 mod auth;
 mod error;
+mod hosts;
 mod images;
+mod placement;
 mod tasks;
 mod vms;
 
@@ -13,9 +15,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use corral_api::{keys, Health, Host, Task};
+use corral_api::{keys, Health, Task};
 use corral_store::{get_json, list_json, Precondition, Store, StoreError};
 use utoipa::OpenApi;
 
@@ -28,6 +30,8 @@ pub struct Ctx {
     /// Where image files and VM run directories live (the all-in-one host's data dir).
     pub data_dir: PathBuf,
     admin_token_hash: Vec<u8>,
+    /// Placement decisions are made one at a time.
+    placement: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Prepares the store (the default project, the hash of the admin token) and resumes tasks.
@@ -57,8 +61,10 @@ pub async fn init(
         store,
         data_dir,
         admin_token_hash: hash,
+        placement: Default::default(),
     };
     tasks::resume(&ctx).await?;
+    placement::spawn_placer(ctx.clone());
     Ok(ctx)
 }
 
@@ -82,11 +88,6 @@ async fn health() -> Json<Health> {
         status: "ok".into(),
         version: env!("CARGO_PKG_VERSION").into(),
     })
-}
-
-#[utoipa::path(get, path = "/api/v1/hosts", tag = "hosts", responses((status = 200, body = [Host])), security(("bearer" = [])))]
-async fn list_hosts(State(ctx): State<Ctx>) -> Result<Json<Vec<Host>>, ApiError> {
-    Ok(Json(list_json::<Host>(&*ctx.store, keys::HOSTS).await?.0))
 }
 
 #[utoipa::path(get, path = "/api/v1/tasks", tag = "tasks", responses((status = 200, description = "newest first", body = [Task])), security(("bearer" = [])))]
@@ -131,7 +132,9 @@ impl utoipa::Modify for BearerAuth {
 #[openapi(
     info(title = "Corral API", description = "Corral, an open virtual datacenter OS: VMs, images, hosts and tasks."),
     paths(
-        health, list_hosts, list_tasks, get_task,
+        health, list_tasks, get_task,
+        hosts::list, hosts::get, hosts::maintenance, hosts::get_cluster, hosts::put_cluster,
+        hosts::list_groups, hosts::get_group, hosts::create_group, hosts::delete_group,
         vms::list, vms::get, vms::create, vms::start, vms::stop, vms::reboot, vms::delete, vms::console,
         images::list, images::get, images::build_jeos, images::import, images::delete,
     ),
@@ -149,7 +152,21 @@ pub fn router(ctx: Ctx) -> Router {
     let p = "/api/v1/projects/{project}";
     let authed = Router::new()
         .route("/api/v1/openapi.json", get(openapi_json))
-        .route("/api/v1/hosts", get(list_hosts))
+        .route("/api/v1/hosts", get(hosts::list))
+        .route("/api/v1/hosts/{name}", get(hosts::get))
+        .route("/api/v1/hosts/{name}/maintenance", put(hosts::maintenance))
+        .route(
+            "/api/v1/cluster",
+            get(hosts::get_cluster).put(hosts::put_cluster),
+        )
+        .route(
+            &format!("{p}/groups"),
+            get(hosts::list_groups).post(hosts::create_group),
+        )
+        .route(
+            &format!("{p}/groups/{{name}}"),
+            get(hosts::get_group).delete(hosts::delete_group),
+        )
         .route("/api/v1/tasks", get(list_tasks))
         .route("/api/v1/tasks/{id}", get(get_task))
         .route(&format!("{p}/vms"), get(vms::list).post(vms::create))

@@ -58,6 +58,16 @@ pub fn evaluate(goal: &TaskGoal, vm: Option<&Vm>) -> Verdict {
     let superseded = |want: PowerState| vm.spec.power != want;
     let phase = vm.status.phase;
     match goal {
+        TaskGoal::VmCreate { start, .. } if vm.status.host.is_none() => {
+            match vm.status.condition("Scheduled") {
+                Some(c) if !c.status && *start => Verdict::Failed(format!(
+                    "the VM is pending: {}; it starts once a host can take it",
+                    c.message
+                )),
+                Some(c) if !c.status => Verdict::Done(format!("created; pending: {}", c.message)),
+                _ => Verdict::Progress(5, "waiting for placement".into()),
+            }
+        }
         TaskGoal::VmCreate { generation, start } => match (observed(*generation), phase, start) {
             (true, VmPhase::Failed, _) => Verdict::Failed(failure(vm)),
             (true, VmPhase::Running, true) => Verdict::Done(format!(
@@ -261,6 +271,7 @@ mod tests {
             VmPhase::Pending => {}
             _ => status.set_condition("DiskReady", true, "Cloned", ""),
         }
+        status.host = Some("h1".into());
         Vm {
             meta: ObjectMeta::new("default", "a"),
             spec: VmSpec {
@@ -271,6 +282,7 @@ mod tests {
                 power: PowerState::Running,
                 force_stop: false,
                 reboots: 0,
+                host: None,
             },
             status,
         }

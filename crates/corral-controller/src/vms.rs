@@ -12,7 +12,7 @@ use corral_api::{
 use corral_store::{get_json, list_json, Op, Precondition, StoreError, Versioned};
 use serde::Deserialize;
 
-use crate::{ensure_project, tasks, ApiError, ApiJson, ApiPath, ApiQuery, Ctx};
+use crate::{ensure_project, placement, tasks, ApiError, ApiJson, ApiPath, ApiQuery, Ctx};
 
 fn vm_not_found(project: &str, name: &str) -> ApiError {
     ApiError::NotFound(format!(
@@ -97,39 +97,64 @@ pub async fn create(
         generation: vm.meta.generation,
         start: req.start,
     };
-    let task = Task::new(&project, "vm.create", format!("vm/{}", req.name), goal);
-    let op = Op::Put {
-        key: keys::vm(&project, &req.name),
-        value: serde_json::to_vec(&vm).map_err(StoreError::from)?,
-        when: Precondition::Absent,
-        lease: None,
-    };
-    // The image must still be the ready one we checked: a delete or rebuild in between conflicts.
-    let check = Op::Check {
-        key: image_key.clone(),
-        when: Precondition::ModRevision(image_rev),
-    };
-    match tasks::submit(&ctx, task, vec![check, op]).await {
-        Ok(task) => Ok((StatusCode::ACCEPTED, Json(task))),
-        Err(StoreError::Conflict { key }) if key == image_key => Err(ApiError::Conflict(format!(
-            "image {} changed while the VM was being created (deleted or rebuilt): try again",
-            vm.spec.image
-        ))),
-        Err(StoreError::Conflict { .. }) => Err(ApiError::Conflict(format!(
-            "a VM named {} already exists in project {project}: pick another name or delete it first",
-            req.name
-        ))),
-        Err(e) => Err(e.into()),
+    let _one_at_a_time = ctx.placement.lock().await;
+    loop {
+        let view = placement::view(&ctx).await?;
+        if let Some(pin) = &vm.spec.host {
+            if !view.hosts.iter().any(|(h, _)| &h.name == pin) {
+                return Err(ApiError::BadRequest(format!(
+                    "host {pin} does not exist: pick one from `corral host list`, or leave out --host"
+                )));
+            }
+        }
+        let mut vm = vm.clone();
+        let host_guard = view.apply(&mut vm);
+        let task = Task::new(
+            &project,
+            "vm.create",
+            format!("vm/{}", req.name),
+            goal.clone(),
+        );
+        // The image must still be the ready one we checked: a delete or rebuild in between conflicts.
+        let mut ops = vec![Op::Check {
+            key: image_key.clone(),
+            when: Precondition::ModRevision(image_rev),
+        }];
+        ops.extend(host_guard);
+        ops.push(Op::Put {
+            key: keys::vm(&project, &req.name),
+            value: serde_json::to_vec(&vm).map_err(StoreError::from)?,
+            when: Precondition::Absent,
+            lease: None,
+        });
+        return match tasks::submit(&ctx, task, ops).await {
+            Ok(task) => Ok((StatusCode::ACCEPTED, Json(task))),
+            // The chosen host changed between plan and apply (heartbeat, maintenance, gone): plan again.
+            Err(StoreError::Conflict { key }) if key.starts_with(keys::HOSTS) => continue,
+            Err(StoreError::Conflict { key }) if key == image_key => Err(ApiError::Conflict(format!(
+                "image {} changed while the VM was being created (deleted or rebuilt): try again",
+                vm.spec.image
+            ))),
+            Err(StoreError::Conflict { .. }) => Err(ApiError::Conflict(format!(
+                "a VM named {} already exists in project {project}: pick another name or delete it first",
+                req.name
+            ))),
+            Err(e) => Err(e.into()),
+        };
     }
 }
 
 /// A VM must fit on some host: no more vCPUs than its CPUs, no more memory than it has.
 async fn check_capacity(ctx: &Ctx, cpus: u32, memory: u64) -> Result<(), ApiError> {
     let (hosts, _) = list_json::<Host>(&*ctx.store, keys::HOSTS).await?;
-    let Some(max_cpus) = hosts.iter().map(|h| h.cpus).max() else {
+    let Some(max_cpus) = hosts.iter().map(|h| h.status.cpus).max() else {
         return Ok(());
     };
-    let max_mem = hosts.iter().map(|h| h.memory_bytes).max().unwrap_or(0);
+    let max_mem = hosts
+        .iter()
+        .map(|h| h.status.memory_bytes)
+        .max()
+        .unwrap_or(0);
     if cpus > max_cpus {
         return Err(ApiError::BadRequest(format!(
             "the VM asks for {cpus} CPUs but the largest host has {max_cpus}: use --cpus {max_cpus} or fewer"
@@ -257,7 +282,9 @@ pub async fn delete(
     ApiQuery(q): ApiQuery<DeleteQuery>,
 ) -> Result<(StatusCode, Json<Task>), ApiError> {
     change(&ctx, &project, &name, "vm.delete", |vm| {
-        let running = vm.spec.power == PowerState::Running || !matches!(vm.status.phase, VmPhase::Stopped | VmPhase::Pending | VmPhase::Failed);
+        // A guest runs (or is being brought down) there, or is about to be started on its host.
+        let running = matches!(vm.status.phase, VmPhase::Running | VmPhase::Stopping)
+            || (vm.spec.power == PowerState::Running && vm.status.host.is_some() && vm.status.phase != VmPhase::Failed);
         if running && !q.force {
             return Err(ApiError::Conflict(format!(
                 "VM {} is running: stop it first with `corral vm stop {}`, or delete it anyway with --force",

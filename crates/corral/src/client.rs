@@ -124,6 +124,10 @@ impl Client {
         self.decode(self.auth(self.agent.post(self.url(path))).send_json(body))
     }
 
+    pub fn put_json<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> Result<T> {
+        self.decode(self.auth(self.agent.put(self.url(path))).send_json(body))
+    }
+
     pub fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         self.decode(self.auth(self.agent.delete(self.url(path))).call())
     }

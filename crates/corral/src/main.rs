@@ -11,7 +11,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use corral_api::{
-    BuildJeosRequest, ConsoleChunk, CreateVmRequest, Host, Image, StopVmRequest, Task, Vm,
+    BuildJeosRequest, ClusterSettings, ConsoleChunk, CreateGroupRequest, CreateVmRequest,
+    GroupRule, GroupStrength, HostInfo, Image, PlacementPolicy, StopVmRequest, Task, Vm, VmGroup,
 };
 
 use client::Client;
@@ -61,6 +62,12 @@ enum Command {
     /// Hypervisor hosts.
     #[command(subcommand)]
     Host(HostCmd),
+    /// Cluster-wide placement settings.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// VM groups with affinity and anti-affinity rules.
+    #[command(subcommand)]
+    Group(GroupCmd),
     /// Long operations.
     #[command(subcommand)]
     Task(TaskCmd),
@@ -108,6 +115,9 @@ enum VmCmd {
         /// Start it once created.
         #[arg(long)]
         start: bool,
+        /// Run it on this host instead of where the scheduler would place it.
+        #[arg(long)]
+        host: Option<String>,
     },
     List,
     Show {
@@ -144,6 +154,78 @@ enum VmCmd {
 #[derive(Subcommand, Debug)]
 enum HostCmd {
     List,
+    Show {
+        name: String,
+    },
+    /// Take a host out of service (no new VMs) or return it.
+    Maintenance {
+        #[arg(value_enum)]
+        action: MaintenanceAction,
+        name: String,
+    },
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum MaintenanceAction {
+    Enter,
+    Exit,
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCmd {
+    Show,
+    /// Change placement settings; options left out keep their value.
+    Set {
+        #[arg(long, value_enum)]
+        placement: Option<PolicyArg>,
+        /// vCPUs per host CPU that may be allocated.
+        #[arg(long)]
+        cpu_overcommit: Option<f64>,
+        /// Memory per byte of host memory that may be allocated.
+        #[arg(long)]
+        memory_overcommit: Option<f64>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum PolicyArg {
+    Spread,
+    Pack,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum RuleArg {
+    Affinity,
+    AntiAffinity,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum StrengthArg {
+    Must,
+    Should,
+}
+
+#[derive(Subcommand, Debug)]
+enum GroupCmd {
+    /// Create a group: its members run together (affinity) or apart (anti-affinity).
+    Create {
+        name: String,
+        #[arg(long, value_enum)]
+        rule: RuleArg,
+        /// must: never broken (the VM waits); should: followed when possible.
+        #[arg(long, value_enum)]
+        strength: StrengthArg,
+        /// VM names, comma-separated; they may be created later.
+        #[arg(long, value_delimiter = ',', required = true)]
+        members: Vec<String>,
+    },
+    List,
+    Show {
+        name: String,
+    },
+    Delete {
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -214,6 +296,7 @@ fn client_command(g: &Global, cmd: Command) -> Result<()> {
                 memory,
                 disk,
                 start,
+                host,
             } => {
                 let req = CreateVmRequest {
                     name: name.clone(),
@@ -222,6 +305,7 @@ fn client_command(g: &Global, cmd: Command) -> Result<()> {
                     memory,
                     disk,
                     start,
+                    host,
                 };
                 let task: Task = c.post(&format!("{p}/vms"), &req)?;
                 finish_vm(task, &name)
@@ -249,7 +333,82 @@ fn client_command(g: &Global, cmd: Command) -> Result<()> {
             }
             VmCmd::Console { name, follow } => console(&c, &p, &name, follow, fmt),
         },
-        Command::Host(HostCmd::List) => output::hosts(fmt, &c.get::<Vec<Host>>("/hosts")?),
+        Command::Host(cmd) => match cmd {
+            HostCmd::List => output::hosts(fmt, &c.get::<Vec<HostInfo>>("/hosts")?, false),
+            HostCmd::Show { name } => {
+                output::hosts(fmt, &[c.get::<HostInfo>(&format!("/hosts/{name}"))?], true)
+            }
+            HostCmd::Maintenance { action, name } => {
+                let maintenance = matches!(action, MaintenanceAction::Enter);
+                let body = serde_json::json!({ "maintenance": maintenance });
+                let info: HostInfo = c.put_json(&format!("/hosts/{name}/maintenance"), &body)?;
+                if maintenance && !info.vms.is_empty() && fmt == Format::Table {
+                    // Evacuation by live migration arrives with migration; until then, say what stays.
+                    eprintln!(
+                        "host {name} takes no new VMs; still running there: {}",
+                        info.vms.join(", ")
+                    );
+                }
+                output::hosts(fmt, &[info], true)
+            }
+        },
+        Command::Cluster(ClusterCmd::Show) => {
+            output::cluster(fmt, &c.get::<ClusterSettings>("/cluster")?)
+        }
+        Command::Cluster(ClusterCmd::Set {
+            placement,
+            cpu_overcommit,
+            memory_overcommit,
+        }) => {
+            let mut s: ClusterSettings = c.get("/cluster")?;
+            if let Some(p) = placement {
+                s.placement = match p {
+                    PolicyArg::Spread => PlacementPolicy::Spread,
+                    PolicyArg::Pack => PlacementPolicy::Pack,
+                };
+            }
+            s.cpu_overcommit = cpu_overcommit.unwrap_or(s.cpu_overcommit);
+            s.memory_overcommit = memory_overcommit.unwrap_or(s.memory_overcommit);
+            output::cluster(fmt, &c.put_json::<ClusterSettings>("/cluster", &s)?)
+        }
+        Command::Group(cmd) => match cmd {
+            GroupCmd::Create {
+                name,
+                rule,
+                strength,
+                members,
+            } => {
+                let req = CreateGroupRequest {
+                    name,
+                    rule: match rule {
+                        RuleArg::Affinity => GroupRule::Affinity,
+                        RuleArg::AntiAffinity => GroupRule::AntiAffinity,
+                    },
+                    strength: match strength {
+                        StrengthArg::Must => GroupStrength::Must,
+                        StrengthArg::Should => GroupStrength::Should,
+                    },
+                    members,
+                };
+                output::groups(
+                    fmt,
+                    &[c.post::<VmGroup>(&format!("{p}/groups"), &req)?],
+                    true,
+                )
+            }
+            GroupCmd::List => {
+                output::groups(fmt, &c.get::<Vec<VmGroup>>(&format!("{p}/groups"))?, false)
+            }
+            GroupCmd::Show { name } => output::groups(
+                fmt,
+                &[c.get::<VmGroup>(&format!("{p}/groups/{name}"))?],
+                true,
+            ),
+            GroupCmd::Delete { name } => {
+                c.delete::<serde_json::Value>(&format!("{p}/groups/{name}"))?;
+                output::done(fmt, &format!("group {name} deleted"))
+            }
+        },
         Command::Task(TaskCmd::List) => output::tasks(fmt, &c.get::<Vec<Task>>("/tasks")?),
         Command::Task(TaskCmd::Show { id }) => {
             output::task(fmt, &c.get::<Task>(&format!("/tasks/{id}"))?)

@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
-use corral_api::{format_bytes, Host, Image, Task, Vm};
+use corral_api::{format_bytes, ClusterSettings, HostInfo, Image, Task, Vm, VmGroup};
 use serde::Serialize;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -107,32 +107,88 @@ pub fn images(fmt: Format, images: &[Image], single: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn hosts(fmt: Format, hosts: &[Host]) -> Result<()> {
+pub fn hosts(fmt: Format, hosts: &[HostInfo], single: bool) -> Result<()> {
     if fmt == Format::Json {
-        return json(&hosts);
+        return json_items(hosts, single);
     }
     table(
         &[
             "NAME",
-            "CPUS",
-            "MEMORY",
+            "STATE",
+            "CPUS (ALLOC/TOTAL)",
+            "MEMORY (ALLOC/TOTAL)",
+            "VMS",
             "ACCEL",
-            "HYPERVISOR",
             "LAST HEARTBEAT",
         ],
         hosts
             .iter()
             .map(|h| {
+                let state = match h.not_responding_since {
+                    Some(t) => format!("not responding since {}", t.format("%H:%M:%S")),
+                    None => format!("{:?}", h.state).to_lowercase(),
+                };
                 vec![
-                    h.name.clone(),
-                    h.cpus.to_string(),
-                    format_bytes(h.memory_bytes),
-                    h.accel.to_string(),
-                    h.hypervisor.clone(),
-                    h.last_heartbeat.to_rfc3339(),
+                    h.host.name.clone(),
+                    state,
+                    format!("{}/{}", h.allocated_cpus, h.host.status.cpus),
+                    format!(
+                        "{}/{}",
+                        format_bytes(h.allocated_memory_bytes),
+                        format_bytes(h.host.status.memory_bytes)
+                    ),
+                    if single {
+                        h.vms.join(", ")
+                    } else {
+                        h.vms.len().to_string()
+                    },
+                    h.host.status.accel.to_string(),
+                    h.host.status.last_heartbeat.to_rfc3339(),
                 ]
             })
             .collect(),
+    );
+    Ok(())
+}
+
+pub fn groups(fmt: Format, groups: &[VmGroup], single: bool) -> Result<()> {
+    if fmt == Format::Json {
+        return json_items(groups, single);
+    }
+    table(
+        &["NAME", "RULE", "STRENGTH", "MEMBERS"],
+        groups
+            .iter()
+            .map(|g| {
+                vec![
+                    g.meta.name.clone(),
+                    serde_json::to_value(g.rule)
+                        .ok()
+                        .and_then(|v| v.as_str().map(String::from))
+                        .unwrap_or_default(),
+                    serde_json::to_value(g.strength)
+                        .ok()
+                        .and_then(|v| v.as_str().map(String::from))
+                        .unwrap_or_default(),
+                    g.members.join(", "),
+                ]
+            })
+            .collect(),
+    );
+    Ok(())
+}
+
+pub fn cluster(fmt: Format, c: &ClusterSettings) -> Result<()> {
+    if fmt == Format::Json {
+        return json(c);
+    }
+    table(
+        &["PLACEMENT", "CPU OVERCOMMIT", "MEMORY OVERCOMMIT"],
+        vec![vec![
+            format!("{:?}", c.placement).to_lowercase(),
+            c.cpu_overcommit.to_string(),
+            c.memory_overcommit.to_string(),
+        ]],
     );
     Ok(())
 }

@@ -258,6 +258,8 @@ fn imports_accept_disks_and_refuse_other_files() {
 fn a_hard_kill_loses_nothing_that_was_acknowledged() {
     let mut lab = Lab::start();
     lab.build_jeos();
+    // Room for many small VMs on this one host: placement reserves capacity for each.
+    lab.cli(&["cluster", "set", "--cpu-overcommit", "64"]);
     // Create VMs while the control plane is killed at an arbitrary moment.
     let acknowledged = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let writer = {

@@ -75,8 +75,12 @@ impl Fixture {
                 power,
                 force_stop: false,
                 reboots: 0,
+                host: None,
             },
-            status: VmStatus::default(),
+            status: VmStatus {
+                host: Some("h1".into()),
+                ..VmStatus::default()
+            },
         };
         let key = keys::vm("default", name);
         self.store
@@ -302,14 +306,14 @@ async fn reboot_resets_once_and_delete_removes_everything() {
 }
 
 #[tokio::test]
-async fn a_vm_of_another_host_is_left_alone() {
+async fn a_vm_of_another_host_or_of_none_is_left_alone() {
     let f = fixture().await;
     let key = f.create("other", PowerState::Running).await;
-    f.edit(&key, |vm| vm.status.host = Some("h2".into())).await;
-    assert_eq!(
-        f.reconcile(&key, &mut WorkerState::default()).await,
-        Outcome::Gone
-    );
+    for host in [Some("h2".to_string()), None] {
+        f.edit(&key, |vm| vm.status.host = host.clone()).await;
+        let out = f.reconcile(&key, &mut WorkerState::default()).await;
+        assert_eq!(out, Outcome::Gone);
+    }
     assert!(f.driver.calls().is_empty());
 }
 

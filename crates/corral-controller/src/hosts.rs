@@ -1,0 +1,168 @@
+//! Hosts, cluster placement settings, and VM groups.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use corral_api::{keys, ClusterSettings, CreateGroupRequest, Host, HostInfo, ObjectMeta, VmGroup};
+use corral_store::{get_json, list_json, update_json, Precondition, StoreError};
+use serde::{Deserialize, Serialize};
+
+use crate::{ensure_project, placement, ApiError, ApiJson, ApiPath, Ctx};
+
+fn host_not_found(name: &str) -> ApiError {
+    ApiError::NotFound(format!(
+        "host {name} does not exist: see `corral host list`"
+    ))
+}
+
+#[utoipa::path(get, path = "/api/v1/hosts", tag = "hosts",
+    responses((status = 200, body = [HostInfo])), security(("bearer" = [])))]
+pub async fn list(State(ctx): State<Ctx>) -> Result<Json<Vec<HostInfo>>, ApiError> {
+    Ok(Json(placement::view(&ctx).await?.host_infos()))
+}
+
+#[utoipa::path(get, path = "/api/v1/hosts/{name}", tag = "hosts", params(("name" = String, Path)),
+    responses((status = 200, body = HostInfo), (status = 404, body = corral_api::ApiErrorBody)), security(("bearer" = [])))]
+pub async fn get(
+    State(ctx): State<Ctx>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<HostInfo>, ApiError> {
+    placement::view(&ctx)
+        .await?
+        .host_infos()
+        .into_iter()
+        .find(|h| h.host.name == name)
+        .map(Json)
+        .ok_or_else(|| host_not_found(&name))
+}
+
+/// Body of `PUT /api/v1/hosts/{name}/maintenance`.
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct MaintenanceRequest {
+    /// true: enter maintenance (no new VMs); false: return to service.
+    pub maintenance: bool,
+}
+
+#[utoipa::path(put, path = "/api/v1/hosts/{name}/maintenance", tag = "hosts", params(("name" = String, Path)),
+    request_body = MaintenanceRequest,
+    responses((status = 200, description = "the host; `vms` lists what still runs there", body = HostInfo),
+        (status = 404, body = corral_api::ApiErrorBody)),
+    security(("bearer" = [])))]
+pub async fn maintenance(
+    State(ctx): State<Ctx>,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(req): ApiJson<MaintenanceRequest>,
+) -> Result<Json<HostInfo>, ApiError> {
+    let updated = update_json::<Host, ApiError>(&*ctx.store, &keys::host(&name), |h| {
+        let changed = h.maintenance != req.maintenance;
+        h.maintenance = req.maintenance;
+        Ok(changed)
+    })
+    .await?;
+    if updated.is_none() {
+        return Err(host_not_found(&name));
+    }
+    get(State(ctx), ApiPath(name)).await
+}
+
+#[utoipa::path(get, path = "/api/v1/cluster", tag = "cluster",
+    responses((status = 200, body = ClusterSettings)), security(("bearer" = [])))]
+pub async fn get_cluster(State(ctx): State<Ctx>) -> Result<Json<ClusterSettings>, ApiError> {
+    Ok(Json(placement::settings(&ctx).await?))
+}
+
+#[utoipa::path(put, path = "/api/v1/cluster", tag = "cluster", request_body = ClusterSettings,
+    responses((status = 200, body = ClusterSettings), (status = 400, body = corral_api::ApiErrorBody)),
+    security(("bearer" = [])))]
+pub async fn put_cluster(
+    State(ctx): State<Ctx>,
+    ApiJson(req): ApiJson<ClusterSettings>,
+) -> Result<Json<ClusterSettings>, ApiError> {
+    req.validate()?;
+    let bytes = serde_json::to_vec(&req).map_err(StoreError::from)?;
+    ctx.store
+        .put(keys::CLUSTER, bytes, Precondition::Any)
+        .await?;
+    Ok(Json(req))
+}
+
+#[utoipa::path(get, path = "/api/v1/projects/{project}/groups", tag = "groups", params(("project" = String, Path)),
+    responses((status = 200, body = [VmGroup])), security(("bearer" = [])))]
+pub async fn list_groups(
+    State(ctx): State<Ctx>,
+    ApiPath(project): ApiPath<String>,
+) -> Result<Json<Vec<VmGroup>>, ApiError> {
+    ensure_project(&ctx, &project).await?;
+    Ok(Json(
+        list_json::<VmGroup>(&*ctx.store, &keys::groups(&project))
+            .await?
+            .0,
+    ))
+}
+
+#[utoipa::path(get, path = "/api/v1/projects/{project}/groups/{name}", tag = "groups",
+    params(("project" = String, Path), ("name" = String, Path)),
+    responses((status = 200, body = VmGroup), (status = 404, body = corral_api::ApiErrorBody)), security(("bearer" = [])))]
+pub async fn get_group(
+    State(ctx): State<Ctx>,
+    ApiPath((project, name)): ApiPath<(String, String)>,
+) -> Result<Json<VmGroup>, ApiError> {
+    ensure_project(&ctx, &project).await?;
+    get_json::<VmGroup>(&*ctx.store, &keys::group(&project, &name))
+        .await?
+        .map(|v| Json(v.value))
+        .ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "group {name} does not exist in project {project}: see `corral group list`"
+            ))
+        })
+}
+
+#[utoipa::path(post, path = "/api/v1/projects/{project}/groups", tag = "groups", params(("project" = String, Path)),
+    request_body = CreateGroupRequest,
+    responses((status = 201, body = VmGroup), (status = 400, body = corral_api::ApiErrorBody), (status = 409, body = corral_api::ApiErrorBody)),
+    security(("bearer" = [])))]
+pub async fn create_group(
+    State(ctx): State<Ctx>,
+    ApiPath(project): ApiPath<String>,
+    ApiJson(req): ApiJson<CreateGroupRequest>,
+) -> Result<(StatusCode, Json<VmGroup>), ApiError> {
+    ensure_project(&ctx, &project).await?;
+    req.validate()?;
+    let group = VmGroup {
+        meta: ObjectMeta::new(&project, &req.name),
+        rule: req.rule,
+        strength: req.strength,
+        members: req.members,
+    };
+    let bytes = serde_json::to_vec(&group).map_err(StoreError::from)?;
+    match ctx.store.put(&keys::group(&project, &req.name), bytes, Precondition::Absent).await {
+        Ok(_) => Ok((StatusCode::CREATED, Json(group))),
+        Err(StoreError::Conflict { .. }) => Err(ApiError::Conflict(format!(
+            "a group named {} already exists in project {project}: delete it first or pick another name",
+            req.name
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[utoipa::path(delete, path = "/api/v1/projects/{project}/groups/{name}", tag = "groups",
+    params(("project" = String, Path), ("name" = String, Path)),
+    responses((status = 204), (status = 404, body = corral_api::ApiErrorBody)), security(("bearer" = [])))]
+pub async fn delete_group(
+    State(ctx): State<Ctx>,
+    ApiPath((project, name)): ApiPath<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    ensure_project(&ctx, &project).await?;
+    match ctx
+        .store
+        .delete(&keys::group(&project, &name), Precondition::Any)
+        .await
+    {
+        Ok(_) => Ok(StatusCode::NO_CONTENT),
+        Err(StoreError::NotFound { .. }) => Err(ApiError::NotFound(format!(
+            "group {name} does not exist in project {project}: see `corral group list`"
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}

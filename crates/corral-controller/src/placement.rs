@@ -1,0 +1,242 @@
+//! Placement: builds the scheduler's view of the cluster from the store, asks `corral-scheduler`
+//! where a VM goes, and records the answer in the VM's status: the host, or why it waits.
+//!
+//! Decisions are made one at a time (a lock in the controller), so two concurrent creates cannot
+//! both take the last free memory of a host; the write is guarded by the host's revision, so a host
+//! that changed or vanished between plan and apply makes the controller plan again. A background
+//! placer retries pending VMs as hosts come, go or free up.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use corral_api::{
+    keys, ClusterSettings, GroupRule, GroupStrength, Host, HostInfo, HostState, PlacementPolicy,
+    Vm, VmGroup, VmPhase,
+};
+use corral_scheduler as sched;
+use corral_store::{get_json, list_json, Op, Precondition, StoreError};
+
+use crate::{ApiError, Ctx};
+
+/// A host without a heartbeat for this long is not responding (heartbeats come every 5 s).
+pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Everything placement looks at, read from the store.
+pub struct ClusterView {
+    pub settings: ClusterSettings,
+    /// Hosts with the revision they were read at.
+    pub hosts: Vec<(Host, u64)>,
+    pub vms: Vec<Vm>,
+    pub groups: Vec<VmGroup>,
+}
+
+pub fn host_state(h: &Host, now: DateTime<Utc>) -> (HostState, Option<DateTime<Utc>>) {
+    let silent = (now - h.status.last_heartbeat).to_std().unwrap_or_default() > HEARTBEAT_TIMEOUT;
+    if silent {
+        (HostState::NotResponding, Some(h.status.last_heartbeat))
+    } else if h.maintenance {
+        (HostState::Maintenance, None)
+    } else {
+        (HostState::Connected, None)
+    }
+}
+
+pub async fn settings(ctx: &Ctx) -> Result<ClusterSettings, ApiError> {
+    Ok(get_json::<ClusterSettings>(&*ctx.store, keys::CLUSTER)
+        .await?
+        .map(|v| v.value)
+        .unwrap_or_default())
+}
+
+pub async fn view(ctx: &Ctx) -> Result<ClusterView, ApiError> {
+    let (kvs, _) = ctx.store.list(keys::HOSTS).await?;
+    let hosts = kvs
+        .iter()
+        .map(|kv| Ok((serde_json::from_slice::<Host>(&kv.value)?, kv.mod_revision)))
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    Ok(ClusterView {
+        settings: settings(ctx).await?,
+        hosts,
+        vms: list_json::<Vm>(&*ctx.store, keys::VMS).await?.0,
+        groups: list_json::<VmGroup>(&*ctx.store, keys::GROUPS).await?.0,
+    })
+}
+
+fn qualified(project: &str, name: &str) -> String {
+    format!("{project}/{name}")
+}
+
+impl ClusterView {
+    /// The API's view of every host: state, allocation, VMs.
+    pub fn host_infos(&self) -> Vec<HostInfo> {
+        let now = Utc::now();
+        self.hosts
+            .iter()
+            .map(|(h, _)| {
+                let (state, since) = host_state(h, now);
+                let placed: Vec<&Vm> = self
+                    .vms
+                    .iter()
+                    .filter(|v| v.status.host.as_deref() == Some(h.name.as_str()))
+                    .collect();
+                HostInfo {
+                    host: h.clone(),
+                    state,
+                    not_responding_since: since,
+                    allocated_cpus: placed.iter().map(|v| v.spec.cpus).sum(),
+                    allocated_memory_bytes: placed.iter().map(|v| v.spec.memory_bytes).sum(),
+                    vms: placed
+                        .iter()
+                        .map(|v| qualified(&v.meta.project, &v.meta.name))
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+
+    /// Asks the scheduler where `vm` goes.
+    pub fn decide(&self, vm: &Vm) -> sched::Decision {
+        let policy = sched::Policy {
+            placement: match self.settings.placement {
+                PlacementPolicy::Spread => sched::Placement::Spread,
+                PlacementPolicy::Pack => sched::Placement::Pack,
+            },
+            cpu_overcommit: self.settings.cpu_overcommit,
+            memory_overcommit: self.settings.memory_overcommit,
+        };
+        let me = qualified(&vm.meta.project, &vm.meta.name);
+        let hosts: Vec<sched::HostView> = self
+            .host_infos()
+            .into_iter()
+            .map(|i| sched::HostView {
+                name: i.host.name.clone(),
+                state: match i.state {
+                    HostState::Connected => sched::HostState::Connected,
+                    HostState::NotResponding => sched::HostState::NotResponding,
+                    HostState::Maintenance => sched::HostState::Maintenance,
+                },
+                cpus: i.host.status.cpus,
+                memory_bytes: i.host.status.memory_bytes,
+                allocated_cpus: i.allocated_cpus,
+                allocated_memory: i.allocated_memory_bytes,
+                vms: i.vms,
+            })
+            .collect();
+        let groups: Vec<sched::Group> = self
+            .groups
+            .iter()
+            .map(|g| sched::Group {
+                name: g.meta.name.clone(),
+                rule: match g.rule {
+                    GroupRule::Affinity => sched::Rule::Affinity,
+                    GroupRule::AntiAffinity => sched::Rule::AntiAffinity,
+                },
+                strength: match g.strength {
+                    GroupStrength::Must => sched::Strength::Must,
+                    GroupStrength::Should => sched::Strength::Should,
+                },
+                members: g
+                    .members
+                    .iter()
+                    .map(|m| qualified(&g.meta.project, m))
+                    .collect(),
+            })
+            .collect();
+        let req = sched::Request {
+            vm: me,
+            cpus: vm.spec.cpus,
+            memory_bytes: vm.spec.memory_bytes,
+            host: vm.spec.host.clone(),
+        };
+        sched::place(&policy, &hosts, &groups, &req)
+    }
+
+    /// Records the decision in `vm` and returns the guard for the write: the chosen host's key must
+    /// still be at the revision it was read at.
+    pub fn apply(&self, vm: &mut Vm) -> Option<Op> {
+        match self.decide(vm) {
+            sched::Decision::Place { host } => {
+                let rev = self
+                    .hosts
+                    .iter()
+                    .find(|(h, _)| h.name == host)
+                    .map_or(0, |(_, r)| *r);
+                vm.status.set_condition(
+                    "Scheduled",
+                    true,
+                    "Placed",
+                    &format!("placed on {host} ({:?} policy)", self.settings.placement)
+                        .to_lowercase(),
+                );
+                vm.status.host = Some(host.clone());
+                Some(Op::Check {
+                    key: keys::host(&host),
+                    when: Precondition::ModRevision(rev),
+                })
+            }
+            sched::Decision::Pending { reason } => {
+                vm.status.phase = VmPhase::Pending;
+                vm.status
+                    .set_condition("Scheduled", false, "Unschedulable", &reason);
+                None
+            }
+        }
+    }
+}
+
+/// Places VMs that wait for a host, and removes waiting VMs whose deletion was asked for.
+pub fn spawn_placer(ctx: Ctx) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            if let Err(e) = place_pending(&ctx).await {
+                tracing::warn!(error = %e, "placing pending VMs failed");
+            }
+        }
+    });
+}
+
+async fn place_pending(ctx: &Ctx) -> Result<(), ApiError> {
+    let (kvs, _) = ctx.store.list(keys::VMS).await?;
+    for kv in kvs {
+        let Ok(mut vm) = serde_json::from_slice::<Vm>(&kv.value) else {
+            continue;
+        };
+        if vm.status.host.is_some() {
+            continue;
+        }
+        if vm.meta.deletion_requested_at.is_some() {
+            // Never placed: nothing runs anywhere, so there is nothing to clean up.
+            match ctx
+                .store
+                .delete(&kv.key, Precondition::ModRevision(kv.mod_revision))
+                .await
+            {
+                Ok(_) | Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+            continue;
+        }
+        let _one_at_a_time = ctx.placement.lock().await;
+        let view = view(ctx).await?;
+        let before = vm.status.clone();
+        let guard = view.apply(&mut vm);
+        if vm.status == before {
+            continue;
+        }
+        let mut ops: Vec<Op> = guard.into_iter().collect();
+        ops.push(Op::Put {
+            key: kv.key.clone(),
+            value: serde_json::to_vec(&vm).map_err(StoreError::from)?,
+            when: Precondition::ModRevision(kv.mod_revision),
+            lease: None,
+        });
+        match ctx.store.txn(ops).await {
+            // Lost a race with a change of the VM or the host: the next round plans again.
+            Ok(_) | Err(StoreError::Conflict { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,331 @@
+//! Placement across hosts, through the real API and store, with three in-process host agents on the
+//! fake driver (the real-guest lab tests live with the binary).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use corral_agent::{Agent, AgentConfig};
+use corral_api::Accel;
+use corral_hypervisor::fake::FakeDriver;
+use corral_store::{RedbStore, Store};
+use serde_json::{json, Value};
+
+/// Polls a condition (an expression that may `.await`) for up to 20 s.
+macro_rules! wait_until {
+    ($cond:expr) => {{
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !$cond {
+            assert!(
+                Instant::now() < deadline,
+                "not true within 20 s: {}",
+                stringify!($cond)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }};
+}
+
+struct Cluster {
+    _dir: tempfile::TempDir,
+    base: String,
+    token: String,
+}
+
+impl Cluster {
+    async fn start(hosts: &[&str]) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn Store> =
+            Arc::new(RedbStore::open(&dir.path().join("store.redb")).expect("store"));
+        let token = corral_controller::new_token();
+        let ctx = corral_controller::init(store.clone(), dir.path().to_path_buf(), &token)
+            .await
+            .expect("init");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let base = format!("http://{}/api/v1", listener.local_addr().expect("addr"));
+        tokio::spawn(async move { axum::serve(listener, corral_controller::router(ctx)).await });
+        for h in hosts {
+            let cfg = AgentConfig {
+                host: h.to_string(),
+                data_dir: dir.path().join(h),
+                accel: Accel::Tcg,
+                hypervisor: "fake".into(),
+                stop_timeout: Duration::from_secs(5),
+                resync: Duration::from_secs(1),
+            };
+            let agent = Agent::new(store.clone(), Arc::new(FakeDriver::default()), cfg);
+            tokio::spawn(agent.run());
+        }
+        let c = Cluster {
+            _dir: dir,
+            base,
+            token,
+        };
+        wait_until!(c.get("/hosts").await.as_array().map(Vec::len) == Some(hosts.len()));
+        // An image to clone (a small qcow2 made by qemu-img, imported through the API).
+        let img = c._dir.path().join("base.qcow2");
+        let ok = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&img)
+            .arg("16M")
+            .status();
+        assert!(ok.expect("qemu-img").success());
+        let (status, body) = c
+            .call(
+                "PUT",
+                "/projects/default/images/base",
+                Some(std::fs::read(&img).expect("read").into()),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        c
+    }
+
+    async fn call(&self, method: &str, path: &str, body: Option<Body>) -> (u16, Value) {
+        let url = format!("{}{path}", self.base);
+        let auth = format!("Bearer {}", self.token);
+        let method = method.to_string();
+        tokio::task::spawn_blocking(move || {
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .build()
+                .into();
+            let req = ureq::http::Request::builder()
+                .method(method.as_str())
+                .uri(url)
+                .header("Authorization", auth);
+            let mut res = match body {
+                Some(Body::Json(v)) => agent
+                    .run(
+                        req.header("Content-Type", "application/json")
+                            .body(v.to_string())
+                            .expect("req"),
+                    )
+                    .expect("call"),
+                Some(Body::Bytes(b)) => agent.run(req.body(b).expect("req")).expect("call"),
+                None => agent.run(req.body(()).expect("req")).expect("call"),
+            };
+            let text = res.body_mut().read_to_string().unwrap_or_default();
+            (
+                res.status().as_u16(),
+                serde_json::from_str(&text).unwrap_or(Value::Null),
+            )
+        })
+        .await
+        .expect("join")
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        let (status, body) = self.call("GET", path, None).await;
+        assert_eq!(status, 200, "GET {path}: {body}");
+        body
+    }
+
+    async fn create(&self, name: &str, memory: &str) -> (u16, Value) {
+        let body =
+            json!({"name": name, "image": "base", "memory": memory, "cpus": 1, "start": true});
+        self.call("POST", "/projects/default/vms", Some(Body::Json(body)))
+            .await
+    }
+
+    /// Where each VM landed: name -> host (None while pending).
+    async fn placement(&self) -> Vec<(String, Option<String>)> {
+        let vms = self.get("/projects/default/vms").await;
+        vms.as_array()
+            .expect("list")
+            .iter()
+            .map(|v| {
+                (
+                    v["meta"]["name"].as_str().unwrap_or("").to_string(),
+                    v["status"]["host"].as_str().map(String::from),
+                )
+            })
+            .collect()
+    }
+
+    async fn per_host(&self) -> Vec<(String, usize)> {
+        let hosts = self.get("/hosts").await;
+        hosts
+            .as_array()
+            .expect("hosts")
+            .iter()
+            .map(|h| {
+                (
+                    h["name"].as_str().unwrap_or("").to_string(),
+                    h["vms"].as_array().map_or(0, Vec::len),
+                )
+            })
+            .collect()
+    }
+}
+
+enum Body {
+    Json(Value),
+    Bytes(Vec<u8>),
+}
+
+impl From<Vec<u8>> for Body {
+    fn from(b: Vec<u8>) -> Self {
+        Body::Bytes(b)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spread_puts_two_of_six_on_each_host_and_they_run_there() {
+    let c = Cluster::start(&["host-a", "host-b", "host-c"]).await;
+    for i in 0..6 {
+        let (status, body) = c.create(&format!("vm-{i}"), "256M").await;
+        assert_eq!(status, 202, "{body}");
+    }
+    assert_eq!(
+        c.per_host().await,
+        [
+            ("host-a".into(), 2),
+            ("host-b".into(), 2),
+            ("host-c".into(), 2)
+        ]
+    );
+    // Each host's own agent runs what was placed on it.
+    wait_until!(c
+        .get("/projects/default/vms")
+        .await
+        .as_array()
+        .expect("list")
+        .iter()
+        .all(|v| v["status"]["phase"] == "running"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hard_anti_affinity_spreads_a_group_and_the_fourth_member_waits_with_a_reason() {
+    let c = Cluster::start(&["host-a", "host-b", "host-c"]).await;
+    let group = json!({"name": "db", "rule": "anti-affinity", "strength": "must", "members": ["db1", "db2", "db3", "db4"]});
+    let (status, body) = c
+        .call("POST", "/projects/default/groups", Some(Body::Json(group)))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    // Pin-free filler first, so the group cannot just follow spreading.
+    for name in ["db1", "db2", "db3"] {
+        assert_eq!(c.create(name, "128M").await.0, 202);
+    }
+    let mut hosts: Vec<Option<String>> = c.placement().await.into_iter().map(|(_, h)| h).collect();
+    hosts.sort();
+    hosts.dedup();
+    assert_eq!(hosts.len(), 3, "three members on three hosts");
+    let (status, _) = c.create("db4", "128M").await;
+    assert_eq!(status, 202, "the VM is accepted, and waits");
+    let vm = c.get("/projects/default/vms/db4").await;
+    assert_eq!(vm["status"]["phase"], "pending");
+    assert!(vm["status"]["host"].is_null());
+    let cond = vm["status"]["conditions"]
+        .as_array()
+        .expect("conds")
+        .iter()
+        .find(|c| c["type"] == "Scheduled")
+        .expect("Scheduled")
+        .clone();
+    assert!(
+        cond["message"]
+            .as_str()
+            .expect("msg")
+            .contains("anti-affinity group db"),
+        "{cond}"
+    );
+    // Deleting a pending VM needs no host.
+    let (status, _) = c.call("DELETE", "/projects/default/vms/db4", None).await;
+    assert_eq!(status, 202);
+    wait_until!(c.call("GET", "/projects/default/vms/db4", None).await.0 == 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pack_fills_a_host_first_and_maintenance_hosts_get_nothing() {
+    let c = Cluster::start(&["host-a", "host-b", "host-c"]).await;
+    let cpus = c.get("/hosts/host-a").await["status"]["cpus"]
+        .as_u64()
+        .expect("cpus");
+    let settings = json!({"placement": "pack", "cpu_overcommit": 1.0, "memory_overcommit": 1.0});
+    assert_eq!(
+        c.call("PUT", "/cluster", Some(Body::Json(settings)))
+            .await
+            .0,
+        200
+    );
+    let (status, info) = c
+        .call(
+            "PUT",
+            "/hosts/host-a/maintenance",
+            Some(Body::Json(json!({"maintenance": true}))),
+        )
+        .await;
+    assert_eq!((status, info["state"].as_str()), (200, Some("maintenance")));
+    for i in 0..=cpus {
+        assert_eq!(c.create(&format!("p{i}"), "128M").await.0, 202);
+    }
+    let counts = c.per_host().await;
+    assert_eq!(
+        counts[0],
+        ("host-a".into(), 0),
+        "maintenance host skipped: {counts:?}"
+    );
+    assert_eq!(
+        counts[1],
+        ("host-b".into(), cpus as usize),
+        "host-b filled to its CPUs first: {counts:?}"
+    );
+    assert_eq!(counts[2], ("host-c".into(), 1), "{counts:?}");
+
+    // Back in service, host-a is empty: pack still prefers the fullest host that fits (host-c).
+    c.call(
+        "PUT",
+        "/hosts/host-a/maintenance",
+        Some(Body::Json(json!({"maintenance": false}))),
+    )
+    .await;
+    assert_eq!(c.create("next", "128M").await.0, 202);
+    let next = c.get("/projects/default/vms/next").await;
+    assert_eq!(next["status"]["host"], "host-c");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_too_big_for_the_free_memory_waits_and_says_how_much_is_free() {
+    let c = Cluster::start(&["host-a", "host-b"]).await;
+    let mem = c.get("/hosts/host-a").await["status"]["memory_bytes"]
+        .as_u64()
+        .expect("mem");
+    let big = format!("{}M", (mem >> 20) * 3 / 4);
+    assert_eq!(c.create("big-1", &big).await.0, 202);
+    assert_eq!(c.create("big-2", &big).await.0, 202);
+    let (status, body) = c.create("big-3", &big).await;
+    assert_eq!(status, 202, "{body}");
+    let vm = c.get("/projects/default/vms/big-3").await;
+    let cond = vm["status"]["conditions"]
+        .as_array()
+        .expect("conds")
+        .iter()
+        .find(|c| c["type"] == "Scheduled")
+        .expect("cond")
+        .clone();
+    let msg = cond["message"].as_str().expect("msg");
+    assert!(msg.contains("of memory free; largest free is"), "{msg}");
+    // Free a host: the placer puts the waiting VM there.
+    assert_eq!(
+        c.call("DELETE", "/projects/default/vms/big-1?force=true", None)
+            .await
+            .0,
+        202
+    );
+    wait_until!(c.get("/projects/default/vms/big-3").await["status"]["host"].is_string());
+    // A pin to an unknown host is refused outright.
+    let body = json!({"name": "pinned", "image": "base", "memory": "128M", "host": "host-z"});
+    let (status, err) = c
+        .call("POST", "/projects/default/vms", Some(Body::Json(body)))
+        .await;
+    assert_eq!(status, 400);
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("host host-z does not exist"),
+        "{err}"
+    );
+}
