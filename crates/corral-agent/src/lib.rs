@@ -10,6 +10,7 @@
 pub mod images;
 pub mod layout;
 mod reconcile;
+pub mod remote;
 
 pub use reconcile::{Agent, AgentConfig};
 

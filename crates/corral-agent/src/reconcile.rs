@@ -415,7 +415,10 @@ impl Agent {
 
     /// Registers the host, then reconciles VMs until the task is dropped.
     pub async fn run(self: Arc<Self>) -> Result<(), AgentError> {
-        self.heartbeat().await?;
+        // The controller may be down: VMs keep running, and the loops below keep trying.
+        if let Err(e) = self.heartbeat().await {
+            tracing::warn!(error = %e, "first heartbeat failed; retrying");
+        }
         let me = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -429,7 +432,11 @@ impl Agent {
         let mut workers: HashMap<String, mpsc::Sender<()>> = HashMap::new();
         let mut backoff = Duration::from_millis(100);
         loop {
+            let started = Instant::now();
             if let Err(e) = self.clone().follow(&mut workers).await {
+                if started.elapsed() > Duration::from_secs(30) {
+                    backoff = Duration::from_millis(100);
+                }
                 tracing::warn!(error = %e, "lost the store; retrying in {backoff:?}");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));

@@ -65,6 +65,19 @@ pub async fn maintenance(
     get(State(ctx), ApiPath(name)).await
 }
 
+#[utoipa::path(post, path = "/api/v1/hosts/join-tokens", tag = "hosts", request_body = crate::agents::JoinTokenRequest,
+    responses((status = 201, description = "a single-use token for `corral agent --join`", body = crate::agents::JoinToken)),
+    security(("bearer" = [])))]
+pub async fn join_token(
+    State(ctx): State<Ctx>,
+    ApiJson(req): ApiJson<crate::agents::JoinTokenRequest>,
+) -> Result<(StatusCode, Json<crate::agents::JoinToken>), ApiError> {
+    let ttl =
+        std::time::Duration::from_secs(req.ttl_seconds.unwrap_or(3600).clamp(60, 7 * 24 * 3600));
+    let token = crate::agents::new_join_token(&ctx, &ctx.ca, ttl).await?;
+    Ok((StatusCode::CREATED, Json(token)))
+}
+
 #[utoipa::path(get, path = "/api/v1/cluster", tag = "cluster",
     responses((status = 200, body = ClusterSettings)), security(("bearer" = [])))]
 pub async fn get_cluster(State(ctx): State<Ctx>) -> Result<Json<ClusterSettings>, ApiError> {

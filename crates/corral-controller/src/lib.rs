@@ -3,6 +3,7 @@
 //! desired state and a task in one store transaction. They never drive a hypervisor: host agents
 //! reconcile what was written. Every endpoint but `/health` needs the bearer token.
 
+pub mod agents;
 mod auth;
 mod error;
 mod hosts;
@@ -32,6 +33,8 @@ pub struct Ctx {
     admin_token_hash: Vec<u8>,
     /// Placement decisions are made one at a time.
     placement: Arc<tokio::sync::Mutex<()>>,
+    /// The cluster CA (created in `DATA_DIR/pki` on first start).
+    ca: Arc<corral_pki::Ca>,
 }
 
 /// Prepares the store (the default project, the hash of the admin token) and resumes tasks.
@@ -57,11 +60,14 @@ pub async fn init(
             .put(keys::ADMIN_TOKEN, hash.clone(), Precondition::Any)
             .await?;
     }
+    let ca = corral_pki::Ca::load_or_create(&data_dir.join("pki"))
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     let ctx = Ctx {
         store,
         data_dir,
         admin_token_hash: hash,
         placement: Default::default(),
+        ca: Arc::new(ca),
     };
     tasks::resume(&ctx).await?;
     placement::spawn_placer(ctx.clone());
@@ -133,7 +139,7 @@ impl utoipa::Modify for BearerAuth {
     info(title = "Corral API", description = "Corral, an open virtual datacenter OS: VMs, images, hosts and tasks."),
     paths(
         health, list_tasks, get_task,
-        hosts::list, hosts::get, hosts::maintenance, hosts::get_cluster, hosts::put_cluster,
+        hosts::list, hosts::get, hosts::maintenance, hosts::join_token, hosts::get_cluster, hosts::put_cluster,
         hosts::list_groups, hosts::get_group, hosts::create_group, hosts::delete_group,
         vms::list, vms::get, vms::create, vms::start, vms::stop, vms::reboot, vms::delete, vms::console,
         images::list, images::get, images::build_jeos, images::import, images::delete,
@@ -153,6 +159,7 @@ pub fn router(ctx: Ctx) -> Router {
     let authed = Router::new()
         .route("/api/v1/openapi.json", get(openapi_json))
         .route("/api/v1/hosts", get(hosts::list))
+        .route("/api/v1/hosts/join-tokens", post(hosts::join_token))
         .route("/api/v1/hosts/{name}", get(hosts::get))
         .route("/api/v1/hosts/{name}/maintenance", put(hosts::maintenance))
         .route(

@@ -316,8 +316,16 @@ pub async fn console(
     use std::io::{Read, Seek, SeekFrom};
     const MAX: u64 = 64 * 1024;
     let vm = load(&ctx, &project, &name).await?;
-    let path =
-        corral_hypervisor::console_log(&corral_agent::layout::vm_dir(&ctx.data_dir, vm.meta.uid));
+    // The log sits in the VM's run directory on its host, beside its disk. Hosts of the local lab
+    // share this machine's file system; a console relayed by remote agents is future work.
+    let run_dir = vm.status.disk.as_ref().and_then(|d| {
+        std::path::Path::new(&d.path)
+            .parent()
+            .map(|p| p.to_path_buf())
+    });
+    let path = corral_hypervisor::console_log(
+        &run_dir.unwrap_or_else(|| corral_agent::layout::vm_dir(&ctx.data_dir, vm.meta.uid)),
+    );
     let mut data = Vec::new();
     if let Ok(mut f) = std::fs::File::open(&path) {
         let len = f.metadata().map(|m| m.len()).unwrap_or(0);

@@ -7,7 +7,9 @@
 
 use std::time::Instant;
 
-use corral_scheduler::{place, Decision, Group, HostState, HostView, Policy, Request, Rule, Strength};
+use corral_scheduler::{
+    place, Decision, Group, HostState, HostView, Policy, Request, Rule, Strength,
+};
 
 const GIB: u64 = 1 << 30;
 
@@ -21,7 +23,11 @@ fn cluster(n: usize) -> (Vec<HostView>, Vec<Group>) {
             }
             HostView {
                 name: format!("host-{i:05}"),
-                state: if i % 50 == 7 { HostState::Maintenance } else { HostState::Connected },
+                state: if i % 50 == 7 {
+                    HostState::Maintenance
+                } else {
+                    HostState::Connected
+                },
                 cpus: 64,
                 memory_bytes: 512 * GIB,
                 allocated_cpus: 10 * 2,
@@ -30,7 +36,12 @@ fn cluster(n: usize) -> (Vec<HostView>, Vec<Group>) {
             }
         })
         .collect();
-    let groups = vec![Group { name: "db".into(), rule: Rule::AntiAffinity, strength: Strength::Must, members }];
+    let groups = vec![Group {
+        name: "db".into(),
+        rule: Rule::AntiAffinity,
+        strength: Strength::Must,
+        members,
+    }];
     (hosts, groups)
 }
 
@@ -55,7 +66,12 @@ fn main() {
         let mut lat = Vec::with_capacity(decisions);
         let start = Instant::now();
         for k in 0..decisions {
-            let req = Request { vm: format!("new-{k}"), cpus: 2, memory_bytes: 4 * GIB, host: None };
+            let req = Request {
+                vm: format!("new-{k}"),
+                cpus: 2,
+                memory_bytes: 4 * GIB,
+                host: None,
+            };
             let t = Instant::now();
             let d = place(&policy, &hosts, &groups, &req);
             lat.push(t.elapsed().as_secs_f64() * 1e3);
@@ -73,7 +89,12 @@ fn main() {
         let mut ff_lat = Vec::with_capacity(decisions);
         let ff_start = Instant::now();
         for k in 0..decisions {
-            let req = Request { vm: format!("new-{k}"), cpus: 2, memory_bytes: 4 * GIB, host: None };
+            let req = Request {
+                vm: format!("new-{k}"),
+                cpus: 2,
+                memory_bytes: 4 * GIB,
+                host: None,
+            };
             let t = Instant::now();
             let i = first_fit(&policy, &ff_hosts, &req);
             ff_lat.push(t.elapsed().as_secs_f64() * 1e3);

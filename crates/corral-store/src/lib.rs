@@ -27,7 +27,7 @@ pub type Revision = u64;
 pub type LeaseId = u64;
 
 /// A key, its value and its version history.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KeyValue {
     pub key: String,
     pub value: Vec<u8>,
@@ -42,7 +42,7 @@ pub struct KeyValue {
 }
 
 /// What must hold for a write to happen.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Precondition {
     /// Write unconditionally.
     Any,
@@ -53,7 +53,7 @@ pub enum Precondition {
 }
 
 /// One write in a transaction.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Op {
     Put {
         key: String,
@@ -72,7 +72,7 @@ pub enum Op {
     },
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum EventKind {
     Put,
     Delete,
@@ -80,7 +80,7 @@ pub enum EventKind {
 
 /// A change seen by a watcher. For a delete, `kv.value` is empty and `kv.mod_revision` is the
 /// revision of the deletion.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Event {
     pub kind: EventKind,
     pub kv: KeyValue,

@@ -53,6 +53,8 @@ enum Command {
     Up(serve::UpArgs),
     /// Run the control plane alone (API and store), without a local host agent.
     Controller(serve::ControllerArgs),
+    /// Run a host agent that joins a controller (`corral host join-token` makes the token).
+    Agent(serve::AgentArgs),
     /// Images VMs are created from.
     #[command(subcommand)]
     Image(ImageCmd),
@@ -157,6 +159,12 @@ enum HostCmd {
     Show {
         name: String,
     },
+    /// Make a single-use token a new host joins with (`corral agent --join URL --token TOKEN`).
+    JoinToken {
+        /// How long the token is valid, in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
     /// Take a host out of service (no new VMs) or return it.
     Maintenance {
         #[arg(value_enum)]
@@ -239,6 +247,7 @@ fn main() {
     let result = match cli.command {
         Command::Up(args) => serve::up(args),
         Command::Controller(args) => serve::controller(args),
+        Command::Agent(args) => serve::agent(args),
         other => client_command(&cli.global, other),
     };
     if let Err(e) = result {
@@ -338,6 +347,19 @@ fn client_command(g: &Global, cmd: Command) -> Result<()> {
             HostCmd::Show { name } => {
                 output::hosts(fmt, &[c.get::<HostInfo>(&format!("/hosts/{name}"))?], true)
             }
+            HostCmd::JoinToken { ttl } => {
+                let t: corral_controller::agents::JoinToken = c.post(
+                    "/hosts/join-tokens",
+                    &serde_json::json!({ "ttl_seconds": ttl }),
+                )?;
+                if fmt == Format::Json {
+                    println!("{}", serde_json::to_string_pretty(&t)?);
+                } else {
+                    println!("{}", t.token);
+                    eprintln!("valid until {}; on the new host: corral agent --join https://CONTROLLER:PORT --token TOKEN", t.expires_at.to_rfc3339());
+                }
+                Ok(())
+            }
             HostCmd::Maintenance { action, name } => {
                 let maintenance = matches!(action, MaintenanceAction::Enter);
                 let body = serde_json::json!({ "maintenance": maintenance });
@@ -413,7 +435,9 @@ fn client_command(g: &Global, cmd: Command) -> Result<()> {
         Command::Task(TaskCmd::Show { id }) => {
             output::task(fmt, &c.get::<Task>(&format!("/tasks/{id}"))?)
         }
-        Command::Up(_) | Command::Controller(_) => unreachable!("handled in main"),
+        Command::Up(_) | Command::Controller(_) | Command::Agent(_) => {
+            unreachable!("handled in main")
+        }
     }
 }
 

@@ -21,6 +21,13 @@ pub struct ServerArgs {
     /// Address the API listens on.
     #[arg(long, default_value = DEFAULT_LISTEN)]
     listen: SocketAddr,
+    /// Address of the agent endpoint (mutually authenticated TLS) that hosts join, e.g. 0.0.0.0:7443.
+    #[arg(long)]
+    agent_listen: Option<SocketAddr>,
+    /// Names and addresses agents use to reach the agent endpoint (put in its certificate),
+    /// comma-separated; the listen address, 127.0.0.1 and localhost are always included.
+    #[arg(long, value_delimiter = ',')]
+    advertise: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -130,6 +137,25 @@ async fn serve(args: &ServerArgs, agent: Option<(AccelChoice, String, Duration)>
         token,
     };
     write_private(&config_path(), &serde_json::to_vec_pretty(&cfg)?)?;
+    if let Some(addr) = args.agent_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} for agents (--agent-listen)"))?;
+        let bound = listener.local_addr()?;
+        let mut names = args.advertise.clone();
+        if !bound.ip().is_unspecified() {
+            names.push(bound.ip().to_string());
+        }
+        names.extend(["127.0.0.1".to_string(), "localhost".to_string()]);
+        names.dedup();
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = corral_controller::agents::serve(ctx, names, listener).await {
+                tracing::error!(error = %e, "the agent endpoint stopped");
+            }
+        });
+        println!("  agents join: https://{bound} (see `corral host join-token`)");
+    }
     if let Some((accel, host, stop_timeout)) = agent {
         let accel = detect_accel(accel).map_err(anyhow::Error::msg)?;
         let hypervisor = corral_hypervisor::qemu_version().await?;
@@ -158,7 +184,7 @@ async fn serve(args: &ServerArgs, agent: Option<(AccelChoice, String, Duration)>
         config_path().display()
     );
     println!("Ctrl-C stops the control plane; running VMs keep running.");
-    axum::serve(listener, corral_controller::router(ctx))
+    axum::serve(listener, corral_controller::router(ctx.clone()))
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("serving the API")?;
@@ -189,4 +215,71 @@ pub fn up(args: UpArgs) -> Result<()> {
 pub fn controller(args: ControllerArgs) -> Result<()> {
     init_logging();
     runtime()?.block_on(serve(&args.server, None))
+}
+
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// The controller's agent endpoint, e.g. https://10.0.0.1:7443.
+    #[arg(long)]
+    join: String,
+    /// Join token from `corral host join-token` (needed only the first time).
+    #[arg(long, env = "CORRAL_JOIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Where this host keeps its certificate, VM disks and run directories.
+    #[arg(long, env = "CORRAL_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    #[arg(long, default_value = "auto")]
+    accel: AccelChoice,
+    /// Name of this host in the cluster (default: the machine's host name).
+    #[arg(long)]
+    host_name: Option<String>,
+    /// Seconds a guest gets to shut down after the ACPI power button before it is powered off.
+    #[arg(long, default_value_t = 30)]
+    stop_timeout: u64,
+}
+
+/// Runs a host agent that joins (or rejoins) a controller over mutually authenticated TLS.
+pub fn agent(args: AgentArgs) -> Result<()> {
+    init_logging();
+    let host = host_name(args.host_name)?;
+    let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    std::fs::set_permissions(
+        &data_dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )?;
+    let data_dir = data_dir.canonicalize()?;
+    let creds = match corral_agent::remote::Credentials::load(&data_dir) {
+        Some(c) => c,
+        None => {
+            let token = args.token.as_deref().context(
+                "this host has not joined yet: pass --token from `corral host join-token` on the controller",
+            )?;
+            let c = corral_agent::remote::join(&args.join, token, &host, &data_dir)
+                .map_err(anyhow::Error::msg)?;
+            println!("joined {} as host {host}", args.join);
+            c
+        }
+    };
+    let store =
+        corral_agent::remote::RemoteStore::new(&args.join, &creds).map_err(anyhow::Error::msg)?;
+    let accel = detect_accel(args.accel).map_err(anyhow::Error::msg)?;
+    runtime()?.block_on(async move {
+        let hypervisor = corral_hypervisor::qemu_version().await?;
+        let cfg = AgentConfig {
+            host: host.clone(),
+            data_dir,
+            accel,
+            hypervisor,
+            stop_timeout: Duration::from_secs(args.stop_timeout),
+            resync: Duration::from_secs(5),
+        };
+        let agent = Agent::new(Arc::new(store), Arc::new(QemuDriver), cfg);
+        println!("host agent {host} running ({accel}); Ctrl-C stops it, VMs keep running");
+        tokio::select! {
+            r = agent.run() => r.map_err(anyhow::Error::from),
+            _ = shutdown_signal() => Ok(()),
+        }
+    })
 }

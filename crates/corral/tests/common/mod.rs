@@ -16,7 +16,10 @@ pub const READY: &str = corral_jeos::READY_MARKER;
 pub struct Lab {
     pub dir: tempfile::TempDir,
     pub port: u16,
+    /// Port of the agent endpoint, for labs whose hosts join as separate agents.
+    pub agent_port: Option<u16>,
     server: Option<Child>,
+    agents: Vec<(String, Child)>,
 }
 
 fn free_port() -> u16 {
@@ -37,10 +40,106 @@ impl Lab {
         let mut lab = Lab {
             dir,
             port: free_port(),
+            agent_port: None,
             server: None,
+            agents: vec![],
         };
         lab.up();
         lab
+    }
+
+    /// Starts `corral controller` with an agent endpoint and no host; hosts come with `join`.
+    pub fn controller() -> Lab {
+        let dir = tempfile::Builder::new()
+            .prefix("corral-test-")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        let mut lab = Lab {
+            dir,
+            port: free_port(),
+            agent_port: Some(free_port()),
+            server: None,
+            agents: vec![],
+        };
+        lab.up();
+        lab
+    }
+
+    pub fn agent_url(&self) -> String {
+        format!(
+            "https://127.0.0.1:{}",
+            self.agent_port.expect("a controller lab")
+        )
+    }
+
+    /// Starts a host agent process that joins this lab's controller as `host`.
+    pub fn join(&mut self, host: &str) {
+        let token = self.cli(&["host", "join-token"]).trim().to_string();
+        self.start_agent(host, Some(&token));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.try_cli(&["host", "show", host, "-o", "json"]);
+            let state = serde_json::from_slice::<Value>(&out.stdout)
+                .ok()
+                .map(|h| h["state"].clone());
+            if state.is_some_and(|s| s == "connected") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "host {host} did not connect:\n{}",
+                self.agent_log(host)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Starts (or restarts) the agent of `host`; without a token it uses the credentials it has.
+    pub fn start_agent(&mut self, host: &str, token: Option<&str>) {
+        let dir = self.dir.path().join("hosts").join(host);
+        std::fs::create_dir_all(&dir).expect("host dir");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("agent.log"))
+            .expect("log");
+        let mut cmd = Command::new(BIN);
+        cmd.args([
+            "agent",
+            "--accel",
+            "tcg",
+            "--stop-timeout",
+            "15",
+            "--host-name",
+            host,
+            "--join",
+            &self.agent_url(),
+        ])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log);
+        if let Some(t) = token {
+            cmd.args(["--token", t]);
+        }
+        self.agents
+            .push((host.to_string(), cmd.spawn().expect("corral agent starts")));
+    }
+
+    /// Kills the agent process of `host` (its VMs stay).
+    pub fn kill_agent(&mut self, host: &str) {
+        for (h, c) in self.agents.iter_mut().filter(|(h, _)| h == host) {
+            let _ = c.kill();
+            let _ = c.wait();
+            let _ = h;
+        }
+        self.agents.retain(|(h, _)| h != host);
+    }
+
+    pub fn agent_log(&self, host: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join("hosts").join(host).join("agent.log"))
+            .unwrap_or_default()
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -58,8 +157,9 @@ impl Lab {
             .append(true)
             .open(self.dir.path().join("up.log"))
             .expect("log");
-        let child = Command::new(BIN)
-            .args([
+        let mut cmd = Command::new(BIN);
+        match self.agent_port {
+            None => cmd.args([
                 "up",
                 "--accel",
                 "tcg",
@@ -67,8 +167,13 @@ impl Lab {
                 "test-host",
                 "--stop-timeout",
                 "15",
-                "--listen",
-            ])
+            ]),
+            Some(p) => cmd
+                .args(["controller", "--agent-listen"])
+                .arg(format!("127.0.0.1:{p}")),
+        };
+        let child = cmd
+            .arg("--listen")
             .arg(format!("127.0.0.1:{}", self.port))
             .arg("--data-dir")
             .arg(self.data_dir())
@@ -220,9 +325,9 @@ impl Lab {
         }
     }
 
-    /// QEMU processes whose command line mentions this lab's data dir.
+    /// QEMU processes whose command line mentions this lab's directory (its hosts' data dirs too).
     pub fn qemu_pids(&self) -> Vec<u32> {
-        pids_matching(&self.data_dir().display().to_string())
+        pids_matching(&self.dir.path().display().to_string())
     }
 }
 
@@ -264,6 +369,10 @@ pub fn signal(pid: u32, sig: libc::c_int) {
 impl Drop for Lab {
     fn drop(&mut self) {
         self.crash();
+        for (_, c) in &mut self.agents {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
         for pid in self.qemu_pids() {
             signal(pid, libc::SIGKILL);
         }

@@ -1,0 +1,297 @@
+//! The store as a host agent on another machine sees it: the controller's agent endpoint, over
+//! mutually authenticated TLS. It implements the same [`Store`] trait, so the reconciler cannot tell
+//! it from the embedded store; the controller decides what a host may read and write.
+//!
+//! Also the join: fetch the CA over TLS without trusting it yet, check it against the fingerprint in
+//! the join token, then send the token over a connection that verifies the controller with that CA.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use corral_pki::Identity;
+use corral_store::{Event, KeyValue, LeaseId, Op, Revision, Store, StoreError, WatchStream};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use ureq::tls::{Certificate, ClientCert, PrivateKey, RootCerts, TlsConfig};
+
+/// What the agent keeps after joining, in `DATA_DIR/agent/`.
+pub struct Credentials {
+    pub ca_pem: String,
+    pub identity: Identity,
+}
+
+impl Credentials {
+    fn dir(data_dir: &Path) -> std::path::PathBuf {
+        data_dir.join("agent")
+    }
+
+    pub fn load(data_dir: &Path) -> Option<Credentials> {
+        let d = Self::dir(data_dir);
+        let read = |f: &str| std::fs::read_to_string(d.join(f)).ok();
+        Some(Credentials {
+            ca_pem: read("ca.crt")?,
+            identity: Identity {
+                cert_pem: read("host.crt")?,
+                key_pem: read("host.key")?,
+            },
+        })
+    }
+
+    fn save(&self, data_dir: &Path) -> Result<(), String> {
+        let d = Self::dir(data_dir);
+        let w = |f: &str, t: &str| {
+            corral_pki::write_private(&d.join(f), t.as_bytes())
+                .map_err(|e| format!("writing {f}: {e}"))
+        };
+        w("ca.crt", &self.ca_pem)?;
+        w("host.key", &self.identity.key_pem)?;
+        w("host.crt", &self.identity.cert_pem)
+    }
+}
+
+#[derive(Serialize)]
+struct JoinRequest<'a> {
+    token: &'a str,
+    host: &'a str,
+}
+
+#[derive(Deserialize)]
+struct JoinResponse {
+    cert_pem: String,
+    key_pem: String,
+    ca_pem: String,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    message: String,
+}
+
+#[derive(Deserialize)]
+struct WatchPage {
+    events: Vec<Event>,
+}
+
+fn agent_with(tls: TlsConfig, timeout: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .tls_config(tls)
+        .http_status_as_error(false)
+        .timeout_global(Some(timeout))
+        .build()
+        .into()
+}
+
+/// Joins the cluster at `url` with `token` as host `host`, and keeps the credentials in `data_dir`.
+pub fn join(url: &str, token: &str, host: &str, data_dir: &Path) -> Result<Credentials, String> {
+    let fp = token
+        .split('.')
+        .next()
+        .filter(|f| f.len() == 64)
+        .ok_or("the join token is malformed: copy it whole from `corral host join-token`")?;
+    let base = url.trim_end_matches('/');
+    // The CA is public; it is checked against the token's fingerprint before anything is trusted.
+    let insecure = agent_with(
+        TlsConfig::builder().disable_verification(true).build(),
+        Duration::from_secs(10),
+    );
+    let mut res = insecure
+        .get(format!("{base}/agent/v1/ca"))
+        .call()
+        .map_err(|e| format!("cannot reach the controller at {base} ({e}): check --join"))?;
+    let ca_pem = res.body_mut().read_to_string().map_err(|e| e.to_string())?;
+    let ca = corral_pki::first_cert(&ca_pem).map_err(|e| e.to_string())?;
+    if corral_pki::fingerprint(ca.as_ref()) != fp {
+        return Err(format!("the controller at {base} does not hold the CA this join token was made for: check --join and the token"));
+    }
+    let verified = agent_with(tls(&ca_pem, None)?, Duration::from_secs(30));
+    let mut res = verified
+        .post(format!("{base}/agent/v1/join"))
+        .send_json(JoinRequest { token, host })
+        .map_err(|e| format!("joining {base} failed: {e}"))?;
+    if !res.status().is_success() {
+        let body: Result<ErrorBody, _> = res.body_mut().read_json();
+        return Err(body
+            .map(|b| b.message)
+            .unwrap_or_else(|_| format!("the controller answered {}", res.status())));
+    }
+    let r: JoinResponse = res.body_mut().read_json().map_err(|e| e.to_string())?;
+    let creds = Credentials {
+        ca_pem: r.ca_pem,
+        identity: Identity {
+            cert_pem: r.cert_pem,
+            key_pem: r.key_pem,
+        },
+    };
+    creds.save(data_dir)?;
+    Ok(creds)
+}
+
+fn tls(ca_pem: &str, identity: Option<&Identity>) -> Result<TlsConfig, String> {
+    let ca = Certificate::from_pem(ca_pem.as_bytes()).map_err(|e| format!("bad CA: {e}"))?;
+    let mut b = TlsConfig::builder().root_certs(RootCerts::Specific(Arc::new(vec![ca])));
+    if let Some(id) = identity {
+        let cert = Certificate::from_pem(id.cert_pem.as_bytes())
+            .map_err(|e| format!("bad host certificate: {e}"))?;
+        let key = PrivateKey::from_pem(id.key_pem.as_bytes())
+            .map_err(|e| format!("bad host key: {e}"))?;
+        b = b.client_cert(Some(ClientCert::new_with_certs(&[cert], key)));
+    }
+    Ok(b.build())
+}
+
+/// The controller's store, reached through its agent endpoint.
+#[derive(Clone)]
+pub struct RemoteStore {
+    base: String,
+    agent: ureq::Agent,
+}
+
+fn unreachable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend {
+        path: "the controller".into(),
+        message: e.to_string(),
+    }
+}
+
+impl RemoteStore {
+    pub fn new(url: &str, creds: &Credentials) -> Result<Self, String> {
+        // Long polls take up to 20 s.
+        let agent = agent_with(
+            tls(&creds.ca_pem, Some(&creds.identity))?,
+            Duration::from_secs(40),
+        );
+        Ok(Self {
+            base: url.trim_end_matches('/').to_string(),
+            agent,
+        })
+    }
+
+    async fn call<T: DeserializeOwned + Send + 'static>(
+        &self,
+        method: &'static str,
+        path: String,
+        body: Option<Vec<Op>>,
+    ) -> Result<T, StoreError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let url = format!("{}{path}", me.base);
+            let res = match body {
+                Some(ops) => me.agent.post(&url).send_json(&ops),
+                None if method == "GET" => me.agent.get(&url).call(),
+                None => me.agent.post(&url).send_empty(),
+            };
+            let mut res = res.map_err(unreachable)?;
+            let status = res.status().as_u16();
+            if (200..300).contains(&status) {
+                return res.body_mut().read_json::<T>().map_err(unreachable);
+            }
+            let msg = res
+                .body_mut()
+                .read_json::<ErrorBody>()
+                .map(|b| b.message)
+                .unwrap_or_default();
+            Err(match (status, msg.split_once(':')) {
+                (409, Some(("conflict", key))) => StoreError::Conflict {
+                    key: key.to_string(),
+                },
+                (404, Some(("not-found", key))) => StoreError::NotFound {
+                    key: key.to_string(),
+                },
+                (410, _) => StoreError::WatchLagged,
+                _ => unreachable(format!("{status}: {msg}")),
+            })
+        })
+        .await
+        .map_err(unreachable)?
+    }
+}
+
+fn q(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[async_trait]
+impl Store for RemoteStore {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        self.call("GET", format!("/agent/v1/get?key={}", q(key)), None)
+            .await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
+        self.call("GET", format!("/agent/v1/list?prefix={}", q(prefix)), None)
+            .await
+    }
+
+    async fn txn(&self, ops: Vec<Op>) -> Result<Revision, StoreError> {
+        self.call("POST", "/agent/v1/txn".into(), Some(ops)).await
+    }
+
+    async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream, StoreError> {
+        let from = if from == 0 {
+            self.current_revision().await? + 1
+        } else {
+            from
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let me = self.clone();
+        let prefix = prefix.to_string();
+        tokio::spawn(async move {
+            // Ask again from the last revision seen (its events may span pages), skipping the keys
+            // of that revision already delivered.
+            let (mut from, mut seen_at_from) = (from, HashSet::<String>::new());
+            loop {
+                let path = format!("/agent/v1/watch?prefix={}&from={from}", q(&prefix));
+                let page: WatchPage = tokio::select! {
+                    page = me.call("GET", path, None) => match page {
+                        Ok(p) => p,
+                        Err(e) => {
+                            let _ = tx.send(Err(e)).await;
+                            return;
+                        }
+                    },
+                    _ = tx.closed() => return,
+                };
+                for e in page.events {
+                    if e.kv.mod_revision == from && seen_at_from.contains(&e.kv.key) {
+                        continue;
+                    }
+                    if e.kv.mod_revision > from {
+                        from = e.kv.mod_revision;
+                        seen_at_from.clear();
+                    }
+                    seen_at_from.insert(e.kv.key.clone());
+                    if tx.send(Ok(e)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    async fn current_revision(&self) -> Result<Revision, StoreError> {
+        self.call("GET", "/agent/v1/revision".into(), None).await
+    }
+
+    async fn grant_lease(&self, _ttl: Duration) -> Result<LeaseId, StoreError> {
+        Err(unreachable("leases are not offered to agents"))
+    }
+
+    async fn keep_alive(&self, _lease: LeaseId) -> Result<(), StoreError> {
+        Err(unreachable("leases are not offered to agents"))
+    }
+
+    async fn revoke_lease(&self, _lease: LeaseId) -> Result<(), StoreError> {
+        Err(unreachable("leases are not offered to agents"))
+    }
+}

@@ -1,0 +1,409 @@
+//! The agent endpoint: how host agents on other machines reach the control plane, over mutually
+//! authenticated TLS on its own port.
+//!
+//! A new host joins with a join token (single use, expiring, stored as a hash) and gets a host
+//! certificate from the cluster CA; the token also carries the CA's fingerprint, so the agent knows
+//! it talks to the right controller before it sends the token. From then on the host is known by its
+//! certificate's fingerprint. The agent reads and writes the store through this endpoint, within
+//! what a host may do: read VMs and images, write its own host record and the VMs placed on it.
+//! Everything else, and everything without a certificate of this cluster, is refused.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Extension, State};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use corral_api::{keys, validate_name, Host, HostStatus, Vm};
+use corral_pki::{Ca, Identity};
+
+use corral_store::{get_json, Event, KeyValue, Op, Precondition, Revision, StoreError};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tower::ServiceExt;
+
+use crate::{ApiError, ApiJson, ApiQuery, Ctx};
+
+const CERTS: &str = "/corral/host-certs/";
+const JOIN_TOKENS: &str = "/corral/join-tokens/";
+
+/// The fingerprint of the client certificate the TLS handshake verified, if any.
+#[derive(Clone, Debug)]
+struct Peer(Option<String>);
+
+#[derive(Clone)]
+struct AgentCtx {
+    ctx: Ctx,
+    ca: Arc<Ca>,
+}
+
+/// A join token as stored: only the hash of its secret.
+#[derive(Serialize, Deserialize)]
+struct StoredToken {
+    secret_sha256: String,
+    expires_at: DateTime<Utc>,
+}
+
+/// Body of `POST /api/v1/hosts/join-tokens`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct JoinTokenRequest {
+    /// How long the token is valid, in seconds (default 3600).
+    #[serde(default)]
+    pub ttl_seconds: Option<u64>,
+}
+
+/// A new join token: give it to `corral agent --join URL --token TOKEN` on the new host.
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct JoinToken {
+    pub token: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Body of `POST /agent/v1/join`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JoinRequest {
+    pub token: String,
+    pub host: String,
+}
+
+/// What a joining host gets: its certificate and key, and the CA to trust.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JoinResponse {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub ca_pem: String,
+}
+
+/// A page of a long-polled watch.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WatchPage {
+    pub events: Vec<Event>,
+}
+
+fn sha256_hex(s: &str) -> String {
+    Sha256::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Makes a join token: `CA-FINGERPRINT.ID.SECRET`.
+pub async fn new_join_token(ctx: &Ctx, ca: &Ca, ttl: Duration) -> Result<JoinToken, ApiError> {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let secret = crate::new_token();
+    let expires_at =
+        Utc::now() + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::hours(1));
+    let stored = StoredToken {
+        secret_sha256: sha256_hex(&secret),
+        expires_at,
+    };
+    let bytes = serde_json::to_vec(&stored).map_err(StoreError::from)?;
+    ctx.store
+        .put(&format!("{JOIN_TOKENS}{id}"), bytes, Precondition::Absent)
+        .await?;
+    let fp = ca
+        .fingerprint()
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(JoinToken {
+        token: format!("{fp}.{id}.{secret}"),
+        expires_at,
+    })
+}
+
+async fn ca_pem(State(a): State<AgentCtx>) -> String {
+    a.ca.cert_pem().to_string()
+}
+
+fn bad_token() -> ApiError {
+    ApiError::Unauthorized(
+        "the join token is not valid, was already used, or has expired: make a new one with `corral host join-token` on the controller".into(),
+    )
+}
+
+async fn join(
+    State(a): State<AgentCtx>,
+    ApiJson(req): ApiJson<JoinRequest>,
+) -> Result<Json<JoinResponse>, ApiError> {
+    validate_name("host", &req.host)?;
+    let mut parts = req.token.split('.');
+    let (Some(_fp), Some(id), Some(secret), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad_token());
+    };
+    if !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad_token());
+    }
+    let key = format!("{JOIN_TOKENS}{id}");
+    let stored = get_json::<StoredToken>(&*a.ctx.store, &key)
+        .await?
+        .ok_or_else(bad_token)?;
+    if stored.value.secret_sha256 != sha256_hex(secret) || stored.value.expires_at < Utc::now() {
+        return Err(bad_token());
+    }
+    let identity =
+        a.ca.issue_host(&req.host)
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let fp = corral_pki::fingerprint(
+        corral_pki::first_cert(&identity.cert_pem)
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .as_ref(),
+    );
+    let host = Host {
+        name: req.host.clone(),
+        maintenance: false,
+        status: HostStatus {
+            cpus: 0,
+            memory_bytes: 0,
+            accel: corral_api::Accel::Tcg,
+            hypervisor: String::new(),
+            last_heartbeat: DateTime::<Utc>::UNIX_EPOCH,
+        },
+    };
+    // One transaction: the token is used up, the name is taken, the certificate is known.
+    let ops = vec![
+        Op::Delete {
+            key: key.clone(),
+            when: Precondition::ModRevision(stored.revision),
+        },
+        Op::Put {
+            key: keys::host(&req.host),
+            value: serde_json::to_vec(&host).map_err(StoreError::from)?,
+            when: Precondition::Absent,
+            lease: None,
+        },
+        Op::Put {
+            key: format!("{CERTS}{fp}"),
+            value: req.host.clone().into_bytes(),
+            when: Precondition::Absent,
+            lease: None,
+        },
+    ];
+    match a.ctx.store.txn(ops).await {
+        Ok(_) => {}
+        Err(StoreError::Conflict { key: k }) if k == key => return Err(bad_token()),
+        Err(StoreError::Conflict { .. }) => {
+            return Err(ApiError::Conflict(format!(
+                "a host named {} is already in the cluster: join with another --host-name",
+                req.host
+            )))
+        }
+        Err(e) => return Err(e.into()),
+    }
+    tracing::info!(host = %req.host, "host joined");
+    Ok(Json(JoinResponse {
+        cert_pem: identity.cert_pem,
+        key_pem: identity.key_pem,
+        ca_pem: a.ca.cert_pem().to_string(),
+    }))
+}
+
+/// The host a request comes from, by its verified certificate.
+async fn host_of(a: &AgentCtx, peer: &Peer) -> Result<String, ApiError> {
+    let Some(fp) = &peer.0 else {
+        return Err(ApiError::Unauthorized(
+            "agent calls need a host certificate of this cluster: join with `corral agent --join`"
+                .into(),
+        ));
+    };
+    match a.ctx.store.get(&format!("{CERTS}{fp}")).await? {
+        Some(kv) => Ok(String::from_utf8_lossy(&kv.value).into_owned()),
+        None => Err(ApiError::Unauthorized(
+            "this host certificate is not (or no longer) known to the cluster".into(),
+        )),
+    }
+}
+
+fn may_read(host: &str, key: &str) -> bool {
+    key.starts_with(keys::VMS) || key.starts_with(keys::IMAGES) || key == keys::host(host)
+}
+
+fn forbidden(host: &str, key: &str) -> ApiError {
+    ApiError::Forbidden(format!("host {host} may not touch {key}: agents read VMs and images and write only their own host and the VMs placed on it"))
+}
+
+#[derive(Deserialize)]
+struct KeyQuery {
+    key: String,
+}
+
+#[derive(Deserialize)]
+struct PrefixQuery {
+    prefix: String,
+    #[serde(default)]
+    from: Revision,
+}
+
+async fn kv_get(
+    State(a): State<AgentCtx>,
+    Extension(peer): Extension<Peer>,
+    ApiQuery(q): ApiQuery<KeyQuery>,
+) -> Result<Json<Option<KeyValue>>, ApiError> {
+    let host = host_of(&a, &peer).await?;
+    if !may_read(&host, &q.key) {
+        return Err(forbidden(&host, &q.key));
+    }
+    Ok(Json(a.ctx.store.get(&q.key).await?))
+}
+
+async fn kv_list(
+    State(a): State<AgentCtx>,
+    Extension(peer): Extension<Peer>,
+    ApiQuery(q): ApiQuery<PrefixQuery>,
+) -> Result<Json<(Vec<KeyValue>, Revision)>, ApiError> {
+    let host = host_of(&a, &peer).await?;
+    if !may_read(&host, &q.prefix) {
+        return Err(forbidden(&host, &q.prefix));
+    }
+    Ok(Json(a.ctx.store.list(&q.prefix).await?))
+}
+
+async fn revision(
+    State(a): State<AgentCtx>,
+    Extension(peer): Extension<Peer>,
+) -> Result<Json<Revision>, ApiError> {
+    host_of(&a, &peer).await?;
+    Ok(Json(a.ctx.store.current_revision().await?))
+}
+
+/// Whether `host` may apply `op`: its own host record, or a VM placed on it (before and after).
+async fn may_write(a: &AgentCtx, host: &str, op: &Op) -> Result<bool, ApiError> {
+    let (key, new) = match op {
+        Op::Check { .. } => return Ok(true),
+        Op::Put { key, value, .. } => (key, Some(value)),
+        Op::Delete { key, .. } => (key, None),
+    };
+    if *key == keys::host(host) {
+        return Ok(true);
+    }
+    if !key.starts_with(keys::VMS) {
+        return Ok(false);
+    }
+    let placed_here = |bytes: &[u8]| {
+        serde_json::from_slice::<Vm>(bytes).is_ok_and(|vm| vm.status.host.as_deref() == Some(host))
+    };
+    let current = a.ctx.store.get(key).await?;
+    let was_ours = current.as_ref().is_some_and(|kv| placed_here(&kv.value));
+    Ok(was_ours && new.is_none_or(|v| placed_here(v)))
+}
+
+async fn txn(
+    State(a): State<AgentCtx>,
+    Extension(peer): Extension<Peer>,
+    ApiJson(ops): ApiJson<Vec<Op>>,
+) -> Result<Json<Revision>, ApiError> {
+    let host = host_of(&a, &peer).await?;
+    for op in &ops {
+        if !may_write(&a, &host, op).await? {
+            let key = match op {
+                Op::Put { key, .. } | Op::Delete { key, .. } | Op::Check { key, .. } => key,
+            };
+            return Err(forbidden(&host, key));
+        }
+    }
+    match a.ctx.store.txn(ops).await {
+        Ok(rev) => Ok(Json(rev)),
+        // The agent's store client turns these back into the store's own errors.
+        Err(StoreError::Conflict { key }) => Err(ApiError::Conflict(format!("conflict:{key}"))),
+        Err(StoreError::NotFound { key }) => Err(ApiError::NotFound(format!("not-found:{key}"))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Long poll: waits up to 20 s for events under the prefix from revision `from`, then returns what
+/// has arrived. Events of the last revision may be split across pages; the client asks again from
+/// that revision and skips what it already has.
+async fn watch(
+    State(a): State<AgentCtx>,
+    Extension(peer): Extension<Peer>,
+    ApiQuery(q): ApiQuery<PrefixQuery>,
+) -> Result<Json<WatchPage>, ApiError> {
+    let host = host_of(&a, &peer).await?;
+    if !may_read(&host, &q.prefix) {
+        return Err(forbidden(&host, &q.prefix));
+    }
+    let mut w = match a.ctx.store.watch(&q.prefix, q.from.max(1)).await {
+        Ok(w) => w,
+        Err(e @ StoreError::Compacted { .. }) => return Err(ApiError::Gone(e.to_string())),
+        Err(e) => return Err(e.into()),
+    };
+    let mut events = Vec::new();
+    if let Ok(Some(first)) = tokio::time::timeout(Duration::from_secs(20), w.recv()).await {
+        events.push(first.map_err(|e| ApiError::Gone(e.to_string()))?);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        while let Ok(Ok(e)) = w.try_recv() {
+            events.push(e);
+        }
+    }
+    Ok(Json(WatchPage { events }))
+}
+
+fn router(a: AgentCtx) -> Router {
+    Router::new()
+        .route("/agent/v1/ca", get(ca_pem))
+        .route("/agent/v1/join", post(join))
+        .route("/agent/v1/get", get(kv_get))
+        .route("/agent/v1/list", get(kv_list))
+        .route("/agent/v1/revision", get(revision))
+        .route("/agent/v1/txn", post(txn))
+        .route("/agent/v1/watch", get(watch))
+        .with_state(a)
+}
+
+/// Serves the agent endpoint on `listener`, with a server certificate for `names` (the addresses
+/// agents use to reach it), until the task is dropped.
+pub async fn serve(
+    ctx: Ctx,
+    names: Vec<String>,
+    listener: tokio::net::TcpListener,
+) -> Result<(), ApiError> {
+    let ca = ctx.ca.clone();
+    let server: Identity = ca
+        .issue_server(&names)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let config = corral_pki::server_config(ca.cert_pem(), &server)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let app = router(AgentCtx { ctx, ca });
+    loop {
+        let (tcp, addr): (tokio::net::TcpStream, SocketAddr) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting an agent connection failed");
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let tls = match acceptor.accept(tcp).await {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::info!(%addr, error = %e, "refused a TLS connection");
+                    return;
+                }
+            };
+            let peer = Peer(
+                tls.get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|c| corral_pki::fingerprint(c.as_ref())),
+            );
+            let service = hyper::service::service_fn(
+                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(peer.clone());
+                    app.clone().oneshot(req.map(axum::body::Body::new))
+                },
+            );
+            let io = hyper_util::rt::TokioIo::new(tls);
+            let builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            if let Err(e) = builder.serve_connection(io, service).await {
+                tracing::debug!(%addr, error = %e, "agent connection ended");
+            }
+        });
+    }
+}
