@@ -3,6 +3,7 @@
 //! client, talking to the REST API.
 
 mod client;
+mod lab;
 mod output;
 mod serve;
 
@@ -55,6 +56,9 @@ enum Command {
     Controller(serve::ControllerArgs),
     /// Run a host agent that joins a controller (`corral host join-token` makes the token).
     Agent(serve::AgentArgs),
+    /// A multi-host lab on this machine: hosts in network namespaces on a fabric bridge.
+    #[command(subcommand)]
+    Lab(lab::LabCmd),
     /// Images VMs are created from.
     #[command(subcommand)]
     Image(ImageCmd),
@@ -248,6 +252,7 @@ fn main() {
         Command::Up(args) => serve::up(args),
         Command::Controller(args) => serve::controller(args),
         Command::Agent(args) => serve::agent(args),
+        Command::Lab(cmd) => lab::run(cmd),
         other => client_command(&cli.global, other),
     };
     if let Err(e) = result {
@@ -435,7 +440,7 @@ fn client_command(g: &Global, cmd: Command) -> Result<()> {
         Command::Task(TaskCmd::Show { id }) => {
             output::task(fmt, &c.get::<Task>(&format!("/tasks/{id}"))?)
         }
-        Command::Up(_) | Command::Controller(_) | Command::Agent(_) => {
+        Command::Up(_) | Command::Controller(_) | Command::Agent(_) | Command::Lab(_) => {
             unreachable!("handled in main")
         }
     }

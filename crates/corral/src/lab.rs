@@ -1,0 +1,410 @@
+//! `corral lab`: a multi-host cluster on one machine. Each host is a Linux network namespace with its
+//! own address on a lab fabric bridge, running a real `corral agent` joined (over mutually
+//! authenticated TLS, across the fabric) to a `corral controller` in the root namespace. It is how
+//! tests run multi-host scenarios and how a newcomer tries the cluster on one laptop.
+//!
+//! Everything it creates is named after the lab and recorded in `lab.json` in the lab's directory,
+//! so `corral lab down` removes exactly that, also after a crash.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use serde::{Deserialize, Serialize};
+
+use crate::client::{config_path, ClientConfig};
+
+#[derive(Subcommand, Debug)]
+pub enum LabCmd {
+    /// Build a lab: a controller and N hosts, each a network namespace on a fabric bridge.
+    Up(UpArgs),
+    /// Show the lab's hosts: namespace, agent process, and state as the controller sees it.
+    Status(LabRef),
+    /// Remove everything the lab created: processes, VMs, namespaces, links, its directory.
+    Down(LabRef),
+}
+
+#[derive(Args, Debug)]
+pub struct LabRef {
+    /// Lab name: 1 to 6 lowercase letters or digits.
+    #[arg(long, default_value = "lab")]
+    name: String,
+    /// Where labs keep their state (default: $XDG_DATA_HOME/corral-labs or ~/.local/share/corral-labs).
+    #[arg(long, env = "CORRAL_LAB_DIR")]
+    dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    #[command(flatten)]
+    lab: LabRef,
+    /// Number of hosts.
+    #[arg(long, default_value_t = 3)]
+    hosts: u8,
+    /// Third octet of the fabric network 10.77.X.0/24 (labs side by side need different ones).
+    #[arg(long, default_value_t = 0)]
+    net: u8,
+    /// Port of the controller's API on 127.0.0.1.
+    #[arg(long, default_value_t = 7480)]
+    port: u16,
+    /// Accelerator for the hosts' guests.
+    #[arg(long, default_value = "auto")]
+    accel: String,
+}
+
+/// What a lab created, so that `down` can remove it.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct LabState {
+    name: String,
+    bridge: String,
+    api: String,
+    controller_pid: Option<u32>,
+    hosts: Vec<LabHost>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct LabHost {
+    name: String,
+    netns: String,
+    veth: String,
+    address: String,
+    agent_pid: Option<u32>,
+}
+
+impl LabRef {
+    fn root(&self) -> Result<PathBuf> {
+        let ok = !self.name.is_empty()
+            && self.name.len() <= 6
+            && self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        if !ok {
+            bail!("invalid lab name {:?}: use 1 to 6 lowercase letters or digits (it becomes part of interface names)", self.name);
+        }
+        let base = self.dir.clone().unwrap_or_else(|| {
+            std::env::var_os("XDG_DATA_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+                        .join(".local/share")
+                })
+                .join("corral-labs")
+        });
+        Ok(base.join(&self.name))
+    }
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running `ip` (install iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Starts a long-running process detached from this one (its own session), logging to `log`.
+fn spawn_detached(netns: Option<&str>, args: &[String], log: &Path) -> Result<u32> {
+    let file = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "setsid"]);
+            c
+        }
+        None => Command::new("setsid"),
+    };
+    let exe = std::env::current_exe().context("finding the corral binary")?;
+    let child = cmd
+        .arg(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .spawn()
+        .context("starting a lab process (needs `setsid` from util-linux)")?;
+    Ok(child.id())
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+fn kill(pid: u32) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while alive(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if alive(pid) {
+        let _ = Command::new("kill")
+            .arg("-KILL")
+            .arg(pid.to_string())
+            .status();
+    }
+}
+
+fn save(root: &Path, state: &LabState) -> Result<()> {
+    std::fs::write(root.join("lab.json"), serde_json::to_vec_pretty(state)?)
+        .context("writing lab.json")
+}
+
+fn load(root: &Path) -> Result<LabState> {
+    let bytes = std::fs::read(root.join("lab.json"))
+        .with_context(|| format!("no lab at {} (is it up?)", root.display()))?;
+    Ok(serde_json::from_slice(&bytes)?)
+}
+
+pub fn run(cmd: LabCmd) -> Result<()> {
+    match cmd {
+        LabCmd::Up(args) => up(args),
+        LabCmd::Status(r) => status(&r),
+        LabCmd::Down(r) => down(&r),
+    }
+}
+
+fn up(args: UpArgs) -> Result<()> {
+    let root = args.lab.root()?;
+    if root.join("lab.json").exists() {
+        bail!(
+            "lab {} is already up: `corral lab down --name {}` first",
+            args.lab.name,
+            args.lab.name
+        );
+    }
+    if args.hosts == 0 || args.hosts > 50 {
+        bail!("--hosts must be 1 to 50");
+    }
+    std::fs::create_dir_all(&root)?;
+    let name = &args.lab.name;
+    let prefix = format!("10.77.{}", args.net);
+    let mut state = LabState {
+        name: name.clone(),
+        bridge: format!("clab-{name}"),
+        api: format!("http://127.0.0.1:{}", args.port),
+        ..Default::default()
+    };
+    save(&root, &state)?;
+    // From here on, a failure leaves a lab.json that `lab down` can clean up after.
+    ip(&["link", "add", &state.bridge, "type", "bridge"])?;
+    ip(&[
+        "addr",
+        "add",
+        &format!("{prefix}.1/24"),
+        "dev",
+        &state.bridge,
+    ])?;
+    ip(&["link", "set", &state.bridge, "up"])?;
+    for i in 1..=args.hosts {
+        let host = LabHost {
+            name: format!("host-{i}"),
+            netns: format!("corral-{name}-host-{i}"),
+            veth: format!("cl{name}-{i}"),
+            address: format!("{prefix}.{}", 10 + i as u32),
+            agent_pid: None,
+        };
+        state.hosts.push(host);
+        save(&root, &state)?;
+        let h = state.hosts.last().context("host")?;
+        ip(&["netns", "add", &h.netns])?;
+        ip(&[
+            "link", "add", &h.veth, "type", "veth", "peer", "name", "eth0", "netns", &h.netns,
+        ])?;
+        ip(&["link", "set", &h.veth, "master", &state.bridge, "up"])?;
+        ip(&[
+            "-n",
+            &h.netns,
+            "addr",
+            "add",
+            &format!("{}/24", h.address),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", &h.netns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", &h.netns, "link", "set", "lo", "up"])?;
+    }
+    let controller_dir = root.join("controller");
+    let agent_url = format!("https://{prefix}.1:7443");
+    let pid = spawn_detached(
+        None,
+        &[
+            "controller".into(),
+            "--data-dir".into(),
+            controller_dir.display().to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{}", args.port),
+            "--agent-listen".into(),
+            format!("{prefix}.1:7443"),
+        ],
+        &root.join("controller.log"),
+    )?;
+    state.controller_pid = Some(pid);
+    save(&root, &state)?;
+    // The controller writes the client config when it is up.
+    let token_file = controller_dir.join("admin-token");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let client = loop {
+        if let Ok(t) = std::fs::read_to_string(&token_file) {
+            let c = crate::client::Client::new(Some(state.api.clone()), Some(t.trim().to_string()));
+            if c.get::<serde_json::Value>("/hosts").is_ok() {
+                break c;
+            }
+        }
+        if !alive(pid) || Instant::now() > deadline {
+            bail!(
+                "the lab controller did not start; see {}",
+                root.join("controller.log").display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for i in 0..state.hosts.len() {
+        let token: corral_controller::agents::JoinToken =
+            client.post("/hosts/join-tokens", &serde_json::json!({}))?;
+        let h = &state.hosts[i];
+        let host_dir = root.join("hosts").join(&h.name);
+        std::fs::create_dir_all(&host_dir)?;
+        let pid = spawn_detached(
+            Some(&h.netns),
+            &[
+                "agent".into(),
+                "--join".into(),
+                agent_url.clone(),
+                "--token".into(),
+                token.token,
+                "--host-name".into(),
+                h.name.clone(),
+                "--data-dir".into(),
+                host_dir.join("data").display().to_string(),
+                "--accel".into(),
+                args.accel.clone(),
+            ],
+            &host_dir.join("agent.log"),
+        )?;
+        state.hosts[i].agent_pid = Some(pid);
+        save(&root, &state)?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let hosts: Vec<corral_api::HostInfo> = client.get("/hosts")?;
+        let connected = hosts
+            .iter()
+            .filter(|h| h.state == corral_api::HostState::Connected)
+            .count();
+        if connected == state.hosts.len() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "only {connected} of {} hosts connected; see the agent logs under {}",
+                state.hosts.len(),
+                root.join("hosts").display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let cfg = std::fs::read(config_path())
+        .ok()
+        .and_then(|b| serde_json::from_slice::<ClientConfig>(&b).ok());
+    println!(
+        "lab {name} is up: controller {} (agents join at {agent_url}), {} hosts:",
+        state.api,
+        state.hosts.len()
+    );
+    for h in &state.hosts {
+        println!("  {}  {}  netns {}", h.name, h.address, h.netns);
+    }
+    if cfg.is_some_and(|c| c.url == state.api) {
+        println!(
+            "client commands now talk to this lab ({}).",
+            config_path().display()
+        );
+    }
+    println!("`corral lab down --name {name}` removes it.");
+    Ok(())
+}
+
+fn status(r: &LabRef) -> Result<()> {
+    let root = r.root()?;
+    let state = load(&root)?;
+    let token = std::fs::read_to_string(root.join("controller/admin-token")).unwrap_or_default();
+    let client =
+        crate::client::Client::new(Some(state.api.clone()), Some(token.trim().to_string()));
+    let hosts: Vec<corral_api::HostInfo> = client.get("/hosts").unwrap_or_default();
+    let ctl = state.controller_pid.is_some_and(alive);
+    println!(
+        "lab {}: controller {} ({})",
+        state.name,
+        state.api,
+        if ctl { "running" } else { "not running" }
+    );
+    for h in &state.hosts {
+        let ns = Path::new("/run/netns").join(&h.netns).exists();
+        let agent = h.agent_pid.is_some_and(alive);
+        let seen = hosts
+            .iter()
+            .find(|i| i.host.name == h.name)
+            .map(|i| format!("{:?}", i.state).to_lowercase())
+            .unwrap_or_else(|| "unknown".into());
+        println!(
+            "  {}  {}  netns {}  agent {}  {}  VMs: {}",
+            h.name,
+            h.address,
+            if ns { "present" } else { "missing" },
+            if agent { "running" } else { "not running" },
+            seen,
+            hosts
+                .iter()
+                .find(|i| i.host.name == h.name)
+                .map_or(0, |i| i.vms.len())
+        );
+    }
+    Ok(())
+}
+
+fn down(r: &LabRef) -> Result<()> {
+    let root = r.root()?;
+    let state = load(&root)?;
+    for h in &state.hosts {
+        if let Some(pid) = h.agent_pid {
+            kill(pid);
+        }
+    }
+    if let Some(pid) = state.controller_pid {
+        kill(pid);
+    }
+    // Guests of the lab's hosts: their command lines name the lab directory.
+    let needle = root.display().to_string();
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd);
+        if cmd.starts_with("qemu-system") && cmd.contains(&needle) {
+            kill(pid);
+        }
+    }
+    for h in &state.hosts {
+        let _ = ip(&["link", "del", &h.veth]);
+        let _ = ip(&["netns", "del", &h.netns]);
+    }
+    let _ = ip(&["link", "del", &state.bridge]);
+    std::fs::remove_dir_all(&root).with_context(|| format!("removing {}", root.display()))?;
+    println!("lab {} removed", state.name);
+    Ok(())
+}

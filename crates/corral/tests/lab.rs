@@ -1,0 +1,167 @@
+//! `corral lab`: three hosts in network namespaces on a fabric bridge, each running a real agent
+//! that joined the controller across the fabric, running real guests.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A lab under its own name, network and port; `lab down` runs when dropped, also on failure.
+struct TestLab {
+    dir: tempfile::TempDir,
+    name: String,
+    port: u16,
+}
+
+impl TestLab {
+    fn up(hosts: u8) -> TestLab {
+        let dir = tempfile::Builder::new()
+            .prefix("corral-lab-")
+            .tempdir_in("/tmp")
+            .expect("dir");
+        let n = std::process::id() % 200 + 20;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let lab = TestLab {
+            dir,
+            name: format!("t{n}"),
+            port,
+        };
+        let hosts = hosts.to_string();
+        let net = n.to_string();
+        let port = port.to_string();
+        let out = lab.corral(&[
+            "lab", "up", "--hosts", &hosts, "--net", &net, "--port", &port, "--accel", "tcg",
+        ]);
+        assert!(
+            out.status.success(),
+            "lab up failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        lab
+    }
+
+    fn corral(&self, args: &[&str]) -> std::process::Output {
+        let mut a: Vec<&str> = args.to_vec();
+        if args[0] == "lab" {
+            a.extend(["--name", &self.name]);
+        }
+        Command::new(common::BIN)
+            .args(&a)
+            .env("CORRAL_LAB_DIR", self.dir.path())
+            .env("XDG_CONFIG_HOME", self.dir.path().join("config"))
+            .env_remove("CORRAL_URL")
+            .env_remove("CORRAL_TOKEN")
+            .output()
+            .expect("corral runs")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.corral(args);
+        assert!(
+            out.status.success(),
+            "corral {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.extend(["-o", "json"]);
+        serde_json::from_str(&self.ok(&a)).expect("json")
+    }
+
+    fn netns(&self, host: &str) -> String {
+        format!("corral-{}-{host}", self.name)
+    }
+}
+
+impl Drop for TestLab {
+    fn drop(&mut self) {
+        let _ = self.corral(&["lab", "down"]);
+    }
+}
+
+#[test]
+fn three_namespace_hosts_spread_six_guests_two_each_and_lab_down_removes_everything() {
+    let lab = TestLab::up(3);
+    let status = lab.ok(&["lab", "status"]);
+    assert_eq!(status.matches("connected").count(), 3, "{status}");
+    lab.ok(&["image", "build-jeos"]);
+    for i in 1..=6 {
+        lab.ok(&[
+            "vm",
+            "create",
+            &format!("g{i}"),
+            "--image",
+            "jeos",
+            "--memory",
+            "128M",
+            "--start",
+        ]);
+    }
+    let hosts = lab.json(&["host", "list"]);
+    let counts: Vec<u64> = hosts
+        .as_array()
+        .expect("hosts")
+        .iter()
+        .map(|h| h["vms"].as_array().map_or(0, |v| v.len() as u64))
+        .collect();
+    assert_eq!(counts, [2, 2, 2], "spread: {hosts}");
+
+    // Every guest boots, in the namespace of the host it was placed on.
+    let deadline = Instant::now() + Duration::from_secs(240);
+    for i in 1..=6 {
+        let name = format!("g{i}");
+        while !lab.ok(&["vm", "console", &name]).contains(common::READY) {
+            assert!(Instant::now() < deadline, "{name} did not boot");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let vm = lab.json(&["vm", "show", &name]);
+        let pid = vm["status"]["pid"].as_u64().expect("pid");
+        let host = vm["status"]["host"].as_str().expect("host");
+        let guest_ns = std::fs::metadata(format!("/proc/{pid}/ns/net"))
+            .expect("guest netns")
+            .ino();
+        let host_ns = std::fs::metadata(format!("/run/netns/{}", lab.netns(host)))
+            .expect("host netns")
+            .ino();
+        assert_eq!(guest_ns, host_ns, "{name} runs in {host}'s namespace");
+    }
+
+    // A host in maintenance gets nothing new.
+    lab.ok(&["host", "maintenance", "enter", "host-1"]);
+    lab.ok(&["vm", "create", "g7", "--image", "jeos", "--memory", "128M"]);
+    assert_ne!(lab.json(&["vm", "show", "g7"])["status"]["host"], "host-1");
+    lab.ok(&["host", "maintenance", "exit", "host-1"]);
+
+    let root = lab.dir.path().join(&lab.name);
+    lab.ok(&["lab", "down"]);
+    for h in ["host-1", "host-2", "host-3"] {
+        assert!(
+            !std::path::Path::new(&format!("/run/netns/{}", lab.netns(h))).exists(),
+            "{h} namespace left behind"
+        );
+    }
+    let links = Command::new("ip")
+        .args(["-o", "link"])
+        .output()
+        .expect("ip");
+    assert!(
+        !String::from_utf8_lossy(&links.stdout).contains(&format!("clab-{}", lab.name)),
+        "bridge left behind"
+    );
+    assert!(
+        common::pids_matching(&lab.dir.path().display().to_string()).is_empty(),
+        "guests left behind"
+    );
+    assert!(!root.exists(), "lab directory left behind");
+}
