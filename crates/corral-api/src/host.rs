@@ -68,6 +68,9 @@ pub struct HostInfo {
     /// vCPUs and memory of the VMs placed on the host.
     pub allocated_cpus: u32,
     pub allocated_memory_bytes: u64,
+    /// vCPUs and memory of the VMs running on the host now.
+    pub used_cpus: u32,
+    pub used_memory_bytes: u64,
     /// VMs placed on the host, as "project/name".
     pub vms: Vec<String>,
 }

@@ -85,6 +85,16 @@ impl ClusterView {
                     not_responding_since: since,
                     allocated_cpus: placed.iter().map(|v| v.spec.cpus).sum(),
                     allocated_memory_bytes: placed.iter().map(|v| v.spec.memory_bytes).sum(),
+                    used_cpus: placed
+                        .iter()
+                        .filter(|v| v.status.phase == VmPhase::Running)
+                        .map(|v| v.spec.cpus)
+                        .sum(),
+                    used_memory_bytes: placed
+                        .iter()
+                        .filter(|v| v.status.phase == VmPhase::Running)
+                        .map(|v| v.spec.memory_bytes)
+                        .sum(),
                     vms: placed
                         .iter()
                         .map(|v| qualified(&v.meta.project, &v.meta.name))

@@ -82,8 +82,8 @@ async fn kernel_package() -> Result<String, JeosError> {
 
 /// Downloads a package into `cache` unless a .deb of it is already there; returns the .deb path.
 async fn fetch_deb(cache: &Path, package: &str) -> Result<PathBuf, JeosError> {
-    let find = || -> Option<PathBuf> {
-        std::fs::read_dir(cache)
+    let find = |dir: &Path| -> Option<PathBuf> {
+        std::fs::read_dir(dir)
             .ok()?
             .flatten()
             .map(|e| e.path())
@@ -93,18 +93,28 @@ async fn fetch_deb(cache: &Path, package: &str) -> Result<PathBuf, JeosError> {
                     .is_some_and(|n| n.starts_with(&format!("{package}_")) && n.ends_with(".deb"))
             })
     };
-    if let Some(p) = find() {
+    if let Some(p) = find(cache) {
         return Ok(p);
     }
+    // Download beside the cache and move in only when complete: an interrupted download is never
+    // mistaken for a cached package.
+    let partial = cache.join(format!(".partial-{package}"));
+    let _ = std::fs::remove_dir_all(&partial);
+    std::fs::create_dir_all(&partial).map_err(|e| step("preparing the package cache", e))?;
+    let what = format!("apt-get download {package}");
     run(
-        &format!("apt-get download {package}"),
+        &what,
         Command::new("apt-get")
             .arg("download")
             .arg(package)
-            .current_dir(cache),
+            .current_dir(&partial),
     )
     .await?;
-    find().ok_or_else(|| JeosError::UnknownPackage(package.into()))
+    let got = find(&partial).ok_or_else(|| JeosError::UnknownPackage(package.into()))?;
+    let dest = cache.join(got.file_name().unwrap_or_default());
+    std::fs::rename(&got, &dest).map_err(|e| step("filling the package cache", e))?;
+    let _ = std::fs::remove_dir_all(&partial);
+    Ok(dest)
 }
 
 async fn unpack(deb: &Path, dir: &Path) -> Result<(), JeosError> {

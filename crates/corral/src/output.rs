@@ -115,8 +115,8 @@ pub fn hosts(fmt: Format, hosts: &[HostInfo], single: bool) -> Result<()> {
         &[
             "NAME",
             "STATE",
-            "CPUS (ALLOC/TOTAL)",
-            "MEMORY (ALLOC/TOTAL)",
+            "CPUS (USED/ALLOC/TOTAL)",
+            "MEMORY (USED/ALLOC/TOTAL)",
             "VMS",
             "ACCEL",
             "LAST HEARTBEAT",
@@ -131,9 +131,13 @@ pub fn hosts(fmt: Format, hosts: &[HostInfo], single: bool) -> Result<()> {
                 vec![
                     h.host.name.clone(),
                     state,
-                    format!("{}/{}", h.allocated_cpus, h.host.status.cpus),
                     format!(
-                        "{}/{}",
+                        "{}/{}/{}",
+                        h.used_cpus, h.allocated_cpus, h.host.status.cpus
+                    ),
+                    format!(
+                        "{}/{}/{}",
+                        format_bytes(h.used_memory_bytes),
                         format_bytes(h.allocated_memory_bytes),
                         format_bytes(h.host.status.memory_bytes)
                     ),

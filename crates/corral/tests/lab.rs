@@ -137,6 +137,61 @@ fn three_namespace_hosts_spread_six_guests_two_each_and_lab_down_removes_everyth
         assert_eq!(guest_ns, host_ns, "{name} runs in {host}'s namespace");
     }
 
+    // Placement rules, without booting more guests: a hard anti-affinity group of three lands on
+    // three hosts, and a fourth member waits with its reason.
+    lab.ok(&[
+        "group",
+        "create",
+        "db",
+        "--rule",
+        "anti-affinity",
+        "--strength",
+        "must",
+        "--members",
+        "db1,db2,db3,db4",
+    ]);
+    for name in ["db1", "db2", "db3", "db4"] {
+        lab.ok(&["vm", "create", name, "--image", "jeos", "--memory", "64M"]);
+    }
+    let mut on: Vec<String> = ["db1", "db2", "db3"]
+        .iter()
+        .map(|n| {
+            lab.json(&["vm", "show", n])["status"]["host"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    on.sort();
+    assert_eq!(on, ["host-1", "host-2", "host-3"]);
+    let db4 = lab.json(&["vm", "show", "db4"]);
+    assert_eq!(db4["status"]["phase"], "pending");
+    let why = db4["status"]["conditions"]
+        .as_array()
+        .expect("conds")
+        .iter()
+        .find(|c| c["type"] == "Scheduled")
+        .expect("cond")["message"]
+        .clone();
+    assert!(
+        why.as_str()
+            .unwrap_or("")
+            .contains("anti-affinity group db"),
+        "{why}"
+    );
+    lab.ok(&["vm", "delete", "db4"]);
+    // Pack fills one host before the others: two new VMs go to the same host.
+    lab.ok(&["cluster", "set", "--placement", "pack"]);
+    for name in ["p1", "p2"] {
+        lab.ok(&["vm", "create", name, "--image", "jeos", "--memory", "64M"]);
+    }
+    let (p1, p2) = (
+        lab.json(&["vm", "show", "p1"])["status"]["host"].clone(),
+        lab.json(&["vm", "show", "p2"])["status"]["host"].clone(),
+    );
+    assert_eq!(p1, p2, "pack");
+    lab.ok(&["cluster", "set", "--placement", "spread"]);
+
     // A host in maintenance gets nothing new.
     lab.ok(&["host", "maintenance", "enter", "host-1"]);
     lab.ok(&["vm", "create", "g7", "--image", "jeos", "--memory", "128M"]);
