@@ -449,23 +449,25 @@ impl Agent {
         self: Arc<Self>,
         workers: &mut HashMap<String, mpsc::Sender<()>>,
     ) -> Result<(), AgentError> {
-        {
-            let (kvs, rev) = self.store.list(keys::VMS).await?;
-            for kv in kvs {
-                self.kick(workers, &kv.key);
-            }
-            let mut watch = self.store.watch(keys::VMS, rev + 1).await?;
-            let mut resync = tokio::time::interval(self.cfg.resync);
-            loop {
-                tokio::select! {
-                    ev = watch.recv() => match ev {
-                        Some(Ok(e)) => self.kick(workers, &e.kv.key),
-                        Some(Err(e)) => { tracing::info!(error = %e, "watch ended; listing again"); break; }
-                        None => break,
-                    },
-                    _ = resync.tick() => {
-                        let keys: Vec<String> = workers.keys().cloned().collect();
-                        for k in keys { self.kick(workers, &k); }
+        let (kvs, rev) = self.store.list(keys::VMS).await?;
+        for kv in kvs {
+            self.kick_if_ours(workers, &kv.key, &kv.value);
+        }
+        let mut watch = self.store.watch(keys::VMS, rev + 1).await?;
+        let mut resync = tokio::time::interval(self.cfg.resync);
+        loop {
+            tokio::select! {
+                ev = watch.recv() => match ev {
+                    Some(Ok(e)) => self.kick_if_ours(workers, &e.kv.key, &e.kv.value),
+                    Some(Err(e)) => { tracing::info!(error = %e, "watch ended; listing again"); break; }
+                    None => break,
+                },
+                _ = resync.tick() => {
+                    workers.retain(|_, tx| !tx.is_closed());
+                    for (key, tx) in workers.iter() {
+                        if tx.try_send(()).is_err() {
+                            tracing::debug!(vm = %key, "already has a reconcile queued");
+                        }
                     }
                 }
             }
@@ -473,15 +475,27 @@ impl Agent {
         Ok(())
     }
 
-    fn kick(self: &Arc<Self>, workers: &mut HashMap<String, mpsc::Sender<()>>, key: &str) {
-        workers.retain(|_, tx| !tx.is_closed());
-        let tx = workers.entry(key.to_string()).or_insert_with(|| {
+    /// Wakes the worker of a VM placed on this host (starting one if needed), and the worker of
+    /// any VM that has one (it may have moved away or been deleted: the worker finds out).
+    fn kick_if_ours(
+        self: &Arc<Self>,
+        workers: &mut HashMap<String, mpsc::Sender<()>>,
+        key: &str,
+        value: &[u8],
+    ) {
+        let ours = serde_json::from_slice::<Vm>(value)
+            .is_ok_and(|vm| vm.status.host.as_deref() == Some(self.cfg.host.as_str()));
+        if let Some(tx) = workers.get(key).filter(|tx| !tx.is_closed()) {
+            // A full channel already holds a kick: changes coalesce.
+            let _ = tx.try_send(());
+            return;
+        }
+        if ours {
             let (tx, rx) = mpsc::channel(1);
             tokio::spawn(self.clone().worker(key.to_string(), rx));
-            tx
-        });
-        // A full channel already holds a kick: changes coalesce.
-        let _ = tx.try_send(());
+            let _ = tx.try_send(());
+            workers.insert(key.to_string(), tx);
+        }
     }
 
     /// Reconciles one VM whenever kicked or when its requeue time comes; never two at once for a VM.

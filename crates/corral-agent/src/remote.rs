@@ -5,7 +5,6 @@
 //! Also the join: fetch the CA over TLS without trusting it yet, check it against the fingerprint in
 //! the join token, then send the token over a connection that verifies the controller with that CA.
 
-use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,6 +72,7 @@ struct ErrorBody {
 #[derive(Deserialize)]
 struct WatchPage {
     events: Vec<Event>,
+    next: Revision,
 }
 
 fn agent_with(tls: TlsConfig, timeout: Duration) -> ureq::Agent {
@@ -169,9 +169,9 @@ impl RemoteStore {
         })
     }
 
+    /// GET `path`, or POST `body` (operations) to it.
     async fn call<T: DeserializeOwned + Send + 'static>(
         &self,
-        method: &'static str,
         path: String,
         body: Option<Vec<Op>>,
     ) -> Result<T, StoreError> {
@@ -180,8 +180,7 @@ impl RemoteStore {
             let url = format!("{}{path}", me.base);
             let res = match body {
                 Some(ops) => me.agent.post(&url).send_json(&ops),
-                None if method == "GET" => me.agent.get(&url).call(),
-                None => me.agent.post(&url).send_empty(),
+                None => me.agent.get(&url).call(),
             };
             let mut res = res.map_err(unreachable)?;
             let status = res.status().as_u16();
@@ -223,17 +222,17 @@ fn q(s: &str) -> String {
 #[async_trait]
 impl Store for RemoteStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        self.call("GET", format!("/agent/v1/get?key={}", q(key)), None)
+        self.call(format!("/agent/v1/get?key={}", q(key)), None)
             .await
     }
 
     async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
-        self.call("GET", format!("/agent/v1/list?prefix={}", q(prefix)), None)
+        self.call(format!("/agent/v1/list?prefix={}", q(prefix)), None)
             .await
     }
 
     async fn txn(&self, ops: Vec<Op>) -> Result<Revision, StoreError> {
-        self.call("POST", "/agent/v1/txn".into(), Some(ops)).await
+        self.call("/agent/v1/txn".into(), Some(ops)).await
     }
 
     async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream, StoreError> {
@@ -246,13 +245,11 @@ impl Store for RemoteStore {
         let me = self.clone();
         let prefix = prefix.to_string();
         tokio::spawn(async move {
-            // Ask again from the last revision seen (its events may span pages), skipping the keys
-            // of that revision already delivered.
-            let (mut from, mut seen_at_from) = (from, HashSet::<String>::new());
+            let mut from = from;
             loop {
                 let path = format!("/agent/v1/watch?prefix={}&from={from}", q(&prefix));
                 let page: WatchPage = tokio::select! {
-                    page = me.call("GET", path, None) => match page {
+                    page = me.call(path, None) => match page {
                         Ok(p) => p,
                         Err(e) => {
                             let _ = tx.send(Err(e)).await;
@@ -261,15 +258,8 @@ impl Store for RemoteStore {
                     },
                     _ = tx.closed() => return,
                 };
+                from = page.next;
                 for e in page.events {
-                    if e.kv.mod_revision == from && seen_at_from.contains(&e.kv.key) {
-                        continue;
-                    }
-                    if e.kv.mod_revision > from {
-                        from = e.kv.mod_revision;
-                        seen_at_from.clear();
-                    }
-                    seen_at_from.insert(e.kv.key.clone());
                     if tx.send(Ok(e)).await.is_err() {
                         return;
                     }
@@ -280,7 +270,7 @@ impl Store for RemoteStore {
     }
 
     async fn current_revision(&self) -> Result<Revision, StoreError> {
-        self.call("GET", "/agent/v1/revision".into(), None).await
+        self.call("/agent/v1/revision".into(), None).await
     }
 
     async fn grant_lease(&self, _ttl: Duration) -> Result<LeaseId, StoreError> {

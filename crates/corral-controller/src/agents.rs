@@ -21,7 +21,6 @@ use corral_pki::{Ca, Identity};
 
 use corral_store::{get_json, Event, KeyValue, Op, Precondition, Revision, StoreError};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tower::ServiceExt;
 
 use crate::{ApiError, ApiJson, ApiQuery, Ctx};
@@ -80,13 +79,12 @@ pub struct JoinResponse {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct WatchPage {
     pub events: Vec<Event>,
+    /// The revision to watch from next.
+    pub next: Revision,
 }
 
 fn sha256_hex(s: &str) -> String {
-    Sha256::digest(s.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    corral_pki::fingerprint(s.as_bytes())
 }
 
 /// Makes a join token: `CA-FINGERPRINT.ID.SECRET`.
@@ -216,8 +214,14 @@ async fn host_of(a: &AgentCtx, peer: &Peer) -> Result<String, ApiError> {
     }
 }
 
+/// Keys a host may read: VMs and images, and its own host record (by exact key, never by prefix).
 fn may_read(host: &str, key: &str) -> bool {
     key.starts_with(keys::VMS) || key.starts_with(keys::IMAGES) || key == keys::host(host)
+}
+
+/// Prefixes a host may list and watch.
+fn may_list(prefix: &str) -> bool {
+    prefix.starts_with(keys::VMS) || prefix.starts_with(keys::IMAGES)
 }
 
 fn forbidden(host: &str, key: &str) -> ApiError {
@@ -254,7 +258,7 @@ async fn kv_list(
     ApiQuery(q): ApiQuery<PrefixQuery>,
 ) -> Result<Json<(Vec<KeyValue>, Revision)>, ApiError> {
     let host = host_of(&a, &peer).await?;
-    if !may_read(&host, &q.prefix) {
+    if !may_list(&q.prefix) {
         return Err(forbidden(&host, &q.prefix));
     }
     Ok(Json(a.ctx.store.list(&q.prefix).await?))
@@ -268,25 +272,115 @@ async fn revision(
     Ok(Json(a.ctx.store.current_revision().await?))
 }
 
-/// Whether `host` may apply `op`: its own host record, or a VM placed on it (before and after).
-async fn may_write(a: &AgentCtx, host: &str, op: &Op) -> Result<bool, ApiError> {
-    let (key, new) = match op {
-        Op::Check { .. } => return Ok(true),
-        Op::Put { key, value, .. } => (key, Some(value)),
-        Op::Delete { key, .. } => (key, None),
+fn refuse(host: &str, key: &str, why: &str) -> ApiError {
+    ApiError::Forbidden(format!("host {host} may not write {key}: {why}"))
+}
+
+/// Checks one operation of a host against what hosts may do, and returns it as it will be applied
+/// together with a guard: the key must still be as it was when checked.
+///
+/// - its own host record: only `status` changes; the heartbeat time is the controller's clock;
+/// - a VM placed on it: only `status` changes, except that the desired power may go to stopped (the
+///   guest shut itself down); it is deleted only after someone asked for its deletion;
+/// - checks of keys it may read.
+async fn authorize(a: &AgentCtx, host: &str, op: Op) -> Result<Vec<Op>, ApiError> {
+    let (key, new, lease) = match &op {
+        Op::Check { key, .. } => {
+            return if may_read(host, key) {
+                Ok(vec![op])
+            } else {
+                Err(forbidden(host, key))
+            };
+        }
+        Op::Put {
+            key, value, lease, ..
+        } => (key.clone(), Some(value.clone()), *lease),
+        Op::Delete { key, .. } => (key.clone(), None, None),
     };
-    if *key == keys::host(host) {
-        return Ok(true);
+    if lease.is_some() {
+        return Err(refuse(host, &key, "leases are not offered to agents"));
+    }
+    let current = a.ctx.store.get(&key).await?;
+    let guard = Op::Check {
+        key: key.clone(),
+        when: current.as_ref().map_or(Precondition::Absent, |kv| {
+            Precondition::ModRevision(kv.mod_revision)
+        }),
+    };
+    if key == keys::host(host) {
+        let (Some(stored), Some(new)) = (current.as_ref(), new) else {
+            return Err(refuse(
+                host,
+                &key,
+                "a host record is created by joining and never deleted by its host",
+            ));
+        };
+        let mut record: Host = serde_json::from_slice(&stored.value).map_err(StoreError::from)?;
+        let sent: Host = serde_json::from_slice(&new)
+            .map_err(|e| ApiError::BadRequest(format!("not a host record: {e}")))?;
+        record.status = HostStatus {
+            last_heartbeat: Utc::now(),
+            ..sent.status
+        };
+        let value = serde_json::to_vec(&record).map_err(StoreError::from)?;
+        let Op::Put { when, .. } = op else {
+            unreachable!("a put")
+        };
+        return Ok(vec![
+            guard,
+            Op::Put {
+                key,
+                value,
+                when,
+                lease: None,
+            },
+        ]);
     }
     if !key.starts_with(keys::VMS) {
-        return Ok(false);
+        return Err(forbidden(host, &key));
     }
-    let placed_here = |bytes: &[u8]| {
-        serde_json::from_slice::<Vm>(bytes).is_ok_and(|vm| vm.status.host.as_deref() == Some(host))
+    let Some(stored) = current.as_ref() else {
+        return Err(refuse(host, &key, "VMs are created through the API"));
     };
-    let current = a.ctx.store.get(key).await?;
-    let was_ours = current.as_ref().is_some_and(|kv| placed_here(&kv.value));
-    Ok(was_ours && new.is_none_or(|v| placed_here(v)))
+    let stored: Vm = serde_json::from_slice(&stored.value).map_err(StoreError::from)?;
+    if stored.status.host.as_deref() != Some(host) {
+        return Err(refuse(host, &key, "the VM is not placed on this host"));
+    }
+    match new {
+        None if stored.meta.deletion_requested_at.is_some() => Ok(vec![guard, op]),
+        None => Err(refuse(host, &key, "nobody asked to delete the VM")),
+        Some(new) => {
+            let sent: Vm = serde_json::from_slice(&new)
+                .map_err(|e| ApiError::BadRequest(format!("not a VM: {e}")))?;
+            let mut expected = stored.clone();
+            if sent.spec.power != stored.spec.power {
+                // The one change of intent a host reports: its guest powered itself off.
+                if sent.spec.power != corral_api::PowerState::Stopped
+                    || sent.meta.generation != stored.meta.generation + 1
+                {
+                    return Err(refuse(
+                        host,
+                        &key,
+                        "a host may only record that the guest powered off",
+                    ));
+                }
+                expected.spec.power = sent.spec.power;
+                expected.meta.generation = sent.meta.generation;
+                expected.meta.updated_at = sent.meta.updated_at;
+            }
+            if sent.meta != expected.meta
+                || sent.spec != expected.spec
+                || sent.status.host.as_deref() != Some(host)
+            {
+                return Err(refuse(
+                    host,
+                    &key,
+                    "a host changes only the status of its VMs",
+                ));
+            }
+            Ok(vec![guard, op])
+        }
+    }
 }
 
 async fn txn(
@@ -295,15 +389,11 @@ async fn txn(
     ApiJson(ops): ApiJson<Vec<Op>>,
 ) -> Result<Json<Revision>, ApiError> {
     let host = host_of(&a, &peer).await?;
-    for op in &ops {
-        if !may_write(&a, &host, op).await? {
-            let key = match op {
-                Op::Put { key, .. } | Op::Delete { key, .. } | Op::Check { key, .. } => key,
-            };
-            return Err(forbidden(&host, key));
-        }
+    let mut checked = Vec::with_capacity(ops.len() * 2);
+    for op in ops {
+        checked.extend(authorize(&a, &host, op).await?);
     }
-    match a.ctx.store.txn(ops).await {
+    match a.ctx.store.txn(checked).await {
         Ok(rev) => Ok(Json(rev)),
         // The agent's store client turns these back into the store's own errors.
         Err(StoreError::Conflict { key }) => Err(ApiError::Conflict(format!("conflict:{key}"))),
@@ -313,31 +403,54 @@ async fn txn(
 }
 
 /// Long poll: waits up to 20 s for events under the prefix from revision `from`, then returns what
-/// has arrived. Events of the last revision may be split across pages; the client asks again from
-/// that revision and skips what it already has.
+/// has arrived and the revision to ask from next. The events of the page's last revision are taken
+/// from the store's history, so a revision is never split across pages.
 async fn watch(
     State(a): State<AgentCtx>,
     Extension(peer): Extension<Peer>,
     ApiQuery(q): ApiQuery<PrefixQuery>,
 ) -> Result<Json<WatchPage>, ApiError> {
     let host = host_of(&a, &peer).await?;
-    if !may_read(&host, &q.prefix) {
+    if !may_list(&q.prefix) {
         return Err(forbidden(&host, &q.prefix));
     }
-    let mut w = match a.ctx.store.watch(&q.prefix, q.from.max(1)).await {
-        Ok(w) => w,
-        Err(e @ StoreError::Compacted { .. }) => return Err(ApiError::Gone(e.to_string())),
-        Err(e) => return Err(e.into()),
+    let from = q.from.max(1);
+    let open = |from| {
+        let store = a.ctx.store.clone();
+        let prefix = q.prefix.clone();
+        async move {
+            match store.watch(&prefix, from).await {
+                Ok(w) => Ok(w),
+                Err(e @ StoreError::Compacted { .. }) => Err(ApiError::Gone(e.to_string())),
+                Err(e) => Err(ApiError::from(e)),
+            }
+        }
     };
+    let mut w = open(from).await?;
     let mut events = Vec::new();
     if let Ok(Some(first)) = tokio::time::timeout(Duration::from_secs(20), w.recv()).await {
         events.push(first.map_err(|e| ApiError::Gone(e.to_string()))?);
-        tokio::time::sleep(Duration::from_millis(5)).await;
         while let Ok(Ok(e)) = w.try_recv() {
             events.push(e);
         }
     }
-    Ok(Json(WatchPage { events }))
+    let Some(last) = events.last().map(|e| e.kv.mod_revision) else {
+        return Ok(Json(WatchPage { events, next: from }));
+    };
+    events.retain(|e| e.kv.mod_revision < last);
+    let mut replay = open(last).await?;
+    while let Ok(Some(Ok(e))) =
+        tokio::time::timeout(Duration::from_millis(500), replay.recv()).await
+    {
+        if e.kv.mod_revision != last {
+            break;
+        }
+        events.push(e);
+    }
+    Ok(Json(WatchPage {
+        events,
+        next: last + 1,
+    }))
 }
 
 fn router(a: AgentCtx) -> Router {

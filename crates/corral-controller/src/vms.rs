@@ -317,15 +317,21 @@ pub async fn console(
     const MAX: u64 = 64 * 1024;
     let vm = load(&ctx, &project, &name).await?;
     // The log sits in the VM's run directory on its host, beside its disk. Hosts of the local lab
-    // share this machine's file system; a console relayed by remote agents is future work.
-    let run_dir = vm.status.disk.as_ref().and_then(|d| {
-        std::path::Path::new(&d.path)
-            .parent()
-            .map(|p| p.to_path_buf())
-    });
-    let path = corral_hypervisor::console_log(
-        &run_dir.unwrap_or_else(|| corral_agent::layout::vm_dir(&ctx.data_dir, vm.meta.uid)),
-    );
+    // share this machine's file system; relaying consoles of remote hosts is future work. The
+    // directory is named by the VM's uid, so a host cannot point the console at another VM's log.
+    let own_dir = corral_agent::layout::vm_dir(&ctx.data_dir, vm.meta.uid);
+    let run_dir = vm
+        .status
+        .disk
+        .as_ref()
+        .and_then(|d| {
+            std::path::Path::new(&d.path)
+                .parent()
+                .map(|p| p.to_path_buf())
+        })
+        .filter(|d| d.file_name() == own_dir.file_name())
+        .unwrap_or(own_dir);
+    let path = corral_hypervisor::console_log(&run_dir);
     let mut data = Vec::new();
     if let Ok(mut f) = std::fs::File::open(&path) {
         let len = f.metadata().map(|m| m.len()).unwrap_or(0);

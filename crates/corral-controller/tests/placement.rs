@@ -199,12 +199,19 @@ async fn spread_puts_two_of_six_on_each_host_and_they_run_there() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hard_anti_affinity_spreads_a_group_and_the_fourth_member_waits_with_a_reason() {
     let c = Cluster::start(&["host-a", "host-b", "host-c"]).await;
+    // Under pack all would stack on one host; only the rule spreads them.
+    let settings = json!({"placement": "pack", "cpu_overcommit": 4.0, "memory_overcommit": 1.0});
+    assert_eq!(
+        c.call("PUT", "/cluster", Some(Body::Json(settings)))
+            .await
+            .0,
+        200
+    );
     let group = json!({"name": "db", "rule": "anti-affinity", "strength": "must", "members": ["db1", "db2", "db3", "db4"]});
     let (status, body) = c
         .call("POST", "/projects/default/groups", Some(Body::Json(group)))
         .await;
     assert_eq!(status, 201, "{body}");
-    // Pin-free filler first, so the group cannot just follow spreading.
     for name in ["db1", "db2", "db3"] {
         assert_eq!(c.create(name, "128M").await.0, 202);
     }

@@ -99,3 +99,14 @@ pub fn console_log(run_dir: &Path) -> PathBuf {
 pub fn serial_socket(run_dir: &Path) -> PathBuf {
     run_dir.join("serial.sock")
 }
+
+/// Whether a process runs: present, and not a zombie waiting to be reaped (when Corral is PID 1 or a
+/// subreaper, daemonized QEMUs become its children).
+pub fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}

@@ -123,21 +123,10 @@ fn signal(pid: u32, sig: libc::c_int) {
     }
 }
 
-/// Whether the process is gone: absent, or a zombie nobody reaped yet (when Corral is PID 1 or a
-/// subreaper, daemonized QEMUs become its children).
-fn gone(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('Z')),
-        Err(_) => true,
-    }
-}
-
 async fn wait_gone(pid: u32, timeout: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + timeout;
     while tokio::time::Instant::now() < deadline {
-        if gone(pid) {
+        if !crate::process_alive(pid) {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

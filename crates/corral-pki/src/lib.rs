@@ -63,7 +63,11 @@ pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let tmp = path.with_extension("tmp");
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -72,7 +76,11 @@ pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
         .open(&tmp)?;
     f.write_all(contents)?;
     f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// SHA-256 of a certificate's DER, hex: how the controller recognises a host's certificate, and how
@@ -98,6 +106,9 @@ impl Ca {
             message: e.to_string(),
         };
         let (cert_path, key_path): (PathBuf, PathBuf) = (dir.join("ca.crt"), dir.join("ca.key"));
+        if cert_path.exists() != key_path.exists() {
+            return Err(err(&"only one of ca.crt and ca.key exists: restore the missing one from a backup (a new CA would lock out every joined host)"));
+        }
         if cert_path.exists() && key_path.exists() {
             let cert_pem = std::fs::read_to_string(&cert_path).map_err(|e| err(&e))?;
             let key = KeyPair::from_pem(&std::fs::read_to_string(&key_path).map_err(|e| err(&e))?)

@@ -32,26 +32,9 @@ pub fn config_path() -> PathBuf {
     base.join("corral").join("config.json")
 }
 
-/// Writes a file only its owner can read, atomically: a temporary file (mode 0600 from its
-/// creation) is synced and renamed over the target, so a crash leaves the old or the new content.
+/// Writes a file only its owner can read, atomically.
 pub fn write_private(path: &std::path::Path, contents: &[u8]) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(contents)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    corral_pki::write_private(path, contents).with_context(|| format!("writing {}", path.display()))
 }
 
 pub struct Client {

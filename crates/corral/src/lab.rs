@@ -14,6 +14,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use serde::{Deserialize, Serialize};
 
+use corral_hypervisor::process_alive as alive;
+
 use crate::client::{config_path, ClientConfig};
 
 #[derive(Subcommand, Debug)]
@@ -113,7 +115,12 @@ fn ip(args: &[&str]) -> Result<()> {
 }
 
 /// Starts a long-running process detached from this one (its own session), logging to `log`.
-fn spawn_detached(netns: Option<&str>, args: &[String], log: &Path) -> Result<u32> {
+fn spawn_detached(
+    netns: Option<&str>,
+    args: &[String],
+    env: &[(&str, &str)],
+    log: &Path,
+) -> Result<u32> {
     let file = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
     let mut cmd = match netns {
         Some(ns) => {
@@ -127,6 +134,7 @@ fn spawn_detached(netns: Option<&str>, args: &[String], log: &Path) -> Result<u3
     let child = cmd
         .arg(exe)
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(file.try_clone()?)
         .stderr(file)
@@ -135,10 +143,10 @@ fn spawn_detached(netns: Option<&str>, args: &[String], log: &Path) -> Result<u3
     Ok(child.id())
 }
 
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
-        .unwrap_or(false)
+/// Whether `pid` is a process of this lab: its command line names the lab's directory.
+fn of_lab(pid: u32, root: &Path) -> bool {
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    String::from_utf8_lossy(&cmd).contains(&format!("{}/", root.display()))
 }
 
 fn kill(pid: u32) {
@@ -179,16 +187,36 @@ pub fn run(cmd: LabCmd) -> Result<()> {
 
 fn up(args: UpArgs) -> Result<()> {
     let root = args.lab.root()?;
+    let name = &args.lab.name;
     if root.join("lab.json").exists() {
-        bail!(
-            "lab {} is already up: `corral lab down --name {}` first",
-            args.lab.name,
-            args.lab.name
-        );
+        bail!("lab {name} is already up: `corral lab down --name {name}` first");
     }
     if args.hosts == 0 || args.hosts > 50 {
         bail!("--hosts must be 1 to 50");
     }
+    // Names another lab (or anything else) uses are not ours to create, nor to remove later.
+    let bridge = format!("clab-{name}");
+    if Path::new("/sys/class/net").join(&bridge).exists() {
+        bail!("the link {bridge} already exists: another lab named {name} runs here; pick another --name");
+    }
+    for i in 1..=args.hosts {
+        let ns = format!("corral-{name}-host-{i}");
+        if Path::new("/run/netns").join(&ns).exists() {
+            bail!("the network namespace {ns} already exists: pick another --name");
+        }
+    }
+    let result = build(&args);
+    if result.is_err() && root.join("lab.json").exists() {
+        // Leave nothing half built behind.
+        if let Err(e) = down(&args.lab) {
+            eprintln!("cleaning up the failed lab: {e:#}");
+        }
+    }
+    result
+}
+
+fn build(args: &UpArgs) -> Result<()> {
+    let root = args.lab.root()?;
     std::fs::create_dir_all(&root)?;
     let name = &args.lab.name;
     let prefix = format!("10.77.{}", args.net);
@@ -250,6 +278,7 @@ fn up(args: UpArgs) -> Result<()> {
             "--agent-listen".into(),
             format!("{prefix}.1:7443"),
         ],
+        &[],
         &root.join("controller.log"),
     )?;
     state.controller_pid = Some(pid);
@@ -284,8 +313,6 @@ fn up(args: UpArgs) -> Result<()> {
                 "agent".into(),
                 "--join".into(),
                 agent_url.clone(),
-                "--token".into(),
-                token.token,
                 "--host-name".into(),
                 h.name.clone(),
                 "--data-dir".into(),
@@ -293,6 +320,8 @@ fn up(args: UpArgs) -> Result<()> {
                 "--accel".into(),
                 args.accel.clone(),
             ],
+            // In the environment, not on the command line where every local user could read it.
+            &[("CORRAL_JOIN_TOKEN", token.token.as_str())],
             &host_dir.join("agent.log"),
         )?;
         state.hosts[i].agent_pid = Some(pid);
@@ -379,16 +408,17 @@ fn status(r: &LabRef) -> Result<()> {
 fn down(r: &LabRef) -> Result<()> {
     let root = r.root()?;
     let state = load(&root)?;
-    for h in &state.hosts {
-        if let Some(pid) = h.agent_pid {
-            kill(pid);
-        }
-    }
-    if let Some(pid) = state.controller_pid {
+    // Recorded pids are checked first: after a reboot they may belong to someone else.
+    let pids = state
+        .hosts
+        .iter()
+        .filter_map(|h| h.agent_pid)
+        .chain(state.controller_pid);
+    for pid in pids.filter(|p| of_lab(*p, &root)) {
         kill(pid);
     }
     // Guests of the lab's hosts: their command lines name the lab directory.
-    let needle = root.display().to_string();
+    let needle = format!("{}/", root.display());
     for entry in std::fs::read_dir("/proc")?.flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
             continue;

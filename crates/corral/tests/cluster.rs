@@ -6,6 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{alive, Lab, READY};
+use serde_json::{json, Value};
 
 const BOOT: Duration = Duration::from_secs(120);
 
@@ -22,6 +23,8 @@ fn joined_hosts_run_an_anti_affine_pair_apart_and_survive_a_controller_restart()
     lab.join("host-a");
     lab.join("host-b");
     lab.build_jeos();
+    // Under pack both would land on one host; only the rule keeps them apart.
+    lab.cli(&["cluster", "set", "--placement", "pack"]);
     lab.cli(&[
         "group",
         "create",
@@ -67,6 +70,9 @@ fn joined_hosts_run_an_anti_affine_pair_apart_and_survive_a_controller_restart()
         "guests run on while the controller is down"
     );
     lab.up();
+    // Give the agents time to reconnect and reconcile (a resync is 5 s): a guest restarted on
+    // reconnect would show a new pid and a second boot.
+    std::thread::sleep(Duration::from_secs(7));
     for (vm, pid) in ["web-1", "web-2"].iter().zip(&pids) {
         let v = lab.vm(vm);
         assert_eq!(
@@ -139,6 +145,129 @@ fn join_tokens_are_single_use_and_names_unique_and_strangers_are_refused() {
         String::from_utf8_lossy(&reused.stderr).contains("already used"),
         "a token joins one host only"
     );
+
+    // A host with a valid certificate is confined to its own records.
+    lab.build_jeos();
+    lab.cli(&[
+        "vm", "create", "mine", "--image", "jeos", "--memory", "64M", "--host", "host-a",
+    ]);
+    lab.cli(&[
+        "vm", "create", "theirs", "--image", "jeos", "--memory", "64M", "--host", "host-b",
+    ]);
+    let creds = root.join("hosts/host-a/data/agent");
+    let read = |f: &str| std::fs::read_to_string(creds.join(f)).expect("credential");
+    let tls = ureq::tls::TlsConfig::builder()
+        .root_certs(ureq::tls::RootCerts::new_with_certs(&[
+            ureq::tls::Certificate::from_pem(read("ca.crt").as_bytes()).expect("ca"),
+        ]))
+        .client_cert(Some(ureq::tls::ClientCert::new_with_certs(
+            &[ureq::tls::Certificate::from_pem(read("host.crt").as_bytes()).expect("cert")],
+            ureq::tls::PrivateKey::from_pem(read("host.key").as_bytes()).expect("key"),
+        )))
+        .build();
+    let host_a: ureq::Agent = ureq::Agent::config_builder()
+        .tls_config(tls)
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let get = |path: &str| {
+        host_a
+            .get(format!("{url}{path}"))
+            .call()
+            .expect("call")
+            .status()
+            .as_u16()
+    };
+    assert_eq!(
+        get("/agent/v1/list?prefix=/corral/vms/"),
+        200,
+        "its own reads work"
+    );
+    assert_eq!(
+        get("/agent/v1/get?key=/corral/auth/admin-token-sha256"),
+        403
+    );
+    assert_eq!(get("/agent/v1/list?prefix=/corral/hosts/"), 403);
+    assert_eq!(get("/agent/v1/watch?prefix=/corral/&from=1"), 403);
+    let store_vm = |name: &str| -> (Value, u64) {
+        let kv: Value = host_a
+            .get(format!("{url}/agent/v1/get?key=/corral/vms/default/{name}"))
+            .call()
+            .expect("get")
+            .body_mut()
+            .read_json()
+            .expect("kv");
+        let bytes: Vec<u8> = serde_json::from_value(kv["value"].clone()).expect("bytes");
+        (
+            serde_json::from_slice(&bytes).expect("vm"),
+            kv["mod_revision"].as_u64().expect("rev"),
+        )
+    };
+    let txn = |key: &str, value: &Value, rev: Option<u64>| -> u16 {
+        let when = rev.map_or(json!("Any"), |r| json!({ "ModRevision": r }));
+        let value = serde_json::to_vec(value).expect("json");
+        let ops = json!([{ "Put": { "key": key, "value": value, "when": when, "lease": null } }]);
+        host_a
+            .post(format!("{url}/agent/v1/txn"))
+            .send_json(&ops)
+            .expect("txn")
+            .status()
+            .as_u16()
+    };
+    let (mine, rev) = store_vm("mine");
+    let mut status_only = mine.clone();
+    status_only["status"]["conditions"] = json!([]);
+    let mut bigger = mine.clone();
+    bigger["spec"]["memory_bytes"] = json!(1u64 << 40);
+    let (theirs, their_rev) = store_vm("theirs");
+    let mut stolen = theirs.clone();
+    stolen["status"]["host"] = json!("host-a");
+    let mut new_vm = mine.clone();
+    new_vm["meta"]["name"] = json!("sneaky");
+    assert_eq!(
+        txn("/corral/vms/default/mine", &bigger, Some(rev)),
+        403,
+        "no spec changes"
+    );
+    assert_eq!(
+        txn("/corral/vms/default/theirs", &stolen, Some(their_rev)),
+        403,
+        "not another host's VM"
+    );
+    assert_eq!(
+        txn("/corral/vms/default/sneaky", &new_vm, None),
+        403,
+        "no new VMs"
+    );
+    assert_eq!(
+        txn("/corral/hosts/host-b", &json!({}), None),
+        403,
+        "not another host's record"
+    );
+    assert_eq!(
+        txn("/corral/auth/admin-token-sha256", &json!("x"), None),
+        403
+    );
+    let check = json!([{ "Check": { "key": "/corral/join-tokens/x", "when": "Absent" } }]);
+    assert_eq!(
+        host_a
+            .post(format!("{url}/agent/v1/txn"))
+            .send_json(&check)
+            .expect("txn")
+            .status()
+            .as_u16(),
+        403
+    );
+    assert_eq!(txn("/corral/hosts/host-a", &json!("not a host"), None), 400);
+    assert_eq!(
+        txn("/corral/vms/default/mine", &status_only, Some(rev)),
+        200,
+        "status of its own VM"
+    );
+    // Nothing above changed the VMs.
+    assert_eq!(lab.vm("mine")["spec"]["memory_bytes"], 64u64 << 20);
+    assert_eq!(lab.vm("theirs")["status"]["host"], "host-b");
+    assert!(!lab.try_cli(&["vm", "show", "sneaky"]).status.success());
 
     // Without a certificate: refused by every agent call.
     let insecure: ureq::Agent = ureq::Agent::config_builder()
@@ -213,7 +342,19 @@ fn a_silent_host_is_shown_as_not_responding_and_its_vms_are_left_alone() {
     lab.cli(&[
         "vm", "create", "later", "--image", "jeos", "--memory", "128M",
     ]);
-    assert_eq!(lab.vm("later")["status"]["phase"], "pending");
+    let later = lab.vm("later");
+    assert!(later["status"]["host"].is_null(), "{later}");
+    let why = later["status"]["conditions"]
+        .as_array()
+        .expect("conds")
+        .iter()
+        .find(|c| c["type"] == "Scheduled")
+        .expect("cond")["message"]
+        .clone();
+    assert!(
+        why.as_str().unwrap_or("").contains("not responding"),
+        "{why}"
+    );
     // The agent comes back (with the certificate it has) and adopts its guest.
     lab.start_agent("host-a", None);
     let deadline = Instant::now() + Duration::from_secs(30);

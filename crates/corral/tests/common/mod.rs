@@ -348,15 +348,7 @@ pub fn pids_matching(needle: &str) -> Vec<u32> {
     pids
 }
 
-/// Whether the process runs: present and not a zombie waiting to be reaped by init.
-pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('Z')),
-        Err(_) => false,
-    }
-}
+pub use corral_hypervisor::process_alive as alive;
 
 pub fn signal(pid: u32, sig: libc::c_int) {
     // SAFETY: kill(2) with plain integers.
