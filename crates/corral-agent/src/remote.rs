@@ -18,6 +18,8 @@ use ureq::tls::{Certificate, ClientCert, PrivateKey, RootCerts, TlsConfig};
 
 /// What the agent keeps after joining, in `DATA_DIR/agent/`.
 pub struct Credentials {
+    /// The host name the certificate was issued to.
+    pub host: String,
     pub ca_pem: String,
     pub identity: Identity,
 }
@@ -31,6 +33,7 @@ impl Credentials {
         let d = Self::dir(data_dir);
         let read = |f: &str| std::fs::read_to_string(d.join(f)).ok();
         Some(Credentials {
+            host: read("host")?.trim().to_string(),
             ca_pem: read("ca.crt")?,
             identity: Identity {
                 cert_pem: read("host.crt")?,
@@ -45,7 +48,9 @@ impl Credentials {
             corral_pki::write_private(&d.join(f), t.as_bytes())
                 .map_err(|e| format!("writing {f}: {e}"))
         };
+        // host.crt last: `load` needs every file, so a crash part-way is not half a credential.
         w("ca.crt", &self.ca_pem)?;
+        w("host", &self.host)?;
         w("host.key", &self.identity.key_pem)?;
         w("host.crt", &self.identity.cert_pem)
     }
@@ -119,6 +124,7 @@ pub fn join(url: &str, token: &str, host: &str, data_dir: &Path) -> Result<Crede
     }
     let r: JoinResponse = res.body_mut().read_json().map_err(|e| e.to_string())?;
     let creds = Credentials {
+        host: host.to_string(),
         ca_pem: r.ca_pem,
         identity: Identity {
             cert_pem: r.cert_pem,

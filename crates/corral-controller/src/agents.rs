@@ -98,9 +98,15 @@ pub async fn new_join_token(ctx: &Ctx, ca: &Ca, ttl: Duration) -> Result<JoinTok
         expires_at,
     };
     let bytes = serde_json::to_vec(&stored).map_err(StoreError::from)?;
-    ctx.store
-        .put(&format!("{JOIN_TOKENS}{id}"), bytes, Precondition::Absent)
-        .await?;
+    // An unused token vanishes with its lease.
+    let lease = ctx.store.grant_lease(ttl).await?;
+    let put = Op::Put {
+        key: format!("{JOIN_TOKENS}{id}"),
+        value: bytes,
+        when: Precondition::Absent,
+        lease: Some(lease),
+    };
+    ctx.store.txn(vec![put]).await?;
     let fp = ca
         .fingerprint()
         .map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -484,20 +490,28 @@ pub async fn serve(
         let (tcp, addr): (tokio::net::TcpStream, SocketAddr) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
+                // E.g. out of file descriptors: give connections time to close.
                 tracing::warn!(error = %e, "accepting an agent connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
         let acceptor = acceptor.clone();
         let app = app.clone();
         tokio::spawn(async move {
-            let tls = match acceptor.accept(tcp).await {
-                Ok(t) => t,
-                Err(e) => {
-                    tracing::info!(%addr, error = %e, "refused a TLS connection");
-                    return;
-                }
-            };
+            // Anyone may connect (joining hosts have no certificate yet): a handshake gets 10 s.
+            let tls =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(t)) => t,
+                    Ok(Err(e)) => {
+                        tracing::info!(%addr, error = %e, "refused a TLS connection");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!(%addr, "TLS handshake timed out");
+                        return;
+                    }
+                };
             let peer = Peer(
                 tls.get_ref()
                     .1

@@ -6,6 +6,7 @@
 //! that changed or vanished between plan and apply makes the controller plan again. A background
 //! placer retries pending VMs as hosts come, go or free up.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -50,10 +51,17 @@ pub async fn settings(ctx: &Ctx) -> Result<ClusterSettings, ApiError> {
 
 pub async fn view(ctx: &Ctx) -> Result<ClusterView, ApiError> {
     let (kvs, _) = ctx.store.list(keys::HOSTS).await?;
+    // A record that does not parse is skipped (and reported), not allowed to stop all placement.
     let hosts = kvs
         .iter()
-        .map(|kv| Ok((serde_json::from_slice::<Host>(&kv.value)?, kv.mod_revision)))
-        .collect::<Result<Vec<_>, StoreError>>()?;
+        .filter_map(|kv| match serde_json::from_slice::<Host>(&kv.value) {
+            Ok(h) => Some((h, kv.mod_revision)),
+            Err(e) => {
+                tracing::warn!(key = %kv.key, error = %e, "skipping a host record that does not parse");
+                None
+            }
+        })
+        .collect();
     Ok(ClusterView {
         settings: settings(ctx).await?,
         hosts,
@@ -70,15 +78,18 @@ impl ClusterView {
     /// The API's view of every host: state, allocation, VMs.
     pub fn host_infos(&self) -> Vec<HostInfo> {
         let now = Utc::now();
+        // One pass over the VMs, not one per host.
+        let mut by_host: HashMap<&str, Vec<&Vm>> = HashMap::new();
+        for v in &self.vms {
+            if let Some(h) = v.status.host.as_deref() {
+                by_host.entry(h).or_default().push(v);
+            }
+        }
         self.hosts
             .iter()
             .map(|(h, _)| {
                 let (state, since) = host_state(h, now);
-                let placed: Vec<&Vm> = self
-                    .vms
-                    .iter()
-                    .filter(|v| v.status.host.as_deref() == Some(h.name.as_str()))
-                    .collect();
+                let placed = by_host.remove(h.name.as_str()).unwrap_or_default();
                 HostInfo {
                     host: h.clone(),
                     state,

@@ -7,6 +7,8 @@
 //! gets a reason a user can act on. Scores order the remaining hosts by the cluster's policy
 //! (`spread` or `pack`) and by soft rules; ties go to the host name, for determinism.
 
+use std::collections::HashSet;
+
 use corral_api::format_bytes;
 
 /// Whether a host takes new VMs.
@@ -118,20 +120,28 @@ pub fn free(policy: &Policy, h: &HostView) -> (u64, u64) {
     (cpus, mem)
 }
 
-/// Hosts running a member (other than the VM itself) of `group`.
-fn member_hosts<'a>(hosts: &'a [HostView], group: &Group, vm: &str) -> Vec<&'a str> {
+/// Names of the hosts running a member (other than the VM itself) of `group`.
+fn member_hosts<'a>(hosts: &'a [HostView], group: &Group, vm: &str) -> HashSet<&'a str> {
+    let members: HashSet<&str> = group
+        .members
+        .iter()
+        .map(String::as_str)
+        .filter(|m| *m != vm)
+        .collect();
     hosts
         .iter()
-        .filter(|h| h.vms.iter().any(|v| v != vm && group.members.contains(v)))
+        .filter(|h| h.vms.iter().any(|v| members.contains(v.as_str())))
         .map(|h| h.name.as_str())
         .collect()
 }
 
 /// Picks a host for `req`. `groups` are all groups of the cluster; those without the VM are ignored.
 pub fn place(policy: &Policy, hosts: &[HostView], groups: &[Group], req: &Request) -> Decision {
-    let my_groups: Vec<&Group> = groups
+    // The VM's groups, each with the hosts its other members run on: computed once per decision.
+    let my_groups: Vec<(&Group, HashSet<&str>)> = groups
         .iter()
         .filter(|g| g.members.contains(&req.vm))
+        .map(|g| (g, member_hosts(hosts, g, &req.vm)))
         .collect();
     let mut candidates: Vec<&HostView> = Vec::new();
     let (mut pinned_out, mut not_connected, mut maintenance) = (0, 0, 0);
@@ -165,15 +175,12 @@ pub fn place(policy: &Policy, hosts: &[HostView], groups: &[Group], req: &Reques
         }
         let broken = my_groups
             .iter()
-            .filter(|g| g.strength == Strength::Must)
-            .find(|g| {
-                let on = member_hosts(hosts, g, &req.vm);
-                match g.rule {
-                    Rule::AntiAffinity => on.contains(&h.name.as_str()),
-                    Rule::Affinity => !on.is_empty() && !on.contains(&h.name.as_str()),
-                }
+            .filter(|(g, _)| g.strength == Strength::Must)
+            .find(|(g, on)| match g.rule {
+                Rule::AntiAffinity => on.contains(h.name.as_str()),
+                Rule::Affinity => !on.is_empty() && !on.contains(h.name.as_str()),
             });
-        if let Some(g) = broken {
+        if let Some((g, _)) = broken {
             match g.rule {
                 Rule::AntiAffinity => anti.push(g.name.clone()),
                 Rule::Affinity => aff.push(g.name.clone()),
@@ -197,9 +204,11 @@ pub fn place(policy: &Policy, hosts: &[HostView], groups: &[Group], req: &Reques
     let score = |h: &HostView| -> (i64, i64) {
         // Soft rules first: each satisfied "should" counts, each broken one costs.
         let mut soft = 0i64;
-        for g in my_groups.iter().filter(|g| g.strength == Strength::Should) {
-            let on = member_hosts(hosts, g, &req.vm);
-            let here = on.contains(&h.name.as_str());
+        for (g, on) in my_groups
+            .iter()
+            .filter(|(g, _)| g.strength == Strength::Should)
+        {
+            let here = on.contains(h.name.as_str());
             soft += match (g.rule, here) {
                 (Rule::Affinity, true) | (Rule::AntiAffinity, false) => 1,
                 (Rule::Affinity, false) if on.is_empty() => 0,
@@ -219,10 +228,12 @@ pub fn place(policy: &Policy, hosts: &[HostView], groups: &[Group], req: &Reques
         };
         (soft, fit)
     };
+    // Each candidate is scored once; ties go to the first name.
     let best = candidates
         .iter()
-        .max_by(|a, b| score(a).cmp(&score(b)).then_with(|| b.name.cmp(&a.name)))
-        .map(|h| h.name.clone());
+        .map(|h| (score(h), h))
+        .max_by(|(sa, a), (sb, b)| sa.cmp(sb).then_with(|| b.name.cmp(&a.name)))
+        .map(|(_, h)| h.name.clone());
     match best {
         Some(host) => Decision::Place { host },
         None => Decision::Pending {

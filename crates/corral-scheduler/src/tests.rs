@@ -245,8 +245,10 @@ proptest! {
                 }
             }
         }
-        // Same input, same plan.
-        let (_, again) = place_all(&policy, hosts, &groups, &reqs);
+        // The plan depends on the hosts, not on the order they are listed in.
+        let mut reversed = hosts.clone();
+        reversed.reverse();
+        let (_, again) = place_all(&policy, reversed, &groups, &reqs);
         prop_assert_eq!(decisions, again);
     }
 }

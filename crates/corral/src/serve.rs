@@ -30,10 +30,9 @@ pub struct ServerArgs {
     advertise: Vec<String>,
 }
 
+/// How this machine runs guests as a host of the cluster (`up` and `agent`).
 #[derive(Args, Debug)]
-pub struct UpArgs {
-    #[command(flatten)]
-    server: ServerArgs,
+pub struct HostArgs {
     /// Accelerator: auto uses KVM only where the CPU has hardware virtualization.
     #[arg(long, default_value = "auto")]
     accel: AccelChoice,
@@ -43,6 +42,14 @@ pub struct UpArgs {
     /// Seconds a guest gets to shut down after the ACPI power button before it is powered off.
     #[arg(long, default_value_t = 30)]
     stop_timeout: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    #[command(flatten)]
+    host: HostArgs,
 }
 
 #[derive(Args, Debug)]
@@ -205,10 +212,14 @@ async fn shutdown_signal() {
 
 pub fn up(args: UpArgs) -> Result<()> {
     init_logging();
-    let host = host_name(args.host_name)?;
+    let host = host_name(args.host.host_name)?;
     runtime()?.block_on(serve(
         &args.server,
-        Some((args.accel, host, Duration::from_secs(args.stop_timeout))),
+        Some((
+            args.host.accel,
+            host,
+            Duration::from_secs(args.host.stop_timeout),
+        )),
     ))
 }
 
@@ -228,20 +239,14 @@ pub struct AgentArgs {
     /// Where this host keeps its certificate, VM disks and run directories.
     #[arg(long, env = "CORRAL_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    #[arg(long, default_value = "auto")]
-    accel: AccelChoice,
-    /// Name of this host in the cluster (default: the machine's host name).
-    #[arg(long)]
-    host_name: Option<String>,
-    /// Seconds a guest gets to shut down after the ACPI power button before it is powered off.
-    #[arg(long, default_value_t = 30)]
-    stop_timeout: u64,
+    #[command(flatten)]
+    host: HostArgs,
 }
 
 /// Runs a host agent that joins (or rejoins) a controller over mutually authenticated TLS.
 pub fn agent(args: AgentArgs) -> Result<()> {
     init_logging();
-    let host = host_name(args.host_name)?;
+    let host = host_name(args.host.host_name)?;
     let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
@@ -251,6 +256,12 @@ pub fn agent(args: AgentArgs) -> Result<()> {
     )?;
     let data_dir = data_dir.canonicalize()?;
     let creds = match corral_agent::remote::Credentials::load(&data_dir) {
+        Some(c) if c.host != host => anyhow::bail!(
+            "{} holds the certificate of host {}: run with --host-name {} (or another --data-dir to join as {host})",
+            data_dir.display(),
+            c.host,
+            c.host
+        ),
         Some(c) => c,
         None => {
             let token = args.token.as_deref().context(
@@ -264,7 +275,7 @@ pub fn agent(args: AgentArgs) -> Result<()> {
     };
     let store =
         corral_agent::remote::RemoteStore::new(&args.join, &creds).map_err(anyhow::Error::msg)?;
-    let accel = detect_accel(args.accel).map_err(anyhow::Error::msg)?;
+    let accel = detect_accel(args.host.accel).map_err(anyhow::Error::msg)?;
     runtime()?.block_on(async move {
         let hypervisor = corral_hypervisor::qemu_version().await?;
         let cfg = AgentConfig {
@@ -272,7 +283,7 @@ pub fn agent(args: AgentArgs) -> Result<()> {
             data_dir,
             accel,
             hypervisor,
-            stop_timeout: Duration::from_secs(args.stop_timeout),
+            stop_timeout: Duration::from_secs(args.host.stop_timeout),
             resync: Duration::from_secs(5),
         };
         let agent = Agent::new(Arc::new(store), Arc::new(QemuDriver), cfg);
