@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use corral_api::ApiErrorBody;
 use corral_pki::Identity;
 use corral_store::{Event, KeyValue, LeaseId, Op, Revision, Store, StoreError, WatchStream};
 use serde::de::DeserializeOwned;
@@ -56,28 +57,27 @@ impl Credentials {
     }
 }
 
-#[derive(Serialize)]
-struct JoinRequest<'a> {
-    token: &'a str,
-    host: &'a str,
+/// Body of `POST /agent/v1/join`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JoinRequest {
+    pub token: String,
+    pub host: String,
 }
 
-#[derive(Deserialize)]
-struct JoinResponse {
-    cert_pem: String,
-    key_pem: String,
-    ca_pem: String,
+/// What a joining host gets: its certificate and key, and the CA to trust.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JoinResponse {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub ca_pem: String,
 }
 
-#[derive(Deserialize)]
-struct ErrorBody {
-    message: String,
-}
-
-#[derive(Deserialize)]
-struct WatchPage {
-    events: Vec<Event>,
-    next: Revision,
+/// A page of a long-polled watch (`GET /agent/v1/watch`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WatchPage {
+    pub events: Vec<Event>,
+    /// The revision to watch from next.
+    pub next: Revision,
 }
 
 fn agent_with(tls: TlsConfig, timeout: Duration) -> ureq::Agent {
@@ -114,10 +114,13 @@ pub fn join(url: &str, token: &str, host: &str, data_dir: &Path) -> Result<Crede
     let verified = agent_with(tls(&ca_pem, None)?, Duration::from_secs(30));
     let mut res = verified
         .post(format!("{base}/agent/v1/join"))
-        .send_json(JoinRequest { token, host })
+        .send_json(JoinRequest {
+            token: token.to_string(),
+            host: host.to_string(),
+        })
         .map_err(|e| format!("joining {base} failed: {e}"))?;
     if !res.status().is_success() {
-        let body: Result<ErrorBody, _> = res.body_mut().read_json();
+        let body: Result<ApiErrorBody, _> = res.body_mut().read_json();
         return Err(body
             .map(|b| b.message)
             .unwrap_or_else(|_| format!("the controller answered {}", res.status())));
@@ -195,7 +198,7 @@ impl RemoteStore {
             }
             let msg = res
                 .body_mut()
-                .read_json::<ErrorBody>()
+                .read_json::<ApiErrorBody>()
                 .map(|b| b.message)
                 .unwrap_or_default();
             Err(match (status, msg.split_once(':')) {

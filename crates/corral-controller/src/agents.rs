@@ -16,10 +16,11 @@ use axum::extract::{Extension, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
+use corral_agent::remote::{JoinRequest, JoinResponse, WatchPage};
 use corral_api::{keys, validate_name, Host, HostStatus, Vm};
 use corral_pki::{Ca, Identity};
 
-use corral_store::{get_json, Event, KeyValue, Op, Precondition, Revision, StoreError};
+use corral_store::{get_json, KeyValue, Op, Precondition, Revision, StoreError};
 use serde::{Deserialize, Serialize};
 use tower::ServiceExt;
 
@@ -58,29 +59,6 @@ pub struct JoinTokenRequest {
 pub struct JoinToken {
     pub token: String,
     pub expires_at: DateTime<Utc>,
-}
-
-/// Body of `POST /agent/v1/join`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct JoinRequest {
-    pub token: String,
-    pub host: String,
-}
-
-/// What a joining host gets: its certificate and key, and the CA to trust.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct JoinResponse {
-    pub cert_pem: String,
-    pub key_pem: String,
-    pub ca_pem: String,
-}
-
-/// A page of a long-polled watch.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct WatchPage {
-    pub events: Vec<Event>,
-    /// The revision to watch from next.
-    pub next: Revision,
 }
 
 fn sha256_hex(s: &str) -> String {
