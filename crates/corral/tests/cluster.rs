@@ -344,17 +344,8 @@ fn a_silent_host_is_shown_as_not_responding_and_its_vms_are_left_alone() {
     ]);
     let later = lab.vm("later");
     assert!(later["status"]["host"].is_null(), "{later}");
-    let why = later["status"]["conditions"]
-        .as_array()
-        .expect("conds")
-        .iter()
-        .find(|c| c["type"] == "Scheduled")
-        .expect("cond")["message"]
-        .clone();
-    assert!(
-        why.as_str().unwrap_or("").contains("not responding"),
-        "{why}"
-    );
+    let why = common::scheduled_reason(&later);
+    assert!(why.contains("not responding"), "{why}");
     // The agent comes back (with the certificate it has) and adopts its guest.
     lab.start_agent("host-a", None);
     let deadline = Instant::now() + Duration::from_secs(30);

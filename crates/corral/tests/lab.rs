@@ -170,19 +170,8 @@ fn three_namespace_hosts_spread_six_guests_two_each_and_lab_down_removes_everyth
     assert_eq!(on, ["host-1", "host-2", "host-3"]);
     let db4 = lab.json(&["vm", "show", "db4"]);
     assert_eq!(db4["status"]["phase"], "pending");
-    let why = db4["status"]["conditions"]
-        .as_array()
-        .expect("conds")
-        .iter()
-        .find(|c| c["type"] == "Scheduled")
-        .expect("cond")["message"]
-        .clone();
-    assert!(
-        why.as_str()
-            .unwrap_or("")
-            .contains("anti-affinity group db"),
-        "{why}"
-    );
+    let why = common::scheduled_reason(&db4);
+    assert!(why.contains("anti-affinity group db"), "{why}");
     lab.ok(&["vm", "delete", "db4"]);
     // Pack fills one host before the others: two new VMs go to the same host.
     for name in ["p1", "p2"] {

@@ -33,23 +33,15 @@ fn free_port() -> u16 {
 impl Lab {
     /// Starts `corral up` in a fresh directory (under /tmp: socket paths must stay short).
     pub fn start() -> Lab {
-        let dir = tempfile::Builder::new()
-            .prefix("corral-test-")
-            .tempdir_in("/tmp")
-            .expect("tempdir");
-        let mut lab = Lab {
-            dir,
-            port: free_port(),
-            agent_port: None,
-            server: None,
-            agents: vec![],
-        };
-        lab.up();
-        lab
+        Lab::launch(None)
     }
 
     /// Starts `corral controller` with an agent endpoint and no host; hosts come with `join`.
     pub fn controller() -> Lab {
+        Lab::launch(Some(free_port()))
+    }
+
+    fn launch(agent_port: Option<u16>) -> Lab {
         let dir = tempfile::Builder::new()
             .prefix("corral-test-")
             .tempdir_in("/tmp")
@@ -57,7 +49,7 @@ impl Lab {
         let mut lab = Lab {
             dir,
             port: free_port(),
-            agent_port: Some(free_port()),
+            agent_port,
             server: None,
             agents: vec![],
         };
@@ -329,6 +321,16 @@ impl Lab {
     pub fn qemu_pids(&self) -> Vec<u32> {
         pids_matching(&self.dir.path().display().to_string())
     }
+}
+
+/// The message of a VM's `Scheduled` condition: why it waits, or where it was placed.
+pub fn scheduled_reason(vm: &Value) -> String {
+    vm["status"]["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == "Scheduled"))
+        .and_then(|c| c["message"].as_str())
+        .unwrap_or("")
+        .to_string()
 }
 
 pub fn pids_matching(needle: &str) -> Vec<u32> {
