@@ -26,7 +26,8 @@ use tower::ServiceExt;
 
 use crate::{ApiError, ApiJson, ApiQuery, Ctx};
 
-const CERTS: &str = "/corral/host-certs/";
+/// Fingerprint of a host certificate -> the host it was issued to.
+pub(crate) const CERTS: &str = "/corral/host-certs/";
 const JOIN_TOKENS: &str = "/corral/join-tokens/";
 
 /// The fingerprint of the client certificate the TLS handshake verified, if any.

@@ -4,7 +4,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use corral_api::{keys, ClusterSettings, CreateGroupRequest, Host, HostInfo, ObjectMeta, VmGroup};
-use corral_store::{get_json, list_json, update_json, Precondition, StoreError};
+use corral_store::{get_json, list_json, update_json, Op, Precondition, StoreError};
 use serde::{Deserialize, Serialize};
 
 use crate::{ensure_project, placement, ApiError, ApiJson, ApiPath, Ctx};
@@ -34,6 +34,54 @@ pub async fn get(
         .find(|h| h.host.name == name)
         .map(Json)
         .ok_or_else(|| host_not_found(&name))
+}
+
+#[utoipa::path(delete, path = "/api/v1/hosts/{name}", tag = "hosts", params(("name" = String, Path)),
+    responses((status = 204, description = "removed; its certificate no longer opens the agent endpoint"),
+        (status = 404, body = corral_api::ApiErrorBody), (status = 409, body = corral_api::ApiErrorBody)),
+    security(("bearer" = [])))]
+pub async fn remove(
+    State(ctx): State<Ctx>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<StatusCode, ApiError> {
+    let view = placement::view(&ctx).await?;
+    let Some(info) = view.host_infos().into_iter().find(|h| h.host.name == name) else {
+        return Err(host_not_found(&name));
+    };
+    if !info.vms.is_empty() {
+        return Err(ApiError::Conflict(format!(
+            "host {name} still has VMs {}: delete them (or, once migration exists, move them) first",
+            info.vms.join(", ")
+        )));
+    }
+    let rev = view
+        .hosts
+        .iter()
+        .find(|(h, _)| h.name == name)
+        .map_or(0, |(_, r)| *r);
+    // The host record and every certificate issued to the host go in one transaction; a VM placed
+    // there meanwhile conflicts with the host's revision.
+    let mut ops = vec![Op::Delete {
+        key: keys::host(&name),
+        when: Precondition::ModRevision(rev),
+    }];
+    let (certs, _) = ctx.store.list(crate::agents::CERTS).await?;
+    ops.extend(
+        certs
+            .into_iter()
+            .filter(|kv| kv.value == name.as_bytes())
+            .map(|kv| Op::Delete {
+                key: kv.key,
+                when: Precondition::ModRevision(kv.mod_revision),
+            }),
+    );
+    match ctx.store.txn(ops).await {
+        Ok(_) => Ok(StatusCode::NO_CONTENT),
+        Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => Err(ApiError::Conflict(
+            format!("host {name} changed meanwhile: try again"),
+        )),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Body of `PUT /api/v1/hosts/{name}/maintenance`.

@@ -139,7 +139,7 @@ impl utoipa::Modify for BearerAuth {
     info(title = "Corral API", description = "Corral, an open virtual datacenter OS: VMs, images, hosts and tasks."),
     paths(
         health, list_tasks, get_task,
-        hosts::list, hosts::get, hosts::maintenance, hosts::join_token, hosts::get_cluster, hosts::put_cluster,
+        hosts::list, hosts::get, hosts::remove, hosts::maintenance, hosts::join_token, hosts::get_cluster, hosts::put_cluster,
         hosts::list_groups, hosts::get_group, hosts::create_group, hosts::delete_group,
         vms::list, vms::get, vms::create, vms::start, vms::stop, vms::reboot, vms::delete, vms::console,
         images::list, images::get, images::build_jeos, images::import, images::delete,
@@ -160,7 +160,10 @@ pub fn router(ctx: Ctx) -> Router {
         .route("/api/v1/openapi.json", get(openapi_json))
         .route("/api/v1/hosts", get(hosts::list))
         .route("/api/v1/hosts/join-tokens", post(hosts::join_token))
-        .route("/api/v1/hosts/{name}", get(hosts::get))
+        .route(
+            "/api/v1/hosts/{name}",
+            get(hosts::get).delete(hosts::remove),
+        )
         .route("/api/v1/hosts/{name}/maintenance", put(hosts::maintenance))
         .route(
             "/api/v1/cluster",

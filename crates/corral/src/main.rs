@@ -163,6 +163,10 @@ enum HostCmd {
     Show {
         name: String,
     },
+    /// Remove a host without VMs from the cluster; its certificate stops working.
+    Remove {
+        name: String,
+    },
     /// Make a single-use token a new host joins with (`corral agent --join URL --token TOKEN`).
     JoinToken {
         /// How long the token is valid, in seconds.
@@ -351,6 +355,10 @@ fn client_command(g: &Global, cmd: Command) -> Result<()> {
             HostCmd::List => output::hosts(fmt, &c.get::<Vec<HostInfo>>("/hosts")?, false),
             HostCmd::Show { name } => {
                 output::hosts(fmt, &[c.get::<HostInfo>(&format!("/hosts/{name}"))?], true)
+            }
+            HostCmd::Remove { name } => {
+                c.delete::<serde_json::Value>(&format!("/hosts/{name}"))?;
+                output::done(fmt, &format!("host {name} removed"))
             }
             HostCmd::JoinToken { ttl } => {
                 let t: corral_controller::agents::JoinToken = c.post(

@@ -269,6 +269,31 @@ fn join_tokens_are_single_use_and_names_unique_and_strangers_are_refused() {
     assert_eq!(lab.vm("theirs")["status"]["host"], "host-b");
     assert!(!lab.try_cli(&["vm", "show", "sneaky"]).status.success());
 
+    // Removing a host: refused while VMs are placed on it; afterwards its certificate opens nothing.
+    let err = lab.fails(&["host", "remove", "host-a"]);
+    assert!(err.contains("still has VMs default/mine"), "{err}");
+    lab.cli(&["vm", "delete", "mine"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while lab.try_cli(&["vm", "show", "mine"]).status.success() {
+        assert!(Instant::now() < deadline, "mine was not deleted");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    lab.cli(&["host", "remove", "host-a"]);
+    assert!(lab
+        .fails(&["host", "show", "host-a"])
+        .contains("does not exist"));
+    assert_eq!(
+        get("/agent/v1/revision"),
+        401,
+        "a removed host's certificate is refused"
+    );
+    std::thread::sleep(Duration::from_secs(6));
+    assert!(
+        lab.fails(&["host", "show", "host-a"])
+            .contains("does not exist"),
+        "its agent cannot bring the record back"
+    );
+
     // Without a certificate: refused by every agent call.
     let insecure: ureq::Agent = ureq::Agent::config_builder()
         .tls_config(
