@@ -19,6 +19,8 @@ struct FakeState {
     running: HashMap<PathBuf, Observed>,
     next_pid: u32,
     fail_next_start: Option<String>,
+    /// Guests that ignore the ACPI power button (no acpid, hung).
+    deaf: bool,
     /// Calls in order, e.g. "start web", "powerdown web".
     calls: Vec<String>,
 }
@@ -33,6 +35,11 @@ fn name(run_dir: &Path) -> String {
 impl FakeDriver {
     fn state(&self) -> std::sync::MutexGuard<'_, FakeState> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// From now on guests ignore the ACPI power button.
+    pub fn ignore_powerdown(&self) {
+        self.state().deaf = true;
     }
 
     pub fn fail_next_start(&self, message: &str) {
@@ -90,7 +97,8 @@ impl Driver for FakeDriver {
     async fn powerdown(&self, run_dir: &Path) -> Result<(), DriverError> {
         let mut s = self.state();
         s.calls.push(format!("powerdown {}", name(run_dir)));
-        if let Some(o) = s.running.get_mut(run_dir) {
+        let deaf = s.deaf;
+        if let Some(o) = s.running.get_mut(run_dir).filter(|_| !deaf) {
             o.state = RunState::GuestShutdown;
         }
         Ok(())

@@ -368,3 +368,37 @@ async fn a_disk_that_cannot_be_made_fails_the_vm_with_the_reason() {
     );
     assert!(f.driver.calls().is_empty());
 }
+
+#[tokio::test]
+async fn a_guest_that_ignores_the_power_button_is_powered_off_after_the_timeout() {
+    let mut f = fixture().await;
+    f.cfg.stop_timeout = Duration::from_millis(100);
+    let key = f.create("deaf", PowerState::Running).await;
+    let mut ws = WorkerState::default();
+    f.reconcile(&key, &mut ws).await;
+    f.driver.ignore_powerdown();
+    f.edit(&key, |vm| vm.spec.power = PowerState::Stopped).await;
+    assert!(matches!(
+        f.reconcile(&key, &mut ws).await,
+        Outcome::Requeue(_)
+    ));
+    assert!(
+        matches!(f.reconcile(&key, &mut ws).await, Outcome::Requeue(_)),
+        "still waiting"
+    );
+    assert_eq!(f.vm(&key).await.status.phase, VmPhase::Stopping);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(f.reconcile(&key, &mut ws).await, Outcome::Steady);
+    let vm = f.vm(&key).await;
+    assert_eq!(vm.status.phase, VmPhase::Stopped);
+    assert_eq!(
+        vm.status.condition("Running").expect("cond").reason,
+        "PoweredOffAfterTimeout"
+    );
+    let calls = f.driver.calls();
+    assert_eq!(
+        calls.iter().filter(|c| c.starts_with("powerdown")).count(),
+        1,
+        "asked once: {calls:?}"
+    );
+}
