@@ -10,9 +10,15 @@ pub fn vm_dir(data_dir: &Path, uid: Uuid) -> PathBuf {
     data_dir.join("vms").join(uid.simple().to_string())
 }
 
-pub fn vm_disk(data_dir: &Path, uid: Uuid) -> PathBuf {
-    vm_dir(data_dir, uid).join("disk.qcow2")
+/// Directory of a VM's disk on a datastore other than `local`.
+pub fn datastore_vm_dir(datastore_path: &Path, uid: Uuid) -> PathBuf {
+    datastore_path
+        .join("corral-vms")
+        .join(uid.simple().to_string())
 }
+
+/// File name of a VM's disk in its directory.
+pub const DISK_FILE: &str = "disk.qcow2";
 
 /// Directory of an image's files.
 pub fn image_dir(data_dir: &Path, uid: Uuid) -> PathBuf {

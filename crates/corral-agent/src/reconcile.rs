@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use corral_api::{
-    keys, Accel, DiskStatus, Host, HostStatus, Image, ImagePhase, PowerState, Vm, VmPhase,
+    keys, Accel, Datastore, DiskStatus, Host, HostStatus, Image, ImagePhase, PowerState, Vm,
+    VmPhase, LOCAL_DATASTORE,
 };
 use corral_hypervisor::{Driver, LaunchSpec, RunState};
 use corral_store::{get_json, update_json, Precondition, Store, StoreError, Versioned};
@@ -55,22 +56,51 @@ pub(crate) struct WorkerState {
 /// Makes sure the VM's disk exists (a linked clone of its image) and is recorded in its status.
 /// The clone is made under a temporary name and renamed, so a crash never leaves a half-made disk
 /// under the real name.
+/// Where a VM's disk lives: where it was made, once it was; else in its datastore's directory for
+/// the VM, or in the run directory for the `local` datastore.
+async fn disk_path(store: &dyn Store, cfg: &AgentConfig, vm: &Vm) -> Result<PathBuf, String> {
+    if let Some(d) = &vm.status.disk {
+        return Ok(PathBuf::from(&d.path));
+    }
+    if vm.spec.datastore == LOCAL_DATASTORE {
+        return Ok(layout::vm_dir(&cfg.data_dir, vm.meta.uid).join(layout::DISK_FILE));
+    }
+    match get_json::<Datastore>(store, &keys::datastore(&vm.spec.datastore)).await {
+        Ok(Some(ds)) => Ok(
+            layout::datastore_vm_dir(Path::new(&ds.value.path), vm.meta.uid)
+                .join(layout::DISK_FILE),
+        ),
+        Ok(None) => Err(format!("datastore {} does not exist", vm.spec.datastore)),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Creates a directory that only its owner may enter (it holds disks, sockets, console logs).
+fn private_dir(dir: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir)
+        .and_then(|()| {
+            std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        })
+        .map_err(|e| format!("creating {}: {e}", dir.display()))
+}
+
 async fn ensure_disk(
     store: &dyn Store,
     vm: &mut Vm,
     dir: &Path,
     disk: &Path,
 ) -> Result<(), String> {
+    private_dir(dir)?;
+    vm.status
+        .run_dir
+        .get_or_insert_with(|| dir.display().to_string());
     if !disk.exists() {
         let image = image_of(store, vm).await?;
         let backing = PathBuf::from(image.status.path.clone().unwrap_or_default());
         let format = image.status.format.unwrap_or(corral_api::DiskFormat::Qcow2);
-        // The run directory holds the console log and control sockets: owner only.
-        std::fs::create_dir_all(dir)
-            .and_then(|()| {
-                std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-            })
-            .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        if let Some(parent) = disk.parent() {
+            private_dir(parent)?;
+        }
         let tmp = disk.with_extension("qcow2.part");
         corral_hypervisor::disk::create_linked_clone(&backing, format, &tmp, vm.spec.disk_bytes)
             .await
@@ -161,14 +191,20 @@ pub(crate) async fn reconcile(
             }
         }
         driver.kill(&dir).await?;
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(AgentError::Other(format!(
-                    "removing {}: {e}",
-                    dir.display()
-                )))
+        // The run directory, and the disk's directory on its datastore (named by the VM's uid).
+        let disk_dir = vm
+            .status
+            .disk
+            .as_ref()
+            .and_then(|d| Path::new(&d.path).parent().map(Path::to_path_buf));
+        let uid_name = dir.file_name().map(|n| n.to_owned());
+        let dirs = std::iter::once(dir.clone())
+            .chain(disk_dir.filter(|d| d.file_name().map(|n| n.to_owned()) == uid_name));
+        for d in dirs {
+            match std::fs::remove_dir_all(&d) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(AgentError::Other(format!("removing {}: {e}", d.display()))),
             }
         }
         return match store.delete(key, Precondition::ModRevision(rev)).await {
@@ -178,15 +214,23 @@ pub(crate) async fn reconcile(
         };
     }
 
-    let disk = layout::vm_disk(&cfg.data_dir, vm.meta.uid);
-    if let Err(msg) = ensure_disk(store, &mut vm, &dir, &disk).await {
-        vm.status.phase = VmPhase::Failed;
-        vm.status
-            .set_condition("DiskReady", false, "DiskUnavailable", &msg);
-        vm.status.observed_generation = vm.meta.generation;
-        let retry = Outcome::Requeue(Duration::from_secs(10));
-        return finish(store, key, revision, &before, &vm, retry).await;
-    }
+    let made = match disk_path(store, cfg, &vm).await {
+        Ok(disk) => ensure_disk(store, &mut vm, &dir, &disk)
+            .await
+            .map(|()| disk),
+        Err(msg) => Err(msg),
+    };
+    let disk = match made {
+        Ok(disk) => disk,
+        Err(msg) => {
+            vm.status.phase = VmPhase::Failed;
+            vm.status
+                .set_condition("DiskReady", false, "DiskUnavailable", &msg);
+            vm.status.observed_generation = vm.meta.generation;
+            let retry = Outcome::Requeue(Duration::from_secs(10));
+            return finish(store, key, revision, &before, &vm, retry).await;
+        }
+    };
     let observed = match driver.observe(&dir).await {
         Ok(o) => o,
         // A force stop does not need QEMU's answer either.

@@ -5,6 +5,7 @@
 //! writes anything, so a bad request changes nothing; the OpenAPI document is generated from these
 //! types, so the document and the wire format cannot disagree.
 
+mod datastore;
 mod error;
 mod group;
 mod host;
@@ -14,6 +15,7 @@ mod size;
 mod task;
 mod vm;
 
+pub use datastore::{CreateDatastoreRequest, Datastore, LOCAL_DATASTORE};
 pub use error::{ApiErrorBody, ValidationError};
 pub use group::{CreateGroupRequest, GroupRule, GroupStrength, VmGroup};
 pub use host::{Accel, ClusterSettings, Host, HostInfo, HostState, HostStatus, PlacementPolicy};
@@ -68,6 +70,7 @@ pub mod keys {
     pub const ADMIN_TOKEN: &str = "/corral/auth/admin-token-sha256";
     pub const CLUSTER: &str = "/corral/cluster";
     pub const GROUPS: &str = "/corral/groups/";
+    pub const DATASTORES: &str = "/corral/datastores/";
 
     pub fn project(name: &str) -> String {
         format!("/corral/projects/{name}")
@@ -89,6 +92,9 @@ pub mod keys {
     }
     pub fn group(project: &str, name: &str) -> String {
         format!("{GROUPS}{project}/{name}")
+    }
+    pub fn datastore(name: &str) -> String {
+        format!("{DATASTORES}{name}")
     }
     pub fn host(name: &str) -> String {
         format!("{HOSTS}{name}")

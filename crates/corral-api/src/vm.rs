@@ -38,6 +38,13 @@ pub struct VmSpec {
     /// Pinned by the user to this host; otherwise the scheduler picks one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+    /// The datastore the VM's disk lives on.
+    #[serde(default = "local")]
+    pub datastore: String,
+}
+
+fn local() -> String {
+    crate::LOCAL_DATASTORE.to_string()
 }
 
 /// Where a VM is in its life, as observed by its host agent.
@@ -103,6 +110,9 @@ pub struct VmStatus {
     pub started_at: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<DiskStatus>,
+    /// Where the hypervisor keeps the VM's control sockets and console log on its host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_dir: Option<String>,
     #[serde(default)]
     pub conditions: Vec<Condition>,
 }
@@ -117,6 +127,7 @@ impl Default for VmStatus {
             pid: None,
             started_at: None,
             disk: None,
+            run_dir: None,
             conditions: Vec::new(),
         }
     }
@@ -176,6 +187,9 @@ pub struct CreateVmRequest {
     /// Run on this host instead of where the scheduler would place it.
     #[serde(default)]
     pub host: Option<String>,
+    /// Datastore for the VM's disk; `local` (each host's data dir) when absent.
+    #[serde(default)]
+    pub datastore: Option<String>,
 }
 
 fn one() -> u32 {
@@ -229,6 +243,13 @@ impl CreateVmRequest {
             force_stop: false,
             reboots: 0,
             host: self.host.clone(),
+            datastore: match &self.datastore {
+                Some(d) => {
+                    validate_name("datastore", d)?;
+                    d.clone()
+                }
+                None => local(),
+            },
         })
     }
 }
@@ -254,6 +275,7 @@ mod tests {
             disk: Some("1G".into()),
             start: true,
             host: None,
+            datastore: None,
         }
     }
 

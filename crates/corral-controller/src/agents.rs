@@ -199,9 +199,13 @@ async fn host_of(a: &AgentCtx, peer: &Peer) -> Result<String, ApiError> {
     }
 }
 
-/// Keys a host may read: VMs and images, and its own host record (by exact key, never by prefix).
+/// Keys a host may read: VMs, images and datastores, and its own host record (by exact key, never
+/// by prefix).
 fn may_read(host: &str, key: &str) -> bool {
-    key.starts_with(keys::VMS) || key.starts_with(keys::IMAGES) || key == keys::host(host)
+    key.starts_with(keys::VMS)
+        || key.starts_with(keys::IMAGES)
+        || key.starts_with(keys::DATASTORES)
+        || key == keys::host(host)
 }
 
 /// Prefixes a host may list and watch.

@@ -141,6 +141,7 @@ impl utoipa::Modify for BearerAuth {
         health, list_tasks, get_task,
         hosts::list, hosts::get, hosts::remove, hosts::maintenance, hosts::join_token, hosts::get_cluster, hosts::put_cluster,
         hosts::list_groups, hosts::get_group, hosts::create_group, hosts::delete_group,
+        hosts::list_datastores, hosts::get_datastore, hosts::create_datastore, hosts::delete_datastore,
         vms::list, vms::get, vms::create, vms::start, vms::stop, vms::reboot, vms::delete, vms::console,
         images::list, images::get, images::build_jeos, images::import, images::delete,
     ),
@@ -168,6 +169,14 @@ pub fn router(ctx: Ctx) -> Router {
         .route(
             "/api/v1/cluster",
             get(hosts::get_cluster).put(hosts::put_cluster),
+        )
+        .route(
+            "/api/v1/datastores",
+            get(hosts::list_datastores).post(hosts::create_datastore),
+        )
+        .route(
+            "/api/v1/datastores/{name}",
+            get(hosts::get_datastore).delete(hosts::delete_datastore),
         )
         .route(
             &format!("{p}/groups"),

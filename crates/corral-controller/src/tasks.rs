@@ -283,6 +283,7 @@ mod tests {
                 force_stop: false,
                 reboots: 0,
                 host: None,
+                datastore: corral_api::LOCAL_DATASTORE.into(),
             },
             status,
         }

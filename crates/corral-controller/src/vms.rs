@@ -6,8 +6,8 @@ use axum::http::StatusCode;
 use axum::Json;
 use chrono::Utc;
 use corral_api::{
-    format_bytes, keys, ConsoleChunk, CreateVmRequest, Host, Image, ImagePhase, ObjectMeta,
-    PowerState, StopVmRequest, Task, TaskGoal, Vm, VmPhase, VmStatus,
+    format_bytes, keys, ConsoleChunk, CreateVmRequest, Datastore, Host, Image, ImagePhase,
+    ObjectMeta, PowerState, StopVmRequest, Task, TaskGoal, Vm, VmPhase, VmStatus, LOCAL_DATASTORE,
 };
 use corral_store::{get_json, list_json, Op, Precondition, StoreError, Versioned};
 use serde::Deserialize;
@@ -88,6 +88,21 @@ pub async fn create(
         )));
     }
     check_capacity(&ctx, spec.cpus, spec.memory_bytes).await?;
+    // The datastore must exist and stay (a delete in between conflicts on its key).
+    let datastore_guard = if spec.datastore == LOCAL_DATASTORE {
+        None
+    } else {
+        let key = keys::datastore(&spec.datastore);
+        match get_json::<Datastore>(&*ctx.store, &key).await? {
+            Some(ds) if !ds.value.deleting => Some(Op::Check { key, when: Precondition::ModRevision(ds.revision) }),
+            _ => {
+                return Err(ApiError::NotFound(format!(
+                    "datastore {} does not exist: create it with `corral datastore create`, or leave out --datastore",
+                    spec.datastore
+                )))
+            }
+        }
+    };
     let vm = Vm {
         meta: ObjectMeta::new(&project, &req.name),
         spec,
@@ -121,6 +136,7 @@ pub async fn create(
             when: Precondition::ModRevision(image_rev),
         }];
         ops.extend(host_guard);
+        ops.extend(datastore_guard.clone());
         ops.push(Op::Put {
             key: keys::vm(&project, &req.name),
             value: serde_json::to_vec(&vm).map_err(StoreError::from)?,
@@ -129,6 +145,10 @@ pub async fn create(
         });
         return match tasks::submit(&ctx, task, ops).await {
             Ok(task) => Ok((StatusCode::ACCEPTED, Json(task))),
+            Err(StoreError::Conflict { key }) if key.starts_with(keys::DATASTORES) => Err(ApiError::Conflict(format!(
+                "datastore {} changed while the VM was being created (being deleted?): try again",
+                vm.spec.datastore
+            ))),
             // The chosen host changed between plan and apply (heartbeat, maintenance, gone): plan again.
             Err(StoreError::Conflict { key }) if key.starts_with(keys::HOSTS) => continue,
             Err(StoreError::Conflict { key }) if key == image_key => Err(ApiError::Conflict(format!(
@@ -316,19 +336,15 @@ pub async fn console(
     use std::io::{Read, Seek, SeekFrom};
     const MAX: u64 = 64 * 1024;
     let vm = load(&ctx, &project, &name).await?;
-    // The log sits in the VM's run directory on its host, beside its disk. Hosts of the local lab
-    // share this machine's file system; relaying consoles of remote hosts is future work. The
-    // directory is named by the VM's uid, so a host cannot point the console at another VM's log.
+    // The log sits in the VM's run directory on its host, as the agent recorded it. Hosts of the
+    // local lab share this machine's file system; relaying consoles of remote hosts is future work.
+    // The directory is named by the VM's uid, so a host cannot point the console at another VM's log.
     let own_dir = corral_agent::layout::vm_dir(&ctx.data_dir, vm.meta.uid);
     let run_dir = vm
         .status
-        .disk
+        .run_dir
         .as_ref()
-        .and_then(|d| {
-            std::path::Path::new(&d.path)
-                .parent()
-                .map(|p| p.to_path_buf())
-        })
+        .map(std::path::PathBuf::from)
         .filter(|d| d.file_name() == own_dir.file_name())
         .unwrap_or(own_dir);
     let path = corral_hypervisor::console_log(&run_dir);

@@ -12,8 +12,9 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use corral_api::{
-    BuildJeosRequest, ClusterSettings, ConsoleChunk, CreateGroupRequest, CreateVmRequest,
-    GroupRule, GroupStrength, HostInfo, Image, PlacementPolicy, StopVmRequest, Task, Vm, VmGroup,
+    BuildJeosRequest, ClusterSettings, ConsoleChunk, CreateDatastoreRequest, CreateGroupRequest,
+    CreateVmRequest, Datastore, GroupRule, GroupStrength, HostInfo, Image, PlacementPolicy,
+    StopVmRequest, Task, Vm, VmGroup,
 };
 
 use client::Client;
@@ -74,6 +75,9 @@ enum Command {
     /// VM groups with affinity and anti-affinity rules.
     #[command(subcommand)]
     Group(GroupCmd),
+    /// Where VM disks live: a directory on each host, or a path mounted on every host.
+    #[command(subcommand)]
+    Datastore(DatastoreCmd),
     /// Long operations.
     #[command(subcommand)]
     Task(TaskCmd),
@@ -124,6 +128,9 @@ enum VmCmd {
         /// Run it on this host instead of where the scheduler would place it.
         #[arg(long)]
         host: Option<String>,
+        /// Datastore for its disk (default: local, each host's data dir).
+        #[arg(long)]
+        datastore: Option<String>,
     },
     List,
     Show {
@@ -222,6 +229,27 @@ enum StrengthArg {
 }
 
 #[derive(Subcommand, Debug)]
+enum DatastoreCmd {
+    /// Add a datastore: PATH must exist on the hosts (mounted on every host with --shared).
+    Create {
+        name: String,
+        #[arg(long)]
+        path: String,
+        /// Every host sees the same files at PATH (NFS, CephFS...).
+        #[arg(long)]
+        shared: bool,
+    },
+    List,
+    Show {
+        name: String,
+    },
+    /// Remove a datastore no VM disk lives on (its files are left in place).
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum GroupCmd {
     /// Create a group: its members run together (affinity) or apart (anti-affinity).
     Create {
@@ -315,6 +343,7 @@ fn client_command(g: &Global, cmd: Command) -> Result<()> {
                 disk,
                 start,
                 host,
+                datastore,
             } => {
                 let req = CreateVmRequest {
                     name: name.clone(),
@@ -324,6 +353,7 @@ fn client_command(g: &Global, cmd: Command) -> Result<()> {
                     disk,
                     start,
                     host,
+                    datastore,
                 };
                 let task: Task = c.post(&format!("{p}/vms"), &req)?;
                 finish_vm(task, &name)
@@ -406,6 +436,24 @@ fn client_command(g: &Global, cmd: Command) -> Result<()> {
             s.memory_overcommit = memory_overcommit.unwrap_or(s.memory_overcommit);
             output::cluster(fmt, &c.put_json::<ClusterSettings>("/cluster", &s)?)
         }
+        Command::Datastore(cmd) => match cmd {
+            DatastoreCmd::Create { name, path, shared } => {
+                let req = CreateDatastoreRequest { name, path, shared };
+                output::datastores(fmt, &[c.post::<Datastore>("/datastores", &req)?], true)
+            }
+            DatastoreCmd::List => {
+                output::datastores(fmt, &c.get::<Vec<Datastore>>("/datastores")?, false)
+            }
+            DatastoreCmd::Show { name } => output::datastores(
+                fmt,
+                &[c.get::<Datastore>(&format!("/datastores/{name}"))?],
+                true,
+            ),
+            DatastoreCmd::Delete { name } => {
+                c.delete::<serde_json::Value>(&format!("/datastores/{name}"))?;
+                output::done(fmt, &format!("datastore {name} deleted"))
+            }
+        },
         Command::Group(cmd) => match cmd {
             GroupCmd::Create {
                 name,

@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
-use corral_api::{format_bytes, ClusterSettings, HostInfo, Image, Task, Vm, VmGroup};
+use corral_api::{format_bytes, ClusterSettings, Datastore, HostInfo, Image, Task, Vm, VmGroup};
 use serde::Serialize;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -177,6 +177,20 @@ pub fn groups(fmt: Format, groups: &[VmGroup], single: bool) -> Result<()> {
                     g.members.join(", "),
                 ]
             })
+            .collect(),
+    );
+    Ok(())
+}
+
+pub fn datastores(fmt: Format, items: &[Datastore], single: bool) -> Result<()> {
+    if fmt == Format::Json {
+        return json_items(items, single);
+    }
+    table(
+        &["NAME", "PATH", "SHARED"],
+        items
+            .iter()
+            .map(|d| vec![d.name.clone(), d.path.clone(), d.shared.to_string()])
             .collect(),
     );
     Ok(())

@@ -326,3 +326,83 @@ fn a_hard_kill_loses_nothing_that_was_acknowledged() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+#[test]
+fn datastores_hold_vm_disks_and_refuse_bad_paths_and_deletion_in_use() {
+    let lab = Lab::start();
+    lab.build_jeos();
+    let ds = lab.dir.path().join("shared-ds");
+    std::fs::create_dir_all(&ds).expect("dir");
+    let path = ds.to_str().expect("utf8");
+    for (args, want) in [
+        (
+            vec!["datastore", "create", "x", "--path", "relative"],
+            "is not usable",
+        ),
+        (
+            vec!["datastore", "create", "x", "--path", "/srv/../etc"],
+            "is not usable",
+        ),
+        (
+            vec!["datastore", "create", "local", "--path", "/srv"],
+            "built in",
+        ),
+        (
+            vec![
+                "vm",
+                "create",
+                "v",
+                "--image",
+                "jeos",
+                "--memory",
+                "64M",
+                "--datastore",
+                "nope",
+            ],
+            "datastore nope does not exist",
+        ),
+    ] {
+        let err = lab.fails(&args);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    lab.cli(&["datastore", "create", "fast", "--path", path, "--shared"]);
+    assert!(lab
+        .fails(&["datastore", "create", "fast", "--path", path])
+        .contains("already exists"));
+    lab.cli(&[
+        "vm",
+        "create",
+        "v",
+        "--image",
+        "jeos",
+        "--memory",
+        "64M",
+        "--datastore",
+        "fast",
+    ]);
+    let vm = lab.vm("v");
+    let disk = vm["status"]["disk"]["path"]
+        .as_str()
+        .expect("disk")
+        .to_string();
+    assert!(disk.starts_with(&format!("{path}/corral-vms/")), "{disk}");
+    assert!(std::path::Path::new(&disk).exists());
+    let err = lab.fails(&["datastore", "delete", "fast"]);
+    assert!(err.contains("holds the disks of VMs default/v"), "{err}");
+    lab.cli(&["vm", "delete", "v"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while lab.try_cli(&["vm", "show", "v"]).status.success() {
+        assert!(std::time::Instant::now() < deadline, "v not deleted");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !std::path::Path::new(&disk).exists(),
+        "the disk left the datastore with its VM"
+    );
+    lab.cli(&["datastore", "delete", "fast"]);
+    assert!(lab
+        .json(&["datastore", "list"])
+        .as_array()
+        .expect("list")
+        .is_empty());
+}

@@ -162,3 +162,42 @@ fn a_guest_that_powers_itself_off_is_recorded_as_stopped() {
     }
     assert!(lab.qemu_pids().is_empty());
 }
+
+#[test]
+fn a_guest_boots_from_a_disk_on_a_shared_datastore() {
+    let lab = Lab::start();
+    lab.build_jeos();
+    let ds = lab.dir.path().join("nfs");
+    std::fs::create_dir_all(&ds).expect("dir");
+    lab.cli(&[
+        "datastore",
+        "create",
+        "nfs",
+        "--path",
+        ds.to_str().expect("utf8"),
+        "--shared",
+    ]);
+    lab.cli(&[
+        "vm",
+        "create",
+        "ds",
+        "--image",
+        "jeos",
+        "--memory",
+        "128M",
+        "--datastore",
+        "nfs",
+        "--start",
+    ]);
+    lab.wait_console("ds", READY, 1, BOOT);
+    let vm = lab.vm("ds");
+    let disk = vm["status"]["disk"]["path"].as_str().expect("disk");
+    assert!(disk.starts_with(ds.to_str().expect("utf8")), "{disk}");
+    let pid = vm["status"]["pid"].as_u64().expect("pid");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains(&format!("file={disk},")),
+        "QEMU runs the datastore's disk"
+    );
+    lab.cli(&["vm", "delete", "ds", "--force"]);
+}

@@ -76,6 +76,7 @@ impl Fixture {
                 force_stop: false,
                 reboots: 0,
                 host: None,
+                datastore: corral_api::LOCAL_DATASTORE.into(),
             },
             status: VmStatus {
                 host: Some("h1".into()),
@@ -133,9 +134,10 @@ async fn starts_a_vm_on_a_linked_clone_and_is_idempotent() {
     assert_eq!(vm.status.phase, VmPhase::Running);
     assert_eq!(vm.status.host.as_deref(), Some("h1"));
     assert_eq!(vm.status.observed_generation, vm.meta.generation);
-    let info = corral_hypervisor::disk::info(&layout::vm_disk(&f.cfg.data_dir, vm.meta.uid))
-        .await
-        .expect("info");
+    let info =
+        corral_hypervisor::disk::info(Path::new(&vm.status.disk.as_ref().expect("disk").path))
+            .await
+            .expect("info");
     assert_eq!(info.virtual_size, 1 << 30);
     assert!(info
         .backing_filename

@@ -287,8 +287,7 @@ impl Lab {
 
     pub fn run_dir(&self, name: &str) -> PathBuf {
         let vm = self.vm(name);
-        let disk = vm["status"]["disk"]["path"].as_str().expect("disk path");
-        Path::new(disk).parent().expect("run dir").to_path_buf()
+        PathBuf::from(vm["status"]["run_dir"].as_str().expect("run dir"))
     }
 
     /// Types a command on the guest's serial console and returns the value it prints as `KEY=value`.
