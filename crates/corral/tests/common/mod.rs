@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -281,6 +281,18 @@ impl Lab {
                 return text;
             }
             assert!(Instant::now() < deadline, "VM {name}: {marker:?} x{count} not on the console after {timeout:?}; console:\n{text}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Deletes a VM (with `extra` flags) and waits until it is gone.
+    pub fn delete_vm(&self, name: &str, extra: &[&str]) {
+        let mut args = vec!["vm", "delete", name];
+        args.extend(extra);
+        self.cli(&args);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.try_cli(&["vm", "show", name]).status.success() {
+            assert!(Instant::now() < deadline, "VM {name} was not deleted");
             std::thread::sleep(Duration::from_millis(100));
         }
     }
