@@ -39,7 +39,7 @@ pub fn format_bytes(bytes: u64) -> String {
         let scale = 1u64 << shift;
         if bytes >= scale {
             let v = bytes as f64 / scale as f64;
-            return if bytes % scale == 0 {
+            return if bytes.is_multiple_of(scale) {
                 format!("{}{unit}", bytes / scale)
             } else {
                 format!("{v:.1}{unit}")

@@ -99,7 +99,7 @@ async fn health() -> Json<Health> {
 #[utoipa::path(get, path = "/api/v1/tasks", tag = "tasks", responses((status = 200, description = "newest first", body = [Task])), security(("bearer" = [])))]
 async fn list_tasks(State(ctx): State<Ctx>) -> Result<Json<Vec<Task>>, ApiError> {
     let (mut tasks, _) = list_json::<Task>(&*ctx.store, keys::TASKS).await?;
-    tasks.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+    tasks.sort_by_key(|t| std::cmp::Reverse(t.created_at));
     Ok(Json(tasks))
 }
 

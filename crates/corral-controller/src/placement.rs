@@ -220,8 +220,9 @@ pub fn spawn_placer(ctx: Ctx) {
 
 async fn place_pending(ctx: &Ctx) -> Result<(), ApiError> {
     let (kvs, _) = ctx.store.list(keys::VMS).await?;
+    let mut waiting = Vec::new();
     for kv in kvs {
-        let Ok(mut vm) = serde_json::from_slice::<Vm>(&kv.value) else {
+        let Ok(vm) = serde_json::from_slice::<Vm>(&kv.value) else {
             continue;
         };
         if vm.status.host.is_some() {
@@ -239,8 +240,16 @@ async fn place_pending(ctx: &Ctx) -> Result<(), ApiError> {
             }
             continue;
         }
-        let _one_at_a_time = ctx.placement.lock().await;
-        let view = view(ctx).await?;
+        waiting.push((kv.key, kv.mod_revision, vm));
+    }
+    if waiting.is_empty() {
+        return Ok(());
+    }
+    // One view for the round, kept current as VMs are placed; a write that lost a race (the VM or
+    // the chosen host changed since it was read) is planned again next round.
+    let _one_at_a_time = ctx.placement.lock().await;
+    let mut view = view(ctx).await?;
+    for (key, rev, mut vm) in waiting {
         let before = vm.status.clone();
         let guard = view.apply(&mut vm);
         if vm.status == before {
@@ -248,14 +257,18 @@ async fn place_pending(ctx: &Ctx) -> Result<(), ApiError> {
         }
         let mut ops: Vec<Op> = guard.into_iter().collect();
         ops.push(Op::Put {
-            key: kv.key.clone(),
+            key,
             value: serde_json::to_vec(&vm).map_err(StoreError::from)?,
-            when: Precondition::ModRevision(kv.mod_revision),
+            when: Precondition::ModRevision(rev),
             lease: None,
         });
         match ctx.store.txn(ops).await {
-            // Lost a race with a change of the VM or the host: the next round plans again.
-            Ok(_) | Err(StoreError::Conflict { .. }) => {}
+            Ok(_) => {
+                if let Some(v) = view.vms.iter_mut().find(|v| v.meta.uid == vm.meta.uid) {
+                    v.status = vm.status;
+                }
+            }
+            Err(StoreError::Conflict { .. }) => {}
             Err(e) => return Err(e.into()),
         }
     }

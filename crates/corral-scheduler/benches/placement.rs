@@ -56,61 +56,56 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// Places `decisions` new VMs on a fresh cluster of `n` hosts with `decide`, applying each decision
+/// before the next; returns decisions per second and the sorted latencies in ms.
+fn run(
+    n: usize,
+    decisions: usize,
+    decide: impl Fn(&[HostView], &[Group], &Request) -> Option<String>,
+) -> (f64, Vec<f64>) {
+    let (mut hosts, groups) = cluster(n);
+    let mut lat = Vec::with_capacity(decisions);
+    let start = Instant::now();
+    for k in 0..decisions {
+        let req = Request {
+            vm: format!("new-{k}"),
+            cpus: 2,
+            memory_bytes: 4 * GIB,
+            host: None,
+        };
+        let t = Instant::now();
+        let chosen = decide(&hosts, &groups, &req);
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+        if let Some(i) = chosen.and_then(|name| hosts.iter().position(|h| h.name == name)) {
+            hosts[i].allocated_cpus += 2;
+            hosts[i].allocated_memory += 4 * GIB;
+            hosts[i].vms.push(req.vm);
+        }
+    }
+    let rate = decisions as f64 / start.elapsed().as_secs_f64();
+    lat.sort_by(|a, b| a.total_cmp(b));
+    (rate, lat)
+}
+
 fn main() {
     let policy = Policy::default();
     println!("| hosts | VMs placed | Corral decisions/s | median | p99 | first-fit decisions/s | first-fit median |");
     println!("|---|---|---|---|---|---|---|");
     for n in [10usize, 100, 1_000, 10_000] {
         let decisions = if n >= 10_000 { 500 } else { 2_000 };
-        let (mut hosts, groups) = cluster(n);
-        let mut lat = Vec::with_capacity(decisions);
-        let start = Instant::now();
-        for k in 0..decisions {
-            let req = Request {
-                vm: format!("new-{k}"),
-                cpus: 2,
-                memory_bytes: 4 * GIB,
-                host: None,
-            };
-            let t = Instant::now();
-            let d = place(&policy, &hosts, &groups, &req);
-            lat.push(t.elapsed().as_secs_f64() * 1e3);
-            if let Decision::Place { host } = d {
-                let h = hosts.iter_mut().find(|h| h.name == host).expect("host");
-                h.allocated_cpus += 2;
-                h.allocated_memory += 4 * GIB;
-                h.vms.push(req.vm);
+        let (rate, lat) = run(n, decisions, |hosts, groups, req| {
+            match place(&policy, hosts, groups, req) {
+                Decision::Place { host } => Some(host),
+                Decision::Pending { .. } => None,
             }
-        }
-        let total = start.elapsed().as_secs_f64();
-        lat.sort_by(|a, b| a.total_cmp(b));
-
-        let (mut ff_hosts, _) = cluster(n);
-        let mut ff_lat = Vec::with_capacity(decisions);
-        let ff_start = Instant::now();
-        for k in 0..decisions {
-            let req = Request {
-                vm: format!("new-{k}"),
-                cpus: 2,
-                memory_bytes: 4 * GIB,
-                host: None,
-            };
-            let t = Instant::now();
-            let i = first_fit(&policy, &ff_hosts, &req);
-            ff_lat.push(t.elapsed().as_secs_f64() * 1e3);
-            if let Some(i) = i {
-                ff_hosts[i].allocated_cpus += 2;
-                ff_hosts[i].allocated_memory += 4 * GIB;
-            }
-        }
-        let ff_total = ff_start.elapsed().as_secs_f64();
-        ff_lat.sort_by(|a, b| a.total_cmp(b));
+        });
+        let (ff_rate, ff_lat) = run(n, decisions, |hosts, _, req| {
+            first_fit(&policy, hosts, req).map(|i| hosts[i].name.clone())
+        });
         println!(
-            "| {n} | {decisions} | {:.0} | {:.3} ms | {:.3} ms | {:.0} | {:.4} ms |",
-            decisions as f64 / total,
+            "| {n} | {decisions} | {rate:.0} | {:.3} ms | {:.3} ms | {ff_rate:.0} | {:.4} ms |",
             percentile(&lat, 0.5),
             percentile(&lat, 0.99),
-            decisions as f64 / ff_total,
             percentile(&ff_lat, 0.5),
         );
     }
