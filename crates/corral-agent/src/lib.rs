@@ -9,9 +9,11 @@
 
 pub mod images;
 pub mod layout;
+mod migrate;
 mod reconcile;
 pub mod remote;
 
+pub use migrate::RESUMING;
 pub use reconcile::{Agent, AgentConfig};
 
 #[derive(Debug, thiserror::Error)]

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use corral_api::{
-    keys, Accel, Datastore, DiskStatus, Host, HostStatus, Image, ImagePhase, PowerState, Vm,
-    VmPhase, LOCAL_DATASTORE,
+    keys, Accel, Datastore, DiskStatus, Host, HostStatus, Image, ImagePhase, Migration, PowerState,
+    Vm, VmPhase, LOCAL_DATASTORE,
 };
 use corral_hypervisor::{Driver, LaunchSpec, RunState};
 use corral_store::{get_json, update_json, Precondition, Store, StoreError, Versioned};
@@ -29,6 +29,8 @@ pub struct AgentConfig {
     pub stop_timeout: Duration,
     /// How often every VM is reconciled even when nothing changed (catches crashed guests).
     pub resync: Duration,
+    /// Where VMs migrating to this host are received: this host's address on the fabric.
+    pub address: std::net::IpAddr,
 }
 
 /// What the worker does after one reconcile.
@@ -53,15 +55,21 @@ pub(crate) struct WorkerState {
     reset_done: u64,
 }
 
-/// Makes sure the VM's disk exists (a linked clone of its image) and is recorded in its status.
-/// The clone is made under a temporary name and renamed, so a crash never leaves a half-made disk
-/// under the real name.
-/// Where a VM's disk lives: where it was made, once it was; else in its datastore's directory for
-/// the VM, or in the run directory for the `local` datastore.
+/// Where a VM's disk lives: where it was made, once it was; else where [`new_disk_path`] says.
 async fn disk_path(store: &dyn Store, cfg: &AgentConfig, vm: &Vm) -> Result<PathBuf, String> {
     if let Some(d) = &vm.status.disk {
         return Ok(PathBuf::from(&d.path));
     }
+    new_disk_path(store, cfg, vm).await
+}
+
+/// Where this host makes a disk for the VM: in its datastore's directory for the VM, or in the run
+/// directory for the `local` datastore.
+pub(crate) async fn new_disk_path(
+    store: &dyn Store,
+    cfg: &AgentConfig,
+    vm: &Vm,
+) -> Result<PathBuf, String> {
     if vm.spec.datastore == LOCAL_DATASTORE {
         return Ok(layout::vm_dir(&cfg.data_dir, vm.meta.uid).join(layout::DISK_FILE));
     }
@@ -76,7 +84,7 @@ async fn disk_path(store: &dyn Store, cfg: &AgentConfig, vm: &Vm) -> Result<Path
 }
 
 /// Creates a directory that only its owner may enter (it holds disks, sockets, console logs).
-fn private_dir(dir: &Path) -> Result<(), String> {
+pub(crate) fn private_dir(dir: &Path) -> Result<(), String> {
     std::fs::create_dir_all(dir)
         .and_then(|()| {
             std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
@@ -84,6 +92,26 @@ fn private_dir(dir: &Path) -> Result<(), String> {
         .map_err(|e| format!("creating {}: {e}", dir.display()))
 }
 
+/// Makes `disk` a linked clone of the VM's image unless it exists. The clone is made under a
+/// temporary name and renamed, so a crash never leaves a half-made disk under the real name.
+pub(crate) async fn clone_disk(store: &dyn Store, vm: &Vm, disk: &Path) -> Result<(), String> {
+    if disk.exists() {
+        return Ok(());
+    }
+    let image = image_of(store, vm).await?;
+    let backing = PathBuf::from(image.status.path.clone().unwrap_or_default());
+    let format = image.status.format.unwrap_or(corral_api::DiskFormat::Qcow2);
+    if let Some(parent) = disk.parent() {
+        private_dir(parent)?;
+    }
+    let tmp = disk.with_extension("qcow2.part");
+    corral_hypervisor::disk::create_linked_clone(&backing, format, &tmp, vm.spec.disk_bytes)
+        .await
+        .map_err(|e| e.to_string())?;
+    std::fs::rename(&tmp, disk).map_err(|e| format!("creating {}: {e}", disk.display()))
+}
+
+/// Makes sure the VM's disk exists (a linked clone of its image) and is recorded in its status.
 async fn ensure_disk(
     store: &dyn Store,
     vm: &mut Vm,
@@ -94,19 +122,7 @@ async fn ensure_disk(
     vm.status
         .run_dir
         .get_or_insert_with(|| dir.display().to_string());
-    if !disk.exists() {
-        let image = image_of(store, vm).await?;
-        let backing = PathBuf::from(image.status.path.clone().unwrap_or_default());
-        let format = image.status.format.unwrap_or(corral_api::DiskFormat::Qcow2);
-        if let Some(parent) = disk.parent() {
-            private_dir(parent)?;
-        }
-        let tmp = disk.with_extension("qcow2.part");
-        corral_hypervisor::disk::create_linked_clone(&backing, format, &tmp, vm.spec.disk_bytes)
-            .await
-            .map_err(|e| e.to_string())?;
-        std::fs::rename(&tmp, disk).map_err(|e| format!("creating {}: {e}", disk.display()))?;
-    }
+    clone_disk(store, vm, disk).await?;
     if vm.status.disk.is_none() {
         let backing = corral_hypervisor::disk::info(disk)
             .await
@@ -137,7 +153,7 @@ async fn write_status(
     }
 }
 
-async fn image_of(store: &dyn Store, vm: &Vm) -> Result<Image, String> {
+pub(crate) async fn image_of(store: &dyn Store, vm: &Vm) -> Result<Image, String> {
     let key = keys::image(&vm.meta.project, &vm.spec.image);
     match get_json::<Image>(store, &key).await {
         Ok(Some(Versioned { value, .. })) if value.status.phase == ImagePhase::Ready => Ok(value),
@@ -147,7 +163,7 @@ async fn image_of(store: &dyn Store, vm: &Vm) -> Result<Image, String> {
     }
 }
 
-fn launch_spec(vm: &Vm, image: &Image, disk: &Path, accel: Accel) -> LaunchSpec {
+pub(crate) fn launch_spec(vm: &Vm, image: &Image, disk: &Path, accel: Accel) -> LaunchSpec {
     LaunchSpec {
         name: vm.meta.name.clone(),
         cpus: vm.spec.cpus,
@@ -177,6 +193,10 @@ pub(crate) async fn reconcile(
     if vm.status.host.as_deref() != Some(cfg.host.as_str()) {
         return Ok(Outcome::Gone);
     }
+    // A migration away from here runs to its end before anything else happens to the VM.
+    if let Some(m) = crate::migrate::outgoing(store, &cfg.host, &vm).await? {
+        return crate::migrate::run_source(store, driver, cfg, key, m).await;
+    }
     let dir = layout::vm_dir(&cfg.data_dir, vm.meta.uid);
     let before = vm.clone();
 
@@ -191,22 +211,8 @@ pub(crate) async fn reconcile(
             }
         }
         driver.kill(&dir).await?;
-        // The run directory, and the disk's directory on its datastore (named by the VM's uid).
-        let disk_dir = vm
-            .status
-            .disk
-            .as_ref()
-            .and_then(|d| Path::new(&d.path).parent().map(Path::to_path_buf));
-        let uid_name = dir.file_name().map(|n| n.to_owned());
-        let dirs = std::iter::once(dir.clone())
-            .chain(disk_dir.filter(|d| d.file_name().map(|n| n.to_owned()) == uid_name));
-        for d in dirs {
-            match std::fs::remove_dir_all(&d) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(AgentError::Other(format!("removing {}: {e}", d.display()))),
-            }
-        }
+        let disk = vm.status.disk.as_ref().map(|d| Path::new(&d.path));
+        remove_vm_files(&dir, disk)?;
         return match store.delete(key, Precondition::ModRevision(rev)).await {
             Ok(_) | Err(StoreError::NotFound { .. }) => Ok(Outcome::Gone),
             Err(StoreError::Conflict { .. }) => Ok(Outcome::Requeue(Duration::ZERO)),
@@ -293,6 +299,27 @@ pub(crate) async fn reconcile(
             vm.meta.bump();
             mark_stopped(&mut vm, "GuestPoweredOff", "the guest shut itself down");
         }
+        (PowerState::Running, Some(o))
+            if matches!(o.state, RunState::Paused | RunState::MigratedAway) =>
+        {
+            // An incoming copy that is now this host's VM, or a source copy whose migration did
+            // not complete (its target copy is being removed): the guest goes on here.
+            driver.resume(&dir).await?;
+            vm.status.phase = VmPhase::Running;
+            vm.status.pid = Some(o.pid);
+            vm.status.started_at.get_or_insert_with(Utc::now);
+            let handed_over = vm
+                .status
+                .condition("Running")
+                .filter(|c| c.reason == crate::migrate::RESUMING)
+                .map(|c| c.message.clone());
+            if let Some(msg) = handed_over {
+                vm.status.set_condition("Running", true, "Migrated", &msg);
+            } else if o.state == RunState::MigratedAway {
+                let msg = "the migration did not complete; the guest runs on here";
+                vm.status.set_condition("Running", true, "Resumed", msg);
+            }
+        }
         (PowerState::Running, Some(o)) => {
             if vm.spec.reboots > vm.status.reboots && ws.reset_done < vm.spec.reboots {
                 // Remembered here too: if the status write below loses a race, no second reset.
@@ -370,6 +397,23 @@ pub(crate) async fn reconcile(
         vm.status.observed_generation = vm.meta.generation;
     }
     finish(store, key, revision, &before, &vm, outcome).await
+}
+
+/// Removes a VM's run directory and, when given, the directory of its disk on a datastore (only
+/// if it is the VM's own, named by its uid like the run directory).
+pub(crate) fn remove_vm_files(run_dir: &Path, disk: Option<&Path>) -> Result<(), AgentError> {
+    let disk_dir = disk.and_then(|d| d.parent().map(Path::to_path_buf));
+    let uid_name = run_dir.file_name().map(|n| n.to_owned());
+    let dirs = std::iter::once(run_dir.to_path_buf())
+        .chain(disk_dir.filter(|d| d.file_name().map(|n| n.to_owned()) == uid_name));
+    for d in dirs {
+        match std::fs::remove_dir_all(&d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(AgentError::Other(format!("removing {}: {e}", d.display()))),
+        }
+    }
+    Ok(())
 }
 
 fn mark_stopped(vm: &mut Vm, reason: &str, msg: &str) {
@@ -488,21 +532,31 @@ impl Agent {
         }
     }
 
-    /// Lists the VMs, then follows their changes until the watch ends.
+    /// Lists the VMs and migrations, then follows their changes until a watch ends.
     async fn follow(
         self: Arc<Self>,
         workers: &mut HashMap<String, mpsc::Sender<()>>,
     ) -> Result<(), AgentError> {
         let (kvs, rev) = self.store.list(keys::VMS).await?;
         for kv in kvs {
-            self.kick_if_ours(workers, &kv.key, &kv.value);
+            self.kick(workers, &kv.key, &kv.value);
+        }
+        let (migrations, mig_rev) = self.store.list(keys::MIGRATIONS).await?;
+        for kv in migrations {
+            self.kick(workers, &kv.key, &kv.value);
         }
         let mut watch = self.store.watch(keys::VMS, rev + 1).await?;
+        let mut mig_watch = self.store.watch(keys::MIGRATIONS, mig_rev + 1).await?;
         let mut resync = tokio::time::interval(self.cfg.resync);
         loop {
             tokio::select! {
                 ev = watch.recv() => match ev {
-                    Some(Ok(e)) => self.kick_if_ours(workers, &e.kv.key, &e.kv.value),
+                    Some(Ok(e)) => self.kick(workers, &e.kv.key, &e.kv.value),
+                    Some(Err(e)) => { tracing::info!(error = %e, "watch ended; listing again"); break; }
+                    None => break,
+                },
+                ev = mig_watch.recv() => match ev {
+                    Some(Ok(e)) => self.kick(workers, &e.kv.key, &e.kv.value),
                     Some(Err(e)) => { tracing::info!(error = %e, "watch ended; listing again"); break; }
                     None => break,
                 },
@@ -519,16 +573,27 @@ impl Agent {
         Ok(())
     }
 
-    /// Wakes the worker of a VM placed on this host (starting one if needed), and the worker of
-    /// any VM that has one (it may have moved away or been deleted: the worker finds out).
-    fn kick_if_ours(
+    /// Wakes the worker of a key that changed, starting one if the key is this host's business: a
+    /// VM placed here, or a migration to here. A VM's worker also wakes when its migration changes.
+    /// Any key that has a worker wakes it (the VM may have moved or been deleted: it finds out).
+    fn kick(
         self: &Arc<Self>,
         workers: &mut HashMap<String, mpsc::Sender<()>>,
         key: &str,
         value: &[u8],
     ) {
-        let ours = serde_json::from_slice::<Vm>(value)
-            .is_ok_and(|vm| vm.status.host.as_deref() == Some(self.cfg.host.as_str()));
+        let me = Some(self.cfg.host.as_str());
+        let ours = if key.starts_with(keys::MIGRATIONS) {
+            if let Some(vm_key) = keys::vm_of_migration(key) {
+                if let Some(tx) = workers.get(&vm_key).filter(|tx| !tx.is_closed()) {
+                    let _ = tx.try_send(());
+                }
+            }
+            serde_json::from_slice::<Migration>(value)
+                .is_ok_and(|m| Some(m.target.as_str()) == me && !m.phase.is_finished())
+        } else {
+            serde_json::from_slice::<Vm>(value).is_ok_and(|vm| vm.status.host.as_deref() == me)
+        };
         if let Some(tx) = workers.get(key).filter(|tx| !tx.is_closed()) {
             // A full channel already holds a kick: changes coalesce.
             let _ = tx.try_send(());
@@ -547,16 +612,20 @@ impl Agent {
         let mut ws = WorkerState::default();
         while kicks.recv().await.is_some() {
             loop {
-                let wait =
-                    match reconcile(&*self.store, &*self.driver, &self.cfg, &key, &mut ws).await {
-                        Ok(Outcome::Gone) => return,
-                        Ok(Outcome::Steady) => break,
-                        Ok(Outcome::Requeue(d)) => d,
-                        Err(e) => {
-                            tracing::warn!(vm = %key, error = %e, "reconcile failed; retrying");
-                            Duration::from_secs(2)
-                        }
-                    };
+                let step = if key.starts_with(keys::MIGRATIONS) {
+                    crate::migrate::run_target(&*self.store, &*self.driver, &self.cfg, &key).await
+                } else {
+                    reconcile(&*self.store, &*self.driver, &self.cfg, &key, &mut ws).await
+                };
+                let wait = match step {
+                    Ok(Outcome::Gone) => return,
+                    Ok(Outcome::Steady) => break,
+                    Ok(Outcome::Requeue(d)) => d,
+                    Err(e) => {
+                        tracing::warn!(vm = %key, error = %e, "reconcile failed; retrying");
+                        Duration::from_secs(2)
+                    }
+                };
                 tokio::select! {
                     k = kicks.recv() => if k.is_none() { return },
                     _ = tokio::time::sleep(wait) => {}

@@ -93,6 +93,16 @@ pub struct ClusterSettings {
     pub cpu_overcommit: f64,
     /// Memory that may be allocated per byte of host memory.
     pub memory_overcommit: f64,
+    /// Cap on one live migration's stream, bytes per second; none: as fast as the link goes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_bandwidth_bytes: Option<u64>,
+    /// The longest pause of a guest at the switchover of a live migration (QEMU's default: 300).
+    #[serde(default = "default_downtime_ms")]
+    pub migration_downtime_limit_ms: u64,
+}
+
+fn default_downtime_ms() -> u64 {
+    50
 }
 
 impl Default for ClusterSettings {
@@ -101,6 +111,8 @@ impl Default for ClusterSettings {
             placement: PlacementPolicy::Spread,
             cpu_overcommit: 4.0,
             memory_overcommit: 1.0,
+            migration_bandwidth_bytes: None,
+            migration_downtime_limit_ms: default_downtime_ms(),
         }
     }
 }
@@ -117,6 +129,26 @@ impl ClusterSettings {
                 )));
             }
         }
+        if self.migration_bandwidth_bytes.is_some_and(|b| b < 1 << 20) {
+            return Err(crate::ValidationError::new(
+                "migration_bandwidth_bytes below 1 MiB/s would never finish a migration: give at least 1M, or none for no cap",
+            ));
+        }
+        if !(1..=60_000).contains(&self.migration_downtime_limit_ms) {
+            return Err(crate::ValidationError::new(format!(
+                "migration_downtime_limit_ms {} is out of range: use 1 to 60000 (50 keeps guests responsive)",
+                self.migration_downtime_limit_ms
+            )));
+        }
         Ok(())
     }
+}
+
+/// Answer of `PUT /api/v1/hosts/{name}/maintenance`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct MaintenanceResponse {
+    pub host: HostInfo,
+    /// When entering: the evacuation, done once no VM runs on the host any more.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<crate::Task>,
 }

@@ -11,6 +11,7 @@ mod group;
 mod host;
 mod image;
 mod meta;
+mod migration;
 mod size;
 mod task;
 mod vm;
@@ -18,9 +19,15 @@ mod vm;
 pub use datastore::{CreateDatastoreRequest, Datastore, LOCAL_DATASTORE};
 pub use error::{ApiErrorBody, ValidationError};
 pub use group::{CreateGroupRequest, GroupRule, GroupStrength, VmGroup};
-pub use host::{Accel, ClusterSettings, Host, HostInfo, HostState, HostStatus, PlacementPolicy};
+pub use host::{
+    Accel, ClusterSettings, Host, HostInfo, HostState, HostStatus, MaintenanceResponse,
+    PlacementPolicy,
+};
 pub use image::{DirectBoot, DiskFormat, Image, ImagePhase, ImageSource, ImageSpec, ImageStatus};
 pub use meta::{validate_name, ObjectMeta, DEFAULT_PROJECT};
+pub use migration::{
+    MigrateVmRequest, Migration, MigrationPhase, MigrationProgress, MigrationResult, VmEvent,
+};
 pub use size::{format_bytes, parse_size};
 pub use task::{Task, TaskGoal, TaskState};
 pub use vm::{
@@ -71,6 +78,7 @@ pub mod keys {
     pub const CLUSTER: &str = "/corral/cluster";
     pub const GROUPS: &str = "/corral/groups/";
     pub const DATASTORES: &str = "/corral/datastores/";
+    pub const MIGRATIONS: &str = "/corral/migrations/";
 
     pub fn project(name: &str) -> String {
         format!("/corral/projects/{name}")
@@ -92,6 +100,18 @@ pub mod keys {
     }
     pub fn group(project: &str, name: &str) -> String {
         format!("{GROUPS}{project}/{name}")
+    }
+    pub fn migration(project: &str, vm: &str) -> String {
+        format!("{MIGRATIONS}{project}/{vm}")
+    }
+    /// The VM a migration record belongs to, and back.
+    pub fn vm_of_migration(key: &str) -> Option<String> {
+        key.strip_prefix(MIGRATIONS)
+            .map(|rest| format!("{VMS}{rest}"))
+    }
+    pub fn migration_of_vm(key: &str) -> Option<String> {
+        key.strip_prefix(VMS)
+            .map(|rest| format!("{MIGRATIONS}{rest}"))
     }
     pub fn datastore(name: &str) -> String {
         format!("{DATASTORES}{name}")

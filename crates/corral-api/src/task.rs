@@ -10,6 +10,8 @@ pub enum TaskState {
     Running,
     Succeeded,
     Failed,
+    /// Stopped on request before it finished.
+    Cancelled,
 }
 
 /// What a task waits for; kept with the task so a restarted controller can go on following it.
@@ -33,6 +35,14 @@ pub enum TaskGoal {
     },
     /// The VM is gone.
     VmDelete,
+    /// The migration with this id finished.
+    VmMigrate {
+        id: Uuid,
+    },
+    /// No VM runs on the host any more (it entered maintenance).
+    HostEvacuate {
+        host: String,
+    },
     ImageBuild,
 }
 

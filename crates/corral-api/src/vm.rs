@@ -115,6 +115,9 @@ pub struct VmStatus {
     pub run_dir: Option<String>,
     #[serde(default)]
     pub conditions: Vec<Condition>,
+    /// What happened to the VM (migrations so far), newest last.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<crate::VmEvent>,
 }
 
 impl Default for VmStatus {
@@ -129,6 +132,7 @@ impl Default for VmStatus {
             disk: None,
             run_dir: None,
             conditions: Vec::new(),
+            events: Vec::new(),
         }
     }
 }
@@ -154,6 +158,13 @@ impl VmStatus {
                 last_transition: now,
             }),
         }
+    }
+
+    /// Records an event, keeping the last [`crate::VmEvent::KEEP`].
+    pub fn push_event(&mut self, event: crate::VmEvent) {
+        self.events.push(event);
+        let extra = self.events.len().saturating_sub(crate::VmEvent::KEEP);
+        self.events.drain(..extra);
     }
 
     pub fn condition(&self, kind: &str) -> Option<&Condition> {

@@ -17,7 +17,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use corral_agent::remote::{JoinRequest, JoinResponse, WatchPage};
-use corral_api::{keys, validate_name, Host, HostStatus, Vm};
+use corral_api::{keys, validate_name, Host, HostStatus, Migration, MigrationPhase, Vm};
 use corral_pki::{Ca, Identity};
 
 use corral_store::{get_json, KeyValue, Op, Precondition, Revision, StoreError};
@@ -205,12 +205,16 @@ fn may_read(host: &str, key: &str) -> bool {
     key.starts_with(keys::VMS)
         || key.starts_with(keys::IMAGES)
         || key.starts_with(keys::DATASTORES)
+        || key.starts_with(keys::MIGRATIONS)
+        || key == keys::CLUSTER
         || key == keys::host(host)
 }
 
 /// Prefixes a host may list and watch.
 fn may_list(prefix: &str) -> bool {
-    prefix.starts_with(keys::VMS) || prefix.starts_with(keys::IMAGES)
+    prefix.starts_with(keys::VMS)
+        || prefix.starts_with(keys::IMAGES)
+        || prefix.starts_with(keys::MIGRATIONS)
 }
 
 fn forbidden(host: &str, key: &str) -> ApiError {
@@ -271,8 +275,11 @@ fn refuse(host: &str, key: &str, why: &str) -> ApiError {
 /// - its own host record: only `status` changes; the heartbeat time is the controller's clock;
 /// - a VM placed on it: only `status` changes, except that the desired power may go to stopped (the
 ///   guest shut itself down); it is deleted only after someone asked for its deletion;
+/// - a migration it is the source or target of: the steps of its side (see [`migration_step`]);
+/// - a VM it is the source of, handed to the migration's target: only in the transaction that
+///   marks the migration completed;
 /// - checks of keys it may read.
-async fn authorize(a: &AgentCtx, host: &str, op: Op) -> Result<Vec<Op>, ApiError> {
+async fn authorize(a: &AgentCtx, host: &str, op: Op, txn: &[Op]) -> Result<Vec<Op>, ApiError> {
     let (key, new, lease) = match &op {
         Op::Check { key, .. } => {
             return if may_read(host, key) {
@@ -325,6 +332,34 @@ async fn authorize(a: &AgentCtx, host: &str, op: Op) -> Result<Vec<Op>, ApiError
             },
         ]);
     }
+    if key.starts_with(keys::MIGRATIONS) {
+        let (Some(stored), Some(new)) = (current.as_ref(), new) else {
+            return Err(refuse(
+                host,
+                &key,
+                "migrations are started through the API and never deleted by hosts",
+            ));
+        };
+        let stored: Migration = serde_json::from_slice(&stored.value).map_err(StoreError::from)?;
+        let sent: Migration = serde_json::from_slice(&new)
+            .map_err(|e| ApiError::BadRequest(format!("not a migration: {e}")))?;
+        migration_step(&stored, &sent, host).map_err(|why| refuse(host, &key, why))?;
+        // Completed only with the handover of the VM to the target (checked on the VM's write).
+        let vm_key = keys::vm_of_migration(&key).unwrap_or_default();
+        let hands_over = txn.iter().any(|o| match o {
+            Op::Put { key: k, value, .. } if *k == vm_key => serde_json::from_slice::<Vm>(value)
+                .is_ok_and(|v| v.status.host.as_deref() == Some(stored.target.as_str())),
+            _ => false,
+        });
+        if sent.phase == MigrationPhase::Completed && !hands_over {
+            return Err(refuse(
+                host,
+                &key,
+                "a migration completes only together with the handover of its VM",
+            ));
+        }
+        return Ok(vec![guard, op]);
+    }
     if !key.starts_with(keys::VMS) {
         return Err(forbidden(host, &key));
     }
@@ -357,18 +392,86 @@ async fn authorize(a: &AgentCtx, host: &str, op: Op) -> Result<Vec<Op>, ApiError
                 expected.meta.generation = sent.meta.generation;
                 expected.meta.updated_at = sent.meta.updated_at;
             }
-            if sent.meta != expected.meta
-                || sent.spec != expected.spec
-                || sent.status.host.as_deref() != Some(host)
-            {
+            if sent.meta != expected.meta || sent.spec != expected.spec {
                 return Err(refuse(
                     host,
                     &key,
                     "a host changes only the status of its VMs",
                 ));
             }
-            Ok(vec![guard, op])
+            if sent.status.host.as_deref() == Some(host) {
+                return Ok(vec![guard, op]);
+            }
+            // A handover: only to the target of this VM's migration, in the transaction that
+            // completes it.
+            let mig_key = keys::migration_of_vm(&key).unwrap_or_default();
+            let mig = get_json::<Migration>(&*a.ctx.store, &mig_key).await?;
+            let valid = mig.as_ref().is_some_and(|m| {
+                m.value.vm_uid == stored.meta.uid
+                    && m.value.source == host
+                    && m.value.phase == MigrationPhase::Transferring
+                    && sent.status.host.as_deref() == Some(m.value.target.as_str())
+            });
+            let completes = txn.iter().any(|o| match o {
+                Op::Put { key: k, value, .. } if *k == mig_key => {
+                    serde_json::from_slice::<Migration>(value)
+                        .is_ok_and(|m| m.phase == MigrationPhase::Completed)
+                }
+                _ => false,
+            });
+            match mig {
+                Some(m) if valid && completes => Ok(vec![
+                    guard,
+                    Op::Check {
+                        key: mig_key,
+                        when: Precondition::ModRevision(m.revision),
+                    },
+                    op,
+                ]),
+                _ => Err(refuse(
+                    host,
+                    &key,
+                    "a VM moves to another host only with the migration that completes",
+                )),
+            }
         }
+    }
+}
+
+/// Whether `host` may turn the migration record `stored` into `sent`. The controller's fields never
+/// change; the target prepares (Preparing -> TargetReady, its own fields); the source transfers
+/// (TargetReady -> Transferring, progress, Completed); either side may end it as failed, and the
+/// source as cancelled.
+fn migration_step(stored: &Migration, sent: &Migration, host: &str) -> Result<(), &'static str> {
+    use MigrationPhase as P;
+    if sent.identity() != stored.identity() || sent.cancel_requested != stored.cancel_requested {
+        return Err("hosts change only the state of a migration, not what it moves where");
+    }
+    if stored.phase.is_finished() {
+        return Err("the migration already ended");
+    }
+    let is_source = stored.source == host;
+    let is_target = stored.target == host;
+    let target_fields_kept = sent.target_uri == stored.target_uri
+        && sent.disk_uri == stored.disk_uri
+        && sent.target_pid == stored.target_pid
+        && sent.target_run_dir == stored.target_run_dir
+        && sent.target_disk == stored.target_disk;
+    let ok = match (stored.phase, sent.phase) {
+        (_, P::Failed) => is_source || is_target,
+        (_, P::Cancelled) => is_source,
+        (P::Preparing, P::TargetReady) => is_target,
+        (P::TargetReady | P::Transferring, P::Transferring) => is_source && target_fields_kept,
+        // Only together with the handover of the VM (checked on the VM's write).
+        (P::Transferring, P::Completed) => is_source && target_fields_kept,
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else if !is_source && !is_target {
+        Err("the host is neither the source nor the target of this migration")
+    } else {
+        Err("this host may not take the migration to that phase")
     }
 }
 
@@ -379,8 +482,8 @@ async fn txn(
 ) -> Result<Json<Revision>, ApiError> {
     let host = host_of(&a, &peer).await?;
     let mut checked = Vec::with_capacity(ops.len() * 2);
-    for op in ops {
-        checked.extend(authorize(&a, &host, op).await?);
+    for op in ops.iter().cloned() {
+        checked.extend(authorize(&a, &host, op, &ops).await?);
     }
     match a.ctx.store.txn(checked).await {
         Ok(rev) => Ok(Json(rev)),
@@ -515,5 +618,99 @@ pub async fn serve(
                 tracing::debug!(%addr, error = %e, "agent connection ended");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use corral_api::MigrationProgress;
+
+    fn record(phase: MigrationPhase) -> Migration {
+        let now = Utc::now();
+        Migration {
+            id: uuid::Uuid::new_v4(),
+            project: "default".into(),
+            vm: "web".into(),
+            vm_uid: uuid::Uuid::new_v4(),
+            source: "h1".into(),
+            target: "h2".into(),
+            shared_storage: true,
+            reason: "requested".into(),
+            phase,
+            cancel_requested: false,
+            target_uri: None,
+            disk_uri: None,
+            target_pid: None,
+            target_run_dir: None,
+            target_disk: None,
+            progress: MigrationProgress::default(),
+            result: None,
+            error: None,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    fn to(m: &Migration, phase: MigrationPhase) -> Migration {
+        Migration { phase, ..m.clone() }
+    }
+
+    #[test]
+    fn each_side_takes_only_its_own_steps_of_a_migration() {
+        use MigrationPhase as P;
+        let preparing = record(P::Preparing);
+        let mut ready = to(&preparing, P::TargetReady);
+        ready.target_uri = Some("tcp:10.0.0.2:4000".into());
+        assert!(migration_step(&preparing, &ready, "h2").is_ok());
+        assert!(
+            migration_step(&preparing, &ready, "h1").is_err(),
+            "the source does not prepare"
+        );
+        assert!(
+            migration_step(&preparing, &ready, "h3").is_err(),
+            "a stranger"
+        );
+
+        let ready = to(&ready, P::TargetReady);
+        let sending = to(&ready, P::Transferring);
+        assert!(migration_step(&ready, &sending, "h1").is_ok());
+        assert!(
+            migration_step(&ready, &sending, "h2").is_err(),
+            "the target does not send"
+        );
+        let mut redirected = sending.clone();
+        redirected.target_uri = Some("tcp:10.6.6.6:4000".into());
+        assert!(
+            migration_step(&ready, &redirected, "h1").is_err(),
+            "the source cannot redirect"
+        );
+
+        let done = to(&sending, P::Completed);
+        assert!(migration_step(&sending, &done, "h1").is_ok());
+        assert!(migration_step(&sending, &done, "h2").is_err());
+        assert!(
+            migration_step(&preparing, &done, "h1").is_err(),
+            "no skipping to the end"
+        );
+
+        for host in ["h1", "h2"] {
+            assert!(migration_step(&sending, &to(&sending, P::Failed), host).is_ok());
+        }
+        assert!(migration_step(&sending, &to(&sending, P::Cancelled), "h2").is_err());
+        assert!(
+            migration_step(&done, &to(&done, P::Failed), "h1").is_err(),
+            "ended for good"
+        );
+
+        let mut elsewhere = to(&sending, P::Transferring);
+        elsewhere.target = "h3".into();
+        assert!(
+            migration_step(&sending, &elsewhere, "h1").is_err(),
+            "what moves where is the controller's"
+        );
+        let mut uncancelled = to(&sending, P::Transferring);
+        uncancelled.cancel_requested = true;
+        assert!(migration_step(&sending, &uncancelled, "h1").is_err());
     }
 }

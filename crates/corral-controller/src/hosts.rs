@@ -5,9 +5,9 @@ use axum::http::StatusCode;
 use axum::Json;
 use corral_api::{
     keys, ClusterSettings, CreateDatastoreRequest, CreateGroupRequest, Datastore, Host, HostInfo,
-    ObjectMeta, VmGroup,
+    MaintenanceResponse, ObjectMeta, VmGroup,
 };
-use corral_store::{get_json, list_json, update_json, Op, Precondition, StoreError};
+use corral_store::{get_json, list_json, Op, Precondition, StoreError};
 use serde::{Deserialize, Serialize};
 
 use crate::{ensure_project, placement, ApiError, ApiJson, ApiPath, Ctx};
@@ -96,24 +96,42 @@ pub struct MaintenanceRequest {
 
 #[utoipa::path(put, path = "/api/v1/hosts/{name}/maintenance", tag = "hosts", params(("name" = String, Path)),
     request_body = MaintenanceRequest,
-    responses((status = 200, description = "the host; `vms` lists what still runs there", body = HostInfo),
+    responses((status = 200, description = "the host, and when entering, the task that follows its evacuation by live migration", body = MaintenanceResponse),
         (status = 404, body = corral_api::ApiErrorBody)),
     security(("bearer" = [])))]
 pub async fn maintenance(
     State(ctx): State<Ctx>,
     ApiPath(name): ApiPath<String>,
     ApiJson(req): ApiJson<MaintenanceRequest>,
-) -> Result<Json<HostInfo>, ApiError> {
-    let updated = update_json::<Host, ApiError>(&*ctx.store, &keys::host(&name), |h| {
-        let changed = h.maintenance != req.maintenance;
-        h.maintenance = req.maintenance;
-        Ok(changed)
-    })
-    .await?;
-    if updated.is_none() {
+) -> Result<Json<MaintenanceResponse>, ApiError> {
+    let key = keys::host(&name);
+    let Some(current) = get_json::<Host>(&*ctx.store, &key).await? else {
         return Err(host_not_found(&name));
-    }
-    get(State(ctx), ApiPath(name)).await
+    };
+    let mut host = current.value;
+    host.maintenance = req.maintenance;
+    let put = Op::Put {
+        key,
+        value: serde_json::to_vec(&host).map_err(StoreError::from)?,
+        when: Precondition::ModRevision(current.revision),
+        lease: None,
+    };
+    // The flag and the task that follows the evacuation are written together.
+    let task = if req.maintenance {
+        let goal = corral_api::TaskGoal::HostEvacuate { host: name.clone() };
+        let task = corral_api::Task::new(
+            corral_api::DEFAULT_PROJECT,
+            "host.evacuate",
+            format!("host/{name}"),
+            goal,
+        );
+        Some(crate::tasks::submit(&ctx, task, vec![put]).await?)
+    } else {
+        ctx.store.txn(vec![put]).await?;
+        None
+    };
+    let Json(host) = get(State(ctx), ApiPath(name)).await?;
+    Ok(Json(MaintenanceResponse { host, task }))
 }
 
 #[utoipa::path(post, path = "/api/v1/hosts/join-tokens", tag = "hosts", request_body = crate::agents::JoinTokenRequest,

@@ -8,6 +8,7 @@ mod auth;
 mod error;
 mod hosts;
 mod images;
+mod migrations;
 mod placement;
 mod tasks;
 mod vms;
@@ -117,6 +118,26 @@ async fn get_task(
         })
 }
 
+#[utoipa::path(post, path = "/api/v1/tasks/{id}/cancel", tag = "tasks", params(("id" = uuid::Uuid, Path)),
+    responses((status = 202, description = "asked to stop; follow the task to its end", body = Task),
+        (status = 404, body = corral_api::ApiErrorBody), (status = 409, body = corral_api::ApiErrorBody)),
+    security(("bearer" = [])))]
+async fn cancel_task(
+    State(ctx): State<Ctx>,
+    ApiPath(id): ApiPath<uuid::Uuid>,
+) -> Result<(axum::http::StatusCode, Json<Task>), ApiError> {
+    let Json(task) = get_task(State(ctx.clone()), ApiPath(id)).await?;
+    if task.is_finished() {
+        return Err(ApiError::Conflict(format!(
+            "task {id} already ended ({:?}); nothing to cancel",
+            task.state
+        )));
+    }
+    migrations::cancel(&ctx, &task).await?;
+    let Json(task) = get_task(State(ctx), ApiPath(id)).await?;
+    Ok((axum::http::StatusCode::ACCEPTED, Json(task)))
+}
+
 async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
     Json(openapi())
 }
@@ -138,11 +159,12 @@ impl utoipa::Modify for BearerAuth {
 #[openapi(
     info(title = "Corral API", description = "Corral, an open virtual datacenter OS: VMs, images, hosts and tasks."),
     paths(
-        health, list_tasks, get_task,
+        health, list_tasks, get_task, cancel_task,
         hosts::list, hosts::get, hosts::remove, hosts::maintenance, hosts::join_token, hosts::get_cluster, hosts::put_cluster,
         hosts::list_groups, hosts::get_group, hosts::create_group, hosts::delete_group,
         hosts::list_datastores, hosts::get_datastore, hosts::create_datastore, hosts::delete_datastore,
         vms::list, vms::get, vms::create, vms::start, vms::stop, vms::reboot, vms::delete, vms::console,
+        migrations::migrate, migrations::get,
         images::list, images::get, images::build_jeos, images::import, images::delete,
     ),
     modifiers(&BearerAuth)
@@ -188,6 +210,7 @@ pub fn router(ctx: Ctx) -> Router {
         )
         .route("/api/v1/tasks", get(list_tasks))
         .route("/api/v1/tasks/{id}", get(get_task))
+        .route("/api/v1/tasks/{id}/cancel", post(cancel_task))
         .route(&format!("{p}/vms"), get(vms::list).post(vms::create))
         .route(
             &format!("{p}/vms/{{name}}"),
@@ -196,6 +219,11 @@ pub fn router(ctx: Ctx) -> Router {
         .route(&format!("{p}/vms/{{name}}/start"), post(vms::start))
         .route(&format!("{p}/vms/{{name}}/stop"), post(vms::stop))
         .route(&format!("{p}/vms/{{name}}/reboot"), post(vms::reboot))
+        .route(
+            &format!("{p}/vms/{{name}}/migrate"),
+            post(migrations::migrate),
+        )
+        .route(&format!("{p}/vms/{{name}}/migration"), get(migrations::get))
         .route(&format!("{p}/vms/{{name}}/console"), get(vms::console))
         .route(&format!("{p}/images"), get(images::list))
         .route(&format!("{p}/images/build-jeos"), post(images::build_jeos))

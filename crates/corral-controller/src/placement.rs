@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use corral_api::{
-    keys, ClusterSettings, GroupRule, GroupStrength, Host, HostInfo, HostState, PlacementPolicy,
-    Vm, VmGroup, VmPhase,
+    keys, ClusterSettings, GroupRule, GroupStrength, Host, HostInfo, HostState, Migration,
+    PlacementPolicy, Vm, VmGroup, VmPhase,
 };
 use corral_scheduler as sched;
 use corral_store::{get_json, list_json, Op, Precondition, StoreError};
@@ -29,6 +29,8 @@ pub struct ClusterView {
     pub hosts: Vec<(Host, u64)>,
     pub vms: Vec<Vm>,
     pub groups: Vec<VmGroup>,
+    /// Migrations under way: their VMs take room on the target too until they end.
+    pub migrations: Vec<Migration>,
 }
 
 pub fn host_state(h: &Host, now: DateTime<Utc>) -> (HostState, Option<DateTime<Utc>>) {
@@ -67,6 +69,12 @@ pub async fn view(ctx: &Ctx) -> Result<ClusterView, ApiError> {
         hosts,
         vms: list_json::<Vm>(&*ctx.store, keys::VMS).await?.0,
         groups: list_json::<VmGroup>(&*ctx.store, keys::GROUPS).await?.0,
+        migrations: list_json::<Migration>(&*ctx.store, keys::MIGRATIONS)
+            .await?
+            .0
+            .into_iter()
+            .filter(|m| !m.phase.is_finished())
+            .collect(),
     })
 }
 
@@ -83,6 +91,11 @@ impl ClusterView {
         for v in &self.vms {
             if let Some(h) = v.status.host.as_deref() {
                 by_host.entry(h).or_default().push(v);
+            }
+        }
+        for m in &self.migrations {
+            if let Some(v) = self.vms.iter().find(|v| v.meta.uid == m.vm_uid) {
+                by_host.entry(m.target.as_str()).or_default().push(v);
             }
         }
         self.hosts
@@ -117,6 +130,25 @@ impl ClusterView {
 
     /// Asks the scheduler where `vm` goes.
     pub fn decide(&self, vm: &Vm) -> sched::Decision {
+        self.decide_with(vm, None, vm.spec.host.clone())
+    }
+
+    /// Asks the scheduler where a running `vm` can move: any host but its own (or `to`).
+    pub fn decide_migration(&self, vm: &Vm, to: Option<&str>) -> sched::Decision {
+        self.decide_with(vm, vm.status.host.as_deref(), to.map(str::to_string))
+    }
+
+    /// The chosen host's revision as read, to guard the write that acts on a decision.
+    pub fn host_revision(&self, host: &str) -> u64 {
+        self.hosts
+            .iter()
+            .find(|(h, _)| h.name == host)
+            .map_or(0, |(_, r)| *r)
+    }
+
+    /// The scheduler's decision for `vm`, with `leaving` (the host it runs on, when it moves) out of
+    /// the candidates and the VM's own share taken off it.
+    fn decide_with(&self, vm: &Vm, leaving: Option<&str>, pin: Option<String>) -> sched::Decision {
         let policy = sched::Policy {
             placement: match self.settings.placement {
                 PlacementPolicy::Spread => sched::Placement::Spread,
@@ -129,18 +161,27 @@ impl ClusterView {
         let hosts: Vec<sched::HostView> = self
             .host_infos()
             .into_iter()
-            .map(|i| sched::HostView {
-                name: i.host.name.clone(),
-                state: match i.state {
-                    HostState::Connected => sched::HostState::Connected,
-                    HostState::NotResponding => sched::HostState::NotResponding,
-                    HostState::Maintenance => sched::HostState::Maintenance,
-                },
-                cpus: i.host.status.cpus,
-                memory_bytes: i.host.status.memory_bytes,
-                allocated_cpus: i.allocated_cpus,
-                allocated_memory: i.allocated_memory_bytes,
-                vms: i.vms,
+            .map(|i| {
+                let mut h = sched::HostView {
+                    name: i.host.name.clone(),
+                    state: match i.state {
+                        HostState::Connected => sched::HostState::Connected,
+                        HostState::NotResponding => sched::HostState::NotResponding,
+                        HostState::Maintenance => sched::HostState::Maintenance,
+                    },
+                    cpus: i.host.status.cpus,
+                    memory_bytes: i.host.status.memory_bytes,
+                    allocated_cpus: i.allocated_cpus,
+                    allocated_memory: i.allocated_memory_bytes,
+                    vms: i.vms,
+                };
+                if leaving == Some(h.name.as_str()) {
+                    h.state = sched::HostState::Maintenance;
+                    h.vms.retain(|v| *v != me);
+                    h.allocated_cpus = h.allocated_cpus.saturating_sub(vm.spec.cpus);
+                    h.allocated_memory = h.allocated_memory.saturating_sub(vm.spec.memory_bytes);
+                }
+                h
             })
             .collect();
         let groups: Vec<sched::Group> = self
@@ -167,7 +208,7 @@ impl ClusterView {
             vm: me,
             cpus: vm.spec.cpus,
             memory_bytes: vm.spec.memory_bytes,
-            host: vm.spec.host.clone(),
+            host: pin,
         };
         sched::place(&policy, &hosts, &groups, &req)
     }
@@ -177,11 +218,7 @@ impl ClusterView {
     pub fn apply(&self, vm: &mut Vm) -> Option<Op> {
         match self.decide(vm) {
             sched::Decision::Place { host } => {
-                let rev = self
-                    .hosts
-                    .iter()
-                    .find(|(h, _)| h.name == host)
-                    .map_or(0, |(_, r)| *r);
+                let rev = self.host_revision(&host);
                 vm.status.set_condition(
                     "Scheduled",
                     true,
@@ -205,7 +242,8 @@ impl ClusterView {
     }
 }
 
-/// Places VMs that wait for a host, and removes waiting VMs whose deletion was asked for.
+/// Places VMs that wait for a host, removes waiting VMs whose deletion was asked for, and moves
+/// running VMs off hosts in maintenance.
 pub fn spawn_placer(ctx: Ctx) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -213,6 +251,9 @@ pub fn spawn_placer(ctx: Ctx) {
             tick.tick().await;
             if let Err(e) = place_pending(&ctx).await {
                 tracing::warn!(error = %e, "placing pending VMs failed");
+            }
+            if let Err(e) = crate::migrations::evacuate(&ctx).await {
+                tracing::warn!(error = %e, "evacuating hosts in maintenance failed");
             }
         }
     });

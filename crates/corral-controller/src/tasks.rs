@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use corral_api::{keys, Image, ImagePhase, PowerState, Task, TaskGoal, TaskState, Vm, VmPhase};
+use corral_api::{
+    keys, Host, Image, ImagePhase, Migration, PowerState, Task, TaskGoal, TaskState, Vm, VmPhase,
+};
 use corral_store::{get_json, list_json, update_json, Op, Precondition, StoreError};
 
 use crate::{ApiError, Ctx};
@@ -21,6 +23,7 @@ pub enum Verdict {
     Progress(u8, String),
     Done(String),
     Failed(String),
+    Cancelled(String),
 }
 
 fn failure(vm: &Vm) -> String {
@@ -114,7 +117,9 @@ pub fn evaluate(goal: &TaskGoal, vm: Option<&Vm>) -> Verdict {
             _ => Verdict::Progress(50, "resetting".into()),
         },
         TaskGoal::VmDelete => progress_of(vm),
-        TaskGoal::ImageBuild => Verdict::Failed("not a VM task".into()),
+        TaskGoal::ImageBuild | TaskGoal::VmMigrate { .. } | TaskGoal::HostEvacuate { .. } => {
+            Verdict::Failed("not a task judged from its VM".into())
+        }
     }
 }
 
@@ -148,6 +153,21 @@ pub async fn update(
     message: &str,
     end: Option<Result<(), String>>,
 ) {
+    let end = end.map(|r| match r {
+        Ok(()) => (TaskState::Succeeded, None),
+        Err(e) => (TaskState::Failed, Some(e)),
+    });
+    record(ctx, id, progress, message, end).await;
+}
+
+/// Records progress, or the end state with the error if any.
+async fn record(
+    ctx: &Ctx,
+    id: uuid::Uuid,
+    progress: u8,
+    message: &str,
+    end: Option<(TaskState, Option<String>)>,
+) {
     let res = update_json::<Task, StoreError>(&*ctx.store, &keys::task(id), |t| {
         if t.is_finished() || (t.progress == progress && t.message == message && end.is_none()) {
             return Ok(false);
@@ -155,13 +175,9 @@ pub async fn update(
         t.progress = progress;
         t.message = message.to_string();
         t.updated_at = Utc::now();
-        match &end {
-            Some(Ok(())) => t.state = TaskState::Succeeded,
-            Some(Err(e)) => {
-                t.state = TaskState::Failed;
-                t.error = Some(e.clone());
-            }
-            None => {}
+        if let Some((state, error)) = &end {
+            t.state = *state;
+            t.error.clone_from(error);
         }
         Ok(true)
     })
@@ -176,10 +192,52 @@ fn vm_key(task: &Task) -> String {
     keys::vm(&task.project, name)
 }
 
+/// What a task waits on: the key (or prefix) to watch.
+fn watched(task: &Task) -> String {
+    match &task.goal {
+        TaskGoal::VmMigrate { .. } => {
+            let name = task.target.strip_prefix("vm/").unwrap_or(&task.target);
+            keys::migration(&task.project, name)
+        }
+        TaskGoal::HostEvacuate { .. } => keys::VMS.to_string(),
+        _ => vm_key(task),
+    }
+}
+
+/// Reads what the task depends on and judges it.
+async fn judge(ctx: &Ctx, task: &Task) -> Result<Verdict, StoreError> {
+    Ok(match &task.goal {
+        TaskGoal::VmMigrate { id } => {
+            let m = get_json::<Migration>(&*ctx.store, &watched(task)).await?;
+            let vm = get_json::<Vm>(&*ctx.store, &vm_key(task)).await?;
+            crate::migrations::evaluate(
+                *id,
+                m.map(|m| m.value).as_ref(),
+                vm.map(|v| v.value).as_ref(),
+            )
+        }
+        TaskGoal::HostEvacuate { host } => {
+            match get_json::<Host>(&*ctx.store, &keys::host(host)).await? {
+                None => Verdict::Failed(format!("host {host} was removed")),
+                Some(h) => {
+                    let (vms, _) = list_json::<Vm>(&*ctx.store, keys::VMS).await?;
+                    let (migrations, _) =
+                        list_json::<Migration>(&*ctx.store, keys::MIGRATIONS).await?;
+                    crate::migrations::evaluate_evacuation(&h.value, &vms, &migrations)
+                }
+            }
+        }
+        goal => {
+            let vm = get_json::<Vm>(&*ctx.store, &vm_key(task)).await?;
+            evaluate(goal, vm.map(|v| v.value).as_ref())
+        }
+    })
+}
+
 /// Follows a VM task until the VM reaches the goal, fails, or the task times out (counted from
 /// the task's creation, also across controller restarts).
 async fn follow(ctx: Ctx, task: Task) {
-    let key = vm_key(&task);
+    let key = watched(&task);
     let age = (chrono::Utc::now() - task.created_at)
         .to_std()
         .unwrap_or_default();
@@ -193,15 +251,17 @@ async fn follow(ctx: Ctx, task: Task) {
         if watch.is_none() {
             watch = ctx.store.watch(&key, 0).await.ok();
         }
-        match get_json::<Vm>(&*ctx.store, &key).await {
-            Ok(vm) => match evaluate(&task.goal, vm.map(|v| v.value).as_ref()) {
-                Verdict::Done(msg) => return update(&ctx, task.id, 100, &msg, Some(Ok(()))).await,
-                Verdict::Failed(msg) => {
-                    return update(&ctx, task.id, 100, "failed", Some(Err(msg))).await
-                }
-                Verdict::Progress(p, msg) => update(&ctx, task.id, p, &msg, None).await,
-            },
-            Err(e) => tracing::warn!(error = %e, "task could not read its VM"),
+        match judge(&ctx, &task).await {
+            Ok(Verdict::Done(msg)) => return update(&ctx, task.id, 100, &msg, Some(Ok(()))).await,
+            Ok(Verdict::Failed(msg)) => {
+                return update(&ctx, task.id, 100, "failed", Some(Err(msg))).await
+            }
+            Ok(Verdict::Cancelled(msg)) => {
+                let end = Some((TaskState::Cancelled, Some(msg)));
+                return record(&ctx, task.id, 100, "cancelled", end).await;
+            }
+            Ok(Verdict::Progress(p, msg)) => update(&ctx, task.id, p, &msg, None).await,
+            Err(e) => tracing::warn!(error = %e, "task could not read what it follows"),
         }
         // Wake on a change of the VM, or after a second at the latest; a watch that ended is
         // made again on the next round.

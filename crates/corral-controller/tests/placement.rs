@@ -1,5 +1,5 @@
-//! Placement across hosts, through the real API and store, with three in-process host agents on the
-//! fake driver (the real-guest lab tests live with the binary).
+//! Placement and live migration across hosts, through the real API and store, with in-process host
+//! agents on the fake driver (the real-guest lab tests live with the binary).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,6 +29,7 @@ struct Cluster {
     _dir: tempfile::TempDir,
     base: String,
     token: String,
+    drivers: Vec<(String, Arc<FakeDriver>)>,
 }
 
 impl Cluster {
@@ -45,6 +46,7 @@ impl Cluster {
             .expect("bind");
         let base = format!("http://{}/api/v1", listener.local_addr().expect("addr"));
         tokio::spawn(async move { axum::serve(listener, corral_controller::router(ctx)).await });
+        let mut drivers = Vec::new();
         for h in hosts {
             let cfg = AgentConfig {
                 host: h.to_string(),
@@ -53,14 +55,18 @@ impl Cluster {
                 hypervisor: "fake".into(),
                 stop_timeout: Duration::from_secs(5),
                 resync: Duration::from_secs(1),
+                address: std::net::Ipv4Addr::LOCALHOST.into(),
             };
-            let agent = Agent::new(store.clone(), Arc::new(FakeDriver::default()), cfg);
+            let driver = Arc::new(FakeDriver::default());
+            drivers.push((h.to_string(), driver.clone()));
+            let agent = Agent::new(store.clone(), driver, cfg);
             tokio::spawn(agent.run());
         }
         let c = Cluster {
             _dir: dir,
             base,
             token,
+            drivers,
         };
         wait_until!(c.get("/hosts").await.as_array().map(Vec::len) == Some(hosts.len()));
         // An image to clone (a small qcow2 made by qemu-img, imported through the API).
@@ -114,6 +120,56 @@ impl Cluster {
         })
         .await
         .expect("join")
+    }
+
+    fn driver(&self, host: &str) -> &FakeDriver {
+        &self
+            .drivers
+            .iter()
+            .find(|(h, _)| h == host)
+            .expect("host")
+            .1
+    }
+
+    /// Waits until a task ends and returns it.
+    async fn task_end(&self, task: &Value) -> Value {
+        let path = format!("/tasks/{}", task["id"].as_str().expect("task id"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let t = self.get(&path).await;
+            if t["state"] != "running" {
+                return t;
+            }
+            assert!(Instant::now() < deadline, "task did not end: {t}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn migrate(&self, vm: &str, to: Option<&str>) -> (u16, Value) {
+        let path = format!("/projects/default/vms/{vm}/migrate");
+        self.call("POST", &path, Some(Body::Json(json!({ "to": to }))))
+            .await
+    }
+
+    /// Where the VM runs, checked on the hosts' drivers too: exactly one of them runs it.
+    async fn runs_on(&self, vm: &str) -> String {
+        let v = self.get(&format!("/projects/default/vms/{vm}")).await;
+        let host = v["status"]["host"].as_str().expect("placed").to_string();
+        let run_dir = std::path::PathBuf::from(v["status"]["run_dir"].as_str().expect("run dir"));
+        let uid = run_dir.file_name().expect("uid").to_owned();
+        let running: Vec<&str> = self
+            .drivers
+            .iter()
+            .filter(|(h, d)| d.is_running(&self._dir.path().join(h).join("vms").join(&uid)))
+            .map(|(h, _)| h.as_str())
+            .collect();
+        assert_eq!(
+            running,
+            [host.as_str()],
+            "{vm} runs once, where its status says"
+        );
+        assert_eq!(v["status"]["phase"], "running", "{v}");
+        host
     }
 
     async fn get(&self, path: &str) -> Value {
@@ -264,7 +320,10 @@ async fn pack_fills_a_host_first_and_maintenance_hosts_get_nothing() {
             Some(Body::Json(json!({"maintenance": true}))),
         )
         .await;
-    assert_eq!((status, info["state"].as_str()), (200, Some("maintenance")));
+    assert_eq!(
+        (status, info["host"]["state"].as_str()),
+        (200, Some("maintenance"))
+    );
     for i in 0..=cpus {
         assert_eq!(c.create(&format!("p{i}"), "128M").await.0, 202);
     }
@@ -334,5 +393,137 @@ async fn a_vm_too_big_for_the_free_memory_waits_and_says_how_much_is_free() {
             .unwrap_or("")
             .contains("host host-z does not exist"),
         "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_vm_moves_and_maintenance_empties_its_host() {
+    let c = Cluster::start(&["host-a", "host-b", "host-c"]).await;
+    let pack = json!({"placement": "pack", "cpu_overcommit": 4.0, "memory_overcommit": 1.0});
+    assert_eq!(
+        c.call("PUT", "/cluster", Some(Body::Json(pack))).await.0,
+        200
+    );
+    for name in ["m1", "m2", "m3"] {
+        let (status, task) = c.create(name, "128M").await;
+        assert_eq!(status, 202);
+        assert_eq!(c.task_end(&task).await["state"], "succeeded");
+    }
+    let home = c.runs_on("m1").await;
+    assert_eq!(c.runs_on("m2").await, home);
+    let other = if home == "host-a" { "host-b" } else { "host-a" };
+
+    let (status, task) = c.migrate("m1", Some(other)).await;
+    assert_eq!(status, 202, "{task}");
+    let done = c.task_end(&task).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert!(
+        done["message"].as_str().unwrap_or("").contains("migrated"),
+        "{done}"
+    );
+    assert_eq!(c.runs_on("m1").await, other);
+    let m1 = c.get("/projects/default/vms/m1").await;
+    assert!(
+        m1["status"]["events"].to_string().contains("Migrated"),
+        "{m1}"
+    );
+    let m = c.get("/projects/default/vms/m1/migration").await;
+    assert_eq!(
+        (m["phase"].as_str(), m["source"].as_str()),
+        (Some("completed"), Some(home.as_str()))
+    );
+
+    // Bad requests: a sentence, and nothing changes.
+    let (status, body) = c.migrate("m1", Some(other)).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("already runs on"),
+        "{body}"
+    );
+    let (status, body) = c.migrate("m1", Some("host-z")).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, _) = c.migrate("nope", None).await;
+    assert_eq!(status, 404);
+    assert_eq!(c.runs_on("m1").await, other);
+
+    // Maintenance moves every running VM off the host, two at a time.
+    let (status, r) = c
+        .call(
+            "PUT",
+            &format!("/hosts/{home}/maintenance"),
+            Some(Body::Json(json!({"maintenance": true}))),
+        )
+        .await;
+    assert_eq!(status, 200, "{r}");
+    let done = c.task_end(&r["task"]).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(c.get(&format!("/hosts/{home}")).await["vms"], json!([]));
+    for name in ["m1", "m2", "m3"] {
+        assert_ne!(c.runs_on(name).await, home);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_and_cancelled_migrations_leave_the_vm_running_on_its_source() {
+    let c = Cluster::start(&["host-a", "host-b"]).await;
+    let (_, task) = c.create("f1", "128M").await;
+    assert_eq!(c.task_end(&task).await["state"], "succeeded");
+    let home = c.runs_on("f1").await;
+    let other = if home == "host-a" { "host-b" } else { "host-a" };
+
+    c.driver(&home)
+        .fail_next_migration("connection reset by peer");
+    let (_, task) = c.migrate("f1", None).await;
+    let done = c.task_end(&task).await;
+    assert_eq!(done["state"], "failed", "{done}");
+    assert!(
+        done["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("connection reset"),
+        "{done}"
+    );
+    wait_until!(c.runs_on("f1").await == home);
+    let f1 = c.get("/projects/default/vms/f1").await;
+    assert!(
+        f1["status"]["events"]
+            .to_string()
+            .contains("MigrationFailed"),
+        "{f1}"
+    );
+
+    c.driver(&home).hold_migrations(true);
+    let (_, task) = c.migrate("f1", Some(other)).await;
+    wait_until!(c.get("/projects/default/vms/f1/migration").await["phase"] == "transferring");
+    let id = task["id"].as_str().expect("id");
+    let (status, _) = c.call("POST", &format!("/tasks/{id}/cancel"), None).await;
+    assert_eq!(status, 202);
+    let done = c.task_end(&task).await;
+    assert_eq!(done["state"], "cancelled", "{done}");
+    c.driver(&home).hold_migrations(false);
+    assert_eq!(c.runs_on("f1").await, home);
+    let (status, body) = c.call("POST", &format!("/tasks/{id}/cancel"), None).await;
+    assert_eq!(status, 409, "a finished task: {body}");
+
+    // A VM that does not run cannot be live-migrated.
+    let (_, stop) = c
+        .call(
+            "POST",
+            "/projects/default/vms/f1/stop",
+            Some(Body::Json(json!({"force": true}))),
+        )
+        .await;
+    c.task_end(&stop).await;
+    let (status, body) = c.migrate("f1", None).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not running"),
+        "{body}"
     );
 }

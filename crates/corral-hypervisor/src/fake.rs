@@ -1,17 +1,32 @@
 //! An in-memory driver for control-plane tests: it "runs" VMs instantly, records every call, and can
 //! be told to fail the next start or to have a guest power itself off.
+//!
+//! Fake drivers of agents in one process migrate VMs to each other: an incoming copy registers its
+//! URI in a process-wide table, where the source's fake finds it.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, LazyLock, Mutex};
 
 use async_trait::async_trait;
 
+use crate::migration::{DiskCopy, Incoming, Transfer, TransferStatus, Tuning};
 use crate::{Driver, DriverError, LaunchSpec, Observed, RunState};
+
+/// Incoming copies by URI: the target driver's state and the copy's run directory.
+type Registry = HashMap<String, (Arc<Mutex<FakeState>>, PathBuf)>;
+static INCOMING: LazyLock<Mutex<Registry>> = LazyLock::new(Mutex::default);
 
 #[derive(Default)]
 pub struct FakeDriver {
-    inner: Mutex<FakeState>,
+    inner: Arc<Mutex<FakeState>>,
+}
+
+/// An outgoing migration: where to, and how many times it was looked at.
+struct Outgoing {
+    uri: String,
+    transfer: Transfer,
+    polls: u32,
 }
 
 #[derive(Default)]
@@ -23,6 +38,14 @@ struct FakeState {
     deaf: bool,
     /// Calls in order, e.g. "start web", "powerdown web".
     calls: Vec<String>,
+    outgoing: HashMap<PathBuf, Outgoing>,
+    fail_next_migration: Option<String>,
+    /// Migrations stay active until released (to cancel one, or kill its target, midway).
+    hold_migrations: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn name(run_dir: &Path) -> String {
@@ -34,7 +57,63 @@ fn name(run_dir: &Path) -> String {
 
 impl FakeDriver {
     fn state(&self) -> std::sync::MutexGuard<'_, FakeState> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.inner)
+    }
+
+    /// The next migration sent from this host fails with `message`.
+    pub fn fail_next_migration(&self, message: &str) {
+        self.state().fail_next_migration = Some(message.to_string());
+    }
+
+    /// Keeps migrations from this host active (true) until released (false).
+    pub fn hold_migrations(&self, hold: bool) {
+        self.state().hold_migrations = hold;
+    }
+
+    /// Advances an outgoing migration of `run_dir` by one look: it completes on the second look
+    /// if its target still waits, and fails if the target is gone.
+    fn advance(&self, run_dir: &Path) -> Transfer {
+        let mut s = self.state();
+        let hold = s.hold_migrations;
+        let Some(out) = s.outgoing.get_mut(run_dir) else {
+            return Transfer::default();
+        };
+        if out.transfer.status != TransferStatus::Active || hold {
+            return out.transfer.clone();
+        }
+        out.polls += 1;
+        let target = lock(&INCOMING).get(&out.uri).cloned();
+        let target_waits = |t: &Option<(Arc<Mutex<FakeState>>, PathBuf)>| {
+            t.as_ref().is_some_and(|(st, dir)| {
+                Arc::ptr_eq(st, &self.inner)
+                    || lock(st)
+                        .running
+                        .get(dir)
+                        .is_some_and(|o| o.state == RunState::Incoming)
+            })
+        };
+        if !target_waits(&target) {
+            out.transfer.status = TransferStatus::Failed("the target closed the connection".into());
+            return out.transfer.clone();
+        }
+        out.transfer.memory_sent = out.transfer.memory_total / 2 * u64::from(out.polls.min(2));
+        out.transfer.memory_remaining = out.transfer.memory_total - out.transfer.memory_sent;
+        if out.polls < 2 {
+            return out.transfer.clone();
+        }
+        out.transfer.status = TransferStatus::Completed;
+        out.transfer.downtime_ms = Some(5);
+        let done = out.transfer.clone();
+        if let Some(o) = s.running.get_mut(run_dir) {
+            o.state = RunState::MigratedAway;
+        }
+        drop(s);
+        if let Some((st, dir)) = target {
+            if let Some(o) = lock(&st).running.get_mut(&dir) {
+                o.state = RunState::Paused;
+            }
+        }
+        done
     }
 
     /// From now on guests ignore the ACPI power button.
@@ -113,6 +192,112 @@ impl Driver for FakeDriver {
         let mut s = self.state();
         s.calls.push(format!("kill {}", name(run_dir)));
         s.running.remove(run_dir);
+        s.outgoing.remove(run_dir);
+        lock(&INCOMING).remove(&format!("fake:{}", run_dir.display()));
+        Ok(())
+    }
+    async fn start_incoming(
+        &self,
+        run_dir: &Path,
+        _spec: &LaunchSpec,
+        _address: std::net::IpAddr,
+        export_disk: bool,
+    ) -> Result<Incoming, DriverError> {
+        let mut s = self.state();
+        s.calls.push(format!("incoming {}", name(run_dir)));
+        if let Some(msg) = s.fail_next_start.take() {
+            return Err(DriverError::StartFailed(msg));
+        }
+        s.next_pid += 1;
+        let pid = 1000 + s.next_pid;
+        s.running.insert(
+            run_dir.to_path_buf(),
+            Observed {
+                pid,
+                state: RunState::Incoming,
+            },
+        );
+        let uri = format!("fake:{}", run_dir.display());
+        lock(&INCOMING).insert(uri.clone(), (self.inner.clone(), run_dir.to_path_buf()));
+        Ok(Incoming {
+            pid,
+            uri,
+            disk_uri: export_disk.then(|| format!("fake-nbd:{}", run_dir.display())),
+        })
+    }
+
+    async fn mirror_disk(&self, run_dir: &Path, _disk_uri: &str) -> Result<(), DriverError> {
+        let mut s = self.state();
+        s.calls.push(format!("mirror {}", name(run_dir)));
+        let out = s.outgoing.entry(run_dir.to_path_buf()).or_insert(Outgoing {
+            uri: String::new(),
+            transfer: Transfer::default(),
+            polls: 0,
+        });
+        out.transfer.disk = Some(DiskCopy {
+            copied: 1 << 20,
+            total: 1 << 20,
+            ready: true,
+            error: None,
+        });
+        Ok(())
+    }
+
+    async fn send(&self, run_dir: &Path, uri: &str, _tuning: &Tuning) -> Result<(), DriverError> {
+        let mut s = self.state();
+        s.calls.push(format!("send {}", name(run_dir)));
+        let status = match s.fail_next_migration.take() {
+            Some(msg) => TransferStatus::Failed(msg),
+            None => TransferStatus::Active,
+        };
+        let disk = s.outgoing.remove(run_dir).and_then(|o| o.transfer.disk);
+        s.outgoing.insert(
+            run_dir.to_path_buf(),
+            Outgoing {
+                uri: uri.to_string(),
+                transfer: Transfer {
+                    status,
+                    memory_total: 256 << 20,
+                    disk,
+                    ..Transfer::default()
+                },
+                polls: 0,
+            },
+        );
+        Ok(())
+    }
+
+    async fn transfer(&self, run_dir: &Path) -> Result<Transfer, DriverError> {
+        Ok(self.advance(run_dir))
+    }
+
+    async fn cancel_transfer(&self, run_dir: &Path) -> Result<(), DriverError> {
+        let mut s = self.state();
+        s.calls.push(format!("cancel {}", name(run_dir)));
+        if let Some(out) = s.outgoing.get_mut(run_dir) {
+            if out.transfer.status == TransferStatus::Active {
+                out.transfer.status = TransferStatus::Cancelled;
+            }
+            out.transfer.disk = None;
+        }
+        Ok(())
+    }
+
+    async fn finish_disk_copy(&self, run_dir: &Path) -> Result<(), DriverError> {
+        if let Some(out) = self.state().outgoing.get_mut(run_dir) {
+            out.transfer.disk = None;
+        }
+        Ok(())
+    }
+
+    async fn resume(&self, run_dir: &Path) -> Result<(), DriverError> {
+        let mut s = self.state();
+        s.calls.push(format!("resume {}", name(run_dir)));
+        if let Some(o) = s.running.get_mut(run_dir) {
+            if o.state == RunState::Paused {
+                o.state = RunState::Running;
+            }
+        }
         Ok(())
     }
 }

@@ -9,6 +9,7 @@
 pub mod accel;
 pub mod disk;
 pub mod fake;
+pub mod migration;
 mod qemu;
 pub mod qmp;
 
@@ -17,6 +18,7 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 
 pub use accel::{detect_accel, AccelChoice};
+pub use migration::{DiskCopy, Incoming, Transfer, TransferStatus, Tuning};
 pub use qemu::{qemu_version, QemuDriver};
 
 /// Everything needed to start one VM.
@@ -38,6 +40,12 @@ pub enum RunState {
     Running,
     /// The guest powered itself off; the process waits to be told to quit.
     GuestShutdown,
+    /// Paused and ready to run on `resume` (an incoming copy once its state arrived).
+    Paused,
+    /// Waiting for the state of a VM running on another host.
+    Incoming,
+    /// Its state went to another host; this copy must never run again.
+    MigratedAway,
     /// Anything else QEMU reports (paused, in migration, ...).
     Other(String),
 }
@@ -88,6 +96,33 @@ pub trait Driver: Send + Sync + 'static {
     async fn reset(&self, run_dir: &Path) -> Result<(), DriverError>;
     /// Powers off at once and waits until the process is gone.
     async fn kill(&self, run_dir: &Path) -> Result<(), DriverError>;
+
+    // Live migration. The target starts a paused copy that waits for the state on `address`; the
+    // source mirrors its disk into it (unless the storage is shared), sends memory and device state,
+    // and finishes the disk copy once the guest is paused at the switchover. The target resumes only
+    // when told, after the control plane has handed the VM over: a VM never runs on two hosts.
+
+    /// Starts the VM paused, listening on `address` for its state (and, with `export_disk`,
+    /// serving its disk, which must exist, to the source's mirror).
+    async fn start_incoming(
+        &self,
+        run_dir: &Path,
+        spec: &LaunchSpec,
+        address: std::net::IpAddr,
+        export_disk: bool,
+    ) -> Result<Incoming, DriverError>;
+    /// Starts copying the disk into `disk_uri` while the guest runs; returns at once.
+    async fn mirror_disk(&self, run_dir: &Path, disk_uri: &str) -> Result<(), DriverError>;
+    /// Starts sending memory and device state to `uri`; returns at once.
+    async fn send(&self, run_dir: &Path, uri: &str, tuning: &Tuning) -> Result<(), DriverError>;
+    /// How the outgoing copy stands.
+    async fn transfer(&self, run_dir: &Path) -> Result<Transfer, DriverError>;
+    /// Stops an outgoing copy; the guest goes on running here.
+    async fn cancel_transfer(&self, run_dir: &Path) -> Result<(), DriverError>;
+    /// After the switchover: completes the disk mirror (the guest is paused, so nothing is lost).
+    async fn finish_disk_copy(&self, run_dir: &Path) -> Result<(), DriverError>;
+    /// Runs a VM that is paused (an incoming copy once handed over).
+    async fn resume(&self, run_dir: &Path) -> Result<(), DriverError>;
 }
 
 /// Files of a VM instance inside its run directory.

@@ -1,13 +1,16 @@
 //! The QEMU driver: starts `qemu-system-x86_64` daemonized (so it outlives the agent), finds it again
 //! through the pid file and QMP socket in the run directory, and controls it over QMP.
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use corral_api::Accel;
+use serde_json::{json, Value};
 use tokio::process::Command;
 
+use crate::migration::{DiskCopy, Incoming, Transfer, TransferStatus, Tuning};
 use crate::qmp::Qmp;
 use crate::{console_log, serial_socket, Driver, DriverError, LaunchSpec, Observed, RunState};
 
@@ -134,48 +137,136 @@ async fn wait_gone(pid: u32, timeout: Duration) -> bool {
     false
 }
 
+/// Runs QEMU daemonized with `args` in `run_dir` and returns its pid.
+async fn launch(run_dir: &Path, args: Vec<String>) -> Result<u32, DriverError> {
+    // QEMU option values are comma-separated: a comma in a path would change the options.
+    if run_dir.to_string_lossy().contains(',') {
+        return Err(DriverError::StartFailed(format!(
+            "the path {} contains a comma, which QEMU options cannot carry: use a --data-dir without commas",
+            run_dir.display()
+        )));
+    }
+    for sock in [qmp_socket(run_dir), serial_socket(run_dir)] {
+        if sock.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(DriverError::PathTooLong(sock.display().to_string()));
+        }
+        let _ = std::fs::remove_file(&sock);
+    }
+    let _ = std::fs::remove_file(pid_file(run_dir));
+    // Each power-on starts a fresh console log.
+    std::fs::write(console_log(run_dir), b"")
+        .map_err(|e| DriverError::io("creating the console log", e))?;
+    tracing::debug!(?args, "starting QEMU");
+    // With -daemonize the command returns once the guest is set up; QEMU then lives in its own
+    // session, out of the agent's process group, so Ctrl-C on the agent does not reach it.
+    let out = Command::new(QEMU)
+        .args(&args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|e| DriverError::StartFailed(format!("{QEMU} could not be run: {e}")))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        return Err(DriverError::StartFailed(stderr));
+    }
+    live_pid(run_dir).ok_or_else(|| {
+        DriverError::StartFailed("QEMU exited right after it started; see the console log".into())
+    })
+}
+
+/// The block job that mirrors a VM's disk to its migration target.
+const MIRROR_JOB: &str = "corral-mirror";
+const DISK_EXPORT: &str = "disk";
+
+/// A TCP port on `address` that nobody listens on now.
+fn free_port(address: IpAddr) -> Result<u16, DriverError> {
+    std::net::TcpListener::bind((address, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| DriverError::io(format!("finding a free port on {address}"), e))
+}
+
+/// `address:port` as QEMU's URIs want it (IPv6 in brackets).
+fn host_port(address: IpAddr, port: u16) -> String {
+    match address {
+        IpAddr::V4(a) => format!("{a}:{port}"),
+        IpAddr::V6(a) => format!("[{a}]:{port}"),
+    }
+}
+
+/// The VM's disk as QEMU's block layer names it: (device, node name).
+async fn disk_node(qmp: &mut Qmp) -> Result<(String, String), DriverError> {
+    let blocks = qmp.execute("query-block", None).await?;
+    blocks
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find_map(|b| {
+            let device = b.get("device")?.as_str()?;
+            let node = b.get("inserted")?.get("node-name")?.as_str()?;
+            Some((device.to_string(), node.to_string()))
+        })
+        .ok_or_else(|| DriverError::Qmp {
+            path: "query-block".into(),
+            message: "the VM has no disk".into(),
+        })
+}
+
+fn u64_at(v: &Value, path: &[&str]) -> u64 {
+    path.iter()
+        .try_fold(v, |v, k| v.get(k))
+        .and_then(Value::as_u64)
+        .unwrap_or(0)
+}
+
+/// Reads `query-migrate` and the mirror job into a [`Transfer`].
+fn transfer_of(migrate: &Value, jobs: &Value) -> Transfer {
+    let status = match migrate.get("status").and_then(Value::as_str) {
+        None | Some("none") => TransferStatus::None,
+        Some("completed") => TransferStatus::Completed,
+        Some("cancelled") => TransferStatus::Cancelled,
+        Some("failed") => TransferStatus::Failed(
+            migrate
+                .get("error-desc")
+                .and_then(Value::as_str)
+                .unwrap_or("QEMU reports the migration failed")
+                .to_string(),
+        ),
+        Some(_) => TransferStatus::Active,
+    };
+    let page = u64_at(migrate, &["ram", "page-size"]).max(1);
+    let disk = jobs.as_array().into_iter().flatten().find_map(|j| {
+        (j.get("device")?.as_str()? == MIRROR_JOB).then(|| DiskCopy {
+            copied: u64_at(j, &["offset"]),
+            total: u64_at(j, &["len"]),
+            ready: j.get("ready").and_then(Value::as_bool).unwrap_or(false),
+            error: j.get("error").and_then(Value::as_str).map(str::to_string),
+        })
+    });
+    Transfer {
+        status,
+        memory_total: u64_at(migrate, &["ram", "total"]),
+        memory_sent: u64_at(migrate, &["ram", "transferred"]),
+        memory_remaining: u64_at(migrate, &["ram", "remaining"]),
+        dirty_rate_bytes: u64_at(migrate, &["ram", "dirty-pages-rate"]) * page,
+        mbps: migrate
+            .get("ram")
+            .and_then(|r| r.get("mbps"))
+            .and_then(Value::as_f64)
+            .unwrap_or(0.0),
+        downtime_ms: migrate.get("downtime").and_then(Value::as_u64),
+        expected_downtime_ms: migrate.get("expected-downtime").and_then(Value::as_u64),
+        disk,
+    }
+}
+
 #[async_trait]
 impl Driver for QemuDriver {
     async fn start(&self, run_dir: &Path, spec: &LaunchSpec) -> Result<u32, DriverError> {
         if let Some(pid) = live_pid(run_dir) {
             return Ok(pid);
         }
-        // QEMU option values are comma-separated: a comma in a path would change the options.
-        if run_dir.to_string_lossy().contains(',') {
-            return Err(DriverError::StartFailed(format!(
-                "the path {} contains a comma, which QEMU options cannot carry: use a --data-dir without commas",
-                run_dir.display()
-            )));
-        }
-        for sock in [qmp_socket(run_dir), serial_socket(run_dir)] {
-            if sock.as_os_str().len() > MAX_SOCKET_PATH {
-                return Err(DriverError::PathTooLong(sock.display().to_string()));
-            }
-            let _ = std::fs::remove_file(&sock);
-        }
-        let _ = std::fs::remove_file(pid_file(run_dir));
-        // Each power-on starts a fresh console log.
-        std::fs::write(console_log(run_dir), b"")
-            .map_err(|e| DriverError::io("creating the console log", e))?;
-        let args = qemu_args(run_dir, spec);
-        tracing::debug!(?args, "starting QEMU");
-        // With -daemonize the command returns once the guest is set up; QEMU then lives in its own
-        // session, out of the agent's process group, so Ctrl-C on the agent does not reach it.
-        let out = Command::new(QEMU)
-            .args(&args)
-            .stdin(std::process::Stdio::null())
-            .output()
-            .await
-            .map_err(|e| DriverError::StartFailed(format!("{QEMU} could not be run: {e}")))?;
-        if !out.status.success() {
-            let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
-            return Err(DriverError::StartFailed(stderr));
-        }
-        live_pid(run_dir).ok_or_else(|| {
-            DriverError::StartFailed(
-                "QEMU exited right after it started; see the console log".into(),
-            )
-        })
+        launch(run_dir, qemu_args(run_dir, spec)).await
     }
 
     async fn observe(&self, run_dir: &Path) -> Result<Option<Observed>, DriverError> {
@@ -187,6 +278,9 @@ impl Driver for QemuDriver {
         let state = match status.get("status").and_then(|s| s.as_str()) {
             Some("running") => RunState::Running,
             Some("shutdown") => RunState::GuestShutdown,
+            Some("paused" | "prelaunch") => RunState::Paused,
+            Some("inmigrate") => RunState::Incoming,
+            Some("postmigrate") => RunState::MigratedAway,
             Some(other) => RunState::Other(other.to_string()),
             None => RunState::Other("unknown".into()),
         };
@@ -239,6 +333,139 @@ impl Driver for QemuDriver {
         ] {
             let _ = std::fs::remove_file(f);
         }
+        Ok(())
+    }
+    async fn start_incoming(
+        &self,
+        run_dir: &Path,
+        spec: &LaunchSpec,
+        address: IpAddr,
+        export_disk: bool,
+    ) -> Result<Incoming, DriverError> {
+        // A copy left by an earlier attempt holds no state anyone needs.
+        self.kill(run_dir).await?;
+        let mut args = qemu_args(run_dir, spec);
+        // Paused until handed over (-S); the listening address is given over QMP below.
+        args.extend(["-S".into(), "-incoming".into(), "defer".into()]);
+        let pid = launch(run_dir, args).await?;
+        let prepared = async {
+            let mut qmp = Qmp::connect(&qmp_socket(run_dir)).await?;
+            let disk_uri = if export_disk {
+                let (_, node) = disk_node(&mut qmp).await?;
+                let port = free_port(address)?;
+                let addr = json!({"type": "inet", "data": {"host": address.to_string(), "port": port.to_string()}});
+                qmp.execute("nbd-server-start", Some(json!({ "addr": addr })))
+                    .await?;
+                qmp.execute(
+                    "block-export-add",
+                    Some(json!({"type": "nbd", "id": DISK_EXPORT, "name": DISK_EXPORT, "node-name": node, "writable": true})),
+                )
+                .await?;
+                Some(format!("nbd:{}:exportname={DISK_EXPORT}", host_port(address, port)))
+            } else {
+                None
+            };
+            let uri = format!("tcp:{}", host_port(address, free_port(address)?));
+            qmp.execute("migrate-incoming", Some(json!({ "uri": uri })))
+                .await?;
+            Ok::<_, DriverError>(Incoming { pid, uri, disk_uri })
+        }
+        .await;
+        if prepared.is_err() {
+            let _ = self.kill(run_dir).await;
+        }
+        prepared
+    }
+
+    async fn mirror_disk(&self, run_dir: &Path, disk_uri: &str) -> Result<(), DriverError> {
+        let mut qmp = Qmp::connect(&qmp_socket(run_dir)).await?;
+        let (device, _) = disk_node(&mut qmp).await?;
+        // Only the VM's own layer: the target's disk is a clone of the same image.
+        qmp.execute(
+            "drive-mirror",
+            Some(json!({"device": device, "job-id": MIRROR_JOB, "target": disk_uri, "sync": "top", "mode": "existing", "format": "raw"})),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn send(&self, run_dir: &Path, uri: &str, tuning: &Tuning) -> Result<(), DriverError> {
+        let mut qmp = Qmp::connect(&qmp_socket(run_dir)).await?;
+        qmp.execute(
+            "migrate-set-capabilities",
+            Some(json!({"capabilities": [{"capability": "auto-converge", "state": tuning.auto_converge}]})),
+        )
+        .await?;
+        qmp.execute(
+            "migrate-set-parameters",
+            Some(json!({"max-bandwidth": tuning.max_bandwidth_bytes, "downtime-limit": tuning.downtime_limit_ms})),
+        )
+        .await?;
+        qmp.execute("migrate", Some(json!({ "uri": uri }))).await?;
+        Ok(())
+    }
+
+    async fn transfer(&self, run_dir: &Path) -> Result<Transfer, DriverError> {
+        let mut qmp = Qmp::connect(&qmp_socket(run_dir)).await?;
+        let migrate = qmp.execute("query-migrate", None).await?;
+        let jobs = qmp.execute("query-block-jobs", None).await?;
+        Ok(transfer_of(&migrate, &jobs))
+    }
+
+    async fn cancel_transfer(&self, run_dir: &Path) -> Result<(), DriverError> {
+        if live_pid(run_dir).is_none() {
+            return Ok(());
+        }
+        let mut qmp = Qmp::connect(&qmp_socket(run_dir)).await?;
+        // Either may not be running: nothing to cancel then.
+        let _ = qmp.execute("migrate_cancel", None).await;
+        let _ = qmp
+            .execute(
+                "block-job-cancel",
+                Some(json!({"device": MIRROR_JOB, "force": true})),
+            )
+            .await;
+        Ok(())
+    }
+
+    async fn finish_disk_copy(&self, run_dir: &Path) -> Result<(), DriverError> {
+        let mut qmp = Qmp::connect(&qmp_socket(run_dir)).await?;
+        // Cancelling a mirror that is in sync completes it: the target holds every write.
+        let _ = qmp
+            .execute("block-job-cancel", Some(json!({ "device": MIRROR_JOB })))
+            .await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let jobs = qmp.execute("query-block-jobs", None).await?;
+            let running = jobs
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|j| j.get("device").and_then(Value::as_str) == Some(MIRROR_JOB));
+            if !running {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(DriverError::io(
+                    "finishing the disk copy",
+                    "the mirror did not finish within 60 s",
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn resume(&self, run_dir: &Path) -> Result<(), DriverError> {
+        let mut qmp = Qmp::connect(&qmp_socket(run_dir)).await?;
+        // The disk export of an incoming copy has served its purpose.
+        if qmp
+            .execute("block-export-del", Some(json!({ "id": DISK_EXPORT })))
+            .await
+            .is_ok()
+        {
+            let _ = qmp.execute("nbd-server-stop", None).await;
+        }
+        qmp.execute("cont", None).await?;
         Ok(())
     }
 }

@@ -319,6 +319,8 @@ fn build(args: &UpArgs) -> Result<()> {
                 host_dir.join("data").display().to_string(),
                 "--accel".into(),
                 args.accel.clone(),
+                "--address".into(),
+                h.address.clone(),
             ],
             // In the environment, not on the command line where every local user could read it.
             &[("CORRAL_JOIN_TOKEN", token.token.as_str())],

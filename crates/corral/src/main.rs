@@ -13,8 +13,8 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use corral_api::{
     BuildJeosRequest, ClusterSettings, ConsoleChunk, CreateDatastoreRequest, CreateGroupRequest,
-    CreateVmRequest, Datastore, GroupRule, GroupStrength, HostInfo, Image, PlacementPolicy,
-    StopVmRequest, Task, Vm, VmGroup,
+    CreateVmRequest, Datastore, GroupRule, GroupStrength, HostInfo, Image, MaintenanceResponse,
+    MigrateVmRequest, Migration, PlacementPolicy, StopVmRequest, Task, Vm, VmGroup,
 };
 
 use client::Client;
@@ -155,6 +155,20 @@ enum VmCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Move a running VM to another host while the guest runs (live migration).
+    Migrate {
+        name: String,
+        /// The host to move to (default: the scheduler picks one).
+        #[arg(long)]
+        to: Option<String>,
+        /// Print the task and return instead of following it.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Show the VM's current or last migration.
+    Migration {
+        name: String,
+    },
     /// Print the serial console log.
     Console {
         name: String,
@@ -181,10 +195,14 @@ enum HostCmd {
         ttl: u64,
     },
     /// Take a host out of service (no new VMs) or return it.
+    /// Entering evacuates the host: its running VMs move to other hosts by live migration.
     Maintenance {
         #[arg(value_enum)]
         action: MaintenanceAction,
         name: String,
+        /// Return once maintenance is set, without following the evacuation.
+        #[arg(long)]
+        no_wait: bool,
     },
 }
 
@@ -207,6 +225,12 @@ enum ClusterCmd {
         /// Memory per byte of host memory that may be allocated.
         #[arg(long)]
         memory_overcommit: Option<f64>,
+        /// Cap on each live migration's stream per second, e.g. 100M; "none" for no cap.
+        #[arg(long)]
+        migration_bandwidth: Option<String>,
+        /// Longest pause of a guest at a live migration's switchover, in milliseconds.
+        #[arg(long)]
+        migration_downtime_ms: Option<u64>,
     },
 }
 
@@ -275,7 +299,13 @@ enum GroupCmd {
 #[derive(Subcommand, Debug)]
 enum TaskCmd {
     List,
-    Show { id: uuid::Uuid },
+    Show {
+        id: uuid::Uuid,
+    },
+    /// Stop a task that is still running (migrations).
+    Cancel {
+        id: uuid::Uuid,
+    },
 }
 
 fn main() {
@@ -379,6 +409,18 @@ fn client_command(g: &Global, cmd: Command) -> Result<()> {
                 let task = c.wait(task, show_progress)?;
                 output::task(fmt, &task)
             }
+            VmCmd::Migrate { name, to, no_wait } => {
+                let task: Task =
+                    c.post(&format!("{p}/vms/{name}/migrate"), &MigrateVmRequest { to })?;
+                if no_wait {
+                    return output::task(fmt, &task);
+                }
+                finish_vm(task, &name)
+            }
+            VmCmd::Migration { name } => output::migration(
+                fmt,
+                &c.get::<Migration>(&format!("{p}/vms/{name}/migration"))?,
+            ),
             VmCmd::Console { name, follow } => console(&c, &p, &name, follow, fmt),
         },
         Command::Host(cmd) => match cmd {
@@ -403,18 +445,22 @@ fn client_command(g: &Global, cmd: Command) -> Result<()> {
                 }
                 Ok(())
             }
-            HostCmd::Maintenance { action, name } => {
+            HostCmd::Maintenance {
+                action,
+                name,
+                no_wait,
+            } => {
                 let maintenance = matches!(action, MaintenanceAction::Enter);
                 let body = serde_json::json!({ "maintenance": maintenance });
-                let info: HostInfo = c.put_json(&format!("/hosts/{name}/maintenance"), &body)?;
-                if maintenance && !info.vms.is_empty() && fmt == Format::Table {
-                    // Evacuation by live migration arrives with migration; until then, say what stays.
-                    eprintln!(
-                        "host {name} takes no new VMs; still running there: {}",
-                        info.vms.join(", ")
-                    );
+                let r: MaintenanceResponse =
+                    c.put_json(&format!("/hosts/{name}/maintenance"), &body)?;
+                match r.task {
+                    Some(task) if !no_wait => {
+                        c.wait(task, show_progress)?;
+                        output::hosts(fmt, &[c.get::<HostInfo>(&format!("/hosts/{name}"))?], true)
+                    }
+                    _ => output::hosts(fmt, &[r.host], true),
                 }
-                output::hosts(fmt, &[info], true)
             }
         },
         Command::Cluster(ClusterCmd::Show) => {
@@ -424,6 +470,8 @@ fn client_command(g: &Global, cmd: Command) -> Result<()> {
             placement,
             cpu_overcommit,
             memory_overcommit,
+            migration_bandwidth,
+            migration_downtime_ms,
         }) => {
             let mut s: ClusterSettings = c.get("/cluster")?;
             if let Some(p) = placement {
@@ -434,6 +482,18 @@ fn client_command(g: &Global, cmd: Command) -> Result<()> {
             }
             s.cpu_overcommit = cpu_overcommit.unwrap_or(s.cpu_overcommit);
             s.memory_overcommit = memory_overcommit.unwrap_or(s.memory_overcommit);
+            match migration_bandwidth.as_deref() {
+                None => {}
+                Some("none") => s.migration_bandwidth_bytes = None,
+                Some(b) => {
+                    s.migration_bandwidth_bytes = Some(
+                        corral_api::parse_size("--migration-bandwidth", b)
+                            .map_err(|e| anyhow::anyhow!("{e}"))?,
+                    )
+                }
+            }
+            s.migration_downtime_limit_ms =
+                migration_downtime_ms.unwrap_or(s.migration_downtime_limit_ms);
             output::cluster(fmt, &c.put_json::<ClusterSettings>("/cluster", &s)?)
         }
         Command::Datastore(cmd) => match cmd {
@@ -496,6 +556,10 @@ fn client_command(g: &Global, cmd: Command) -> Result<()> {
         Command::Task(TaskCmd::Show { id }) => {
             output::task(fmt, &c.get::<Task>(&format!("/tasks/{id}"))?)
         }
+        Command::Task(TaskCmd::Cancel { id }) => output::task(
+            fmt,
+            &c.post::<Task>(&format!("/tasks/{id}/cancel"), &serde_json::json!({}))?,
+        ),
         Command::Up(_) | Command::Controller(_) | Command::Agent(_) | Command::Lab(_) => {
             unreachable!("handled in main")
         }

@@ -3,7 +3,9 @@
 
 use anyhow::Result;
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
-use corral_api::{format_bytes, ClusterSettings, Datastore, HostInfo, Image, Task, Vm, VmGroup};
+use corral_api::{
+    format_bytes, ClusterSettings, Datastore, HostInfo, Image, Migration, Task, Vm, VmGroup,
+};
 use serde::Serialize;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -70,6 +72,38 @@ pub fn vms(fmt: Format, vms: &[Vm], single: bool) -> Result<()> {
                 ]
             })
             .collect(),
+    );
+    if let [vm] = vms {
+        if single && !vm.status.events.is_empty() {
+            println!("events:");
+            for e in &vm.status.events {
+                println!(
+                    "  {}  {}  {}",
+                    e.at.format("%Y-%m-%d %H:%M:%S%.3f"),
+                    e.reason,
+                    e.message
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn migration(fmt: Format, m: &Migration) -> Result<()> {
+    if fmt == Format::Json {
+        return json(m);
+    }
+    table(
+        &["VM", "FROM", "TO", "PHASE", "STORAGE", "SINCE", "STATUS"],
+        vec![vec![
+            m.vm.clone(),
+            m.source.clone(),
+            m.target.clone(),
+            format!("{:?}", m.phase).to_lowercase(),
+            if m.shared_storage { "shared" } else { "copied" }.into(),
+            m.created_at.format("%H:%M:%S").to_string(),
+            m.summary(),
+        ]],
     );
     Ok(())
 }
@@ -201,11 +235,20 @@ pub fn cluster(fmt: Format, c: &ClusterSettings) -> Result<()> {
         return json(c);
     }
     table(
-        &["PLACEMENT", "CPU OVERCOMMIT", "MEMORY OVERCOMMIT"],
+        &[
+            "PLACEMENT",
+            "CPU OVERCOMMIT",
+            "MEMORY OVERCOMMIT",
+            "MIGRATION BANDWIDTH",
+            "MIGRATION DOWNTIME",
+        ],
         vec![vec![
             format!("{:?}", c.placement).to_lowercase(),
             c.cpu_overcommit.to_string(),
             c.memory_overcommit.to_string(),
+            c.migration_bandwidth_bytes
+                .map_or("no cap".into(), |b| format!("{}/s", format_bytes(b))),
+            format!("{} ms", c.migration_downtime_limit_ms),
         ]],
     );
     Ok(())

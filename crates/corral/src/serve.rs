@@ -173,6 +173,7 @@ async fn serve(args: &ServerArgs, agent: Option<(AccelChoice, String, Duration)>
             hypervisor,
             stop_timeout,
             resync: Duration::from_secs(5),
+            address: std::net::Ipv4Addr::LOCALHOST.into(),
         };
         let agent = Agent::new(store.clone(), Arc::new(QemuDriver), cfg);
         tokio::spawn(async move {
@@ -239,8 +240,37 @@ pub struct AgentArgs {
     /// Where this host keeps its certificate, VM disks and run directories.
     #[arg(long, env = "CORRAL_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// This host's address on the fabric, where VMs migrating here are received; by default the
+    /// address this machine reaches the controller from.
+    #[arg(long)]
+    address: Option<std::net::IpAddr>,
     #[command(flatten)]
     host: HostArgs,
+}
+
+/// The local address this machine uses to reach the controller at `url` (no packet is sent).
+fn address_toward(url: &str) -> Result<std::net::IpAddr> {
+    let authority = url
+        .split("://")
+        .nth(1)
+        .unwrap_or(url)
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let remote = std::net::ToSocketAddrs::to_socket_addrs(authority)
+        .ok()
+        .and_then(|mut a| a.next())
+        .with_context(|| format!("cannot resolve {authority}: pass --address"))?;
+    let local: std::net::SocketAddr = if remote.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
+    let socket = std::net::UdpSocket::bind(local)?;
+    socket
+        .connect(remote)
+        .with_context(|| format!("no route to {remote}: pass --address"))?;
+    Ok(socket.local_addr()?.ip())
 }
 
 /// Runs a host agent that joins (or rejoins) a controller over mutually authenticated TLS.
@@ -276,6 +306,10 @@ pub fn agent(args: AgentArgs) -> Result<()> {
     let store =
         corral_agent::remote::RemoteStore::new(&args.join, &creds).map_err(anyhow::Error::msg)?;
     let accel = detect_accel(args.host.accel).map_err(anyhow::Error::msg)?;
+    let address = match args.address {
+        Some(a) => a,
+        None => address_toward(&args.join)?,
+    };
     runtime()?.block_on(async move {
         let hypervisor = corral_hypervisor::qemu_version().await?;
         let cfg = AgentConfig {
@@ -285,6 +319,7 @@ pub fn agent(args: AgentArgs) -> Result<()> {
             hypervisor,
             stop_timeout: Duration::from_secs(args.host.stop_timeout),
             resync: Duration::from_secs(5),
+            address,
         };
         let agent = Agent::new(Arc::new(store), Arc::new(QemuDriver), cfg);
         println!("host agent {host} running ({accel}); Ctrl-C stops it, VMs keep running");

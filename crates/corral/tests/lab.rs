@@ -3,94 +3,11 @@
 
 mod common;
 
+use common::netlab::TestLab;
+
 use std::os::unix::fs::MetadataExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-use serde_json::Value;
-
-/// A lab under its own name, network and port; `lab down` runs when dropped, also on failure.
-struct TestLab {
-    dir: tempfile::TempDir,
-    name: String,
-}
-
-impl TestLab {
-    fn up(hosts: u8) -> TestLab {
-        let dir = tempfile::Builder::new()
-            .prefix("corral-lab-")
-            .tempdir_in("/tmp")
-            .expect("dir");
-        // A name and network of its own, so labs of parallel runs do not meet.
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let n = (std::process::id() ^ nanos) % 200 + 20;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("bind")
-            .local_addr()
-            .expect("addr")
-            .port();
-        let lab = TestLab {
-            dir,
-            name: format!("t{n}"),
-        };
-        let hosts = hosts.to_string();
-        let net = n.to_string();
-        let port = port.to_string();
-        let out = lab.corral(&[
-            "lab", "up", "--hosts", &hosts, "--net", &net, "--port", &port, "--accel", "tcg",
-        ]);
-        assert!(
-            out.status.success(),
-            "lab up failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        lab
-    }
-
-    fn corral(&self, args: &[&str]) -> std::process::Output {
-        let mut a: Vec<&str> = args.to_vec();
-        if args[0] == "lab" {
-            a.extend(["--name", &self.name]);
-        }
-        Command::new(common::BIN)
-            .args(&a)
-            .env("CORRAL_LAB_DIR", self.dir.path())
-            .env("XDG_CONFIG_HOME", self.dir.path().join("config"))
-            .env_remove("CORRAL_URL")
-            .env_remove("CORRAL_TOKEN")
-            .output()
-            .expect("corral runs")
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.corral(args);
-        assert!(
-            out.status.success(),
-            "corral {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let mut a = args.to_vec();
-        a.extend(["-o", "json"]);
-        serde_json::from_str(&self.ok(&a)).expect("json")
-    }
-
-    fn netns(&self, host: &str) -> String {
-        format!("corral-{}-{host}", self.name)
-    }
-}
-
-impl Drop for TestLab {
-    fn drop(&mut self) {
-        let _ = self.corral(&["lab", "down"]);
-    }
-}
 
 #[test]
 fn three_namespace_hosts_spread_six_guests_two_each_and_lab_down_removes_everything() {
@@ -185,7 +102,7 @@ fn three_namespace_hosts_spread_six_guests_two_each_and_lab_down_removes_everyth
     lab.ok(&["cluster", "set", "--placement", "spread"]);
 
     // A host in maintenance gets nothing new.
-    lab.ok(&["host", "maintenance", "enter", "host-1"]);
+    lab.ok(&["host", "maintenance", "enter", "host-1", "--no-wait"]);
     lab.ok(&[
         "vm", "create", "g7", "--image", "jeos", "--memory", "128M", "--host", "host-1",
     ]);

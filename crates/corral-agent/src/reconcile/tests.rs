@@ -54,6 +54,7 @@ async fn fixture() -> Fixture {
         hypervisor: "fake".into(),
         stop_timeout: Duration::from_secs(30),
         resync: Duration::from_secs(5),
+        address: std::net::Ipv4Addr::LOCALHOST.into(),
     };
     Fixture {
         _dir: dir,

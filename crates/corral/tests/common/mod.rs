@@ -3,6 +3,8 @@
 //! belongs to its data dir, also when the test failed.
 #![allow(dead_code)]
 
+pub mod netlab;
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};

@@ -1,0 +1,599 @@
+//! Live migration as the two hosts carry it out, driven by the migration record (see
+//! `corral_api::Migration`).
+//!
+//! - The target prepares: a run directory, the disk (the shared one, or a fresh linked clone of the
+//!   same image that the source mirrors into), and a paused QEMU waiting for the state. It records
+//!   where it listens, then watches its copy until the migration ends; if it fails or is cancelled
+//!   it removes the copy. It never resumes the copy itself: that happens once the VM is its own.
+//! - The source copies the disk, then memory, reports progress, and once QEMU says the copy is
+//!   complete (the guest is paused on both sides) hands the VM over in one transaction that also
+//!   marks the migration completed. Only then does the target's VM worker resume the guest, and the
+//!   source removes its paused copy. Any failure before the handover leaves the guest running on
+//!   the source, and the target's copy is removed: the VM never runs on two hosts.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use corral_api::{
+    keys, ClusterSettings, Migration, MigrationPhase, MigrationProgress, MigrationResult,
+    PowerState, Vm, VmEvent, VmPhase,
+};
+use corral_hypervisor::{Driver, RunState, Transfer, TransferStatus, Tuning};
+use corral_store::{get_json, update_json, Op, Precondition, Store, StoreError, Versioned};
+
+use crate::reconcile::{
+    clone_disk, image_of, launch_spec, new_disk_path, private_dir, remove_vm_files, AgentConfig,
+    Outcome,
+};
+use crate::{layout, AgentError};
+
+/// The reason of a VM's `Running` condition between the handover and the target resuming it.
+pub const RESUMING: &str = "Resuming";
+
+/// How long the source waits for the target to prepare.
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A copy that moves no byte for this long is given up (a cut link, a hung target).
+const STALL_TIMEOUT: Duration = Duration::from_secs(20);
+/// A migration that has not converged after this long is given up.
+const CONVERGE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How often the source looks at the copy, and writes progress at most.
+const POLL: Duration = Duration::from_millis(100);
+const REPORT: Duration = Duration::from_secs(1);
+
+/// How this cluster wants memory sent.
+async fn tuning(store: &dyn Store) -> Result<Tuning, AgentError> {
+    let settings = get_json::<ClusterSettings>(store, keys::CLUSTER)
+        .await?
+        .map(|s| s.value)
+        .unwrap_or_default();
+    let default = Tuning::default();
+    Ok(Tuning {
+        max_bandwidth_bytes: settings
+            .migration_bandwidth_bytes
+            .unwrap_or(default.max_bandwidth_bytes),
+        downtime_limit_ms: settings.migration_downtime_limit_ms,
+        ..default
+    })
+}
+
+/// The unfinished migration of `vm` whose source is this host, if any.
+pub(crate) async fn outgoing(
+    store: &dyn Store,
+    host: &str,
+    vm: &Vm,
+) -> Result<Option<Versioned<Migration>>, AgentError> {
+    let key = keys::migration(&vm.meta.project, &vm.meta.name);
+    Ok(get_json::<Migration>(store, &key).await?.filter(|m| {
+        m.value.vm_uid == vm.meta.uid && m.value.source == host && !m.value.phase.is_finished()
+    }))
+}
+
+/// Writes a change to the migration record unless it already ended; returns the record as stored.
+async fn update(
+    store: &dyn Store,
+    key: &str,
+    change: impl Fn(&mut Migration),
+) -> Result<Option<Migration>, AgentError> {
+    update_json::<Migration, AgentError>(store, key, |m| {
+        if m.phase.is_finished() {
+            return Ok(false);
+        }
+        change(m);
+        m.updated_at = Utc::now();
+        Ok(true)
+    })
+    .await
+}
+
+/// Ends the migration as failed (or cancelled); the source also notes it in the VM's events.
+async fn end(
+    store: &dyn Store,
+    mig_key: &str,
+    vm_key: &str,
+    host: &str,
+    phase: MigrationPhase,
+    error: &str,
+) -> Result<(), AgentError> {
+    let ended = update(store, mig_key, |m| {
+        m.phase = phase;
+        m.error = Some(error.to_string());
+    })
+    .await?;
+    if let Some(m) = ended.filter(|m| m.phase == phase && m.source == host) {
+        note_end(store, vm_key, &m).await?;
+    }
+    Ok(())
+}
+
+/// Adds a migration that did not complete to the VM's events (the source's VM: only it writes).
+async fn note_end(store: &dyn Store, vm_key: &str, m: &Migration) -> Result<(), AgentError> {
+    let reason = if m.phase == MigrationPhase::Cancelled {
+        "MigrationCancelled"
+    } else {
+        "MigrationFailed"
+    };
+    let event = VmEvent::new(reason, m.summary());
+    update_json::<Vm, AgentError>(store, vm_key, |vm| {
+        if vm.meta.uid != m.vm_uid || vm.status.host.as_deref() != Some(m.source.as_str()) {
+            return Ok(false);
+        }
+        vm.status.push_event(event.clone());
+        Ok(true)
+    })
+    .await?;
+    Ok(())
+}
+
+fn percent(done: u64, total: u64) -> u8 {
+    (done.min(total) * 100).checked_div(total).unwrap_or(0) as u8
+}
+
+fn progress_of(t: &Transfer, memory_started: bool) -> MigrationProgress {
+    let mut p = MigrationProgress::default();
+    if let Some(d) = &t.disk {
+        p.disk_copied_bytes = d.copied;
+        p.disk_total_bytes = d.total;
+    }
+    if !memory_started {
+        p.stage = "disk".into();
+        p.percent = percent(p.disk_copied_bytes, p.disk_total_bytes);
+        return p;
+    }
+    p.stage = "memory".into();
+    p.memory_total_bytes = t.memory_total;
+    p.memory_sent_bytes = t.memory_sent;
+    p.memory_remaining_bytes = t.memory_remaining;
+    p.dirty_rate_bytes = t.dirty_rate_bytes;
+    p.mbps = t.mbps;
+    p.percent = percent(
+        t.memory_total - t.memory_remaining.min(t.memory_total),
+        t.memory_total,
+    );
+    let rate = t.mbps * 1e6 / 8.0;
+    if rate > 0.0 {
+        p.expected_remaining_ms = Some((t.memory_remaining as f64 / rate * 1000.0) as u64);
+    }
+    p
+}
+
+/// Carries out the source's side of a migration, from wherever it stands, until it ends. Runs in
+/// the VM's worker, so nothing else touches the VM meanwhile.
+pub(crate) async fn run_source(
+    store: &dyn Store,
+    driver: &dyn Driver,
+    cfg: &AgentConfig,
+    vm_key: &str,
+    mig: Versioned<Migration>,
+) -> Result<Outcome, AgentError> {
+    let mig_key = &keys::migration(&mig.value.project, &mig.value.vm);
+    let dir = &layout::vm_dir(&cfg.data_dir, mig.value.vm_uid);
+    let began = Instant::now();
+    let mut last_report = Instant::now();
+    let mut moved = (0u64, Instant::now());
+    let mut memory_started = false;
+    loop {
+        let Some(Versioned {
+            value: m,
+            revision: mig_rev,
+        }) = get_json::<Migration>(store, mig_key).await?
+        else {
+            return Ok(Outcome::Requeue(Duration::ZERO));
+        };
+        if m.id != mig.value.id {
+            return Ok(Outcome::Requeue(Duration::ZERO));
+        }
+        if m.phase.is_finished() {
+            // Ended by the target or the controller: stop sending. Should the copy have completed
+            // already, the VM's worker resumes the paused guest here.
+            driver.cancel_transfer(dir).await?;
+            note_end(store, vm_key, &m).await?;
+            return Ok(Outcome::Requeue(Duration::ZERO));
+        }
+        let vm = get_json::<Vm>(store, vm_key).await?;
+        let stop_reason = match &vm {
+            None => Some("the VM was deleted"),
+            Some(v) if v.value.meta.deletion_requested_at.is_some() => {
+                Some("the VM is being deleted")
+            }
+            Some(v) if v.value.spec.power != PowerState::Running => Some("the VM is being stopped"),
+            _ if m.cancel_requested => Some("cancelled on request"),
+            _ => None,
+        };
+        let Some(observed) = driver.observe(dir).await? else {
+            end(
+                store,
+                mig_key,
+                vm_key,
+                &cfg.host,
+                MigrationPhase::Failed,
+                &format!("the VM's QEMU on {} exited during the migration", cfg.host),
+            )
+            .await?;
+            return Ok(Outcome::Requeue(Duration::ZERO));
+        };
+        let mut transfer = driver.transfer(dir).await?;
+        // "Completed" alone may be the VM's arrival here; paused after sending is the departure.
+        let sent = |t: &Transfer, state: &RunState| {
+            t.status == TransferStatus::Completed && *state == RunState::MigratedAway
+        };
+        if transfer.status == TransferStatus::Completed && !sent(&transfer, &observed.state) {
+            transfer.status = TransferStatus::None;
+        }
+        if sent(&transfer, &observed.state) {
+            // Whatever else happened meanwhile, the state is on the target now: hand over.
+            return hand_over(store, driver, vm_key, mig_key, dir, &transfer).await;
+        }
+        let give_up = |phase: MigrationPhase, why: String| async move {
+            driver.cancel_transfer(dir).await?;
+            // The copy may have completed just before the cancel: then it stands.
+            let t = driver.transfer(dir).await?;
+            let state = driver.observe(dir).await?.map(|o| o.state);
+            if state.is_some_and(|s| sent(&t, &s)) {
+                return hand_over(store, driver, vm_key, mig_key, dir, &t).await;
+            }
+            end(store, mig_key, vm_key, &cfg.host, phase, &why).await?;
+            Ok::<_, AgentError>(Outcome::Requeue(Duration::ZERO))
+        };
+        if let Some(why) = stop_reason {
+            return give_up(MigrationPhase::Cancelled, why.to_string()).await;
+        }
+        match m.phase {
+            MigrationPhase::Preparing => {
+                if began.elapsed() > PREPARE_TIMEOUT {
+                    let why = format!(
+                        "host {} did not prepare within {} s",
+                        m.target,
+                        PREPARE_TIMEOUT.as_secs()
+                    );
+                    return give_up(MigrationPhase::Failed, why).await;
+                }
+            }
+            MigrationPhase::TargetReady => {
+                let started = match (&m.disk_uri, m.shared_storage) {
+                    (_, true) => {
+                        let uri = m.target_uri.as_deref().unwrap_or("");
+                        driver.send(dir, uri, &tuning(store).await?).await
+                    }
+                    (Some(uri), false) => driver.mirror_disk(dir, uri).await,
+                    (None, false) => Err(corral_hypervisor::DriverError::Unavailable(
+                        "the target did not export a disk to mirror into".into(),
+                    )),
+                };
+                if let Err(e) = started {
+                    return give_up(MigrationPhase::Failed, e.to_string()).await;
+                }
+                memory_started = m.shared_storage;
+                moved = (0, Instant::now());
+                update(store, mig_key, |m| {
+                    m.phase = MigrationPhase::Transferring;
+                    m.progress = progress_of(&transfer, memory_started);
+                })
+                .await?;
+            }
+            MigrationPhase::Transferring => {
+                if let Some(e) = transfer.disk.as_ref().and_then(|d| d.error.clone()) {
+                    return give_up(MigrationPhase::Failed, format!("copying the disk: {e}")).await;
+                }
+                match &transfer.status {
+                    TransferStatus::Failed(e) => {
+                        return give_up(MigrationPhase::Failed, e.clone()).await;
+                    }
+                    TransferStatus::Cancelled => {
+                        return give_up(MigrationPhase::Cancelled, "cancelled".into()).await;
+                    }
+                    TransferStatus::None if memory_started || m.shared_storage => {
+                        // QEMU knows of no migration (an agent restart in the middle): the copy
+                        // it had going is lost; start over is the user's call.
+                        let why = "the source QEMU lost track of the migration".to_string();
+                        return give_up(MigrationPhase::Failed, why).await;
+                    }
+                    TransferStatus::None => {
+                        // The disk is in sync: now the memory.
+                        if transfer.disk.as_ref().is_some_and(|d| d.ready) {
+                            let uri = m.target_uri.as_deref().unwrap_or("");
+                            if let Err(e) = driver.send(dir, uri, &tuning(store).await?).await {
+                                return give_up(MigrationPhase::Failed, e.to_string()).await;
+                            }
+                            memory_started = true;
+                            moved = (0, Instant::now());
+                        } else if transfer.disk.is_none() {
+                            let why = "the disk copy stopped".to_string();
+                            return give_up(MigrationPhase::Failed, why).await;
+                        }
+                    }
+                    TransferStatus::Active | TransferStatus::Completed => {
+                        memory_started = true;
+                    }
+                }
+                let bytes = transfer.memory_sent + transfer.disk.as_ref().map_or(0, |d| d.copied);
+                if bytes != moved.0 {
+                    moved = (bytes, Instant::now());
+                } else if moved.1.elapsed() > STALL_TIMEOUT {
+                    let why = format!(
+                        "no progress for {} s: is {} reachable?",
+                        STALL_TIMEOUT.as_secs(),
+                        m.target
+                    );
+                    return give_up(MigrationPhase::Failed, why).await;
+                }
+                if began.elapsed() > CONVERGE_TIMEOUT {
+                    let why = format!(
+                        "did not converge within {} s: the guest dirties memory faster than the link sends it",
+                        CONVERGE_TIMEOUT.as_secs()
+                    );
+                    return give_up(MigrationPhase::Failed, why).await;
+                }
+                if last_report.elapsed() >= REPORT {
+                    last_report = Instant::now();
+                    let p = progress_of(&transfer, memory_started);
+                    let written = store
+                        .put(
+                            mig_key,
+                            serde_json::to_vec(&Migration {
+                                progress: p,
+                                updated_at: Utc::now(),
+                                ..m.clone()
+                            })
+                            .map_err(StoreError::from)?,
+                            Precondition::ModRevision(mig_rev),
+                        )
+                        .await;
+                    match written {
+                        Ok(_) | Err(StoreError::Conflict { .. }) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+            MigrationPhase::Completed | MigrationPhase::Failed | MigrationPhase::Cancelled => {
+                return Ok(Outcome::Requeue(Duration::ZERO))
+            }
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// The copy is complete and the guest paused on both sides: finish the disk copy, then give the
+/// VM to the target and mark the migration completed in one transaction, then remove the source's
+/// copy.
+async fn hand_over(
+    store: &dyn Store,
+    driver: &dyn Driver,
+    vm_key: &str,
+    mig_key: &str,
+    dir: &Path,
+    transfer: &Transfer,
+) -> Result<Outcome, AgentError> {
+    if transfer.disk.is_some() {
+        driver.finish_disk_copy(dir).await?;
+    }
+    let source_disk = loop {
+        let (Some(vm), Some(mig)) = (
+            get_json::<Vm>(store, vm_key).await?,
+            get_json::<Migration>(store, mig_key).await?,
+        ) else {
+            return Err(AgentError::Other(
+                "the VM or its migration record vanished during the handover".into(),
+            ));
+        };
+        let (mut v, mut m) = (vm.value, mig.value);
+        let total_ms = (Utc::now() - m.created_at).num_milliseconds().max(0) as u64;
+        // The mirror's last report, if QEMU already dropped the finished job.
+        let disk_bytes = transfer
+            .disk
+            .as_ref()
+            .map_or(m.progress.disk_total_bytes, |d| d.total);
+        m.phase = MigrationPhase::Completed;
+        m.progress.stage = "done".into();
+        m.progress.percent = 100;
+        m.result = Some(MigrationResult {
+            downtime_ms: transfer.downtime_ms.unwrap_or(0),
+            total_ms,
+            memory_bytes: transfer.memory_sent,
+            disk_bytes,
+        });
+        m.updated_at = Utc::now();
+        let source_disk = v.status.disk.as_ref().map(|d| PathBuf::from(&d.path));
+        v.status.host = Some(m.target.clone());
+        v.status.pid = m.target_pid;
+        v.status.run_dir = m.target_run_dir.clone();
+        if let (Some(path), Some(d)) = (&m.target_disk, v.status.disk.as_mut()) {
+            d.path = path.clone();
+        }
+        v.status.phase = VmPhase::Running;
+        // The target's VM worker resumes the guest and marks the condition true.
+        v.status.set_condition(
+            "Running",
+            false,
+            RESUMING,
+            &format!("live-migrated from {}", m.source),
+        );
+        v.status.push_event(VmEvent::new("Migrated", m.summary()));
+        let ops = vec![
+            Op::Put {
+                key: vm_key.to_string(),
+                value: serde_json::to_vec(&v).map_err(StoreError::from)?,
+                when: Precondition::ModRevision(vm.revision),
+                lease: None,
+            },
+            Op::Put {
+                key: mig_key.to_string(),
+                value: serde_json::to_vec(&m).map_err(StoreError::from)?,
+                when: Precondition::ModRevision(mig.revision),
+                lease: None,
+            },
+        ];
+        match store.txn(ops).await {
+            Ok(_) => break (source_disk, m.shared_storage),
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    tracing::info!(vm = %vm_key, "handed over after live migration");
+    // The paused source copy: its state lives on elsewhere.
+    driver.kill(dir).await?;
+    let (disk, shared) = source_disk;
+    remove_vm_files(dir, if shared { None } else { disk.as_deref() })?;
+    Ok(Outcome::Gone)
+}
+
+/// The target's side: prepares the incoming copy, watches it, and removes it if the migration does
+/// not complete. Returns how long to wait before looking again.
+pub(crate) async fn run_target(
+    store: &dyn Store,
+    driver: &dyn Driver,
+    cfg: &AgentConfig,
+    mig_key: &str,
+) -> Result<Outcome, AgentError> {
+    let Some(Versioned { value: m, revision }) = get_json::<Migration>(store, mig_key).await?
+    else {
+        return Ok(Outcome::Gone);
+    };
+    if m.target != cfg.host {
+        return Ok(Outcome::Gone);
+    }
+    let vm_key = keys::vm(&m.project, &m.vm);
+    let vm = get_json::<Vm>(store, &vm_key)
+        .await?
+        .map(|v| v.value)
+        .filter(|v| v.meta.uid == m.vm_uid);
+    let ours = vm
+        .as_ref()
+        .is_some_and(|v| v.status.host.as_deref() == Some(cfg.host.as_str()));
+    let dir = layout::vm_dir(&cfg.data_dir, m.vm_uid);
+    let clean_up = || async {
+        if ours {
+            return Ok::<_, AgentError>(());
+        }
+        driver.kill(&dir).await?;
+        let disk = m.target_disk.as_deref().map(Path::new);
+        remove_vm_files(&dir, if m.shared_storage { None } else { disk })
+    };
+    let Some(vm) = vm else {
+        clean_up().await?;
+        if !m.phase.is_finished() {
+            end(
+                store,
+                mig_key,
+                &vm_key,
+                &cfg.host,
+                MigrationPhase::Failed,
+                "the VM was deleted",
+            )
+            .await?;
+        }
+        return Ok(Outcome::Gone);
+    };
+    match m.phase {
+        MigrationPhase::Preparing => {
+            match prepare(store, driver, cfg, &vm, &m, &dir).await {
+                Ok(ready) => {
+                    let bytes = serde_json::to_vec(&ready).map_err(StoreError::from)?;
+                    match store
+                        .put(mig_key, bytes, Precondition::ModRevision(revision))
+                        .await
+                    {
+                        Ok(_) => Ok(Outcome::Requeue(Duration::from_millis(500))),
+                        // Cancelled meanwhile, most likely: look again.
+                        Err(StoreError::Conflict { .. }) => Ok(Outcome::Requeue(Duration::ZERO)),
+                        Err(e) => Err(e.into()),
+                    }
+                }
+                Err(e) => {
+                    clean_up().await?;
+                    let why = format!("host {} could not prepare: {e}", cfg.host);
+                    end(
+                        store,
+                        mig_key,
+                        &vm_key,
+                        &cfg.host,
+                        MigrationPhase::Failed,
+                        &why,
+                    )
+                    .await?;
+                    Ok(Outcome::Gone)
+                }
+            }
+        }
+        MigrationPhase::TargetReady | MigrationPhase::Transferring => {
+            let alive = driver
+                .observe(&dir)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|o| matches!(o.state, RunState::Incoming | RunState::Paused));
+            if !alive {
+                clean_up().await?;
+                let why = format!("the waiting QEMU on {} exited", cfg.host);
+                end(
+                    store,
+                    mig_key,
+                    &vm_key,
+                    &cfg.host,
+                    MigrationPhase::Failed,
+                    &why,
+                )
+                .await?;
+                return Ok(Outcome::Gone);
+            }
+            Ok(Outcome::Requeue(Duration::from_millis(500)))
+        }
+        // The VM is ours now: its own worker resumes it.
+        MigrationPhase::Completed => Ok(Outcome::Gone),
+        MigrationPhase::Failed | MigrationPhase::Cancelled => {
+            clean_up().await?;
+            Ok(Outcome::Gone)
+        }
+    }
+}
+
+/// Makes the run directory and the disk, starts the waiting QEMU, and returns the record as it
+/// should read once the target is ready.
+async fn prepare(
+    store: &dyn Store,
+    driver: &dyn Driver,
+    cfg: &AgentConfig,
+    vm: &Vm,
+    m: &Migration,
+    dir: &Path,
+) -> Result<Migration, String> {
+    private_dir(dir)?;
+    let disk = if m.shared_storage {
+        let path = vm
+            .status
+            .disk
+            .as_ref()
+            .map(|d| PathBuf::from(&d.path))
+            .ok_or("the VM has no disk yet")?;
+        if !path.exists() {
+            return Err(format!(
+                "the shared disk {} is not visible on this host: is the datastore {} mounted here?",
+                path.display(),
+                vm.spec.datastore
+            ));
+        }
+        path
+    } else {
+        let path = new_disk_path(store, cfg, vm).await?;
+        // A fresh clone of the same image: the source mirrors only the VM's own layer into it.
+        let _ = std::fs::remove_file(&path);
+        clone_disk(store, vm, &path).await?;
+        path
+    };
+    let image = image_of(store, vm).await?;
+    let spec = launch_spec(vm, &image, &disk, cfg.accel);
+    let incoming = driver
+        .start_incoming(dir, &spec, cfg.address, !m.shared_storage)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(Migration {
+        phase: MigrationPhase::TargetReady,
+        target_uri: Some(incoming.uri),
+        disk_uri: incoming.disk_uri,
+        target_pid: Some(incoming.pid),
+        target_run_dir: Some(dir.display().to_string()),
+        target_disk: Some(disk.display().to_string()),
+        updated_at: Utc::now(),
+        ..m.clone()
+    })
+}

@@ -1,0 +1,225 @@
+//! Live migration: the record both hosts of a move work from.
+//!
+//! The controller creates a [`Migration`] when a user (or host evacuation) asks for a move. The
+//! target host's agent prepares a paused QEMU that waits for the VM's state and records where it
+//! listens; the source host's agent copies the disk (when the hosts share no storage) and the memory,
+//! and hands the VM over to the target in the same store transaction that marks the migration
+//! completed. Until then the VM belongs to its source, so any failure leaves it running there.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+/// Where a migration is in its life.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationPhase {
+    /// The target host prepares a QEMU that waits for the VM.
+    Preparing,
+    /// The target waits at `target_uri` (and `disk_uri`).
+    TargetReady,
+    /// The source copies the disk, then memory and device state.
+    Transferring,
+    /// The VM runs on the target; the source copy is gone.
+    Completed,
+    /// The VM stayed on the source; see `error`.
+    Failed,
+    /// Cancelled on request; the VM stayed on the source.
+    Cancelled,
+}
+
+impl MigrationPhase {
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            MigrationPhase::Completed | MigrationPhase::Failed | MigrationPhase::Cancelled
+        )
+    }
+}
+
+/// How far the copy has come, as the source's QEMU reports it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct MigrationProgress {
+    /// "disk", "memory" or "switchover".
+    pub stage: String,
+    /// 0 to 100, over the current stage.
+    pub percent: u8,
+    /// Bytes of the disk copied so far and in all (shared-nothing migrations only).
+    pub disk_copied_bytes: u64,
+    pub disk_total_bytes: u64,
+    /// Bytes of memory and device state sent so far.
+    pub memory_sent_bytes: u64,
+    pub memory_total_bytes: u64,
+    pub memory_remaining_bytes: u64,
+    /// How fast the guest dirties memory, bytes per second.
+    pub dirty_rate_bytes: u64,
+    /// Link throughput in megabits per second.
+    pub mbps: f64,
+    /// How long the remainder should take at the current rate, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_remaining_ms: Option<u64>,
+}
+
+/// What a finished migration measured.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct MigrationResult {
+    /// How long the guest was paused at the switchover, as QEMU measured it.
+    pub downtime_ms: u64,
+    /// From the request to the VM running on the target.
+    pub total_ms: u64,
+    /// Memory and device state sent.
+    pub memory_bytes: u64,
+    /// Disk copied (shared-nothing migrations).
+    pub disk_bytes: u64,
+}
+
+/// One move of a running VM from `source` to `target`. Stored at `keys::migration(project, vm)`;
+/// the next migration of the VM replaces it.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct Migration {
+    pub id: Uuid,
+    pub project: String,
+    pub vm: String,
+    pub vm_uid: Uuid,
+    pub source: String,
+    pub target: String,
+    /// The disk is on a datastore both hosts mount: only memory and device state move.
+    pub shared_storage: bool,
+    /// Why it was started, e.g. "requested" or "evacuating host-1 for maintenance".
+    pub reason: String,
+    pub phase: MigrationPhase,
+    /// Someone asked to stop it; the source cancels at its next step.
+    #[serde(default)]
+    pub cancel_requested: bool,
+    /// Where the target's QEMU listens for the migration stream, e.g. "tcp:10.0.0.12:49152".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_uri: Option<String>,
+    /// Where the target serves the VM's new disk over NBD (shared-nothing migrations).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_uri: Option<String>,
+    /// The target's QEMU, its run directory and the VM's disk there, once prepared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_run_dir: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_disk: Option<String>,
+    #[serde(default)]
+    pub progress: MigrationProgress,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<MigrationResult>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Migration {
+    /// The fields only the controller sets; hosts may change everything else.
+    pub fn identity(
+        &self,
+    ) -> (
+        Uuid,
+        &str,
+        &str,
+        Uuid,
+        &str,
+        &str,
+        bool,
+        &str,
+        DateTime<Utc>,
+    ) {
+        (
+            self.id,
+            &self.project,
+            &self.vm,
+            self.vm_uid,
+            &self.source,
+            &self.target,
+            self.shared_storage,
+            &self.reason,
+            self.created_at,
+        )
+    }
+
+    /// One line for people: "host-1 -> host-2: sending memory, 45% ...".
+    pub fn summary(&self) -> String {
+        let p = &self.progress;
+        let route = format!("{} -> {}", self.source, self.target);
+        match self.phase {
+            MigrationPhase::Preparing => format!("{route}: preparing the target"),
+            MigrationPhase::TargetReady => format!("{route}: target ready"),
+            MigrationPhase::Transferring if p.stage == "disk" => format!(
+                "{route}: copying the disk, {}% ({} of {})",
+                p.percent,
+                crate::format_bytes(p.disk_copied_bytes),
+                crate::format_bytes(p.disk_total_bytes)
+            ),
+            MigrationPhase::Transferring => {
+                let left = p
+                    .expected_remaining_ms
+                    .map(|ms| format!(", ~{:.1} s left", ms as f64 / 1000.0))
+                    .unwrap_or_default();
+                format!(
+                    "{route}: sending memory, {}% ({} sent, {} remaining, {:.0} Mbit/s, dirtied {}/s{left})",
+                    p.percent,
+                    crate::format_bytes(p.memory_sent_bytes),
+                    crate::format_bytes(p.memory_remaining_bytes),
+                    p.mbps,
+                    crate::format_bytes(p.dirty_rate_bytes),
+                )
+            }
+            MigrationPhase::Completed => match &self.result {
+                Some(r) => format!(
+                    "{route} in {:.2} s, downtime {} ms, {} of memory{}",
+                    r.total_ms as f64 / 1000.0,
+                    r.downtime_ms,
+                    crate::format_bytes(r.memory_bytes),
+                    if r.disk_bytes > 0 {
+                        format!(" and {} of disk", crate::format_bytes(r.disk_bytes))
+                    } else {
+                        String::new()
+                    }
+                ),
+                None => format!("{route}: completed"),
+            },
+            MigrationPhase::Failed => format!(
+                "{route} failed: {}",
+                self.error.as_deref().unwrap_or("unknown error")
+            ),
+            MigrationPhase::Cancelled => {
+                format!("{route}: cancelled; the VM stays on {}", self.source)
+            }
+        }
+    }
+}
+
+/// Body of `POST /api/v1/projects/{project}/vms/{name}/migrate`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+pub struct MigrateVmRequest {
+    /// The host to move to; the scheduler picks one when absent.
+    #[serde(default)]
+    pub to: Option<String>,
+}
+
+/// Something that happened to a VM, kept in its status (the last [`VmEvent::KEEP`]).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct VmEvent {
+    pub at: DateTime<Utc>,
+    /// E.g. "Migrated", "MigrationFailed".
+    pub reason: String,
+    pub message: String,
+}
+
+impl VmEvent {
+    pub const KEEP: usize = 20;
+
+    pub fn new(reason: &str, message: impl Into<String>) -> Self {
+        Self {
+            at: Utc::now(),
+            reason: reason.to_string(),
+            message: message.into(),
+        }
+    }
+}

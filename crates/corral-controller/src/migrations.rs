@@ -1,0 +1,355 @@
+//! Starting live migrations (on request, or to empty a host entering maintenance), cancelling them,
+//! and judging their tasks. The move itself is done by the two host agents (see
+//! `corral_agent`'s migrate module); the controller only picks the target and writes the record.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use chrono::Utc;
+use corral_api::{
+    keys, Datastore, Host, MigrateVmRequest, Migration, MigrationPhase, MigrationProgress,
+    PowerState, Task, TaskGoal, Vm, VmPhase, LOCAL_DATASTORE,
+};
+use corral_scheduler as sched;
+use corral_store::{get_json, list_json, Op, Precondition, StoreError};
+use uuid::Uuid;
+
+use crate::tasks::{self, Verdict};
+use crate::{ensure_project, placement, ApiError, ApiJson, ApiPath, Ctx};
+
+/// Migrations one host in maintenance sends at a time.
+const EVACUATION_PARALLELISM: usize = 2;
+/// A VM whose evacuation failed is tried again after this long.
+const EVACUATION_RETRY: Duration = Duration::from_secs(30);
+
+/// Whether a VM's disk sits on a datastore every host mounts.
+async fn on_shared_storage(ctx: &Ctx, vm: &Vm) -> Result<bool, ApiError> {
+    if vm.spec.datastore == LOCAL_DATASTORE {
+        return Ok(false);
+    }
+    Ok(
+        get_json::<Datastore>(&*ctx.store, &keys::datastore(&vm.spec.datastore))
+            .await?
+            .is_some_and(|d| d.value.shared),
+    )
+}
+
+/// Picks the target, and writes the migration record and its task in one transaction guarded by
+/// the VM, the target host and the previous record: a VM changed or placed elsewhere meanwhile
+/// makes the caller try again.
+pub async fn start(
+    ctx: &Ctx,
+    project: &str,
+    name: &str,
+    to: Option<&str>,
+    reason: &str,
+) -> Result<Task, ApiError> {
+    ensure_project(ctx, project).await?;
+    let vm_key = keys::vm(project, name);
+    let mig_key = keys::migration(project, name);
+    loop {
+        let vm = get_json::<Vm>(&*ctx.store, &vm_key).await?.ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "VM {name} does not exist in project {project}: see `corral vm list`"
+            ))
+        })?;
+        let v = &vm.value;
+        if v.meta.deletion_requested_at.is_some() {
+            return Err(ApiError::Conflict(format!("VM {name} is being deleted")));
+        }
+        let Some(source) = v.status.host.clone() else {
+            return Err(ApiError::Conflict(format!(
+                "VM {name} is not placed on a host yet: there is nothing to move"
+            )));
+        };
+        if v.spec.power != PowerState::Running || v.status.phase != VmPhase::Running {
+            return Err(ApiError::Conflict(format!(
+                "VM {name} is not running (it is {}): live migration moves running VMs; start it first with `corral vm start {name}`",
+                v.status.phase
+            )));
+        }
+        if to == Some(source.as_str()) {
+            return Err(ApiError::Conflict(format!(
+                "VM {name} already runs on {source}: name another host with --to"
+            )));
+        }
+        if let Some(pin) = &v.spec.host {
+            return Err(ApiError::Conflict(format!(
+                "VM {name} is pinned to {pin} (created with --host): pinned VMs stay where they are"
+            )));
+        }
+        let previous = get_json::<Migration>(&*ctx.store, &mig_key).await?;
+        if let Some(p) = previous.as_ref().filter(|p| !p.value.phase.is_finished()) {
+            return Err(ApiError::Conflict(format!(
+                "VM {name} is already being migrated ({}): wait for it or cancel its task",
+                p.value.summary()
+            )));
+        }
+        if let Some(t) = to {
+            if get_json::<Host>(&*ctx.store, &keys::host(t))
+                .await?
+                .is_none()
+            {
+                return Err(ApiError::BadRequest(format!(
+                    "there is no host {t}: see `corral host list`"
+                )));
+            }
+        }
+        let shared_storage = on_shared_storage(ctx, v).await?;
+        let _one_at_a_time = ctx.placement.lock().await;
+        let view = placement::view(ctx).await?;
+        let target = match view.decide_migration(v, to) {
+            sched::Decision::Place { host } => host,
+            sched::Decision::Pending { reason } => {
+                return Err(ApiError::Conflict(format!(
+                    "VM {name} cannot move: {reason}"
+                )))
+            }
+        };
+        let now = Utc::now();
+        let migration = Migration {
+            id: Uuid::new_v4(),
+            project: project.to_string(),
+            vm: name.to_string(),
+            vm_uid: v.meta.uid,
+            source,
+            target: target.clone(),
+            shared_storage,
+            reason: reason.to_string(),
+            phase: MigrationPhase::Preparing,
+            cancel_requested: false,
+            target_uri: None,
+            disk_uri: None,
+            target_pid: None,
+            target_run_dir: None,
+            target_disk: None,
+            progress: MigrationProgress::default(),
+            result: None,
+            error: None,
+            created_at: now,
+            updated_at: now,
+        };
+        let task = Task::new(
+            project,
+            "vm.migrate",
+            format!("vm/{name}"),
+            TaskGoal::VmMigrate { id: migration.id },
+        );
+        let ops = vec![
+            Op::Check {
+                key: vm_key.clone(),
+                when: Precondition::ModRevision(vm.revision),
+            },
+            Op::Check {
+                key: keys::host(&target),
+                when: Precondition::ModRevision(view.host_revision(&target)),
+            },
+            Op::Put {
+                key: mig_key.clone(),
+                value: serde_json::to_vec(&migration).map_err(StoreError::from)?,
+                when: previous.as_ref().map_or(Precondition::Absent, |p| {
+                    Precondition::ModRevision(p.revision)
+                }),
+                lease: None,
+            },
+        ];
+        match tasks::submit(ctx, task, ops).await {
+            Ok(task) => return Ok(task),
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+#[utoipa::path(post, path = "/api/v1/projects/{project}/vms/{name}/migrate", tag = "vms",
+    params(("project" = String, Path), ("name" = String, Path)), request_body = MigrateVmRequest,
+    responses((status = 202, description = "accepted; follow (or cancel) the task", body = Task),
+        (status = 400, body = corral_api::ApiErrorBody), (status = 404, body = corral_api::ApiErrorBody),
+        (status = 409, body = corral_api::ApiErrorBody)),
+    security(("bearer" = [])))]
+pub async fn migrate(
+    State(ctx): State<Ctx>,
+    ApiPath((project, name)): ApiPath<(String, String)>,
+    ApiJson(req): ApiJson<MigrateVmRequest>,
+) -> Result<(StatusCode, Json<Task>), ApiError> {
+    let task = start(&ctx, &project, &name, req.to.as_deref(), "requested").await?;
+    Ok((StatusCode::ACCEPTED, Json(task)))
+}
+
+#[utoipa::path(get, path = "/api/v1/projects/{project}/vms/{name}/migration", tag = "vms",
+    params(("project" = String, Path), ("name" = String, Path)),
+    responses((status = 200, description = "the VM's current or last migration", body = Migration),
+        (status = 404, body = corral_api::ApiErrorBody)),
+    security(("bearer" = [])))]
+pub async fn get(
+    State(ctx): State<Ctx>,
+    ApiPath((project, name)): ApiPath<(String, String)>,
+) -> Result<Json<Migration>, ApiError> {
+    ensure_project(&ctx, &project).await?;
+    get_json::<Migration>(&*ctx.store, &keys::migration(&project, &name))
+        .await?
+        .map(|m| Json(m.value))
+        .ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "VM {name} has not been migrated: move it with `corral vm migrate {name}`"
+            ))
+        })
+}
+
+/// Asks a migration to stop: at once if the target is still preparing, else at the source's next
+/// step. A migration past the switchover completes anyway.
+pub async fn cancel(ctx: &Ctx, task: &Task) -> Result<(), ApiError> {
+    let TaskGoal::VmMigrate { id } = &task.goal else {
+        return Err(ApiError::Conflict(match &task.goal {
+            TaskGoal::HostEvacuate { host } => format!(
+                "an evacuation ends when its host leaves maintenance: `corral host maintenance exit {host}`"
+            ),
+            _ => format!("a {} task cannot be cancelled; only migrations can", task.kind),
+        }));
+    };
+    let name = task.target.strip_prefix("vm/").unwrap_or(&task.target);
+    let key = keys::migration(&task.project, name);
+    let updated = corral_store::update_json::<Migration, ApiError>(&*ctx.store, &key, |m| {
+        if m.id != *id || m.phase.is_finished() || m.cancel_requested {
+            return Ok(false);
+        }
+        m.cancel_requested = true;
+        if m.phase == MigrationPhase::Preparing {
+            m.phase = MigrationPhase::Cancelled;
+            m.error = Some("cancelled on request".into());
+        }
+        m.updated_at = Utc::now();
+        Ok(true)
+    })
+    .await?;
+    match updated {
+        Some(m) if m.id == *id && m.phase == MigrationPhase::Completed => Err(ApiError::Conflict(
+            "the migration already completed; move the VM back with `corral vm migrate`".into(),
+        )),
+        Some(m) if m.id == *id => Ok(()),
+        _ => Err(ApiError::NotFound(
+            "the migration of this task no longer exists".into(),
+        )),
+    }
+}
+
+/// Judges a migration task from its record (`None`: the record is gone) and its VM: done once the
+/// guest runs on the target. Pure.
+pub fn evaluate(id: Uuid, m: Option<&Migration>, vm: Option<&Vm>) -> Verdict {
+    let Some(m) = m.filter(|m| m.id == id) else {
+        return Verdict::Failed("the migration record was replaced or removed".into());
+    };
+    let p = &m.progress;
+    match m.phase {
+        MigrationPhase::Preparing => Verdict::Progress(5, m.summary()),
+        MigrationPhase::TargetReady => Verdict::Progress(10, m.summary()),
+        MigrationPhase::Transferring if p.stage == "disk" => {
+            Verdict::Progress(10 + p.percent / 2, m.summary())
+        }
+        MigrationPhase::Transferring => {
+            let base = if m.shared_storage { 10 } else { 60 };
+            let span = 99 - base;
+            Verdict::Progress(
+                base + (u16::from(p.percent) * u16::from(span) / 100) as u8,
+                m.summary(),
+            )
+        }
+        MigrationPhase::Completed => {
+            let resuming = vm
+                .and_then(|v| v.status.condition("Running"))
+                .is_some_and(|c| c.reason == corral_agent::RESUMING && v_is(vm, m));
+            if resuming {
+                Verdict::Progress(99, format!("{}: resuming the guest", m.summary()))
+            } else {
+                Verdict::Done(format!("migrated {}", m.summary()))
+            }
+        }
+        MigrationPhase::Failed => Verdict::Failed(m.summary()),
+        MigrationPhase::Cancelled => Verdict::Cancelled(m.summary()),
+    }
+}
+
+fn v_is(vm: Option<&Vm>, m: &Migration) -> bool {
+    vm.is_some_and(|v| v.meta.uid == m.vm_uid && v.status.phase == VmPhase::Running)
+}
+
+/// Judges an evacuation from the VMs that should run and still sit on the host. Pure.
+pub fn evaluate_evacuation(host: &Host, vms: &[Vm], migrations: &[Migration]) -> Verdict {
+    if !host.maintenance {
+        return Verdict::Failed(format!(
+            "{} left maintenance before it was empty",
+            host.name
+        ));
+    }
+    let left: Vec<&Vm> = vms
+        .iter()
+        .filter(|v| v.status.host.as_deref() == Some(host.name.as_str()))
+        .filter(|v| v.spec.power == PowerState::Running)
+        .collect();
+    if left.is_empty() {
+        return Verdict::Done(format!("{} is empty: no VM runs there", host.name));
+    }
+    let moving = migrations
+        .iter()
+        .filter(|m| m.source == host.name && !m.phase.is_finished())
+        .count();
+    let names: Vec<&str> = left.iter().map(|v| v.meta.name.as_str()).collect();
+    Verdict::Progress(
+        50,
+        format!(
+            "{} VMs still on {} ({}), {moving} migrating",
+            left.len(),
+            host.name,
+            names.join(", ")
+        ),
+    )
+}
+
+/// Starts migrations off every host in maintenance, a few at a time per host.
+pub async fn evacuate(ctx: &Ctx) -> Result<(), ApiError> {
+    let (hosts, _) = list_json::<Host>(&*ctx.store, keys::HOSTS).await?;
+    let draining: Vec<Host> = hosts.into_iter().filter(|h| h.maintenance).collect();
+    if draining.is_empty() {
+        return Ok(());
+    }
+    let (vms, _) = list_json::<Vm>(&*ctx.store, keys::VMS).await?;
+    let (migrations, _) = list_json::<Migration>(&*ctx.store, keys::MIGRATIONS).await?;
+    for host in draining {
+        let mut busy = migrations
+            .iter()
+            .filter(|m| m.source == host.name && !m.phase.is_finished())
+            .count();
+        for vm in vms.iter().filter(|v| {
+            v.status.host.as_deref() == Some(host.name.as_str())
+                && v.status.phase == VmPhase::Running
+                && v.spec.power == PowerState::Running
+                && v.meta.deletion_requested_at.is_none()
+        }) {
+            if busy >= EVACUATION_PARALLELISM {
+                break;
+            }
+            let last = migrations
+                .iter()
+                .find(|m| m.vm_uid == vm.meta.uid && m.project == vm.meta.project);
+            let recently_failed = last.is_some_and(|m| {
+                m.phase.is_finished()
+                    && m.phase != MigrationPhase::Completed
+                    && (Utc::now() - m.updated_at).to_std().unwrap_or_default() < EVACUATION_RETRY
+            });
+            if last.is_some_and(|m| !m.phase.is_finished()) || recently_failed {
+                continue;
+            }
+            let reason = format!("evacuating {} for maintenance", host.name);
+            // A VM pinned to the host stays; the evacuation task names it.
+            match start(ctx, &vm.meta.project, &vm.meta.name, None, &reason).await {
+                Ok(_) => busy += 1,
+                Err(e) => {
+                    tracing::info!(vm = %vm.meta.name, host = %host.name, error = %e, "cannot evacuate yet")
+                }
+            }
+        }
+    }
+    Ok(())
+}
