@@ -12,6 +12,7 @@ pub mod layout;
 mod migrate;
 mod reconcile;
 pub mod remote;
+mod storage;
 
 pub use migrate::RESUMING;
 pub use reconcile::{Agent, AgentConfig};

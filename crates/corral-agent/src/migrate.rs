@@ -171,7 +171,10 @@ pub(crate) async fn run_source(
     let began = Instant::now();
     let mut last_report = Instant::now();
     let mut moved = (0u64, Instant::now());
+    // Whether this migration's memory stream was started (by this run, or by one before an agent
+    // restart: QEMU then reports it active when we first look).
     let mut memory_started = false;
+    let mut first = true;
     loop {
         let Some(Versioned {
             value: m,
@@ -217,7 +220,14 @@ pub(crate) async fn run_source(
         let sent = |t: &Transfer, state: &RunState| {
             t.status == TransferStatus::Completed && *state == RunState::MigratedAway
         };
-        if transfer.status == TransferStatus::Completed && !sent(&transfer, &observed.state) {
+        if std::mem::take(&mut first)
+            && mig.value.phase == MigrationPhase::Transferring
+            && transfer.status == TransferStatus::Active
+        {
+            memory_started = true;
+        }
+        // What QEMU reports before this migration's stream started is an earlier migration's end.
+        if !memory_started && !sent(&transfer, &observed.state) {
             transfer.status = TransferStatus::None;
         }
         if sent(&transfer, &observed.state) {

@@ -132,6 +132,7 @@ async fn ensure_disk(
         vm.status.disk = Some(DiskStatus {
             path: disk.display().to_string(),
             backing,
+            datastore: vm.spec.datastore.clone(),
         });
         let msg = format!("linked clone of image {}", vm.spec.image);
         vm.status.set_condition("DiskReady", true, "Cloned", &msg);
@@ -248,6 +249,46 @@ pub(crate) async fn reconcile(
         Err(e) => return Err(e.into()),
     };
 
+    if let Some(d) = vm.status.disk.as_mut().filter(|d| d.datastore.is_empty()) {
+        d.datastore.clone_from(&vm.spec.datastore);
+    }
+    // The disk should be on another datastore (tried once per generation of the spec).
+    let moving = vm
+        .status
+        .disk
+        .as_ref()
+        .is_some_and(|d| d.datastore != vm.spec.datastore);
+    let failed_before = vm.status.observed_generation == vm.meta.generation
+        && vm
+            .status
+            .condition("StorageMoved")
+            .is_some_and(|c| !c.status);
+    if moving && !failed_before {
+        let running = observed
+            .as_ref()
+            .is_some_and(|o| o.state == RunState::Running);
+        match crate::storage::move_disk(store, driver, cfg, &vm, &dir, running).await {
+            Ok(disk) => {
+                let msg = format!("moved to datastore {}", disk.datastore);
+                vm.status.disk = Some(disk);
+                vm.status.set_condition("StorageMoved", true, "Moved", &msg);
+            }
+            Err(msg) => {
+                vm.status
+                    .set_condition("StorageMoved", false, "MoveFailed", &msg);
+            }
+        }
+        vm.status.observed_generation = vm.meta.generation;
+        return finish(
+            store,
+            key,
+            revision,
+            &before,
+            &vm,
+            Outcome::Requeue(Duration::ZERO),
+        )
+        .await;
+    }
     let mut outcome = Outcome::Steady;
     match (vm.spec.power, observed) {
         (PowerState::Running, None) => {

@@ -31,8 +31,8 @@ pub use migration::{
 pub use size::{format_bytes, parse_size};
 pub use task::{Task, TaskGoal, TaskState};
 pub use vm::{
-    Condition, CreateVmRequest, DiskStatus, PowerState, StopVmRequest, Vm, VmPhase, VmSpec,
-    VmStatus, MIN_MEMORY_BYTES,
+    Condition, CreateVmRequest, DiskStatus, MoveStorageRequest, PowerState, StopVmRequest, Vm,
+    VmPhase, VmSpec, VmStatus, MIN_MEMORY_BYTES,
 };
 
 /// Body of `GET /api/v1/health`, the one endpoint that needs no token.

@@ -35,6 +35,11 @@ pub enum TaskGoal {
     },
     /// The VM is gone.
     VmDelete,
+    /// The VM's disk is on `datastore` at this generation.
+    VmMoveStorage {
+        generation: u64,
+        datastore: String,
+    },
     /// The migration with this id finished.
     VmMigrate {
         id: Uuid,

@@ -90,6 +90,17 @@ pub struct DiskStatus {
     pub path: String,
     /// The image file the disk is a linked clone of.
     pub backing: String,
+    /// The datastore the disk is on (empty in records written before storage moves existed: the
+    /// spec's datastore then).
+    #[serde(default)]
+    pub datastore: String,
+}
+
+/// Body of `POST /api/v1/projects/{project}/vms/{name}/move-storage`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct MoveStorageRequest {
+    /// The datastore to move the VM's disk to.
+    pub datastore: String,
 }
 
 /// The observed state of a VM, written only by its host agent.

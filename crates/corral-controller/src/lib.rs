@@ -164,7 +164,7 @@ impl utoipa::Modify for BearerAuth {
         hosts::list_groups, hosts::get_group, hosts::create_group, hosts::delete_group,
         hosts::list_datastores, hosts::get_datastore, hosts::create_datastore, hosts::delete_datastore,
         vms::list, vms::get, vms::create, vms::start, vms::stop, vms::reboot, vms::delete, vms::console,
-        migrations::migrate, migrations::get,
+        vms::move_storage, migrations::migrate, migrations::get,
         images::list, images::get, images::build_jeos, images::import, images::delete,
     ),
     modifiers(&BearerAuth)
@@ -222,6 +222,10 @@ pub fn router(ctx: Ctx) -> Router {
         .route(
             &format!("{p}/vms/{{name}}/migrate"),
             post(migrations::migrate),
+        )
+        .route(
+            &format!("{p}/vms/{{name}}/move-storage"),
+            post(vms::move_storage),
         )
         .route(&format!("{p}/vms/{{name}}/migration"), get(migrations::get))
         .route(&format!("{p}/vms/{{name}}/console"), get(vms::console))

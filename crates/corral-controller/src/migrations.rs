@@ -80,6 +80,17 @@ pub async fn start(
                 "VM {name} is pinned to {pin} (created with --host): pinned VMs stay where they are"
             )));
         }
+        if let Some(d) = v
+            .status
+            .disk
+            .as_ref()
+            .filter(|d| !d.datastore.is_empty() && d.datastore != v.spec.datastore)
+        {
+            return Err(ApiError::Conflict(format!(
+                "the disk of VM {name} is moving from datastore {} to {}: migrate it once that is done",
+                d.datastore, v.spec.datastore
+            )));
+        }
         let previous = get_json::<Migration>(&*ctx.store, &mig_key).await?;
         if let Some(p) = previous.as_ref().filter(|p| !p.value.phase.is_finished()) {
             return Err(ApiError::Conflict(format!(

@@ -116,6 +116,28 @@ pub fn evaluate(goal: &TaskGoal, vm: Option<&Vm>) -> Verdict {
             VmPhase::Stopped => Verdict::Failed("the VM stopped before it was rebooted".into()),
             _ => Verdict::Progress(50, "resetting".into()),
         },
+        TaskGoal::VmMoveStorage { datastore, .. } if vm.spec.datastore != *datastore => {
+            Verdict::Failed("superseded: a later request moved the disk elsewhere".into())
+        }
+        TaskGoal::VmMoveStorage {
+            generation,
+            datastore,
+        } => {
+            let on = vm.status.disk.as_ref().map(|d| d.datastore.as_str());
+            let moved = vm.status.condition("StorageMoved");
+            match (observed(*generation), on, moved) {
+                (true, Some(ds), _) if ds == datastore => {
+                    Verdict::Done(format!("the disk is on datastore {datastore}"))
+                }
+                (true, _, Some(c)) if !c.status => {
+                    Verdict::Failed(format!("{}: {}", c.reason, c.message))
+                }
+                (_, None, _) if vm.status.host.is_none() || phase == VmPhase::Pending => {
+                    Verdict::Done(format!("the disk will be made on datastore {datastore}"))
+                }
+                _ => Verdict::Progress(50, format!("copying the disk to datastore {datastore}")),
+            }
+        }
         TaskGoal::VmDelete => progress_of(vm),
         TaskGoal::ImageBuild | TaskGoal::VmMigrate { .. } | TaskGoal::HostEvacuate { .. } => {
             Verdict::Failed("not a task judged from its VM".into())

@@ -7,7 +7,8 @@ use axum::Json;
 use chrono::Utc;
 use corral_api::{
     format_bytes, keys, ConsoleChunk, CreateVmRequest, Datastore, Host, Image, ImagePhase,
-    ObjectMeta, PowerState, StopVmRequest, Task, TaskGoal, Vm, VmPhase, VmStatus, LOCAL_DATASTORE,
+    MoveStorageRequest, ObjectMeta, PowerState, StopVmRequest, Task, TaskGoal, Vm, VmPhase,
+    VmStatus, LOCAL_DATASTORE,
 };
 use corral_store::{get_json, list_json, Op, Precondition, StoreError, Versioned};
 use serde::Deserialize;
@@ -281,6 +282,53 @@ pub async fn reboot(
         vm.spec.reboots += 1;
         Ok(TaskGoal::VmReboot {
             reboots: vm.spec.reboots,
+        })
+    })
+    .await
+}
+
+#[utoipa::path(post, path = "/api/v1/projects/{project}/vms/{name}/move-storage", tag = "vms",
+    params(("project" = String, Path), ("name" = String, Path)), request_body = MoveStorageRequest,
+    responses((status = 202, description = "accepted; a running VM keeps running while its disk is copied", body = Task),
+        (status = 400, body = corral_api::ApiErrorBody), (status = 404, body = corral_api::ApiErrorBody),
+        (status = 409, body = corral_api::ApiErrorBody)),
+    security(("bearer" = [])))]
+pub async fn move_storage(
+    State(ctx): State<Ctx>,
+    ApiPath((project, name)): ApiPath<(String, String)>,
+    ApiJson(req): ApiJson<MoveStorageRequest>,
+) -> Result<(StatusCode, Json<Task>), ApiError> {
+    let ds = req.datastore.clone();
+    if ds != LOCAL_DATASTORE
+        && get_json::<Datastore>(&*ctx.store, &keys::datastore(&ds))
+            .await?
+            .is_none()
+    {
+        return Err(ApiError::BadRequest(format!(
+            "there is no datastore {ds}: see `corral datastore list`"
+        )));
+    }
+    let migrating =
+        get_json::<corral_api::Migration>(&*ctx.store, &keys::migration(&project, &name))
+            .await?
+            .is_some_and(|m| !m.value.phase.is_finished());
+    change(&ctx, &project, &name, "vm.move-storage", |vm| {
+        if vm.spec.datastore == ds {
+            return Err(ApiError::Conflict(format!(
+                "the disk of VM {} is already on datastore {ds}",
+                vm.meta.name
+            )));
+        }
+        if migrating {
+            return Err(ApiError::Conflict(format!(
+                "VM {} is being migrated: move its storage once the migration has ended",
+                vm.meta.name
+            )));
+        }
+        vm.spec.datastore.clone_from(&ds);
+        Ok(TaskGoal::VmMoveStorage {
+            generation: vm.meta.generation + 1,
+            datastore: ds.clone(),
         })
     })
     .await

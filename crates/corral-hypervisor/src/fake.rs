@@ -290,6 +290,18 @@ impl Driver for FakeDriver {
         Ok(())
     }
 
+    async fn copy_disk(&self, run_dir: &Path, dest: &Path) -> Result<(), DriverError> {
+        self.state()
+            .calls
+            .push(format!("copy-disk {}", name(run_dir)));
+        std::fs::write(dest, b"fake disk").map_err(|e| DriverError::io("copying the disk", e))?;
+        self.mirror_disk(run_dir, &dest.display().to_string()).await
+    }
+
+    async fn switch_disk(&self, run_dir: &Path) -> Result<(), DriverError> {
+        self.finish_disk_copy(run_dir).await
+    }
+
     async fn resume(&self, run_dir: &Path) -> Result<(), DriverError> {
         let mut s = self.state();
         s.calls.push(format!("resume {}", name(run_dir)));

@@ -212,6 +212,29 @@ async fn disk_node(qmp: &mut Qmp) -> Result<(String, String), DriverError> {
         })
 }
 
+/// Waits until the mirror job has ended (it flushes what is in flight first).
+async fn wait_job_gone(qmp: &mut Qmp, what: &str) -> Result<(), DriverError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let jobs = qmp.execute("query-block-jobs", None).await?;
+        let running = jobs
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|j| j.get("device").and_then(Value::as_str) == Some(MIRROR_JOB));
+        if !running {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(DriverError::io(
+                what,
+                "the mirror did not finish within 60 s",
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn u64_at(v: &Value, path: &[&str]) -> u64 {
     path.iter()
         .try_fold(v, |v, k| v.get(k))
@@ -434,25 +457,29 @@ impl Driver for QemuDriver {
         let _ = qmp
             .execute("block-job-cancel", Some(json!({ "device": MIRROR_JOB })))
             .await;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let jobs = qmp.execute("query-block-jobs", None).await?;
-            let running = jobs
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|j| j.get("device").and_then(Value::as_str) == Some(MIRROR_JOB));
-            if !running {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() > deadline {
-                return Err(DriverError::io(
-                    "finishing the disk copy",
-                    "the mirror did not finish within 60 s",
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_job_gone(&mut qmp, "finishing the disk copy").await
+    }
+
+    async fn copy_disk(&self, run_dir: &Path, dest: &Path) -> Result<(), DriverError> {
+        let mut qmp = Qmp::connect(&qmp_socket(run_dir)).await?;
+        let (device, _) = disk_node(&mut qmp).await?;
+        // QEMU creates the copy with the same backing image: the VM's own layer is all that moves.
+        qmp.execute(
+            "drive-mirror",
+            Some(
+                json!({"device": device, "job-id": MIRROR_JOB, "target": dest.display().to_string(),
+                "sync": "top", "mode": "absolute-paths", "format": "qcow2"}),
+            ),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn switch_disk(&self, run_dir: &Path) -> Result<(), DriverError> {
+        let mut qmp = Qmp::connect(&qmp_socket(run_dir)).await?;
+        qmp.execute("block-job-complete", Some(json!({ "device": MIRROR_JOB })))
+            .await?;
+        wait_job_gone(&mut qmp, "switching to the copied disk").await
     }
 
     async fn resume(&self, run_dir: &Path) -> Result<(), DriverError> {

@@ -14,7 +14,8 @@ use clap::{Args, Parser, Subcommand};
 use corral_api::{
     BuildJeosRequest, ClusterSettings, ConsoleChunk, CreateDatastoreRequest, CreateGroupRequest,
     CreateVmRequest, Datastore, GroupRule, GroupStrength, HostInfo, Image, MaintenanceResponse,
-    MigrateVmRequest, Migration, PlacementPolicy, StopVmRequest, Task, Vm, VmGroup,
+    MigrateVmRequest, Migration, MoveStorageRequest, PlacementPolicy, StopVmRequest, Task, Vm,
+    VmGroup,
 };
 
 use client::Client;
@@ -164,6 +165,12 @@ enum VmCmd {
         /// Print the task and return instead of following it.
         #[arg(long)]
         no_wait: bool,
+    },
+    /// Move a VM's disk to another datastore; a running VM keeps running.
+    MoveStorage {
+        name: String,
+        #[arg(long)]
+        datastore: String,
     },
     /// Show the VM's current or last migration.
     Migration {
@@ -417,6 +424,13 @@ fn client_command(g: &Global, cmd: Command) -> Result<()> {
                 }
                 finish_vm(task, &name)
             }
+            VmCmd::MoveStorage { name, datastore } => finish_vm(
+                c.post(
+                    &format!("{p}/vms/{name}/move-storage"),
+                    &MoveStorageRequest { datastore },
+                )?,
+                &name,
+            ),
             VmCmd::Migration { name } => output::migration(
                 fmt,
                 &c.get::<Migration>(&format!("{p}/vms/{name}/migration"))?,

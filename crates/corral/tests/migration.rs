@@ -325,6 +325,43 @@ fn running_guests_move_between_hosts_and_failed_moves_leave_them_on_their_source
     let out = lab.corral(&["vm", "migrate", "busy", "--to", "host-9"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("there is no host host-9"));
 
+    // Storage migration: the running guest's disk moves from the host's local datastore to the
+    // shared one; the guest keeps running and reads back what it wrote before.
+    guest_value(
+        &lab,
+        "third",
+        "WROTE",
+        "echo moved-with-me > /root/mark; sync; echo ok",
+    );
+    let up0 = uptime(&lab, "third");
+    let local = vm(&lab, "third")["status"]["disk"]["path"]
+        .as_str()
+        .expect("disk")
+        .to_string();
+    lab.ok(&["vm", "move-storage", "third", "--datastore", "nfs"]);
+    let after = vm(&lab, "third");
+    let moved = after["status"]["disk"]["path"].as_str().expect("disk");
+    assert!(
+        moved.starts_with(shared.to_str().expect("path")),
+        "the disk is on the shared datastore: {moved}"
+    );
+    assert_eq!(after["status"]["disk"]["datastore"], "nfs");
+    assert!(
+        !std::path::Path::new(&local).exists(),
+        "the local copy is removed"
+    );
+    assert!(uptime(&lab, "third") > up0, "the guest kept running");
+    let mark = guest_value(
+        &lab,
+        "third",
+        "MARK",
+        "echo 3 > /proc/sys/vm/drop_caches; cat /root/mark",
+    );
+    assert_eq!(mark, "moved-with-me");
+    healthy(&lab, "third");
+    let out = lab.corral(&["vm", "move-storage", "third", "--datastore", "nfs"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already on datastore nfs"));
+
     // Maintenance evacuates every running VM of the host, and the host ends up empty.
     let home_vms: Vec<String> = ["idle", "busy", "third"]
         .iter()

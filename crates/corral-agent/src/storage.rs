@@ -1,0 +1,101 @@
+//! Storage moves: a VM's disk goes to another datastore. A running VM keeps running: the hypervisor
+//! mirrors the disk into a new clone on the target datastore and switches to it once in sync
+//! (QEMU's drive-mirror and block-job-complete). A stopped VM's disk file is simply copied.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use corral_api::{DiskStatus, Vm};
+use corral_hypervisor::Driver;
+use corral_store::Store;
+
+use crate::reconcile::{new_disk_path, private_dir, AgentConfig};
+
+/// A copy that is not in sync after this long is given up.
+const COPY_TIMEOUT: Duration = Duration::from_secs(1800);
+
+/// Moves the VM's disk to the datastore of its spec and returns the disk as it is now. On failure
+/// the VM keeps its old disk and the partial copy is removed.
+pub(crate) async fn move_disk(
+    store: &dyn Store,
+    driver: &dyn Driver,
+    cfg: &AgentConfig,
+    vm: &Vm,
+    run_dir: &Path,
+    running: bool,
+) -> Result<DiskStatus, String> {
+    let old = vm.status.disk.clone().ok_or("the VM has no disk yet")?;
+    let dest = new_disk_path(store, cfg, vm).await?;
+    let moved = DiskStatus {
+        path: dest.display().to_string(),
+        datastore: vm.spec.datastore.clone(),
+        ..old.clone()
+    };
+    if dest == Path::new(&old.path) {
+        return Ok(moved);
+    }
+    if let Some(parent) = dest.parent() {
+        private_dir(parent)?;
+    }
+    let _ = std::fs::remove_file(&dest);
+    let copied = if running {
+        copy_running(driver, run_dir, &dest).await
+    } else {
+        let part = dest.with_extension("qcow2.part");
+        std::fs::copy(&old.path, &part)
+            .and_then(|_| std::fs::rename(&part, &dest))
+            .map_err(|e| format!("copying {} to {}: {e}", old.path, dest.display()))
+    };
+    if let Err(e) = copied {
+        let _ = std::fs::remove_file(&dest);
+        return Err(e);
+    }
+    remove_old_disk(Path::new(&old.path), run_dir);
+    Ok(moved)
+}
+
+async fn copy_running(driver: &dyn Driver, run_dir: &Path, dest: &Path) -> Result<(), String> {
+    driver
+        .copy_disk(run_dir, dest)
+        .await
+        .map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    loop {
+        let t = driver.transfer(run_dir).await.map_err(|e| e.to_string())?;
+        let failed = match t.disk {
+            Some(d) if d.ready => break,
+            Some(d) => d.error.map(|e| format!("the copy failed: {e}")),
+            None => Some("the copy stopped".to_string()),
+        };
+        let failed = failed.or_else(|| {
+            (started.elapsed() > COPY_TIMEOUT).then(|| {
+                format!(
+                    "the copy was not in sync after {} s: the guest writes faster than the datastore takes it",
+                    COPY_TIMEOUT.as_secs()
+                )
+            })
+        });
+        if let Some(why) = failed {
+            let _ = driver.cancel_transfer(run_dir).await;
+            return Err(why);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    driver.switch_disk(run_dir).await.map_err(|e| e.to_string())
+}
+
+/// Removes the disk that was moved away: its own directory on a datastore (named by the VM's uid),
+/// or the file alone when it sits in the run directory.
+fn remove_old_disk(old: &Path, run_dir: &Path) {
+    let dir: Option<PathBuf> = old.parent().map(Path::to_path_buf);
+    let own_dir = dir
+        .as_deref()
+        .filter(|d| *d != run_dir && d.file_name() == run_dir.file_name());
+    let removed = match own_dir {
+        Some(d) => std::fs::remove_dir_all(d),
+        None => std::fs::remove_file(old),
+    };
+    if let Err(e) = removed {
+        tracing::warn!(disk = %old.display(), error = %e, "could not remove the old disk");
+    }
+}
