@@ -174,6 +174,7 @@ pub(crate) async fn run_source(
     // Whether this migration's memory stream was started (by this run, or by one before an agent
     // restart: QEMU then reports it active when we first look).
     let mut memory_started = false;
+    let mut memory_since: Option<Instant> = None;
     let mut first = true;
     loop {
         let Some(Versioned {
@@ -232,15 +233,16 @@ pub(crate) async fn run_source(
         }
         if sent(&transfer, &observed.state) {
             // Whatever else happened meanwhile, the state is on the target now: hand over.
-            return hand_over(store, driver, vm_key, mig_key, dir, &transfer).await;
+            return hand_over(store, driver, vm_key, mig_key, m.id, dir, &transfer).await;
         }
+        let id = m.id;
         let give_up = |phase: MigrationPhase, why: String| async move {
             driver.cancel_transfer(dir).await?;
             // The copy may have completed just before the cancel: then it stands.
             let t = driver.transfer(dir).await?;
             let state = driver.observe(dir).await?.map(|o| o.state);
             if state.is_some_and(|s| sent(&t, &s)) {
-                return hand_over(store, driver, vm_key, mig_key, dir, &t).await;
+                return hand_over(store, driver, vm_key, mig_key, id, dir, &t).await;
             }
             end(store, mig_key, vm_key, &cfg.host, phase, &why).await?;
             Ok::<_, AgentError>(Outcome::Requeue(Duration::ZERO))
@@ -282,6 +284,10 @@ pub(crate) async fn run_source(
                 .await?;
             }
             MigrationPhase::Transferring => {
+                if !m.shared_storage && memory_started && transfer.disk.is_none() {
+                    let why = "the disk copy to the target stopped".to_string();
+                    return give_up(MigrationPhase::Failed, why).await;
+                }
                 if let Some(e) = transfer.disk.as_ref().and_then(|d| d.error.clone()) {
                     return give_up(MigrationPhase::Failed, format!("copying the disk: {e}")).await;
                 }
@@ -327,7 +333,11 @@ pub(crate) async fn run_source(
                     );
                     return give_up(MigrationPhase::Failed, why).await;
                 }
-                if began.elapsed() > CONVERGE_TIMEOUT {
+                // Convergence is timed from the start of the memory copy, not the disk's.
+                if memory_started {
+                    memory_since.get_or_insert_with(Instant::now);
+                }
+                if memory_since.is_some_and(|t| t.elapsed() > CONVERGE_TIMEOUT) {
                     let why = format!(
                         "did not converge within {} s: the guest dirties memory faster than the link sends it",
                         CONVERGE_TIMEOUT.as_secs()
@@ -366,16 +376,40 @@ pub(crate) async fn run_source(
 /// The copy is complete and the guest paused on both sides: finish the disk copy, then give the
 /// VM to the target and mark the migration completed in one transaction, then remove the source's
 /// copy.
+#[allow(clippy::too_many_arguments)]
 async fn hand_over(
     store: &dyn Store,
     driver: &dyn Driver,
     vm_key: &str,
     mig_key: &str,
+    id: uuid::Uuid,
     dir: &Path,
     transfer: &Transfer,
 ) -> Result<Outcome, AgentError> {
-    if transfer.disk.is_some() {
-        driver.finish_disk_copy(dir).await?;
+    let (shared, source) = get_json::<Migration>(store, mig_key)
+        .await?
+        .map(|m| (m.value.shared_storage, m.value.source))
+        .unwrap_or_default();
+    // Without its disk in sync the target's copy must not run: the guest resumes here instead.
+    let disk_done = match (&transfer.disk, shared) {
+        (_, true) => Ok(()),
+        (Some(_), false) => driver
+            .finish_disk_copy(dir)
+            .await
+            .map_err(|e| e.to_string()),
+        (None, false) => Err("the disk copy to the target stopped before the switchover".into()),
+    };
+    if let Err(why) = disk_done {
+        end(
+            store,
+            mig_key,
+            vm_key,
+            &source,
+            MigrationPhase::Failed,
+            &why,
+        )
+        .await?;
+        return Ok(Outcome::Requeue(Duration::ZERO));
     }
     let source_disk = loop {
         let (Some(vm), Some(mig)) = (
@@ -387,6 +421,11 @@ async fn hand_over(
             ));
         };
         let (mut v, mut m) = (vm.value, mig.value);
+        if m.id != id || m.phase != MigrationPhase::Transferring {
+            // Ended meanwhile (the target failed, the controller gave up): no handover; the
+            // VM's worker resumes the paused guest here.
+            return Ok(Outcome::Requeue(Duration::ZERO));
+        }
         let total_ms = (Utc::now() - m.created_at).num_milliseconds().max(0) as u64;
         // The mirror's last report, if QEMU already dropped the finished job.
         let disk_bytes = transfer
@@ -459,9 +498,6 @@ pub(crate) async fn run_target(
     else {
         return Ok(Outcome::Gone);
     };
-    if m.target != cfg.host {
-        return Ok(Outcome::Gone);
-    }
     let vm_key = keys::vm(&m.project, &m.vm);
     let vm = get_json::<Vm>(store, &vm_key)
         .await?
@@ -471,94 +507,96 @@ pub(crate) async fn run_target(
         .as_ref()
         .is_some_and(|v| v.status.host.as_deref() == Some(cfg.host.as_str()));
     let dir = layout::vm_dir(&cfg.data_dir, m.vm_uid);
-    let clean_up = || async {
-        if ours {
-            return Ok::<_, AgentError>(());
-        }
-        driver.kill(&dir).await?;
-        let disk = m.target_disk.as_deref().map(Path::new);
-        remove_vm_files(&dir, if m.shared_storage { None } else { disk })
-    };
-    let Some(vm) = vm else {
-        clean_up().await?;
-        if !m.phase.is_finished() {
-            end(
-                store,
-                mig_key,
-                &vm_key,
-                &cfg.host,
-                MigrationPhase::Failed,
-                "the VM was deleted",
-            )
-            .await?;
+    if m.target != cfg.host {
+        // A later migration of the VM goes elsewhere: a copy an earlier one left here goes.
+        if !ours && dir.exists() {
+            driver.kill(&dir).await?;
+            remove_vm_files(&dir, None)?;
         }
         return Ok(Outcome::Gone);
+    }
+    // Only what this host made: the run directory, and the disk it cloned (never a shared one).
+    let clean_up = |made: Option<&str>| {
+        let dir = dir.clone();
+        let disk = made.filter(|_| !m.shared_storage).map(PathBuf::from);
+        async move {
+            driver.kill(&dir).await?;
+            remove_vm_files(&dir, disk.as_deref())
+        }
+    };
+    // Fails the migration, then removes the copy, but only once the record (this migration's)
+    // provably ended without completing: from then on no handover can happen.
+    let fail = |why: String| async move {
+        end(
+            store,
+            mig_key,
+            &vm_key,
+            &cfg.host,
+            MigrationPhase::Failed,
+            &why,
+        )
+        .await?;
+        let now = get_json::<Migration>(store, mig_key)
+            .await?
+            .map(|n| n.value);
+        if let Some(n) = now.filter(|n| {
+            n.id == m.id && matches!(n.phase, MigrationPhase::Failed | MigrationPhase::Cancelled)
+        }) {
+            clean_up(n.target_disk.as_deref()).await?;
+        }
+        Ok::<_, AgentError>(Outcome::Gone)
+    };
+    let Some(vm) = vm else {
+        return fail("the VM was deleted".into()).await;
     };
     match m.phase {
-        MigrationPhase::Preparing => {
-            match prepare(store, driver, cfg, &vm, &m, &dir).await {
-                Ok(ready) => {
-                    let bytes = serde_json::to_vec(&ready).map_err(StoreError::from)?;
-                    match store
-                        .put(mig_key, bytes, Precondition::ModRevision(revision))
-                        .await
-                    {
-                        Ok(_) => Ok(Outcome::Requeue(Duration::from_millis(500))),
-                        // Cancelled meanwhile, most likely: look again.
-                        Err(StoreError::Conflict { .. }) => Ok(Outcome::Requeue(Duration::ZERO)),
-                        Err(e) => Err(e.into()),
+        MigrationPhase::Preparing => match prepare(store, driver, cfg, &vm, &m, &dir).await {
+            Ok(ready) => {
+                let bytes = serde_json::to_vec(&ready).map_err(StoreError::from)?;
+                match store
+                    .put(mig_key, bytes, Precondition::ModRevision(revision))
+                    .await
+                {
+                    Ok(_) => Ok(Outcome::Requeue(Duration::from_millis(500))),
+                    // Cancelled meanwhile: what was just made is not recorded anywhere, so it
+                    // goes now.
+                    Err(StoreError::Conflict { .. }) => {
+                        clean_up(ready.target_disk.as_deref()).await?;
+                        Ok(Outcome::Requeue(Duration::ZERO))
                     }
-                }
-                Err(e) => {
-                    clean_up().await?;
-                    let why = format!("host {} could not prepare: {e}", cfg.host);
-                    end(
-                        store,
-                        mig_key,
-                        &vm_key,
-                        &cfg.host,
-                        MigrationPhase::Failed,
-                        &why,
-                    )
-                    .await?;
-                    Ok(Outcome::Gone)
+                    Err(e) => Err(e.into()),
                 }
             }
-        }
+            Err(e) => fail(format!("host {} could not prepare: {e}", cfg.host)).await,
+        },
         MigrationPhase::TargetReady | MigrationPhase::Transferring => {
-            let alive = driver
-                .observe(&dir)
-                .await
-                .ok()
-                .flatten()
-                .is_some_and(|o| matches!(o.state, RunState::Incoming | RunState::Paused));
-            if !alive {
-                clean_up().await?;
-                let why = format!("the waiting QEMU on {} exited", cfg.host);
-                end(
-                    store,
-                    mig_key,
-                    &vm_key,
-                    &cfg.host,
-                    MigrationPhase::Failed,
-                    &why,
-                )
-                .await?;
-                return Ok(Outcome::Gone);
+            match driver.observe(&dir).await {
+                // QMP did not answer: look again rather than guess.
+                Err(_) => Ok(Outcome::Requeue(Duration::from_secs(1))),
+                Ok(Some(o))
+                    if matches!(
+                        o.state,
+                        RunState::Incoming | RunState::Paused | RunState::Running
+                    ) =>
+                {
+                    Ok(Outcome::Requeue(Duration::from_millis(500)))
+                }
+                Ok(_) => fail(format!("the waiting QEMU on {} exited", cfg.host)).await,
             }
-            Ok(Outcome::Requeue(Duration::from_millis(500)))
         }
         // The VM is ours now: its own worker resumes it.
         MigrationPhase::Completed => Ok(Outcome::Gone),
         MigrationPhase::Failed | MigrationPhase::Cancelled => {
-            clean_up().await?;
+            if !ours {
+                clean_up(m.target_disk.as_deref()).await?;
+            }
             Ok(Outcome::Gone)
         }
     }
 }
 
 /// Makes the run directory and the disk, starts the waiting QEMU, and returns the record as it
-/// should read once the target is ready.
+/// should read once the target is ready. What it made is removed again if it fails.
 async fn prepare(
     store: &dyn Store,
     driver: &dyn Driver,
@@ -568,34 +606,56 @@ async fn prepare(
     dir: &Path,
 ) -> Result<Migration, String> {
     private_dir(dir)?;
-    let disk = if m.shared_storage {
-        let path = vm
-            .status
-            .disk
-            .as_ref()
-            .map(|d| PathBuf::from(&d.path))
-            .ok_or("the VM has no disk yet")?;
-        if !path.exists() {
+    let source_disk = vm
+        .status
+        .disk
+        .as_ref()
+        .map(|d| PathBuf::from(&d.path))
+        .ok_or("the VM has no disk yet")?;
+    let (disk, cloned) = if m.shared_storage {
+        if !source_disk.exists() {
             return Err(format!(
                 "the shared disk {} is not visible on this host: is the datastore {} mounted here?",
+                source_disk.display(),
+                vm.spec.datastore
+            ));
+        }
+        (source_disk, false)
+    } else {
+        let path = new_disk_path(store, cfg, vm).await?;
+        if path == source_disk && path.exists() {
+            // The VM's own disk is visible here: replacing it with a fresh clone would destroy it.
+            return Err(format!(
+                "the VM's disk {} is visible on this host too: mark datastore {} as --shared",
                 path.display(),
                 vm.spec.datastore
             ));
         }
-        path
-    } else {
-        let path = new_disk_path(store, cfg, vm).await?;
         // A fresh clone of the same image: the source mirrors only the VM's own layer into it.
         let _ = std::fs::remove_file(&path);
         clone_disk(store, vm, &path).await?;
-        path
+        (path, true)
     };
-    let image = image_of(store, vm).await?;
-    let spec = launch_spec(vm, &image, &disk, cfg.accel);
-    let incoming = driver
-        .start_incoming(dir, &spec, cfg.address, !m.shared_storage)
-        .await
-        .map_err(|e| e.to_string())?;
+    let started = async {
+        let image = image_of(store, vm).await?;
+        let spec = launch_spec(vm, &image, &disk, cfg.accel);
+        driver
+            .start_incoming(dir, &spec, cfg.address, !m.shared_storage)
+            .await
+            .map_err(|e| e.to_string())
+    }
+    .await;
+    let incoming = match started {
+        Ok(i) => i,
+        Err(e) => {
+            let _ = driver.kill(dir).await;
+            let made = cloned.then_some(disk.as_path());
+            if let Err(rm) = remove_vm_files(dir, made) {
+                tracing::warn!(error = %rm, "could not remove a failed incoming copy");
+            }
+            return Err(e);
+        }
+    };
     Ok(Migration {
         phase: MigrationPhase::TargetReady,
         target_uri: Some(incoming.uri),

@@ -264,10 +264,8 @@ pub(crate) async fn reconcile(
             .condition("StorageMoved")
             .is_some_and(|c| !c.status);
     if moving && !failed_before {
-        let running = observed
-            .as_ref()
-            .is_some_and(|o| o.state == RunState::Running);
-        match crate::storage::move_disk(store, driver, cfg, &vm, &dir, running).await {
+        let live = observed.is_some();
+        match crate::storage::move_disk(store, driver, cfg, key, &vm, &dir, live).await {
             Ok(disk) => {
                 let msg = format!("moved to datastore {}", disk.datastore);
                 vm.status.disk = Some(disk);
@@ -339,6 +337,10 @@ pub(crate) async fn reconcile(
             vm.spec.power = PowerState::Stopped;
             vm.meta.bump();
             mark_stopped(&mut vm, "GuestPoweredOff", "the guest shut itself down");
+        }
+        (PowerState::Running, Some(o)) if o.state == RunState::Incoming => {
+            // Handed over while QEMU still loads the last of the state: it is paused in a moment.
+            outcome = Outcome::Requeue(Duration::from_millis(20));
         }
         (PowerState::Running, Some(o))
             if matches!(o.state, RunState::Paused | RunState::MigratedAway) =>
@@ -579,11 +581,9 @@ impl Agent {
         workers: &mut HashMap<String, mpsc::Sender<()>>,
     ) -> Result<(), AgentError> {
         let (kvs, rev) = self.store.list(keys::VMS).await?;
-        for kv in kvs {
-            self.kick(workers, &kv.key, &kv.value);
-        }
         let (migrations, mig_rev) = self.store.list(keys::MIGRATIONS).await?;
-        for kv in migrations {
+        self.sweep(&kvs, &migrations).await;
+        for kv in kvs.iter().chain(&migrations) {
             self.kick(workers, &kv.key, &kv.value);
         }
         let mut watch = self.store.watch(keys::VMS, rev + 1).await?;
@@ -612,6 +612,53 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// Removes what no VM of this host accounts for: the run directories (and QEMUs) of VMs that
+    /// moved away or whose migration here ended while this agent was not running. A QEMU that runs
+    /// a guest is never killed here, only reported.
+    async fn sweep(&self, vms: &[corral_store::KeyValue], migrations: &[corral_store::KeyValue]) {
+        let me = Some(self.cfg.host.as_str());
+        let mut known: std::collections::HashSet<String> = vms
+            .iter()
+            .filter_map(|kv| serde_json::from_slice::<Vm>(&kv.value).ok())
+            .filter(|v| v.status.host.as_deref() == me)
+            .map(|v| v.meta.uid.simple().to_string())
+            .collect();
+        known.extend(
+            migrations
+                .iter()
+                .filter_map(|kv| serde_json::from_slice::<Migration>(&kv.value).ok())
+                .filter(|m| Some(m.target.as_str()) == me && !m.phase.is_finished())
+                .map(|m| m.vm_uid.simple().to_string()),
+        );
+        let Ok(entries) = std::fs::read_dir(self.cfg.data_dir.join("vms")) else {
+            return;
+        };
+        for dir in entries.flatten().map(|e| e.path()) {
+            let name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+            if name.is_none_or(|n| known.contains(&n)) {
+                continue;
+            }
+            match self.driver.observe(&dir).await {
+                Ok(Some(o)) if o.state == RunState::Running => {
+                    tracing::warn!(dir = %dir.display(), "a guest runs here that no VM of this host accounts for; left alone");
+                    continue;
+                }
+                Ok(Some(_)) => {
+                    if let Err(e) = self.driver.kill(&dir).await {
+                        tracing::warn!(dir = %dir.display(), error = %e, "could not stop a leftover QEMU");
+                        continue;
+                    }
+                }
+                Ok(None) => {}
+                Err(_) => continue,
+            }
+            tracing::info!(dir = %dir.display(), "removing a leftover VM directory");
+            if let Err(e) = remove_vm_files(&dir, None) {
+                tracing::warn!(error = %e, "could not remove a leftover VM directory");
+            }
+        }
     }
 
     /// Wakes the worker of a key that changed, starting one if the key is this host's business: a
@@ -663,7 +710,7 @@ impl Agent {
                     Ok(Outcome::Steady) => break,
                     Ok(Outcome::Requeue(d)) => d,
                     Err(e) => {
-                        tracing::warn!(vm = %key, error = %e, "reconcile failed; retrying");
+                        tracing::warn!(%key, error = %e, "reconcile failed; retrying");
                         Duration::from_secs(2)
                     }
                 };

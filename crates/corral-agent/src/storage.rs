@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use corral_api::{DiskStatus, Vm};
 use corral_hypervisor::Driver;
-use corral_store::Store;
+use corral_store::{get_json, Store};
 
 use crate::reconcile::{new_disk_path, private_dir, AgentConfig};
 
@@ -15,14 +15,16 @@ use crate::reconcile::{new_disk_path, private_dir, AgentConfig};
 const COPY_TIMEOUT: Duration = Duration::from_secs(1800);
 
 /// Moves the VM's disk to the datastore of its spec and returns the disk as it is now. On failure
-/// the VM keeps its old disk and the partial copy is removed.
+/// the VM keeps its old disk and the partial copy is removed. `live`: a QEMU has the disk open
+/// (running or paused), so the hypervisor copies it.
 pub(crate) async fn move_disk(
     store: &dyn Store,
     driver: &dyn Driver,
     cfg: &AgentConfig,
+    vm_key: &str,
     vm: &Vm,
     run_dir: &Path,
-    running: bool,
+    live: bool,
 ) -> Result<DiskStatus, String> {
     let old = vm.status.disk.clone().ok_or("the VM has no disk yet")?;
     let dest = new_disk_path(store, cfg, vm).await?;
@@ -38,50 +40,84 @@ pub(crate) async fn move_disk(
         private_dir(parent)?;
     }
     let _ = std::fs::remove_file(&dest);
-    let copied = if running {
-        copy_running(driver, run_dir, &dest).await
+    let copied = if live {
+        copy_running(store, driver, vm_key, vm, run_dir, &dest).await
     } else {
         let part = dest.with_extension("qcow2.part");
         std::fs::copy(&old.path, &part)
             .and_then(|_| std::fs::rename(&part, &dest))
-            .map_err(|e| format!("copying {} to {}: {e}", old.path, dest.display()))
+            .map_err(|e| {
+                (
+                    format!("copying {} to {}: {e}", old.path, dest.display()),
+                    false,
+                )
+            })
     };
-    if let Err(e) = copied {
-        let _ = std::fs::remove_file(&dest);
+    if let Err((e, switching)) = copied {
+        // Once the switch was asked for, QEMU may be writing to the copy: keep both files.
+        if !switching {
+            let _ = std::fs::remove_file(&dest);
+        }
         return Err(e);
     }
     remove_old_disk(Path::new(&old.path), run_dir);
     Ok(moved)
 }
 
-async fn copy_running(driver: &dyn Driver, run_dir: &Path, dest: &Path) -> Result<(), String> {
+/// Has QEMU mirror the disk into `dest` and switch to it. Errors say whether the switch was asked
+/// for. Stops early when the VM is to be deleted or its disk is wanted elsewhere.
+async fn copy_running(
+    store: &dyn Store,
+    driver: &dyn Driver,
+    vm_key: &str,
+    vm: &Vm,
+    run_dir: &Path,
+    dest: &Path,
+) -> Result<(), (String, bool)> {
     driver
         .copy_disk(run_dir, dest)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| (e.to_string(), false))?;
     let started = Instant::now();
+    let mut checked = Instant::now();
     loop {
-        let t = driver.transfer(run_dir).await.map_err(|e| e.to_string())?;
-        let failed = match t.disk {
+        let t = driver
+            .transfer(run_dir)
+            .await
+            .map_err(|e| (e.to_string(), false))?;
+        let mut failed = match t.disk {
             Some(d) if d.ready => break,
             Some(d) => d.error.map(|e| format!("the copy failed: {e}")),
             None => Some("the copy stopped".to_string()),
         };
-        let failed = failed.or_else(|| {
-            (started.elapsed() > COPY_TIMEOUT).then(|| {
-                format!(
-                    "the copy was not in sync after {} s: the guest writes faster than the datastore takes it",
-                    COPY_TIMEOUT.as_secs()
-                )
-            })
-        });
+        if started.elapsed() > COPY_TIMEOUT {
+            failed = Some(format!(
+                "the copy was not in sync after {} s: the guest writes faster than the datastore takes it",
+                COPY_TIMEOUT.as_secs()
+            ));
+        }
+        if checked.elapsed() > Duration::from_secs(1) {
+            checked = Instant::now();
+            let now = get_json::<Vm>(store, vm_key).await.ok().flatten();
+            let wanted = now.is_some_and(|v| {
+                v.value.meta.deletion_requested_at.is_none()
+                    && v.value.spec.datastore == vm.spec.datastore
+            });
+            if !wanted {
+                failed =
+                    Some("stopped: the VM is being deleted or its disk is wanted elsewhere".into());
+            }
+        }
         if let Some(why) = failed {
             let _ = driver.cancel_transfer(run_dir).await;
-            return Err(why);
+            return Err((why, false));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    driver.switch_disk(run_dir).await.map_err(|e| e.to_string())
+    driver
+        .switch_disk(run_dir, dest)
+        .await
+        .map_err(|e| (e.to_string(), true))
 }
 
 /// Removes the disk that was moved away: its own directory on a datastore (named by the VM's uid),

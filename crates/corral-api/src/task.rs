@@ -91,6 +91,13 @@ impl Task {
         }
     }
 
+    /// The name of the object the task acts on ("web" for "vm/web").
+    pub fn target_name(&self) -> &str {
+        self.target
+            .split_once('/')
+            .map_or(self.target.as_str(), |(_, n)| n)
+    }
+
     pub fn is_finished(&self) -> bool {
         self.state != TaskState::Running
     }

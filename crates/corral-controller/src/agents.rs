@@ -406,11 +406,16 @@ async fn authorize(a: &AgentCtx, host: &str, op: Op, txn: &[Op]) -> Result<Vec<O
             // completes it.
             let mig_key = keys::migration_of_vm(&key).unwrap_or_default();
             let mig = get_json::<Migration>(&*a.ctx.store, &mig_key).await?;
+            // ... and to exactly the copy the target prepared.
             let valid = mig.as_ref().is_some_and(|m| {
-                m.value.vm_uid == stored.meta.uid
-                    && m.value.source == host
-                    && m.value.phase == MigrationPhase::Transferring
-                    && sent.status.host.as_deref() == Some(m.value.target.as_str())
+                let m = &m.value;
+                m.vm_uid == stored.meta.uid
+                    && m.source == host
+                    && m.phase == MigrationPhase::Transferring
+                    && sent.status.host.as_deref() == Some(m.target.as_str())
+                    && sent.status.pid == m.target_pid
+                    && sent.status.run_dir == m.target_run_dir
+                    && sent.status.disk.as_ref().map(|d| &d.path) == m.target_disk.as_ref()
             });
             let completes = txn.iter().any(|o| match o {
                 Op::Put { key: k, value, .. } if *k == mig_key => {

@@ -53,7 +53,7 @@ pub async fn remove(
     };
     if !info.vms.is_empty() {
         return Err(ApiError::Conflict(format!(
-            "host {name} still has VMs {}: delete them (or, once migration exists, move them) first",
+            "host {name} still has VMs {}: move them (`corral host maintenance enter {name}`) or delete them first",
             info.vms.join(", ")
         )));
     }
@@ -105,30 +105,37 @@ pub async fn maintenance(
     ApiJson(req): ApiJson<MaintenanceRequest>,
 ) -> Result<Json<MaintenanceResponse>, ApiError> {
     let key = keys::host(&name);
-    let Some(current) = get_json::<Host>(&*ctx.store, &key).await? else {
-        return Err(host_not_found(&name));
-    };
-    let mut host = current.value;
-    host.maintenance = req.maintenance;
-    let put = Op::Put {
-        key,
-        value: serde_json::to_vec(&host).map_err(StoreError::from)?,
-        when: Precondition::ModRevision(current.revision),
-        lease: None,
-    };
-    // The flag and the task that follows the evacuation are written together.
-    let task = if req.maintenance {
-        let goal = corral_api::TaskGoal::HostEvacuate { host: name.clone() };
-        let task = corral_api::Task::new(
-            corral_api::DEFAULT_PROJECT,
-            "host.evacuate",
-            format!("host/{name}"),
-            goal,
-        );
-        Some(crate::tasks::submit(&ctx, task, vec![put]).await?)
-    } else {
-        ctx.store.txn(vec![put]).await?;
-        None
+    // A heartbeat may land between read and write: read again and retry.
+    let task = loop {
+        let Some(current) = get_json::<Host>(&*ctx.store, &key).await? else {
+            return Err(host_not_found(&name));
+        };
+        let mut host = current.value;
+        host.maintenance = req.maintenance;
+        let put = Op::Put {
+            key: key.clone(),
+            value: serde_json::to_vec(&host).map_err(StoreError::from)?,
+            when: Precondition::ModRevision(current.revision),
+            lease: None,
+        };
+        // The flag and the task that follows the evacuation are written together.
+        let written = if req.maintenance {
+            let goal = corral_api::TaskGoal::HostEvacuate { host: name.clone() };
+            let task = corral_api::Task::new(
+                corral_api::DEFAULT_PROJECT,
+                "host.evacuate",
+                format!("host/{name}"),
+                goal,
+            );
+            crate::tasks::submit(&ctx, task, vec![put]).await.map(Some)
+        } else {
+            ctx.store.txn(vec![put]).await.map(|_| None)
+        };
+        match written {
+            Ok(task) => break task,
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
     };
     let Json(host) = get(State(ctx), ApiPath(name)).await?;
     Ok(Json(MaintenanceResponse { host, task }))

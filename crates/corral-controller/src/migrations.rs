@@ -9,8 +9,8 @@ use axum::http::StatusCode;
 use axum::Json;
 use chrono::Utc;
 use corral_api::{
-    keys, Datastore, Host, MigrateVmRequest, Migration, MigrationPhase, MigrationProgress,
-    PowerState, Task, TaskGoal, Vm, VmPhase, LOCAL_DATASTORE,
+    keys, Datastore, Host, HostState, MigrateVmRequest, Migration, MigrationPhase,
+    MigrationProgress, PowerState, Task, TaskGoal, Vm, VmPhase, LOCAL_DATASTORE,
 };
 use corral_scheduler as sched;
 use corral_store::{get_json, list_json, Op, Precondition, StoreError};
@@ -23,6 +23,8 @@ use crate::{ensure_project, placement, ApiError, ApiJson, ApiPath, Ctx};
 const EVACUATION_PARALLELISM: usize = 2;
 /// A VM whose evacuation failed is tried again after this long.
 const EVACUATION_RETRY: Duration = Duration::from_secs(30);
+/// A migration whose record has not changed for this long is given up.
+const STALE_AFTER: Duration = Duration::from_secs(120);
 
 /// Whether a VM's disk sits on a datastore every host mounts.
 async fn on_shared_storage(ctx: &Ctx, vm: &Vm) -> Result<bool, ApiError> {
@@ -68,6 +70,16 @@ pub async fn start(
             return Err(ApiError::Conflict(format!(
                 "VM {name} is not running (it is {}): live migration moves running VMs; start it first with `corral vm start {name}`",
                 v.status.phase
+            )));
+        }
+        let source_up = get_json::<Host>(&*ctx.store, &keys::host(&source))
+            .await?
+            .is_some_and(|h| {
+                placement::host_state(&h.value, Utc::now()).0 != HostState::NotResponding
+            });
+        if !source_up {
+            return Err(ApiError::Conflict(format!(
+                "VM {name} runs on {source}, which is not responding: it cannot send the VM anywhere"
             )));
         }
         if to == Some(source.as_str()) {
@@ -220,8 +232,7 @@ pub async fn cancel(ctx: &Ctx, task: &Task) -> Result<(), ApiError> {
             _ => format!("a {} task cannot be cancelled; only migrations can", task.kind),
         }));
     };
-    let name = task.target.strip_prefix("vm/").unwrap_or(&task.target);
-    let key = keys::migration(&task.project, name);
+    let key = keys::migration(&task.project, task.target_name());
     let updated = corral_store::update_json::<Migration, ApiError>(&*ctx.store, &key, |m| {
         if m.id != *id || m.phase.is_finished() || m.cancel_requested {
             return Ok(false);
@@ -268,9 +279,12 @@ pub fn evaluate(id: Uuid, m: Option<&Migration>, vm: Option<&Vm>) -> Verdict {
             )
         }
         MigrationPhase::Completed => {
-            let resuming = vm
-                .and_then(|v| v.status.condition("Running"))
-                .is_some_and(|c| c.reason == corral_agent::RESUMING && v_is(vm, m));
+            let resuming = vm.is_some_and(|v| {
+                v.meta.uid == m.vm_uid
+                    && v.status
+                        .condition("Running")
+                        .is_some_and(|c| c.reason == corral_agent::RESUMING)
+            });
             if resuming {
                 Verdict::Progress(99, format!("{}: resuming the guest", m.summary()))
             } else {
@@ -282,11 +296,16 @@ pub fn evaluate(id: Uuid, m: Option<&Migration>, vm: Option<&Vm>) -> Verdict {
     }
 }
 
-fn v_is(vm: Option<&Vm>, m: &Migration) -> bool {
-    vm.is_some_and(|v| v.meta.uid == m.vm_uid && v.status.phase == VmPhase::Running)
+/// Whether evacuation moves this VM off `host`: it runs there, is not pinned and not going away.
+fn evacuable(v: &Vm, host: &str) -> bool {
+    v.status.host.as_deref() == Some(host)
+        && v.status.phase == VmPhase::Running
+        && v.spec.power == PowerState::Running
+        && v.spec.host.is_none()
+        && v.meta.deletion_requested_at.is_none()
 }
 
-/// Judges an evacuation from the VMs that should run and still sit on the host. Pure.
+/// Judges an evacuation from the VMs it still has to move off the host. Pure.
 pub fn evaluate_evacuation(host: &Host, vms: &[Vm], migrations: &[Migration]) -> Verdict {
     if !host.maintenance {
         return Verdict::Failed(format!(
@@ -294,13 +313,22 @@ pub fn evaluate_evacuation(host: &Host, vms: &[Vm], migrations: &[Migration]) ->
             host.name
         ));
     }
-    let left: Vec<&Vm> = vms
-        .iter()
-        .filter(|v| v.status.host.as_deref() == Some(host.name.as_str()))
-        .filter(|v| v.spec.power == PowerState::Running)
-        .collect();
+    let left: Vec<&Vm> = vms.iter().filter(|v| evacuable(v, &host.name)).collect();
     if left.is_empty() {
-        return Verdict::Done(format!("{} is empty: no VM runs there", host.name));
+        let staying: Vec<&str> = vms
+            .iter()
+            .filter(|v| v.status.host.as_deref() == Some(host.name.as_str()))
+            .map(|v| v.meta.name.as_str())
+            .collect();
+        return Verdict::Done(if staying.is_empty() {
+            format!("{} is empty", host.name)
+        } else {
+            format!(
+                "{}: every running VM moved; staying (stopped, pinned or failed): {}",
+                host.name,
+                staying.join(", ")
+            )
+        });
     }
     let moving = migrations
         .iter()
@@ -318,6 +346,54 @@ pub fn evaluate_evacuation(host: &Host, vms: &[Vm], migrations: &[Migration]) ->
     )
 }
 
+/// Ends migrations nobody drives any more: the source stopped responding, or the record has not
+/// moved for [`STALE_AFTER`] (both hosts report at least every second while they work). Safe at any
+/// phase short of completed: the handover is a compare-and-swap on this very record, so once it is
+/// failed no host can complete it.
+pub async fn give_up_stale(ctx: &Ctx) -> Result<(), ApiError> {
+    let (kvs, _) = ctx.store.list(keys::MIGRATIONS).await?;
+    let now = Utc::now();
+    for kv in kvs {
+        let Ok(m) = serde_json::from_slice::<Migration>(&kv.value) else {
+            continue;
+        };
+        if m.phase.is_finished() {
+            continue;
+        }
+        let silent = get_json::<Host>(&*ctx.store, &keys::host(&m.source))
+            .await?
+            .is_none_or(|h| placement::host_state(&h.value, now).0 == HostState::NotResponding);
+        let stale = (now - m.updated_at).to_std().unwrap_or_default() > STALE_AFTER;
+        if !(silent || stale) {
+            continue;
+        }
+        let why = if silent {
+            format!("the source host {} stopped responding", m.source)
+        } else {
+            format!("no progress reported for {} s", STALE_AFTER.as_secs())
+        };
+        let ended = Migration {
+            phase: MigrationPhase::Failed,
+            error: Some(why),
+            updated_at: now,
+            ..m
+        };
+        let put = ctx
+            .store
+            .put(
+                &kv.key,
+                serde_json::to_vec(&ended).map_err(StoreError::from)?,
+                Precondition::ModRevision(kv.mod_revision),
+            )
+            .await;
+        match put {
+            Ok(_) | Err(StoreError::Conflict { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 /// Starts migrations off every host in maintenance, a few at a time per host.
 pub async fn evacuate(ctx: &Ctx) -> Result<(), ApiError> {
     let (hosts, _) = list_json::<Host>(&*ctx.store, keys::HOSTS).await?;
@@ -332,12 +408,7 @@ pub async fn evacuate(ctx: &Ctx) -> Result<(), ApiError> {
             .iter()
             .filter(|m| m.source == host.name && !m.phase.is_finished())
             .count();
-        for vm in vms.iter().filter(|v| {
-            v.status.host.as_deref() == Some(host.name.as_str())
-                && v.status.phase == VmPhase::Running
-                && v.spec.power == PowerState::Running
-                && v.meta.deletion_requested_at.is_none()
-        }) {
+        for vm in vms.iter().filter(|v| evacuable(v, &host.name)) {
             if busy >= EVACUATION_PARALLELISM {
                 break;
             }
@@ -353,11 +424,10 @@ pub async fn evacuate(ctx: &Ctx) -> Result<(), ApiError> {
                 continue;
             }
             let reason = format!("evacuating {} for maintenance", host.name);
-            // A VM pinned to the host stays; the evacuation task names it.
             match start(ctx, &vm.meta.project, &vm.meta.name, None, &reason).await {
                 Ok(_) => busy += 1,
                 Err(e) => {
-                    tracing::info!(vm = %vm.meta.name, host = %host.name, error = %e, "cannot evacuate yet")
+                    tracing::debug!(vm = %vm.meta.name, host = %host.name, error = %e, "cannot evacuate yet")
                 }
             }
         }

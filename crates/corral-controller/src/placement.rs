@@ -252,6 +252,9 @@ pub fn spawn_placer(ctx: Ctx) {
             if let Err(e) = place_pending(&ctx).await {
                 tracing::warn!(error = %e, "placing pending VMs failed");
             }
+            if let Err(e) = crate::migrations::give_up_stale(&ctx).await {
+                tracing::warn!(error = %e, "checking migrations failed");
+            }
             if let Err(e) = crate::migrations::evacuate(&ctx).await {
                 tracing::warn!(error = %e, "evacuating hosts in maintenance failed");
             }

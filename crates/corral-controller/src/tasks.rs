@@ -210,17 +210,13 @@ async fn record(
 }
 
 fn vm_key(task: &Task) -> String {
-    let name = task.target.strip_prefix("vm/").unwrap_or(&task.target);
-    keys::vm(&task.project, name)
+    keys::vm(&task.project, task.target_name())
 }
 
 /// What a task waits on: the key (or prefix) to watch.
 fn watched(task: &Task) -> String {
     match &task.goal {
-        TaskGoal::VmMigrate { .. } => {
-            let name = task.target.strip_prefix("vm/").unwrap_or(&task.target);
-            keys::migration(&task.project, name)
-        }
+        TaskGoal::VmMigrate { .. } => keys::migration(&task.project, task.target_name()),
         TaskGoal::HostEvacuate { .. } => keys::VMS.to_string(),
         _ => vm_key(task),
     }

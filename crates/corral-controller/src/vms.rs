@@ -200,6 +200,18 @@ async fn change(
     kind: &str,
     edit: impl Fn(&mut Vm) -> Result<TaskGoal, ApiError>,
 ) -> Result<(StatusCode, Json<Task>), ApiError> {
+    change_guarded(ctx, project, name, kind, Vec::new(), edit).await
+}
+
+/// [`change`], with more keys that must still be as they were read (`guards`).
+async fn change_guarded(
+    ctx: &Ctx,
+    project: &str,
+    name: &str,
+    kind: &str,
+    guards: Vec<Op>,
+    edit: impl Fn(&mut Vm) -> Result<TaskGoal, ApiError>,
+) -> Result<(StatusCode, Json<Task>), ApiError> {
     ensure_project(ctx, project).await?;
     let key = keys::vm(project, name);
     loop {
@@ -222,8 +234,15 @@ async fn change(
             when: Precondition::ModRevision(revision),
             lease: None,
         };
-        match tasks::submit(ctx, task, vec![op]).await {
+        let mut ops = guards.clone();
+        ops.push(op);
+        match tasks::submit(ctx, task, ops).await {
             Ok(task) => return Ok((StatusCode::ACCEPTED, Json(task))),
+            Err(StoreError::Conflict { key: k }) if k != key => {
+                return Err(ApiError::Conflict(format!(
+                    "VM {name} changed while this request was checked ({k}): try again"
+                )))
+            }
             Err(StoreError::Conflict { .. }) => continue,
             Err(e) => return Err(e.into()),
         }
@@ -308,29 +327,44 @@ pub async fn move_storage(
             "there is no datastore {ds}: see `corral datastore list`"
         )));
     }
-    let migrating =
-        get_json::<corral_api::Migration>(&*ctx.store, &keys::migration(&project, &name))
-            .await?
-            .is_some_and(|m| !m.value.phase.is_finished());
-    change(&ctx, &project, &name, "vm.move-storage", |vm| {
-        if vm.spec.datastore == ds {
-            return Err(ApiError::Conflict(format!(
-                "the disk of VM {} is already on datastore {ds}",
-                vm.meta.name
-            )));
-        }
-        if migrating {
-            return Err(ApiError::Conflict(format!(
-                "VM {} is being migrated: move its storage once the migration has ended",
-                vm.meta.name
-            )));
-        }
-        vm.spec.datastore.clone_from(&ds);
-        Ok(TaskGoal::VmMoveStorage {
-            generation: vm.meta.generation + 1,
-            datastore: ds.clone(),
-        })
-    })
+    // Guarded by the migration record too: a migration started meanwhile makes this try again.
+    let mig_key = keys::migration(&project, &name);
+    let migration = get_json::<corral_api::Migration>(&*ctx.store, &mig_key).await?;
+    let migrating = migration
+        .as_ref()
+        .is_some_and(|m| !m.value.phase.is_finished());
+    let guard = Op::Check {
+        key: mig_key,
+        when: migration.as_ref().map_or(Precondition::Absent, |m| {
+            Precondition::ModRevision(m.revision)
+        }),
+    };
+    change_guarded(
+        &ctx,
+        &project,
+        &name,
+        "vm.move-storage",
+        vec![guard],
+        |vm| {
+            if vm.spec.datastore == ds {
+                return Err(ApiError::Conflict(format!(
+                    "the disk of VM {} is already on datastore {ds}",
+                    vm.meta.name
+                )));
+            }
+            if migrating {
+                return Err(ApiError::Conflict(format!(
+                    "VM {} is being migrated: move its storage once the migration has ended",
+                    vm.meta.name
+                )));
+            }
+            vm.spec.datastore.clone_from(&ds);
+            Ok(TaskGoal::VmMoveStorage {
+                generation: vm.meta.generation + 1,
+                datastore: ds.clone(),
+            })
+        },
+    )
     .await
 }
 

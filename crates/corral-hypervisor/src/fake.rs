@@ -298,15 +298,16 @@ impl Driver for FakeDriver {
         self.mirror_disk(run_dir, &dest.display().to_string()).await
     }
 
-    async fn switch_disk(&self, run_dir: &Path) -> Result<(), DriverError> {
+    async fn switch_disk(&self, run_dir: &Path, _dest: &Path) -> Result<(), DriverError> {
         self.finish_disk_copy(run_dir).await
     }
 
     async fn resume(&self, run_dir: &Path) -> Result<(), DriverError> {
         let mut s = self.state();
         s.calls.push(format!("resume {}", name(run_dir)));
+        // Like QEMU, a source whose state went away may run on (after a migration that failed).
         if let Some(o) = s.running.get_mut(run_dir) {
-            if o.state == RunState::Paused {
+            if matches!(o.state, RunState::Paused | RunState::MigratedAway) {
                 o.state = RunState::Running;
             }
         }

@@ -124,8 +124,8 @@ pub trait Driver: Send + Sync + 'static {
     /// Starts copying the running VM's disk into a new image at `dest` (a clone of the same image,
     /// created by the hypervisor); returns at once. Progress shows in [`Driver::transfer`].
     async fn copy_disk(&self, run_dir: &Path, dest: &Path) -> Result<(), DriverError>;
-    /// Once the copy is in sync: the VM goes on with the copy as its disk.
-    async fn switch_disk(&self, run_dir: &Path) -> Result<(), DriverError>;
+    /// Once the copy is in sync: the VM goes on with the copy (`dest`) as its disk.
+    async fn switch_disk(&self, run_dir: &Path, dest: &Path) -> Result<(), DriverError>;
     /// Runs a VM that is paused (an incoming copy once handed over).
     async fn resume(&self, run_dir: &Path) -> Result<(), DriverError>;
 }

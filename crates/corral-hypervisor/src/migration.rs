@@ -54,7 +54,6 @@ pub struct Transfer {
     pub mbps: f64,
     /// Known once completed.
     pub downtime_ms: Option<u64>,
-    pub expected_downtime_ms: Option<u64>,
     /// The disk mirror, when one runs.
     pub disk: Option<DiskCopy>,
 }
@@ -69,7 +68,6 @@ impl Default for Transfer {
             dirty_rate_bytes: 0,
             mbps: 0.0,
             downtime_ms: None,
-            expected_downtime_ms: None,
             disk: None,
         }
     }

@@ -212,27 +212,65 @@ async fn disk_node(qmp: &mut Qmp) -> Result<(String, String), DriverError> {
         })
 }
 
-/// Waits until the mirror job has ended (it flushes what is in flight first).
-async fn wait_job_gone(qmp: &mut Qmp, what: &str) -> Result<(), DriverError> {
+/// The mirror job as `query-jobs` shows it, if there is one.
+async fn mirror_job(qmp: &mut Qmp) -> Result<Option<Value>, DriverError> {
+    let jobs = qmp.execute("query-jobs", None).await?;
+    Ok(jobs
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|j| j.get("id").and_then(Value::as_str) == Some(MIRROR_JOB))
+        .cloned())
+}
+
+/// Waits until the mirror job has concluded (it flushes what is in flight first), dismisses it,
+/// and returns how it ended. Jobs are started with auto-dismiss off, so an error is never missed.
+async fn conclude_job(qmp: &mut Qmp, what: &str) -> Result<(), DriverError> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let jobs = qmp.execute("query-block-jobs", None).await?;
-        let running = jobs
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|j| j.get("device").and_then(Value::as_str) == Some(MIRROR_JOB));
-        if !running {
-            return Ok(());
+        let Some(job) = mirror_job(qmp).await? else {
+            return Err(DriverError::io(what, "the copy job is gone"));
+        };
+        if job.get("status").and_then(Value::as_str) == Some("concluded") {
+            let _ = qmp
+                .execute("job-dismiss", Some(json!({ "id": MIRROR_JOB })))
+                .await;
+            return match job.get("error").and_then(Value::as_str) {
+                Some(e) => Err(DriverError::io(what, e)),
+                None => Ok(()),
+            };
         }
         if tokio::time::Instant::now() > deadline {
+            return Err(DriverError::io(what, "the copy did not finish within 60 s"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Stops and forgets any mirror job (one left by an agent that restarted, or a failed one).
+async fn clear_job(qmp: &mut Qmp) -> Result<(), DriverError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while let Some(job) = mirror_job(qmp).await? {
+        if job.get("status").and_then(Value::as_str) == Some("concluded") {
+            qmp.execute("job-dismiss", Some(json!({ "id": MIRROR_JOB })))
+                .await?;
+            continue;
+        }
+        let _ = qmp
+            .execute(
+                "block-job-cancel",
+                Some(json!({"device": MIRROR_JOB, "force": true})),
+            )
+            .await;
+        if tokio::time::Instant::now() > deadline {
             return Err(DriverError::io(
-                what,
-                "the mirror did not finish within 60 s",
+                "stopping the disk copy",
+                "the copy job did not stop within 30 s",
             ));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    Ok(())
 }
 
 fn u64_at(v: &Value, path: &[&str]) -> u64 {
@@ -242,7 +280,7 @@ fn u64_at(v: &Value, path: &[&str]) -> u64 {
         .unwrap_or(0)
 }
 
-/// Reads `query-migrate` and the mirror job into a [`Transfer`].
+/// Reads `query-migrate` and the mirror job (from `query-jobs`) into a [`Transfer`].
 fn transfer_of(migrate: &Value, jobs: &Value) -> Transfer {
     let status = match migrate.get("status").and_then(Value::as_str) {
         None | Some("none") => TransferStatus::None,
@@ -259,11 +297,18 @@ fn transfer_of(migrate: &Value, jobs: &Value) -> Transfer {
     };
     let page = u64_at(migrate, &["ram", "page-size"]).max(1);
     let disk = jobs.as_array().into_iter().flatten().find_map(|j| {
-        (j.get("device")?.as_str()? == MIRROR_JOB).then(|| DiskCopy {
-            copied: u64_at(j, &["offset"]),
-            total: u64_at(j, &["len"]),
-            ready: j.get("ready").and_then(Value::as_bool).unwrap_or(false),
-            error: j.get("error").and_then(Value::as_str).map(str::to_string),
+        (j.get("id")?.as_str()? == MIRROR_JOB).then(|| {
+            let status = j.get("status").and_then(Value::as_str).unwrap_or("");
+            let error = j.get("error").and_then(Value::as_str).map(str::to_string);
+            DiskCopy {
+                copied: u64_at(j, &["current-progress"]),
+                total: u64_at(j, &["total-progress"]),
+                ready: status == "ready",
+                error: error.or_else(|| {
+                    matches!(status, "concluded" | "aborting" | "null")
+                        .then(|| format!("the copy job ended ({status})"))
+                }),
+            }
         })
     });
     Transfer {
@@ -278,7 +323,6 @@ fn transfer_of(migrate: &Value, jobs: &Value) -> Transfer {
             .and_then(Value::as_f64)
             .unwrap_or(0.0),
         downtime_ms: migrate.get("downtime").and_then(Value::as_u64),
-        expected_downtime_ms: migrate.get("expected-downtime").and_then(Value::as_u64),
         disk,
     }
 }
@@ -388,6 +432,12 @@ impl Driver for QemuDriver {
             } else {
                 None
             };
+            // Images stay inactive here until `cont`: the source owns the shared disk until then.
+            qmp.execute(
+                "migrate-set-capabilities",
+                Some(json!({"capabilities": [{"capability": "late-block-activate", "state": true}]})),
+            )
+            .await?;
             let uri = format!("tcp:{}", host_port(address, free_port(address)?));
             qmp.execute("migrate-incoming", Some(json!({ "uri": uri })))
                 .await?;
@@ -403,10 +453,14 @@ impl Driver for QemuDriver {
     async fn mirror_disk(&self, run_dir: &Path, disk_uri: &str) -> Result<(), DriverError> {
         let mut qmp = Qmp::connect(&qmp_socket(run_dir)).await?;
         let (device, _) = disk_node(&mut qmp).await?;
+        clear_job(&mut qmp).await?;
         // Only the VM's own layer: the target's disk is a clone of the same image.
         qmp.execute(
             "drive-mirror",
-            Some(json!({"device": device, "job-id": MIRROR_JOB, "target": disk_uri, "sync": "top", "mode": "existing", "format": "raw"})),
+            Some(
+                json!({"device": device, "job-id": MIRROR_JOB, "target": disk_uri, "sync": "top",
+                "mode": "existing", "format": "raw", "auto-dismiss": false}),
+            ),
         )
         .await?;
         Ok(())
@@ -431,7 +485,7 @@ impl Driver for QemuDriver {
     async fn transfer(&self, run_dir: &Path) -> Result<Transfer, DriverError> {
         let mut qmp = Qmp::connect(&qmp_socket(run_dir)).await?;
         let migrate = qmp.execute("query-migrate", None).await?;
-        let jobs = qmp.execute("query-block-jobs", None).await?;
+        let jobs = qmp.execute("query-jobs", None).await?;
         Ok(transfer_of(&migrate, &jobs))
     }
 
@@ -442,22 +496,15 @@ impl Driver for QemuDriver {
         let mut qmp = Qmp::connect(&qmp_socket(run_dir)).await?;
         // Either may not be running: nothing to cancel then.
         let _ = qmp.execute("migrate_cancel", None).await;
-        let _ = qmp
-            .execute(
-                "block-job-cancel",
-                Some(json!({"device": MIRROR_JOB, "force": true})),
-            )
-            .await;
-        Ok(())
+        clear_job(&mut qmp).await
     }
 
     async fn finish_disk_copy(&self, run_dir: &Path) -> Result<(), DriverError> {
         let mut qmp = Qmp::connect(&qmp_socket(run_dir)).await?;
         // Cancelling a mirror that is in sync completes it: the target holds every write.
-        let _ = qmp
-            .execute("block-job-cancel", Some(json!({ "device": MIRROR_JOB })))
-            .await;
-        wait_job_gone(&mut qmp, "finishing the disk copy").await
+        qmp.execute("block-job-cancel", Some(json!({ "device": MIRROR_JOB })))
+            .await?;
+        conclude_job(&mut qmp, "finishing the disk copy").await
     }
 
     async fn copy_disk(&self, run_dir: &Path, dest: &Path) -> Result<(), DriverError> {
@@ -475,11 +522,32 @@ impl Driver for QemuDriver {
         Ok(())
     }
 
-    async fn switch_disk(&self, run_dir: &Path) -> Result<(), DriverError> {
+    async fn switch_disk(&self, run_dir: &Path, dest: &Path) -> Result<(), DriverError> {
+        let what = "switching to the copied disk";
         let mut qmp = Qmp::connect(&qmp_socket(run_dir)).await?;
         qmp.execute("block-job-complete", Some(json!({ "device": MIRROR_JOB })))
             .await?;
-        wait_job_gone(&mut qmp, "switching to the copied disk").await
+        // A completed mirror may be gone already rather than concluded: what counts is the file the
+        // disk now reads and writes.
+        match conclude_job(&mut qmp, what).await {
+            Ok(()) => {}
+            Err(_) if mirror_job(&mut qmp).await?.is_none() => {}
+            Err(e) => return Err(e),
+        }
+        let blocks = qmp.execute("query-block", None).await?;
+        let file = blocks
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find_map(|b| b.get("inserted")?.get("file")?.as_str().map(str::to_string));
+        if file.as_deref() == Some(&*dest.to_string_lossy()) {
+            Ok(())
+        } else {
+            Err(DriverError::io(
+                what,
+                format!("the disk still uses {}", file.unwrap_or_default()),
+            ))
+        }
     }
 
     async fn resume(&self, run_dir: &Path) -> Result<(), DriverError> {

@@ -173,7 +173,13 @@ async fn serve(args: &ServerArgs, agent: Option<(AccelChoice, String, Duration)>
             hypervisor,
             stop_timeout,
             resync: Duration::from_secs(5),
-            address: std::net::Ipv4Addr::LOCALHOST.into(),
+            // Where hosts that join this one reach it for migrations: the first advertised
+            // address, else loopback (the all-in-one alone has nowhere to migrate to).
+            address: args
+                .advertise
+                .iter()
+                .find_map(|a| a.parse().ok())
+                .unwrap_or(std::net::Ipv4Addr::LOCALHOST.into()),
         };
         let agent = Agent::new(store.clone(), Arc::new(QemuDriver), cfg);
         tokio::spawn(async move {

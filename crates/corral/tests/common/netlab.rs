@@ -77,6 +77,21 @@ impl TestLab {
         serde_json::from_str(&self.ok(&a)).expect("json")
     }
 
+    /// A host's address on the lab fabric.
+    pub fn address(&self, host: &str) -> String {
+        let state = self.dir.path().join(&self.name).join("lab.json");
+        let state: Value =
+            serde_json::from_slice(&std::fs::read(state).expect("lab.json")).expect("json");
+        state["hosts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|h| h["name"] == host)
+            .and_then(|h| h["address"].as_str())
+            .expect("host address")
+            .to_string()
+    }
+
     pub fn netns(&self, host: &str) -> String {
         format!("corral-{}-{host}", self.name)
     }

@@ -1,0 +1,321 @@
+//! Live migration benchmark recorded in docs/BENCHMARKS.md: `cargo bench -p corral --bench migration`.
+//!
+//! A two-host lab (network namespaces on a fabric bridge). For 256 MiB, 512 MiB and 1 GiB guests,
+//! idle and dirtying memory (a loop rewriting 4 MiB in the guest's tmpfs), on a shared datastore:
+//! - Corral: `corral vm migrate` back and forth; the wall time of the command (until the guest runs
+//!   on the target) and the downtime QEMU measured;
+//! - plain QEMU driven by hand in the same run, in the same namespaces, with Corral's command line
+//!   and tuning: start the target with `-incoming`, `migrate`, wait, `cont` the target;
+//! - the bound: the bytes QEMU sent divided by the fabric's TCP throughput (busybox nc, measured).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::netlab::TestLab;
+use corral_hypervisor::qmp::Qmp;
+use serde_json::{json, Value};
+
+const RUNS: usize = 5;
+const DIRTY_LOOP: &str =
+    "(while :; do dd if=/dev/zero of=/tmp/d bs=64k count=64 conv=notrunc 2>/dev/null; done) >/dev/null 2>&1 &";
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn wait_marker(log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !std::fs::read_to_string(log).is_ok_and(|t| t.contains(common::READY)) {
+        assert!(Instant::now() < deadline, "no boot in {}", log.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn type_line(sock: &Path, line: &str) {
+    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("serial");
+    for chunk in format!("{line}\n").as_bytes().chunks(4) {
+        s.write_all(chunk).expect("type");
+        std::thread::sleep(Duration::from_millis(40));
+    }
+}
+
+/// Runs `f` on a thread inside a network namespace (`setns` changes only the calling thread).
+#[allow(unsafe_code)]
+fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("netns");
+        // SAFETY: setns(2) takes a valid descriptor we own and a flag; it touches no memory of ours.
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}");
+        f()
+    })
+}
+
+/// TCP throughput from host-1's namespace to host-2's, bytes per second (1 GiB, one stream).
+fn fabric_bandwidth(lab: &TestLab, to: &str) -> f64 {
+    use std::io::Read;
+    let to = to.to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let server = in_netns(&lab.netns("host-2"), move || {
+        let listener = std::net::TcpListener::bind((to.as_str(), 0)).expect("listen");
+        tx.send(listener.local_addr().expect("addr")).expect("send");
+        let (mut conn, _) = listener.accept().expect("accept");
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        loop {
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => return total,
+                Ok(n) => total += n as u64,
+            }
+        }
+    });
+    let addr = rx.recv().expect("address");
+    let bytes = 1u64 << 30;
+    let t = Instant::now();
+    in_netns(&lab.netns("host-1"), move || {
+        let mut conn = std::net::TcpStream::connect(addr).expect("connect");
+        let buf = vec![0u8; 1 << 20];
+        for _ in 0..(bytes >> 20) {
+            conn.write_all(&buf).expect("write");
+        }
+    })
+    .join()
+    .expect("client");
+    let received = server.join().expect("server");
+    assert_eq!(received, bytes);
+    bytes as f64 / t.elapsed().as_secs_f64()
+}
+
+/// Migrates a VM through Corral `RUNS` times; returns (wall s, downtime ms, bytes) per run.
+fn corral_runs(lab: &TestLab, name: &str) -> Vec<(f64, f64, f64)> {
+    (0..RUNS)
+        .map(|_| {
+            let t = Instant::now();
+            lab.ok(&["vm", "migrate", name]);
+            let wall = t.elapsed().as_secs_f64();
+            let m = lab.json(&["vm", "migration", name]);
+            let r = &m["result"];
+            (
+                wall,
+                r["downtime_ms"].as_f64().unwrap_or(f64::NAN),
+                r["memory_bytes"].as_f64().unwrap_or(f64::NAN),
+            )
+        })
+        .collect()
+}
+
+/// A QEMU started by hand in a host's namespace, with Corral's command line moved to `dir`.
+fn plain_qemu(lab: &TestLab, host: &str, argv: &[String], from: &str, dir: &Path, extra: &[&str]) {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).expect("dir");
+    let d = dir.display().to_string();
+    let st = Command::new("ip")
+        .args(["netns", "exec", &lab.netns(host)])
+        .args(argv.iter().map(|a| a.replace(from, &d)))
+        .args(extra)
+        .status()
+        .expect("qemu");
+    assert!(st.success(), "plain QEMU did not start");
+}
+
+async fn qmp(dir: &Path) -> Qmp {
+    Qmp::connect(&dir.join("qmp.sock")).await.expect("qmp")
+}
+
+/// Migrates a plain QEMU back and forth between the namespaces `RUNS` times, the way Corral tunes
+/// it; returns (wall s from starting the target to `cont`, downtime ms, bytes) per run.
+async fn plain_runs(
+    lab: &TestLab,
+    argv: &[String],
+    from: &str,
+    root: &Path,
+    dirty: bool,
+) -> Vec<(f64, f64, f64)> {
+    let hosts = [("host-1", root.join("a")), ("host-2", root.join("b"))];
+    plain_qemu(lab, hosts[0].0, argv, from, &hosts[0].1, &[]);
+    wait_marker(&hosts[0].1.join("console.log"));
+    if dirty {
+        type_line(&hosts[0].1.join("serial.sock"), DIRTY_LOOP);
+    }
+    let mut out = Vec::new();
+    for i in 0..RUNS {
+        let (src, dst) = (&hosts[i % 2], &hosts[(i + 1) % 2]);
+        let address = lab.address(dst.0);
+        let t = Instant::now();
+        plain_qemu(
+            lab,
+            dst.0,
+            argv,
+            from,
+            &dst.1,
+            &["-S", "-incoming", &format!("tcp:{address}:5998")],
+        );
+        let mut s = qmp(&src.1).await;
+        s.execute(
+            "migrate-set-capabilities",
+            Some(json!({"capabilities": [{"capability": "auto-converge", "state": true}]})),
+        )
+        .await
+        .expect("caps");
+        s.execute(
+            "migrate-set-parameters",
+            Some(json!({"max-bandwidth": 10u64 << 30, "downtime-limit": 50})),
+        )
+        .await
+        .expect("params");
+        s.execute(
+            "migrate",
+            Some(json!({"uri": format!("tcp:{address}:5998")})),
+        )
+        .await
+        .expect("migrate");
+        let done: Value = loop {
+            let m = s.execute("query-migrate", None).await.expect("query");
+            match m["status"].as_str() {
+                Some("completed") => break m,
+                Some("failed" | "cancelled") => panic!("plain migration failed: {m}"),
+                _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        };
+        qmp(&dst.1).await.execute("cont", None).await.expect("cont");
+        let wall = t.elapsed().as_secs_f64();
+        let _ = s.execute("quit", None).await;
+        out.push((
+            wall,
+            done["downtime"].as_f64().unwrap_or(f64::NAN),
+            done["ram"]["transferred"].as_f64().unwrap_or(f64::NAN),
+        ));
+    }
+    for (_, dir) in &hosts {
+        for pid in common::pids_matching(&dir.display().to_string()) {
+            common::signal(pid, libc::SIGKILL);
+        }
+    }
+    out
+}
+
+fn main() {
+    let lab = TestLab::up(2);
+    lab.ok(&["image", "build-jeos"]);
+    let shared = lab.dir.path().join("shared");
+    std::fs::create_dir_all(&shared).expect("shared");
+    lab.ok(&[
+        "datastore",
+        "create",
+        "nfs",
+        "--path",
+        shared.to_str().expect("path"),
+        "--shared",
+    ]);
+    let link = fabric_bandwidth(&lab, &lab.address("host-2"));
+    println!(
+        "fabric TCP throughput between the namespaces: {:.0} MiB/s",
+        link / (1u64 << 20) as f64
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    println!("| guest | load | Corral downtime | plain QEMU downtime | Corral total | plain QEMU total | ratio | bound (sent / link) |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for mem in ["256M", "512M", "1G"] {
+        for dirty in [false, true] {
+            let name = format!(
+                "m{}-{}",
+                mem.to_lowercase(),
+                if dirty { "dirty" } else { "idle" }
+            );
+            lab.ok(&[
+                "vm",
+                "create",
+                &name,
+                "--image",
+                "jeos",
+                "--memory",
+                mem,
+                "--datastore",
+                "nfs",
+                "--start",
+            ]);
+            let vm = lab.json(&["vm", "show", &name]);
+            let run_dir = vm["status"]["run_dir"]
+                .as_str()
+                .expect("run dir")
+                .to_string();
+            wait_marker(&Path::new(&run_dir).join("console.log"));
+            if dirty {
+                type_line(&Path::new(&run_dir).join("serial.sock"), DIRTY_LOOP);
+                std::thread::sleep(Duration::from_secs(2));
+            }
+            let corral = corral_runs(&lab, &name);
+            // Corral's command line, from the QEMU it runs now.
+            let vm = lab.json(&["vm", "show", &name]);
+            let pid = vm["status"]["pid"].as_u64().expect("pid");
+            let run_dir = vm["status"]["run_dir"]
+                .as_str()
+                .expect("run dir")
+                .to_string();
+            let argv: Vec<String> = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .expect("cmdline")
+                .split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let disk = vm["status"]["disk"]["path"]
+                .as_str()
+                .expect("disk")
+                .to_string();
+            eprintln!("  corral runs (wall s, downtime ms, bytes): {corral:.3?}");
+            lab.ok(&["vm", "delete", &name, "--force"]);
+            // The plain runs get a linked clone of their own, on the same shared directory.
+            let plain_disk = shared.join("plain.qcow2");
+            let _ = std::fs::remove_file(&plain_disk);
+            let image = lab.json(&["image", "show", "jeos"])["status"]["path"]
+                .as_str()
+                .expect("image")
+                .to_string();
+            let st = Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &image])
+                .arg(&plain_disk)
+                .status()
+                .expect("qemu-img");
+            assert!(st.success());
+            // The QEMU Corral runs now was started as a migration target: drop `-S -incoming defer`.
+            let mut argv: Vec<String> = argv
+                .iter()
+                .map(|a| a.replace(&disk, &plain_disk.display().to_string()))
+                .collect();
+            if let Some(i) = argv.iter().position(|a| a == "-S") {
+                argv.drain(i..i + 3);
+            }
+            let plain_root = lab.dir.path().join("plain");
+            let plain = rt.block_on(plain_runs(&lab, &argv, &run_dir, &plain_root, dirty));
+            let col = |v: &[(f64, f64, f64)], f: fn(&(f64, f64, f64)) -> f64| {
+                median(v.iter().map(f).collect())
+            };
+            let (cw, cd, cb) = (
+                col(&corral, |r| r.0),
+                col(&corral, |r| r.1),
+                col(&corral, |r| r.2),
+            );
+            let (pw, pd) = (col(&plain, |r| r.0), col(&plain, |r| r.1));
+            println!(
+                "| {mem} | {} | {cd:.0} ms | {pd:.0} ms | {cw:.3} s | {pw:.3} s | {:.2} | {:.3} s |",
+                if dirty { "dirtying" } else { "idle" },
+                cw / pw,
+                cb / link
+            );
+            eprintln!("  plain runs: {plain:.3?}");
+        }
+    }
+}
