@@ -37,8 +37,10 @@ const PREPARE_TIMEOUT: Duration = Duration::from_secs(60);
 const STALL_TIMEOUT: Duration = Duration::from_secs(20);
 /// A migration that has not converged after this long is given up.
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(300);
-/// How often the source looks at the copy, and writes progress at most.
+/// How often the source looks at the copy (more often once memory moves: the switchover is noticed
+/// sooner, and the guest waits paused until it is), and writes progress at most.
 const POLL: Duration = Duration::from_millis(100);
+const POLL_MEMORY: Duration = Duration::from_millis(10);
 const REPORT: Duration = Duration::from_secs(1);
 
 /// How this cluster wants memory sent.
@@ -369,7 +371,7 @@ pub(crate) async fn run_source(
                 return Ok(Outcome::Requeue(Duration::ZERO))
             }
         }
-        tokio::time::sleep(POLL).await;
+        tokio::time::sleep(if memory_started { POLL_MEMORY } else { POLL }).await;
     }
 }
 
@@ -386,6 +388,7 @@ async fn hand_over(
     dir: &Path,
     transfer: &Transfer,
 ) -> Result<Outcome, AgentError> {
+    let completed_at = Utc::now();
     let (shared, source) = get_json::<Migration>(store, mig_key)
         .await?
         .map(|m| (m.value.shared_storage, m.value.source))
@@ -440,6 +443,7 @@ async fn hand_over(
             total_ms,
             memory_bytes: transfer.memory_sent,
             disk_bytes,
+            completed_at: Some(completed_at),
         });
         m.updated_at = Utc::now();
         let source_disk = v.status.disk.as_ref().map(|d| PathBuf::from(&d.path));

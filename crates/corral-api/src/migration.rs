@@ -72,6 +72,10 @@ pub struct MigrationResult {
     pub memory_bytes: u64,
     /// Disk copied (shared-nothing migrations).
     pub disk_bytes: u64,
+    /// When the source saw the copy complete (the guest paused); the target resumes it after the
+    /// handover, at the `Running` condition's transition time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<DateTime<Utc>>,
 }
 
 /// One move of a running VM from `source` to `target`. Stored at `keys::migration(project, vm)`;

@@ -500,8 +500,8 @@ async fn txn(
 }
 
 /// Long poll: waits up to 20 s for events under the prefix from revision `from`, then returns what
-/// has arrived and the revision to ask from next. The events of the page's last revision are taken
-/// from the store's history, so a revision is never split across pages.
+/// has arrived and the revision to ask from next. A page ends with the last event of a revision, so
+/// a revision is never split across pages.
 async fn watch(
     State(a): State<AgentCtx>,
     Extension(peer): Extension<Peer>,
@@ -524,26 +524,31 @@ async fn watch(
         }
     };
     let mut w = open(from).await?;
-    let mut events = Vec::new();
+    let mut events: Vec<corral_store::Event> = Vec::new();
     if let Ok(Some(first)) = tokio::time::timeout(Duration::from_secs(20), w.recv()).await {
         events.push(first.map_err(|e| ApiError::Gone(e.to_string()))?);
-        while let Ok(Ok(e)) = w.try_recv() {
-            events.push(e);
+        // Take what has arrived, and end the page on a revision boundary: the rest of a
+        // transaction's events are on their way.
+        loop {
+            while let Ok(Ok(e)) = w.try_recv() {
+                events.push(e);
+            }
+            if events.last().is_some_and(|e| e.last_in_revision) {
+                break;
+            }
+            match tokio::time::timeout(Duration::from_secs(5), w.recv()).await {
+                Ok(Some(Ok(e))) => events.push(e),
+                _ => {
+                    return Err(ApiError::Gone(
+                        "the watch ended in the middle of a revision: list again".into(),
+                    ))
+                }
+            }
         }
     }
     let Some(last) = events.last().map(|e| e.kv.mod_revision) else {
         return Ok(Json(WatchPage { events, next: from }));
     };
-    events.retain(|e| e.kv.mod_revision < last);
-    let mut replay = open(last).await?;
-    while let Ok(Some(Ok(e))) =
-        tokio::time::timeout(Duration::from_millis(500), replay.recv()).await
-    {
-        if e.kv.mod_revision != last {
-            break;
-        }
-        events.push(e);
-    }
     Ok(Json(WatchPage {
         events,
         next: last + 1,

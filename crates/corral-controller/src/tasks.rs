@@ -213,12 +213,16 @@ fn vm_key(task: &Task) -> String {
     keys::vm(&task.project, task.target_name())
 }
 
-/// What a task waits on: the key (or prefix) to watch.
-fn watched(task: &Task) -> String {
+/// What a task waits on: the keys (or a prefix) to watch, one or two.
+fn watched(task: &Task) -> Vec<String> {
     match &task.goal {
-        TaskGoal::VmMigrate { .. } => keys::migration(&task.project, task.target_name()),
-        TaskGoal::HostEvacuate { .. } => keys::VMS.to_string(),
-        _ => vm_key(task),
+        // The record, and the VM: the move ends when the guest runs on the target.
+        TaskGoal::VmMigrate { .. } => vec![
+            keys::migration(&task.project, task.target_name()),
+            vm_key(task),
+        ],
+        TaskGoal::HostEvacuate { .. } => vec![keys::VMS.to_string()],
+        _ => vec![vm_key(task)],
     }
 }
 
@@ -226,7 +230,8 @@ fn watched(task: &Task) -> String {
 async fn judge(ctx: &Ctx, task: &Task) -> Result<Verdict, StoreError> {
     Ok(match &task.goal {
         TaskGoal::VmMigrate { id } => {
-            let m = get_json::<Migration>(&*ctx.store, &watched(task)).await?;
+            let key = keys::migration(&task.project, task.target_name());
+            let m = get_json::<Migration>(&*ctx.store, &key).await?;
             let vm = get_json::<Vm>(&*ctx.store, &vm_key(task)).await?;
             crate::migrations::evaluate(
                 *id,
@@ -255,19 +260,21 @@ async fn judge(ctx: &Ctx, task: &Task) -> Result<Verdict, StoreError> {
 /// Follows a VM task until the VM reaches the goal, fails, or the task times out (counted from
 /// the task's creation, also across controller restarts).
 async fn follow(ctx: Ctx, task: Task) {
-    let key = watched(&task);
+    let keys = watched(&task);
     let age = (chrono::Utc::now() - task.created_at)
         .to_std()
         .unwrap_or_default();
     let deadline = tokio::time::Instant::now() + TASK_TIMEOUT.saturating_sub(age);
-    let mut watch = None;
+    let mut watches: Vec<Option<corral_store::WatchStream>> = keys.iter().map(|_| None).collect();
     loop {
         if tokio::time::Instant::now() >= deadline {
             let msg = "timed out after 10 minutes; see `corral vm show`";
             return update(&ctx, task.id, 100, "failed", Some(Err(msg.into()))).await;
         }
-        if watch.is_none() {
-            watch = ctx.store.watch(&key, 0).await.ok();
+        for (w, key) in watches.iter_mut().zip(&keys) {
+            if w.is_none() {
+                *w = ctx.store.watch(key, 0).await.ok();
+            }
         }
         match judge(&ctx, &task).await {
             Ok(Verdict::Done(msg)) => return update(&ctx, task.id, 100, &msg, Some(Ok(()))).await,
@@ -281,18 +288,26 @@ async fn follow(ctx: Ctx, task: Task) {
             Ok(Verdict::Progress(p, msg)) => update(&ctx, task.id, p, &msg, None).await,
             Err(e) => tracing::warn!(error = %e, "task could not read what it follows"),
         }
-        // Wake on a change of the VM, or after a second at the latest; a watch that ended is
-        // made again on the next round.
+        // Wake on a change of what the task follows, or after a second at the latest; a watch
+        // that ended is made again on the next round.
+        let (first, rest) = watches.split_at_mut(1);
         let changed = async {
-            match watch.as_mut() {
-                Some(w) => matches!(w.recv().await, Some(Ok(_))),
-                None => std::future::pending().await,
+            tokio::select! {
+                ok = next_change(first[0].as_mut()) => (0, ok),
+                ok = next_change(rest.first_mut().and_then(Option::as_mut)) => (1, ok),
             }
         };
-        match tokio::time::timeout(Duration::from_secs(1), changed).await {
-            Ok(true) | Err(_) => {}
-            Ok(false) => watch = None,
+        if let Ok((i, false)) = tokio::time::timeout(Duration::from_secs(1), changed).await {
+            watches[i] = None;
         }
+    }
+}
+
+/// Whether the watch delivered a change (false: it ended); never returns without a watch.
+async fn next_change(w: Option<&mut corral_store::WatchStream>) -> bool {
+    match w {
+        Some(w) => matches!(w.recv().await, Some(Ok(_))),
+        None => std::future::pending().await,
     }
 }
 

@@ -84,6 +84,18 @@ pub enum EventKind {
 pub struct Event {
     pub kind: EventKind,
     pub kv: KeyValue,
+    /// The last event of its revision under the watched prefix: a reader that stops after one of
+    /// these never splits a transaction's events (set by the watch, not stored).
+    #[serde(default)]
+    pub last_in_revision: bool,
+}
+
+/// Marks the last event of each revision in a run of events in revision order.
+pub fn mark_revision_ends(events: &mut [Event]) {
+    for i in 0..events.len() {
+        let next = events.get(i + 1).map(|n| n.kv.mod_revision);
+        events[i].last_in_revision = next != Some(events[i].kv.mod_revision);
+    }
 }
 
 /// A stream of events in revision order; it ends (or yields an error) if the watcher falls too far

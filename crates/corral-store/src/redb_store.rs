@@ -187,6 +187,7 @@ fn decode_events(mut b: &[u8]) -> Vec<Event> {
         events.push(Event {
             kind,
             kv: decode_kv(&key, &b[start..start + vlen]),
+            last_in_revision: false,
         });
         b = &b[start + vlen..];
     }
@@ -294,6 +295,7 @@ impl Inner {
                     events.push(Event {
                         kind: EventKind::Put,
                         kv,
+                        last_in_revision: false,
                     });
                 }
                 Op::Check { .. } => {}
@@ -304,6 +306,7 @@ impl Inner {
                     kv_table.remove(key.as_str()).be(&self.path)?;
                     events.push(Event {
                         kind: EventKind::Delete,
+                        last_in_revision: false,
                         kv: KeyValue {
                             value: Vec::new(),
                             mod_revision: rev,
@@ -473,12 +476,13 @@ impl Store for RedbStore {
     async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream, StoreError> {
         // Subscribe before reading history, so nothing falls between the two.
         let mut live = self.inner.events.subscribe();
-        let (history, upto) = if from == 0 {
+        let (mut history, upto) = if from == 0 {
             (Vec::new(), self.current_revision().await?)
         } else {
             let p = prefix.to_string();
             self.blocking(move |i| i.history(&p, from)).await?
         };
+        crate::mark_revision_ends(&mut history);
         let (tx, rx) = mpsc::channel(1024);
         let prefix = prefix.to_string();
         tokio::spawn(async move {
@@ -498,8 +502,15 @@ impl Store for RedbStore {
                         if batch.0 <= upto || batch.0 < from {
                             continue;
                         }
-                        for e in batch.1.iter().filter(|e| e.kv.key.starts_with(&prefix)) {
-                            if tx.send(Ok(e.clone())).await.is_err() {
+                        let mut mine: Vec<Event> = batch
+                            .1
+                            .iter()
+                            .filter(|e| e.kv.key.starts_with(&prefix))
+                            .cloned()
+                            .collect();
+                        crate::mark_revision_ends(&mut mine);
+                        for e in mine {
+                            if tx.send(Ok(e)).await.is_err() {
                                 return;
                             }
                         }

@@ -96,8 +96,16 @@ fn fabric_bandwidth(lab: &TestLab, to: &str) -> f64 {
     bytes as f64 / t.elapsed().as_secs_f64()
 }
 
-/// Migrates a VM through Corral `RUNS` times; returns (wall s, downtime ms, bytes) per run.
-fn corral_runs(lab: &TestLab, name: &str) -> Vec<(f64, f64, f64)> {
+/// One migration: wall seconds, QEMU's downtime (ms), bytes sent, and the guest's whole pause (ms):
+/// QEMU's downtime plus the time from the copy's completion to the guest running on the target.
+type Run = (f64, f64, f64, f64);
+
+fn time_of(v: &Value) -> chrono::DateTime<chrono::Utc> {
+    v.as_str().and_then(|t| t.parse().ok()).expect("timestamp")
+}
+
+/// Migrates a VM through Corral `RUNS` times.
+fn corral_runs(lab: &TestLab, name: &str) -> Vec<Run> {
     (0..RUNS)
         .map(|_| {
             let t = Instant::now();
@@ -105,10 +113,23 @@ fn corral_runs(lab: &TestLab, name: &str) -> Vec<(f64, f64, f64)> {
             let wall = t.elapsed().as_secs_f64();
             let m = lab.json(&["vm", "migration", name]);
             let r = &m["result"];
+            let vm = lab.json(&["vm", "show", name]);
+            let running = vm["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|c| c["type"] == "Running")
+                .map(|c| time_of(&c["last_transition"]))
+                .expect("running since");
+            let handover = (running - time_of(&r["completed_at"]))
+                .num_microseconds()
+                .unwrap_or(0);
+            let downtime = r["downtime_ms"].as_f64().unwrap_or(f64::NAN);
             (
                 wall,
-                r["downtime_ms"].as_f64().unwrap_or(f64::NAN),
+                downtime,
                 r["memory_bytes"].as_f64().unwrap_or(f64::NAN),
+                downtime + handover as f64 / 1000.0,
             )
         })
         .collect()
@@ -133,14 +154,14 @@ async fn qmp(dir: &Path) -> Qmp {
 }
 
 /// Migrates a plain QEMU back and forth between the namespaces `RUNS` times, the way Corral tunes
-/// it; returns (wall s from starting the target to `cont`, downtime ms, bytes) per run.
+/// it; the wall time runs from starting the target to `cont`.
 async fn plain_runs(
     lab: &TestLab,
     argv: &[String],
     from: &str,
     root: &Path,
     dirty: bool,
-) -> Vec<(f64, f64, f64)> {
+) -> Vec<Run> {
     let hosts = [("host-1", root.join("a")), ("host-2", root.join("b"))];
     plain_qemu(lab, hosts[0].0, argv, from, &hosts[0].1, &[]);
     wait_marker(&hosts[0].1.join("console.log"));
@@ -179,21 +200,24 @@ async fn plain_runs(
         )
         .await
         .expect("migrate");
-        let done: Value = loop {
+        let (done, seen): (Value, Instant) = loop {
             let m = s.execute("query-migrate", None).await.expect("query");
             match m["status"].as_str() {
-                Some("completed") => break m,
+                Some("completed") => break (m, Instant::now()),
                 Some("failed" | "cancelled") => panic!("plain migration failed: {m}"),
                 _ => tokio::time::sleep(Duration::from_millis(5)).await,
             }
         };
         qmp(&dst.1).await.execute("cont", None).await.expect("cont");
         let wall = t.elapsed().as_secs_f64();
+        let handover = seen.elapsed().as_secs_f64() * 1000.0;
         let _ = s.execute("quit", None).await;
+        let downtime = done["downtime"].as_f64().unwrap_or(f64::NAN);
         out.push((
             wall,
-            done["downtime"].as_f64().unwrap_or(f64::NAN),
+            downtime,
             done["ram"]["transferred"].as_f64().unwrap_or(f64::NAN),
+            downtime + handover,
         ));
     }
     for (_, dir) in &hosts {
@@ -226,7 +250,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    println!("| guest | load | Corral downtime | plain QEMU downtime | Corral total | plain QEMU total | ratio | bound (sent / link) |");
+    println!("| guest | load | Corral downtime / guest pause | plain QEMU downtime / guest pause | Corral total | plain QEMU total | ratio | bound (sent / link) |");
     println!("|---|---|---|---|---|---|---|---|");
     for mem in ["256M", "512M", "1G"] {
         for dirty in [false, true] {
@@ -300,17 +324,20 @@ fn main() {
             }
             let plain_root = lab.dir.path().join("plain");
             let plain = rt.block_on(plain_runs(&lab, &argv, &run_dir, &plain_root, dirty));
-            let col = |v: &[(f64, f64, f64)], f: fn(&(f64, f64, f64)) -> f64| {
-                median(v.iter().map(f).collect())
-            };
-            let (cw, cd, cb) = (
+            let col = |v: &[Run], f: fn(&Run) -> f64| median(v.iter().map(f).collect());
+            let (cw, cd, cb, cp) = (
                 col(&corral, |r| r.0),
                 col(&corral, |r| r.1),
                 col(&corral, |r| r.2),
+                col(&corral, |r| r.3),
             );
-            let (pw, pd) = (col(&plain, |r| r.0), col(&plain, |r| r.1));
+            let (pw, pd, pp) = (
+                col(&plain, |r| r.0),
+                col(&plain, |r| r.1),
+                col(&plain, |r| r.3),
+            );
             println!(
-                "| {mem} | {} | {cd:.0} ms | {pd:.0} ms | {cw:.3} s | {pw:.3} s | {:.2} | {:.3} s |",
+                "| {mem} | {} | {cd:.0} ms / {cp:.0} ms | {pd:.0} ms / {pp:.0} ms | {cw:.3} s | {pw:.3} s | {:.2} | {:.3} s |",
                 if dirty { "dirtying" } else { "idle" },
                 cw / pw,
                 cb / link
