@@ -39,8 +39,10 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(20);
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How often the source looks at the copy (more often once memory moves: the switchover is noticed
 /// sooner, and the guest waits paused until it is), and writes progress at most.
-const POLL: Duration = Duration::from_millis(100);
+const POLL: Duration = Duration::from_millis(20);
 const POLL_MEMORY: Duration = Duration::from_millis(10);
+/// How often the record and the VM are read again while memory moves (for a cancel or a stop).
+const STORE_POLL: Duration = Duration::from_millis(200);
 const REPORT: Duration = Duration::from_secs(1);
 
 /// How this cluster wants memory sent.
@@ -178,11 +180,28 @@ pub(crate) async fn run_source(
     let mut memory_started = false;
     let mut memory_since: Option<Instant> = None;
     let mut first = true;
+    // The record and the VM as last read; while memory moves QEMU is polled far more often than
+    // the store is read.
+    let mut read: Option<(Instant, Versioned<Migration>, Option<Versioned<Vm>>)> = None;
     loop {
-        let Some(Versioned {
-            value: m,
-            revision: mig_rev,
-        }) = get_json::<Migration>(store, mig_key).await?
+        let fresh = read
+            .as_ref()
+            .is_none_or(|(at, ..)| !memory_started || at.elapsed() >= STORE_POLL);
+        if fresh {
+            let Some(m) = get_json::<Migration>(store, mig_key).await? else {
+                return Ok(Outcome::Requeue(Duration::ZERO));
+            };
+            let vm = get_json::<Vm>(store, vm_key).await?;
+            read = Some((Instant::now(), m, vm));
+        }
+        let Some((
+            _,
+            Versioned {
+                value: m,
+                revision: mig_rev,
+            },
+            vm,
+        )) = read.clone()
         else {
             return Ok(Outcome::Requeue(Duration::ZERO));
         };
@@ -196,7 +215,6 @@ pub(crate) async fn run_source(
             note_end(store, vm_key, &m).await?;
             return Ok(Outcome::Requeue(Duration::ZERO));
         }
-        let vm = get_json::<Vm>(store, vm_key).await?;
         let stop_reason = match &vm {
             None => Some("the VM was deleted"),
             Some(v) if v.value.meta.deletion_requested_at.is_some() => {
@@ -284,6 +302,8 @@ pub(crate) async fn run_source(
                     m.progress = progress_of(&transfer, memory_started);
                 })
                 .await?;
+                // The record changed: read it again before the next step.
+                read = None;
             }
             MigrationPhase::Transferring => {
                 if !m.shared_storage && memory_started && transfer.disk.is_none() {

@@ -139,13 +139,20 @@ impl Client {
         );
         bar.set_prefix(format!("{} {}", task.kind, task.target));
         let mut task = task;
+        let started = std::time::Instant::now();
         loop {
             bar.set_position(task.progress as u64);
             bar.set_message(task.message.clone());
             if task.is_finished() {
                 break;
             }
-            std::thread::sleep(Duration::from_millis(150));
+            // Short tasks (a migration) end within a second: look often at first.
+            let waited = started.elapsed();
+            std::thread::sleep(if waited < Duration::from_secs(2) {
+                Duration::from_millis(20)
+            } else {
+                Duration::from_millis(150)
+            });
             task = self.get(&format!("/tasks/{}", task.id))?;
         }
         bar.finish();
