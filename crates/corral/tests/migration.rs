@@ -57,7 +57,8 @@ fn type_line(lab: &TestLab, name: &str, line: &str) {
 fn guest_value(lab: &TestLab, name: &str, key: &str, command: &str) -> String {
     let before = lab.ok(&["vm", "console", name]).len();
     type_line(lab, name, &format!("echo {key}=$({command})"));
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut retype = Instant::now() + Duration::from_secs(12);
     loop {
         let text = lab.ok(&["vm", "console", name]);
         let found = text
@@ -74,6 +75,13 @@ fn guest_value(lab: &TestLab, name: &str, key: &str, command: &str) -> String {
             Instant::now() < deadline,
             "{name} did not answer {command:?}; console:\n{text}"
         );
+        if Instant::now() > retype {
+            // On a loaded machine the guest's UART may have dropped characters: abandon the line
+            // (Ctrl-C) and type it again.
+            type_line(lab, name, "\u{3}");
+            type_line(lab, name, &format!("echo {key}=$({command})"));
+            retype = Instant::now() + Duration::from_secs(12);
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
 }
