@@ -53,10 +53,12 @@ fn type_line(lab: &TestLab, name: &str, line: &str) {
     }
 }
 
-/// Types `command` on the guest's serial console and returns what it prints as `KEY=value`.
-fn guest_value(lab: &TestLab, name: &str, key: &str, command: &str) -> String {
+/// Types `line` on the guest's serial console and returns what it prints as `KEY=value`. Lines
+/// are kept free of quotes and parentheses: a character the UART drops then cannot leave the shell
+/// waiting for the rest of a quoted string.
+fn guest_value(lab: &TestLab, name: &str, key: &str, line: &str) -> String {
     let before = lab.ok(&["vm", "console", name]).len();
-    type_line(lab, name, &format!("echo {key}=$({command})"));
+    type_line(lab, name, line);
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut retype = Instant::now() + Duration::from_secs(12);
     loop {
@@ -67,19 +69,19 @@ fn guest_value(lab: &TestLab, name: &str, key: &str, command: &str) -> String {
             .lines()
             .filter_map(|l| l.split_once(&format!("{key}=")))
             .map(|(_, v)| v.trim().to_string())
-            .find(|v| !v.is_empty() && !v.starts_with("$("));
+            .find(|v| !v.is_empty() && !v.starts_with('$'));
         if let Some(v) = found {
             return v;
         }
         assert!(
             Instant::now() < deadline,
-            "{name} did not answer {command:?}; console:\n{text}"
+            "{name} did not answer {line:?}; console:\n{text}"
         );
         if Instant::now() > retype {
             // On a loaded machine the guest's UART may have dropped characters: abandon the line
             // (Ctrl-C) and type it again.
             type_line(lab, name, "\u{3}");
-            type_line(lab, name, &format!("echo {key}=$({command})"));
+            type_line(lab, name, line);
             retype = Instant::now() + Duration::from_secs(12);
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -87,7 +89,7 @@ fn guest_value(lab: &TestLab, name: &str, key: &str, command: &str) -> String {
 }
 
 fn uptime(lab: &TestLab, name: &str) -> f64 {
-    guest_value(lab, name, "UP", "cut -d' ' -f1 /proc/uptime")
+    guest_value(lab, name, "UP", "read u x < /proc/uptime; echo UP=$u")
         .parse()
         .expect("uptime")
 }
@@ -101,7 +103,7 @@ fn healthy(lab: &TestLab, name: &str) {
 }
 
 fn counter(lab: &TestLab, name: &str) -> u64 {
-    guest_value(lab, name, "COUNT", "cat /tmp/count")
+    guest_value(lab, name, "COUNT", "read c < /tmp/count; echo COUNT=$c")
         .parse()
         .expect("count")
 }
@@ -207,7 +209,7 @@ fn running_guests_move_between_hosts_and_failed_moves_leave_them_on_their_source
         &lab,
         "busy",
         "WROTE",
-        "echo corral-was-here > /root/mark; sync; echo ok",
+        "echo corral-was-here > /root/mark; sync; echo WROTE=$?",
     );
 
     // Shared storage: only memory moves.
@@ -271,7 +273,7 @@ fn running_guests_move_between_hosts_and_failed_moves_leave_them_on_their_source
         &lab,
         "busy",
         "MARK",
-        "echo 3 > /proc/sys/vm/drop_caches; cat /root/mark",
+        "echo 3 > /proc/sys/vm/drop_caches; read m < /root/mark; echo MARK=$m",
     );
     assert_eq!(mark, "corral-was-here");
     let m = lab.json(&["vm", "migration", "busy"]);
@@ -339,7 +341,7 @@ fn running_guests_move_between_hosts_and_failed_moves_leave_them_on_their_source
         &lab,
         "third",
         "WROTE",
-        "echo moved-with-me > /root/mark; sync; echo ok",
+        "echo moved-with-me > /root/mark; sync; echo WROTE=$?",
     );
     let up0 = uptime(&lab, "third");
     let local = vm(&lab, "third")["status"]["disk"]["path"]
@@ -363,7 +365,7 @@ fn running_guests_move_between_hosts_and_failed_moves_leave_them_on_their_source
         &lab,
         "third",
         "MARK",
-        "echo 3 > /proc/sys/vm/drop_caches; cat /root/mark",
+        "echo 3 > /proc/sys/vm/drop_caches; read m < /root/mark; echo MARK=$m",
     );
     assert_eq!(mark, "moved-with-me");
     healthy(&lab, "third");
