@@ -57,7 +57,7 @@ async fn tuning(store: &dyn Store) -> Result<Tuning, AgentError> {
             .migration_bandwidth_bytes
             .unwrap_or(default.max_bandwidth_bytes),
         downtime_limit_ms: settings.migration_downtime_limit_ms,
-        ..default
+        auto_converge: settings.migration_auto_converge,
     })
 }
 

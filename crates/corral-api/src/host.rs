@@ -99,6 +99,15 @@ pub struct ClusterSettings {
     /// The longest pause of a guest at the switchover of a live migration (QEMU's default: 300).
     #[serde(default = "default_downtime_ms")]
     pub migration_downtime_limit_ms: u64,
+    /// When a guest dirties memory faster than the link sends it, slow its vCPUs down until the copy
+    /// converges (QEMU's auto-converge). Off: such a migration fails after its timeout and the guest
+    /// stays, at full speed, on its source.
+    #[serde(default = "yes")]
+    pub migration_auto_converge: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_downtime_ms() -> u64 {
@@ -113,6 +122,7 @@ impl Default for ClusterSettings {
             memory_overcommit: 1.0,
             migration_bandwidth_bytes: None,
             migration_downtime_limit_ms: default_downtime_ms(),
+            migration_auto_converge: true,
         }
     }
 }

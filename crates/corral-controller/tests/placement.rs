@@ -474,6 +474,13 @@ async fn failed_and_cancelled_migrations_leave_the_vm_running_on_its_source() {
     let home = c.runs_on("f1").await;
     let other = if home == "host-a" { "host-b" } else { "host-a" };
 
+    // The cluster's migration policy reaches QEMU.
+    let policy = json!({"placement": "spread", "cpu_overcommit": 4.0, "memory_overcommit": 1.0,
+        "migration_auto_converge": false, "migration_downtime_limit_ms": 30});
+    assert_eq!(
+        c.call("PUT", "/cluster", Some(Body::Json(policy))).await.0,
+        200
+    );
     c.driver(&home)
         .fail_next_migration("connection reset by peer");
     let (_, task) = c.migrate("f1", None).await;
@@ -493,6 +500,12 @@ async fn failed_and_cancelled_migrations_leave_the_vm_running_on_its_source() {
             .to_string()
             .contains("MigrationFailed"),
         "{f1}"
+    );
+    let sent = c.driver(&home).calls();
+    assert!(
+        sent.iter()
+            .any(|c| c.ends_with("auto-converge=false downtime=30ms")),
+        "{sent:?}"
     );
 
     c.driver(&home).hold_migrations(true);

@@ -243,9 +243,14 @@ impl Driver for FakeDriver {
         Ok(())
     }
 
-    async fn send(&self, run_dir: &Path, uri: &str, _tuning: &Tuning) -> Result<(), DriverError> {
+    async fn send(&self, run_dir: &Path, uri: &str, tuning: &Tuning) -> Result<(), DriverError> {
         let mut s = self.state();
-        s.calls.push(format!("send {}", name(run_dir)));
+        s.calls.push(format!(
+            "send {} auto-converge={} downtime={}ms",
+            name(run_dir),
+            tuning.auto_converge,
+            tuning.downtime_limit_ms
+        ));
         let status = match s.fail_next_migration.take() {
             Some(msg) => TransferStatus::Failed(msg),
             None => TransferStatus::Active,

@@ -238,6 +238,9 @@ enum ClusterCmd {
         /// Longest pause of a guest at a live migration's switchover, in milliseconds.
         #[arg(long)]
         migration_downtime_ms: Option<u64>,
+        /// Slow down the vCPUs of a guest that dirties memory faster than a migration sends it.
+        #[arg(long)]
+        migration_auto_converge: Option<bool>,
     },
 }
 
@@ -486,6 +489,7 @@ fn client_command(g: &Global, cmd: Command) -> Result<()> {
             memory_overcommit,
             migration_bandwidth,
             migration_downtime_ms,
+            migration_auto_converge,
         }) => {
             let mut s: ClusterSettings = c.get("/cluster")?;
             if let Some(p) = placement {
@@ -508,6 +512,8 @@ fn client_command(g: &Global, cmd: Command) -> Result<()> {
             }
             s.migration_downtime_limit_ms =
                 migration_downtime_ms.unwrap_or(s.migration_downtime_limit_ms);
+            s.migration_auto_converge =
+                migration_auto_converge.unwrap_or(s.migration_auto_converge);
             output::cluster(fmt, &c.put_json::<ClusterSettings>("/cluster", &s)?)
         }
         Command::Datastore(cmd) => match cmd {

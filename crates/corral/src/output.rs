@@ -241,6 +241,7 @@ pub fn cluster(fmt: Format, c: &ClusterSettings) -> Result<()> {
             "MEMORY OVERCOMMIT",
             "MIGRATION BANDWIDTH",
             "MIGRATION DOWNTIME",
+            "AUTO-CONVERGE",
         ],
         vec![vec![
             format!("{:?}", c.placement).to_lowercase(),
@@ -249,6 +250,12 @@ pub fn cluster(fmt: Format, c: &ClusterSettings) -> Result<()> {
             c.migration_bandwidth_bytes
                 .map_or("no cap".into(), |b| format!("{}/s", format_bytes(b))),
             format!("{} ms", c.migration_downtime_limit_ms),
+            if c.migration_auto_converge {
+                "on"
+            } else {
+                "off"
+            }
+            .into(),
         ]],
     );
     Ok(())

@@ -108,14 +108,18 @@ fn every_call_but_health_needs_the_token() {
     assert!(ops.len() >= 15, "the document lists the API: {ops:?}");
     for (method, path) in ops {
         for token in [None, Some("Bearer nope")] {
+            // A connection per request: what is tested is each answer, not connection reuse.
             let mut req = ureq::http::Request::builder()
                 .method(method.as_str())
-                .uri(format!("{base}{path}"));
+                .uri(format!("{base}{path}"))
+                .header("Connection", "close");
             if let Some(t) = token {
                 req = req.header("Authorization", t);
             }
             let req = req.body(()).expect("request");
-            let mut res = agent.run(req).expect("call");
+            let mut res = agent.run(req).unwrap_or_else(|e| {
+                panic!("{method} {path}: {e}; the server's log:\n{}", lab.log())
+            });
             if path == "/api/v1/health" {
                 assert_eq!(res.status(), 200);
                 continue;
