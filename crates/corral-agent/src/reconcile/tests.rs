@@ -405,3 +405,50 @@ async fn a_guest_that_ignores_the_power_button_is_powered_off_after_the_timeout(
         "asked once: {calls:?}"
     );
 }
+
+#[tokio::test]
+async fn leftover_copies_are_swept_but_a_running_guest_is_never_killed() {
+    let f = fixture().await;
+    let driver = Arc::new(FakeDriver::default());
+    let key = f.create("kept", PowerState::Running).await;
+    let mut ws = WorkerState::default();
+    reconcile(&*f.store, &*driver, &f.cfg, &key, &mut ws)
+        .await
+        .expect("reconcile");
+    let kept = layout::vm_dir(&f.cfg.data_dir, f.vm(&key).await.meta.uid);
+    let spec = LaunchSpec {
+        name: "x".into(),
+        cpus: 1,
+        memory_mib: 64,
+        disk: kept.join(layout::DISK_FILE),
+        direct_boot: None,
+        accel: Accel::Tcg,
+    };
+    // A copy a failed migration left waiting here, and a guest nobody accounts for.
+    let waiting = layout::vm_dir(&f.cfg.data_dir, uuid::Uuid::new_v4());
+    let stray = layout::vm_dir(&f.cfg.data_dir, uuid::Uuid::new_v4());
+    for d in [&waiting, &stray] {
+        std::fs::create_dir_all(d).expect("dir");
+    }
+    driver
+        .start_incoming(&waiting, &spec, f.cfg.address, false)
+        .await
+        .expect("incoming");
+    driver.start(&stray, &spec).await.expect("start");
+
+    let agent = Agent::new(f.store.clone(), driver.clone(), f.cfg.clone());
+    let (vms, _) = f.store.list(keys::VMS).await.expect("list");
+    agent.sweep(&vms, &[]).await;
+    assert!(
+        !waiting.exists() && !driver.is_running(&waiting),
+        "the waiting copy goes"
+    );
+    assert!(
+        stray.exists() && driver.is_running(&stray),
+        "a running guest is only reported"
+    );
+    assert!(
+        kept.exists() && driver.is_running(&kept),
+        "the VM placed here stays"
+    );
+}
