@@ -53,12 +53,16 @@ fn type_line(lab: &TestLab, name: &str, line: &str) {
     }
 }
 
-/// Types `line` on the guest's serial console and returns what it prints as `KEY=value`. Lines
-/// are kept free of quotes and parentheses: a character the UART drops then cannot leave the shell
-/// waiting for the rest of a quoted string.
-fn guest_value(lab: &TestLab, name: &str, key: &str, line: &str) -> String {
+/// Runs `command` on the guest's serial console, which leaves its answer in the shell variable `v`,
+/// and returns that answer. The guest prints it as `KEY=v=v`, and the typed line never holds
+/// `KEY=` itself (the key goes through a variable): a character the UART drops, in the typed line
+/// or in its echo, then shows as a missing key or two different copies, never as a wrong answer,
+/// and the line is typed again. Lines are kept free of quotes and parentheses, so a dropped
+/// character cannot leave the shell waiting for the rest of a quoted string.
+fn guest_value(lab: &TestLab, name: &str, key: &str, command: &str) -> String {
+    let line = format!("{command}; k={key}; echo $k=$v=$v");
     let before = lab.ok(&["vm", "console", name]).len();
-    type_line(lab, name, line);
+    type_line(lab, name, &line);
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut retype = Instant::now() + Duration::from_secs(12);
     loop {
@@ -68,8 +72,9 @@ fn guest_value(lab: &TestLab, name: &str, key: &str, line: &str) -> String {
             .unwrap_or("")
             .lines()
             .filter_map(|l| l.split_once(&format!("{key}=")))
-            .map(|(_, v)| v.trim().to_string())
-            .find(|v| !v.is_empty() && !v.starts_with('$'));
+            .filter_map(|(_, v)| v.trim().split_once('='))
+            .find(|(a, b)| !a.is_empty() && a == b)
+            .map(|(a, _)| a.to_string());
         if let Some(v) = found {
             return v;
         }
@@ -81,7 +86,7 @@ fn guest_value(lab: &TestLab, name: &str, key: &str, line: &str) -> String {
             // On a loaded machine the guest's UART may have dropped characters: abandon the line
             // (Ctrl-C) and type it again.
             type_line(lab, name, "\u{3}");
-            type_line(lab, name, line);
+            type_line(lab, name, &line);
             retype = Instant::now() + Duration::from_secs(12);
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -89,7 +94,7 @@ fn guest_value(lab: &TestLab, name: &str, key: &str, line: &str) -> String {
 }
 
 fn uptime(lab: &TestLab, name: &str) -> f64 {
-    guest_value(lab, name, "UP", "read u x < /proc/uptime; echo UP=$u")
+    guest_value(lab, name, "UP", "read v x < /proc/uptime")
         .parse()
         .expect("uptime")
 }
@@ -103,7 +108,7 @@ fn healthy(lab: &TestLab, name: &str) {
 }
 
 fn counter(lab: &TestLab, name: &str) -> u64 {
-    guest_value(lab, name, "COUNT", "read c < /tmp/count; echo COUNT=$c")
+    guest_value(lab, name, "COUNT", "read v < /tmp/count")
         .parse()
         .expect("count")
 }
@@ -209,7 +214,7 @@ fn running_guests_move_between_hosts_and_failed_moves_leave_them_on_their_source
         &lab,
         "busy",
         "WROTE",
-        "echo corral-was-here > /root/mark; sync; echo WROTE=$?",
+        "echo corral-was-here > /root/mark; sync; v=$?",
     );
 
     // Shared storage: only memory moves.
@@ -273,7 +278,7 @@ fn running_guests_move_between_hosts_and_failed_moves_leave_them_on_their_source
         &lab,
         "busy",
         "MARK",
-        "echo 3 > /proc/sys/vm/drop_caches; read m < /root/mark; echo MARK=$m",
+        "echo 3 > /proc/sys/vm/drop_caches; read v < /root/mark",
     );
     assert_eq!(mark, "corral-was-here");
     let m = lab.json(&["vm", "migration", "busy"]);
@@ -341,7 +346,7 @@ fn running_guests_move_between_hosts_and_failed_moves_leave_them_on_their_source
         &lab,
         "third",
         "WROTE",
-        "echo moved-with-me > /root/mark; sync; echo WROTE=$?",
+        "echo moved-with-me > /root/mark; sync; v=$?",
     );
     let up0 = uptime(&lab, "third");
     let local = vm(&lab, "third")["status"]["disk"]["path"]
@@ -365,7 +370,7 @@ fn running_guests_move_between_hosts_and_failed_moves_leave_them_on_their_source
         &lab,
         "third",
         "MARK",
-        "echo 3 > /proc/sys/vm/drop_caches; read m < /root/mark; echo MARK=$m",
+        "echo 3 > /proc/sys/vm/drop_caches; read v < /root/mark",
     );
     assert_eq!(mark, "moved-with-me");
     healthy(&lab, "third");
