@@ -29,3 +29,12 @@ pub fn image_dir(data_dir: &Path, uid: Uuid) -> PathBuf {
 pub fn package_cache(data_dir: &Path) -> PathBuf {
     data_dir.join("cache").join("debs")
 }
+
+/// Marks a run directory whose VM HA protects: the host kills it when it fences itself. A file in
+/// the run directory, so fencing needs neither the store nor the agent's memory of it.
+pub const HA_MARKER: &str = "ha-protected";
+
+/// The directory on a shared datastore where each host renews its storage lease.
+pub fn lease_dir(datastore_path: &Path) -> PathBuf {
+    datastore_path.join(".corral-ha")
+}

@@ -7,6 +7,8 @@
 //! to find a running VM again lives in the VM's run directory, so a restarted agent adopts running
 //! guests instead of restarting them.
 
+mod gossip;
+pub mod ha;
 pub mod images;
 pub mod layout;
 mod migrate;

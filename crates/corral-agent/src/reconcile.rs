@@ -31,6 +31,8 @@ pub struct AgentConfig {
     pub resync: Duration,
     /// Where VMs migrating to this host are received: this host's address on the fabric.
     pub address: std::net::IpAddr,
+    /// What the HA loops share with the VM workers (storage lease, fencing).
+    pub ha: Arc<crate::ha::HaState>,
 }
 
 /// What the worker does after one reconcile.
@@ -185,7 +187,7 @@ pub(crate) async fn reconcile(
 ) -> Result<Outcome, AgentError> {
     let Some(Versioned {
         value: mut vm,
-        revision,
+        mut revision,
     }) = get_json::<Vm>(store, key).await?
     else {
         return Ok(Outcome::Gone);
@@ -238,6 +240,8 @@ pub(crate) async fn reconcile(
             return finish(store, key, revision, &before, &vm, retry).await;
         }
     };
+    let protected = is_protected(&vm);
+    mark_protected(&dir, protected);
     let observed = match driver.observe(&dir).await {
         Ok(o) => o,
         // A force stop does not need QEMU's answer either.
@@ -294,6 +298,21 @@ pub(crate) async fn reconcile(
                 tracing::warn!(vm = %vm.meta.name, "QEMU exited while the VM should run; starting it again");
             }
             ws.stopping_since = None;
+            if protected {
+                if !cfg.ha.may_start_protected() {
+                    let msg = "this host holds no fresh storage lease (or fenced itself): HA-protected VMs start here once it does";
+                    vm.status
+                        .set_condition("Running", false, "WaitingForLease", msg);
+                    let wait = Outcome::Requeue(Duration::from_millis(500));
+                    return finish(store, key, revision, &before, &vm, wait).await;
+                }
+                // Claim the VM before QEMU starts: if the controller moved it to another host
+                // meanwhile (its host was taken for failed), this write loses and nothing starts.
+                match write_status(store, key, revision, &vm).await? {
+                    Some(r) => revision = r,
+                    None => return Ok(Outcome::Requeue(Duration::ZERO)),
+                }
+            }
             let started = match image_of(store, &vm).await {
                 Ok(image) => driver
                     .start(&dir, &launch_spec(&vm, &image, &disk, cfg.accel))
@@ -459,6 +478,26 @@ pub(crate) fn remove_vm_files(run_dir: &Path, disk: Option<&Path>) -> Result<(),
     Ok(())
 }
 
+/// HA restarts the VM elsewhere when its host fails: it asks for it and its disk is on a shared
+/// datastore. (Whether that datastore is shared is the controller's business: a VM whose disk is
+/// on `local` is never protected.)
+fn is_protected(vm: &Vm) -> bool {
+    vm.spec.ha == corral_api::HaPolicy::Restart && vm.spec.datastore != LOCAL_DATASTORE
+}
+
+/// Keeps the run directory's HA marker in step with the VM's protection (fencing reads it).
+fn mark_protected(dir: &Path, protected: bool) {
+    let marker = dir.join(layout::HA_MARKER);
+    let result = match (protected, marker.exists()) {
+        (true, false) => std::fs::write(&marker, b""),
+        (false, true) => std::fs::remove_file(&marker),
+        _ => Ok(()),
+    };
+    if let Err(e) = result {
+        tracing::warn!(path = %marker.display(), error = %e, "could not update the HA marker");
+    }
+}
+
 fn mark_stopped(vm: &mut Vm, reason: &str, msg: &str) {
     vm.status.phase = VmPhase::Stopped;
     vm.status.pid = None;
@@ -489,6 +528,10 @@ pub struct Agent {
     store: Arc<dyn Store>,
     driver: Arc<dyn Driver>,
     cfg: AgentConfig,
+    /// The controller's failure detector; none for an agent without a controller to report to.
+    ha_link: Option<Arc<dyn crate::ha::HaLink>>,
+    /// Where this host's gossip listens, once bound.
+    gossip: std::sync::OnceLock<std::net::SocketAddr>,
 }
 
 fn memory_bytes() -> u64 {
@@ -507,8 +550,19 @@ fn memory_bytes() -> u64 {
 }
 
 impl Agent {
-    pub fn new(store: Arc<dyn Store>, driver: Arc<dyn Driver>, cfg: AgentConfig) -> Arc<Self> {
-        Arc::new(Self { store, driver, cfg })
+    pub fn new(
+        store: Arc<dyn Store>,
+        driver: Arc<dyn Driver>,
+        cfg: AgentConfig,
+        ha_link: Option<Arc<dyn crate::ha::HaLink>>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            driver,
+            cfg,
+            ha_link,
+            gossip: std::sync::OnceLock::new(),
+        })
     }
 
     /// Records this host's capacity and a fresh heartbeat, keeping what the operator set.
@@ -519,6 +573,7 @@ impl Agent {
             accel: self.cfg.accel,
             hypervisor: self.cfg.hypervisor.clone(),
             last_heartbeat: Utc::now(),
+            gossip: self.gossip.get().copied(),
         };
         let key = keys::host(&self.cfg.host);
         loop {
@@ -546,6 +601,26 @@ impl Agent {
 
     /// Registers the host, then reconciles VMs until the task is dropped.
     pub async fn run(self: Arc<Self>) -> Result<(), AgentError> {
+        if self.ha_link.is_some() {
+            match crate::gossip::bind(self.cfg.address).await {
+                Ok((socket, addr)) => {
+                    let _ = self.gossip.set(addr);
+                    tokio::spawn(crate::gossip::run(socket, addr, self.cfg.ha.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "gossip cannot listen; peers will not see this host")
+                }
+            }
+        }
+        tokio::spawn(crate::ha::run(
+            self.store.clone(),
+            self.driver.clone(),
+            self.cfg.host.clone(),
+            self.cfg.data_dir.clone(),
+            self.gossip.get().copied(),
+            self.cfg.ha.clone(),
+            self.ha_link.clone(),
+        ));
         // The controller may be down: VMs keep running, and the loops below keep trying.
         if let Err(e) = self.heartbeat().await {
             tracing::warn!(error = %e, "first heartbeat failed; retrying");

@@ -72,6 +72,26 @@ pub struct JoinResponse {
     pub ca_pem: String,
 }
 
+/// Body of `POST /agent/v1/ha`: a host's report to the failure detector, every
+/// [`corral_api::timing::RENEW_EVERY`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HaReport {
+    /// Peers this host's gossip sees alive.
+    pub peers_alive: Vec<String>,
+    /// The host fenced itself (killed its protected VMs and gave up its storage leases).
+    pub fenced: bool,
+    /// Where the host's gossip listens.
+    pub gossip: Option<std::net::SocketAddr>,
+}
+
+/// The controller's answer to an [`HaReport`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HaReply {
+    pub isolation_response: corral_api::IsolationResponse,
+    /// Every other host and where its gossip listens.
+    pub peers: Vec<(String, std::net::SocketAddr)>,
+}
+
 /// A page of a long-polled watch (`GET /agent/v1/watch`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct WatchPage {
@@ -178,17 +198,17 @@ impl RemoteStore {
         })
     }
 
-    /// GET `path`, or POST `body` (operations) to it.
+    /// GET `path`, or POST `body` to it.
     async fn call<T: DeserializeOwned + Send + 'static>(
         &self,
         path: String,
-        body: Option<Vec<Op>>,
+        body: Option<serde_json::Value>,
     ) -> Result<T, StoreError> {
         let me = self.clone();
         tokio::task::spawn_blocking(move || {
             let url = format!("{}{path}", me.base);
             let res = match body {
-                Some(ops) => me.agent.post(&url).send_json(&ops),
+                Some(body) => me.agent.post(&url).send_json(&body),
                 None => me.agent.get(&url).call(),
             };
             let mut res = res.map_err(unreachable)?;
@@ -229,6 +249,16 @@ fn q(s: &str) -> String {
 }
 
 #[async_trait]
+impl crate::ha::HaLink for RemoteStore {
+    async fn report(&self, report: HaReport) -> Result<HaReply, String> {
+        let body = serde_json::to_value(report).map_err(|e| e.to_string())?;
+        self.call("/agent/v1/ha".into(), Some(body))
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+#[async_trait]
 impl Store for RemoteStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         self.call(format!("/agent/v1/get?key={}", q(key)), None)
@@ -241,7 +271,8 @@ impl Store for RemoteStore {
     }
 
     async fn txn(&self, ops: Vec<Op>) -> Result<Revision, StoreError> {
-        self.call("/agent/v1/txn".into(), Some(ops)).await
+        let body = serde_json::to_value(ops)?;
+        self.call("/agent/v1/txn".into(), Some(body)).await
     }
 
     async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream, StoreError> {

@@ -42,6 +42,10 @@ pub struct HostStatus {
     /// What `qemu-system-x86_64 --version` printed.
     pub hypervisor: String,
     pub last_heartbeat: DateTime<Utc>,
+    /// Where the host's agent listens for its peers' membership gossip (SWIM, UDP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, example = "10.0.0.11:41234")]
+    pub gossip: Option<std::net::SocketAddr>,
 }
 
 /// Whether a host takes part in the cluster.
@@ -73,6 +77,10 @@ pub struct HostInfo {
     pub used_memory_bytes: u64,
     /// VMs placed on the host, as "project/name".
     pub vms: Vec<String>,
+    /// What HA failure detection sees of the host, when the controller watches it: "live",
+    /// "isolated from the controller", "failed since ...".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ha: Option<String>,
 }
 
 /// How the cluster places VMs.
@@ -104,6 +112,13 @@ pub struct ClusterSettings {
     /// stays, at full speed, on its source.
     #[serde(default = "yes")]
     pub migration_auto_converge: bool,
+    /// HA admission control: keep enough capacity to restart every protected VM after this many
+    /// hosts fail (the largest ones). 0: no reservation.
+    #[serde(default)]
+    pub ha_host_failures_to_tolerate: u32,
+    /// What a host cut off from the controller and from all its peers does with its protected VMs.
+    #[serde(default)]
+    pub ha_isolation_response: crate::IsolationResponse,
 }
 
 fn yes() -> bool {
@@ -123,6 +138,8 @@ impl Default for ClusterSettings {
             migration_bandwidth_bytes: None,
             migration_downtime_limit_ms: default_downtime_ms(),
             migration_auto_converge: true,
+            ha_host_failures_to_tolerate: 0,
+            ha_isolation_response: Default::default(),
         }
     }
 }

@@ -8,6 +8,7 @@
 mod datastore;
 mod error;
 mod group;
+mod ha;
 mod host;
 mod image;
 mod meta;
@@ -19,6 +20,7 @@ mod vm;
 pub use datastore::{CreateDatastoreRequest, Datastore, LOCAL_DATASTORE};
 pub use error::{ApiErrorBody, ValidationError};
 pub use group::{CreateGroupRequest, GroupRule, GroupStrength, VmGroup};
+pub use ha::{timing, ClusterEvent, HaPolicy, HaPriority, HaProtection, IsolationResponse};
 pub use host::{
     Accel, ClusterSettings, Host, HostInfo, HostState, HostStatus, MaintenanceResponse,
     PlacementPolicy,
@@ -79,6 +81,7 @@ pub mod keys {
     pub const GROUPS: &str = "/corral/groups/";
     pub const DATASTORES: &str = "/corral/datastores/";
     pub const MIGRATIONS: &str = "/corral/migrations/";
+    pub const EVENTS: &str = "/corral/events/";
 
     pub fn project(name: &str) -> String {
         format!("/corral/projects/{name}")
@@ -115,6 +118,9 @@ pub mod keys {
     }
     pub fn datastore(name: &str) -> String {
         format!("{DATASTORES}{name}")
+    }
+    pub fn event(id: &str) -> String {
+        format!("{EVENTS}{id}")
     }
     pub fn host(name: &str) -> String {
         format!("{HOSTS}{name}")

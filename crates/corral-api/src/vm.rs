@@ -41,6 +41,15 @@ pub struct VmSpec {
     /// The datastore the VM's disk lives on.
     #[serde(default = "local")]
     pub datastore: String,
+    /// Run it again on another host when its host fails.
+    #[serde(default)]
+    pub ha: crate::HaPolicy,
+    /// Among the VMs of a failed host, higher priorities run again first.
+    #[serde(default)]
+    pub ha_priority: crate::HaPriority,
+    /// VMs (of the same project) that must run before this one is restarted after a failure.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ha_after: Vec<String>,
 }
 
 fn local() -> String {
@@ -189,6 +198,10 @@ pub struct Vm {
     pub meta: ObjectMeta,
     pub spec: VmSpec,
     pub status: VmStatus,
+    /// Whether HA protects the VM now, and why not (filled in by the API when it answers; never
+    /// stored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ha: Option<crate::HaProtection>,
 }
 
 /// Body of `POST /api/v1/projects/{project}/vms`.
@@ -212,6 +225,15 @@ pub struct CreateVmRequest {
     /// Datastore for the VM's disk; `local` (each host's data dir) when absent.
     #[serde(default)]
     pub datastore: Option<String>,
+    /// `restart`: run the VM again on another host when its host fails (needs a shared datastore).
+    #[serde(default)]
+    pub ha: crate::HaPolicy,
+    /// Restart priority after a host failure: high, medium (default) or low.
+    #[serde(default)]
+    pub ha_priority: crate::HaPriority,
+    /// VMs that must run before this one is restarted after a host failure.
+    #[serde(default)]
+    pub ha_after: Vec<String>,
 }
 
 fn one() -> u32 {
@@ -272,6 +294,19 @@ impl CreateVmRequest {
                 }
                 None => local(),
             },
+            ha: self.ha,
+            ha_priority: self.ha_priority,
+            ha_after: {
+                for n in &self.ha_after {
+                    validate_name("VM (in --ha-after)", n)?;
+                    if *n == self.name {
+                        return Err(ValidationError::new(format!(
+                            "VM {n} cannot wait for itself: name other VMs in --ha-after"
+                        )));
+                    }
+                }
+                self.ha_after.clone()
+            },
         })
     }
 }
@@ -298,6 +333,9 @@ mod tests {
             start: true,
             host: None,
             datastore: None,
+            ha: Default::default(),
+            ha_priority: Default::default(),
+            ha_after: Vec::new(),
         }
     }
 

@@ -143,6 +143,7 @@ async fn join(
             accel: corral_api::Accel::Tcg,
             hypervisor: String::new(),
             last_heartbeat: DateTime::<Utc>::UNIX_EPOCH,
+            gossip: None,
         },
     };
     // One transaction: the token is used up, the name is taken, the certificate is known.
@@ -192,7 +193,12 @@ async fn host_of(a: &AgentCtx, peer: &Peer) -> Result<String, ApiError> {
         ));
     };
     match a.ctx.store.get(&format!("{CERTS}{fp}")).await? {
-        Some(kv) => Ok(String::from_utf8_lossy(&kv.value).into_owned()),
+        Some(kv) => {
+            let host = String::from_utf8_lossy(&kv.value).into_owned();
+            // Any call proves the host alive: HA's failover judges that again before it acts.
+            a.ctx.ha.seen(&host);
+            Ok(host)
+        }
         None => Err(ApiError::Unauthorized(
             "this host certificate is not (or no longer) known to the cluster".into(),
         )),
@@ -213,6 +219,7 @@ fn may_read(host: &str, key: &str) -> bool {
 /// Prefixes a host may list and watch.
 fn may_list(prefix: &str) -> bool {
     prefix.starts_with(keys::VMS)
+        || prefix.starts_with(keys::DATASTORES)
         || prefix.starts_with(keys::IMAGES)
         || prefix.starts_with(keys::MIGRATIONS)
 }
@@ -255,6 +262,15 @@ async fn kv_list(
         return Err(forbidden(&host, &q.prefix));
     }
     Ok(Json(a.ctx.store.list(&q.prefix).await?))
+}
+
+async fn ha_report(
+    State(a): State<AgentCtx>,
+    Extension(peer): Extension<Peer>,
+    ApiJson(r): ApiJson<corral_agent::remote::HaReport>,
+) -> Result<Json<corral_agent::remote::HaReply>, ApiError> {
+    let host = host_of(&a, &peer).await?;
+    Ok(Json(crate::ha::report(&a.ctx, &host, r).await?))
 }
 
 async fn revision(
@@ -564,6 +580,7 @@ fn router(a: AgentCtx) -> Router {
         .route("/agent/v1/revision", get(revision))
         .route("/agent/v1/txn", post(txn))
         .route("/agent/v1/watch", get(watch))
+        .route("/agent/v1/ha", post(ha_report))
         .with_state(a)
 }
 

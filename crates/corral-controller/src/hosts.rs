@@ -21,7 +21,16 @@ fn host_not_found(name: &str) -> ApiError {
 #[utoipa::path(get, path = "/api/v1/hosts", tag = "hosts",
     responses((status = 200, body = [HostInfo])), security(("bearer" = [])))]
 pub async fn list(State(ctx): State<Ctx>) -> Result<Json<Vec<HostInfo>>, ApiError> {
-    Ok(Json(placement::view(&ctx).await?.host_infos()))
+    Ok(Json(infos(&ctx).await?))
+}
+
+/// Every host as the API shows it, with what HA's failure detector sees of it.
+async fn infos(ctx: &Ctx) -> Result<Vec<HostInfo>, ApiError> {
+    let mut infos = placement::view(ctx).await?.host_infos();
+    for i in &mut infos {
+        i.ha = ctx.ha.describe(&i.host.name);
+    }
+    Ok(infos)
 }
 
 #[utoipa::path(get, path = "/api/v1/hosts/{name}", tag = "hosts", params(("name" = String, Path)),
@@ -30,9 +39,8 @@ pub async fn get(
     State(ctx): State<Ctx>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<HostInfo>, ApiError> {
-    placement::view(&ctx)
+    infos(&ctx)
         .await?
-        .host_infos()
         .into_iter()
         .find(|h| h.host.name == name)
         .map(Json)
@@ -168,6 +176,17 @@ pub async fn put_cluster(
     ApiJson(req): ApiJson<ClusterSettings>,
 ) -> Result<Json<ClusterSettings>, ApiError> {
     req.validate()?;
+    let mut view = placement::view(&ctx).await?;
+    if req.ha_host_failures_to_tolerate as usize >= view.hosts.len().max(1) {
+        return Err(ApiError::BadRequest(format!(
+            "ha_host_failures_to_tolerate {} leaves no host to restart VMs on: the cluster has {} host(s); tolerate fewer failures",
+            req.ha_host_failures_to_tolerate,
+            view.hosts.len()
+        )));
+    }
+    view.settings = req.clone();
+    let (datastores, _) = list_json::<Datastore>(&*ctx.store, keys::DATASTORES).await?;
+    crate::ha::admission(&view, &datastores, None).map_err(ApiError::Conflict)?;
     let bytes = serde_json::to_vec(&req).map_err(StoreError::from)?;
     ctx.store
         .put(keys::CLUSTER, bytes, Precondition::Any)

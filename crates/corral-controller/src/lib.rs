@@ -6,6 +6,8 @@
 pub mod agents;
 mod auth;
 mod error;
+mod events;
+pub mod ha;
 mod hosts;
 mod images;
 mod migrations;
@@ -36,6 +38,8 @@ pub struct Ctx {
     placement: Arc<tokio::sync::Mutex<()>>,
     /// The cluster CA (created in `DATA_DIR/pki` on first start).
     ca: Arc<corral_pki::Ca>,
+    /// HA's failure detector.
+    ha: Arc<ha::Monitor>,
 }
 
 /// Prepares the store (the default project, the hash of the admin token) and resumes tasks.
@@ -69,10 +73,30 @@ pub async fn init(
         admin_token_hash: hash,
         placement: Default::default(),
         ca: Arc::new(ca),
+        ha: Default::default(),
     };
     tasks::resume(&ctx).await?;
     placement::spawn_placer(ctx.clone());
+    ha::spawn(ctx.clone());
     Ok(ctx)
+}
+
+/// The failure detector's link for an agent in the controller's own process (`corral up`).
+pub struct LocalHaLink {
+    pub ctx: Ctx,
+    pub host: String,
+}
+
+#[async_trait::async_trait]
+impl corral_agent::ha::HaLink for LocalHaLink {
+    async fn report(
+        &self,
+        report: corral_agent::remote::HaReport,
+    ) -> Result<corral_agent::remote::HaReply, String> {
+        ha::report(&self.ctx, &self.host, report)
+            .await
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// A new random API token.
@@ -159,7 +183,7 @@ impl utoipa::Modify for BearerAuth {
 #[openapi(
     info(title = "Corral API", description = "Corral, an open virtual datacenter OS: VMs, images, hosts and tasks."),
     paths(
-        health, list_tasks, get_task, cancel_task,
+        health, list_tasks, get_task, cancel_task, events::list,
         hosts::list, hosts::get, hosts::remove, hosts::maintenance, hosts::join_token, hosts::get_cluster, hosts::put_cluster,
         hosts::list_groups, hosts::get_group, hosts::create_group, hosts::delete_group,
         hosts::list_datastores, hosts::get_datastore, hosts::create_datastore, hosts::delete_datastore,
@@ -209,6 +233,7 @@ pub fn router(ctx: Ctx) -> Router {
             get(hosts::get_group).delete(hosts::delete_group),
         )
         .route("/api/v1/tasks", get(list_tasks))
+        .route("/api/v1/events", get(events::list))
         .route("/api/v1/tasks/{id}", get(get_task))
         .route("/api/v1/tasks/{id}/cancel", post(cancel_task))
         .route(&format!("{p}/vms"), get(vms::list).post(vms::create))

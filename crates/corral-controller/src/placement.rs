@@ -31,6 +31,8 @@ pub struct ClusterView {
     pub groups: Vec<VmGroup>,
     /// Migrations under way: their VMs take room on the target too until they end.
     pub migrations: Vec<Migration>,
+    /// Hosts HA has found failed: nothing is placed there.
+    pub down: std::collections::HashSet<String>,
 }
 
 pub fn host_state(h: &Host, now: DateTime<Utc>) -> (HostState, Option<DateTime<Utc>>) {
@@ -75,6 +77,7 @@ pub async fn view(ctx: &Ctx) -> Result<ClusterView, ApiError> {
             .into_iter()
             .filter(|m| !m.phase.is_finished())
             .collect(),
+        down: Default::default(),
     })
 }
 
@@ -101,7 +104,10 @@ impl ClusterView {
         self.hosts
             .iter()
             .map(|(h, _)| {
-                let (state, since) = host_state(h, now);
+                let (mut state, since) = host_state(h, now);
+                if self.down.contains(&h.name) {
+                    state = HostState::NotResponding;
+                }
                 let placed = by_host.remove(h.name.as_str()).unwrap_or_default();
                 HostInfo {
                     host: h.clone(),
@@ -123,6 +129,7 @@ impl ClusterView {
                         .iter()
                         .map(|v| qualified(&v.meta.project, &v.meta.name))
                         .collect(),
+                    ha: None,
                 }
             })
             .collect()

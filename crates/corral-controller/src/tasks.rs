@@ -377,8 +377,12 @@ mod tests {
                 reboots: 0,
                 host: None,
                 datastore: corral_api::LOCAL_DATASTORE.into(),
+                ha: Default::default(),
+                ha_priority: Default::default(),
+                ha_after: Vec::new(),
             },
             status,
+            ha: None,
         }
     }
 

@@ -36,9 +36,12 @@ pub async fn list(
     ApiPath(project): ApiPath<String>,
 ) -> Result<Json<Vec<Vm>>, ApiError> {
     ensure_project(&ctx, &project).await?;
-    Ok(Json(
-        list_json::<Vm>(&*ctx.store, &keys::vms(&project)).await?.0,
-    ))
+    let mut vms = list_json::<Vm>(&*ctx.store, &keys::vms(&project)).await?.0;
+    let (datastores, _) = list_json::<Datastore>(&*ctx.store, keys::DATASTORES).await?;
+    for vm in &mut vms {
+        vm.ha = Some(crate::ha::protection(vm, &datastores));
+    }
+    Ok(Json(vms))
 }
 
 #[utoipa::path(get, path = "/api/v1/projects/{project}/vms/{name}", tag = "vms",
@@ -48,7 +51,10 @@ pub async fn get(
     State(ctx): State<Ctx>,
     ApiPath((project, name)): ApiPath<(String, String)>,
 ) -> Result<Json<Vm>, ApiError> {
-    Ok(Json(load(&ctx, &project, &name).await?))
+    let mut vm = load(&ctx, &project, &name).await?;
+    let (datastores, _) = list_json::<Datastore>(&*ctx.store, keys::DATASTORES).await?;
+    vm.ha = Some(crate::ha::protection(&vm, &datastores));
+    Ok(Json(vm))
 }
 
 #[utoipa::path(post, path = "/api/v1/projects/{project}/vms", tag = "vms",
@@ -108,6 +114,7 @@ pub async fn create(
         meta: ObjectMeta::new(&project, &req.name),
         spec,
         status: VmStatus::default(),
+        ha: None,
     };
     let goal = TaskGoal::VmCreate {
         generation: vm.meta.generation,
@@ -122,6 +129,10 @@ pub async fn create(
                     "host {pin} does not exist: pick one from `corral host list`, or leave out --host"
                 )));
             }
+        }
+        if vm.spec.ha == corral_api::HaPolicy::Restart {
+            let (datastores, _) = list_json::<Datastore>(&*ctx.store, keys::DATASTORES).await?;
+            crate::ha::admission(&view, &datastores, Some(&vm)).map_err(ApiError::Conflict)?;
         }
         let mut vm = vm.clone();
         let host_guard = view.apply(&mut vm);

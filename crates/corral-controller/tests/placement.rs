@@ -56,10 +56,11 @@ impl Cluster {
                 stop_timeout: Duration::from_secs(5),
                 resync: Duration::from_secs(1),
                 address: std::net::Ipv4Addr::LOCALHOST.into(),
+                ha: Default::default(),
             };
             let driver = Arc::new(FakeDriver::default());
             drivers.push((h.to_string(), driver.clone()));
-            let agent = Agent::new(store.clone(), driver, cfg);
+            let agent = Agent::new(store.clone(), driver, cfg, None);
             tokio::spawn(agent.run());
         }
         let c = Cluster {

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use corral_api::{
-    BuildJeosRequest, ClusterSettings, ConsoleChunk, CreateDatastoreRequest, CreateGroupRequest,
+    BuildJeosRequest, ClusterEvent, ClusterSettings, ConsoleChunk, HaPolicy, HaPriority, IsolationResponse, CreateDatastoreRequest, CreateGroupRequest,
     CreateVmRequest, Datastore, GroupRule, GroupStrength, HostInfo, Image, MaintenanceResponse,
     MigrateVmRequest, Migration, MoveStorageRequest, PlacementPolicy, StopVmRequest, Task, Vm,
     VmGroup,
@@ -82,6 +82,12 @@ enum Command {
     /// Long operations.
     #[command(subcommand)]
     Task(TaskCmd),
+    /// What happened in the cluster: host failures, failover decisions, VMs restarted elsewhere.
+    Events {
+        /// Keep printing new events as they happen.
+        #[arg(long, short)]
+        follow: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -132,6 +138,15 @@ enum VmCmd {
         /// Datastore for its disk (default: local, each host's data dir).
         #[arg(long)]
         datastore: Option<String>,
+        /// restart: run it again on another host when its host fails (needs a shared datastore).
+        #[arg(long, value_enum, default_value = "off")]
+        ha: HaArg,
+        /// Which VMs of a failed host run again first.
+        #[arg(long, value_enum, default_value = "medium")]
+        ha_priority: PriorityArg,
+        /// VMs that must run again before this one after a host failure (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        ha_after: Vec<String>,
     },
     List,
     Show {
@@ -241,7 +256,32 @@ enum ClusterCmd {
         /// Slow down the vCPUs of a guest that dirties memory faster than a migration sends it.
         #[arg(long)]
         migration_auto_converge: Option<bool>,
+        /// HA admission control: keep room to restart every protected VM after this many hosts fail.
+        #[arg(long)]
+        ha_failures_to_tolerate: Option<u32>,
+        /// What a host cut off from the controller and all its peers does with its protected VMs.
+        #[arg(long, value_enum)]
+        ha_isolation_response: Option<IsolationArg>,
     },
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum HaArg {
+    Restart,
+    Off,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum PriorityArg {
+    High,
+    Medium,
+    Low,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum IsolationArg {
+    PowerOff,
+    LeaveRunning,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -384,6 +424,9 @@ fn client_command(g: &Global, cmd: Command) -> Result<()> {
                 start,
                 host,
                 datastore,
+                ha,
+                ha_priority,
+                ha_after,
             } => {
                 let req = CreateVmRequest {
                     name: name.clone(),
@@ -394,6 +437,16 @@ fn client_command(g: &Global, cmd: Command) -> Result<()> {
                     start,
                     host,
                     datastore,
+                    ha: match ha {
+                        HaArg::Restart => HaPolicy::Restart,
+                        HaArg::Off => HaPolicy::Off,
+                    },
+                    ha_priority: match ha_priority {
+                        PriorityArg::High => HaPriority::High,
+                        PriorityArg::Medium => HaPriority::Medium,
+                        PriorityArg::Low => HaPriority::Low,
+                    },
+                    ha_after,
                 };
                 let task: Task = c.post(&format!("{p}/vms"), &req)?;
                 finish_vm(task, &name)
@@ -490,6 +543,8 @@ fn client_command(g: &Global, cmd: Command) -> Result<()> {
             migration_bandwidth,
             migration_downtime_ms,
             migration_auto_converge,
+            ha_failures_to_tolerate,
+            ha_isolation_response,
         }) => {
             let mut s: ClusterSettings = c.get("/cluster")?;
             if let Some(p) = placement {
@@ -514,6 +569,14 @@ fn client_command(g: &Global, cmd: Command) -> Result<()> {
                 migration_downtime_ms.unwrap_or(s.migration_downtime_limit_ms);
             s.migration_auto_converge =
                 migration_auto_converge.unwrap_or(s.migration_auto_converge);
+            s.ha_host_failures_to_tolerate =
+                ha_failures_to_tolerate.unwrap_or(s.ha_host_failures_to_tolerate);
+            if let Some(r) = ha_isolation_response {
+                s.ha_isolation_response = match r {
+                    IsolationArg::PowerOff => IsolationResponse::PowerOff,
+                    IsolationArg::LeaveRunning => IsolationResponse::LeaveRunning,
+                };
+            }
             output::cluster(fmt, &c.put_json::<ClusterSettings>("/cluster", &s)?)
         }
         Command::Datastore(cmd) => match cmd {
@@ -572,6 +635,7 @@ fn client_command(g: &Global, cmd: Command) -> Result<()> {
                 output::done(fmt, &format!("group {name} deleted"))
             }
         },
+        Command::Events { follow } => events(&c, follow, fmt),
         Command::Task(TaskCmd::List) => output::tasks(fmt, &c.get::<Vec<Task>>("/tasks")?),
         Command::Task(TaskCmd::Show { id }) => {
             output::task(fmt, &c.get::<Task>(&format!("/tasks/{id}"))?)
@@ -583,6 +647,27 @@ fn client_command(g: &Global, cmd: Command) -> Result<()> {
         Command::Up(_) | Command::Controller(_) | Command::Agent(_) | Command::Lab(_) => {
             unreachable!("handled in main")
         }
+    }
+}
+
+fn events(c: &Client, follow: bool, fmt: Format) -> Result<()> {
+    let mut after: Option<String> = None;
+    loop {
+        let path = match &after {
+            Some(a) => format!("/events?after={a}"),
+            None => "/events".to_string(),
+        };
+        let events: Vec<ClusterEvent> = c.get(&path)?;
+        if !follow {
+            return output::events(fmt, &events);
+        }
+        if !events.is_empty() {
+            output::events(fmt, &events)?;
+        }
+        if let Some(last) = events.last() {
+            after = Some(last.id.clone());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
     }
 }
 

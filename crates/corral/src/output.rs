@@ -4,7 +4,7 @@
 use anyhow::Result;
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
 use corral_api::{
-    format_bytes, ClusterSettings, Datastore, HostInfo, Image, Migration, Task, Vm, VmGroup,
+    format_bytes, ClusterEvent, ClusterSettings, Datastore, HostInfo, Image, Migration, Task, Vm, VmGroup,
 };
 use serde::Serialize;
 
@@ -74,6 +74,10 @@ pub fn vms(fmt: Format, vms: &[Vm], single: bool) -> Result<()> {
             .collect(),
     );
     if let [vm] = vms {
+        if let Some(ha) = vm.ha.as_ref().filter(|_| single) {
+            let verdict = if ha.protected { "protected" } else { "not protected" };
+            println!("HA: {verdict}: {}", ha.reason);
+        }
         if single && !vm.status.events.is_empty() {
             println!("events:");
             for e in &vm.status.events {
@@ -186,6 +190,30 @@ pub fn hosts(fmt: Format, hosts: &[HostInfo], single: bool) -> Result<()> {
             })
             .collect(),
     );
+    if let [h] = hosts {
+        if let Some(ha) = h.ha.as_ref().filter(|_| single) {
+            println!("HA: {ha}");
+        }
+    }
+    Ok(())
+}
+
+pub fn events(fmt: Format, events: &[ClusterEvent]) -> Result<()> {
+    if fmt == Format::Json {
+        for e in events {
+            println!("{}", serde_json::to_string(e)?);
+        }
+        return Ok(());
+    }
+    for e in events {
+        println!(
+            "{}  {:<18} {:<24} {}",
+            e.at.format("%Y-%m-%d %H:%M:%S%.3f"),
+            e.reason,
+            e.subject,
+            e.message
+        );
+    }
     Ok(())
 }
 
@@ -242,6 +270,8 @@ pub fn cluster(fmt: Format, c: &ClusterSettings) -> Result<()> {
             "MIGRATION BANDWIDTH",
             "MIGRATION DOWNTIME",
             "AUTO-CONVERGE",
+            "HA FAILURES TOLERATED",
+            "HA ISOLATION RESPONSE",
         ],
         vec![vec![
             format!("{:?}", c.placement).to_lowercase(),
@@ -256,6 +286,11 @@ pub fn cluster(fmt: Format, c: &ClusterSettings) -> Result<()> {
                 "off"
             }
             .into(),
+            c.ha_host_failures_to_tolerate.to_string(),
+            serde_json::to_value(c.ha_isolation_response)?
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
         ]],
     );
     Ok(())

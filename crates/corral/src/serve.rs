@@ -180,8 +180,13 @@ async fn serve(args: &ServerArgs, agent: Option<(AccelChoice, String, Duration)>
                 .iter()
                 .find_map(|a| a.parse().ok())
                 .unwrap_or(std::net::Ipv4Addr::LOCALHOST.into()),
+            ha: Default::default(),
         };
-        let agent = Agent::new(store.clone(), Arc::new(QemuDriver), cfg);
+        let link = corral_controller::LocalHaLink {
+            ctx: ctx.clone(),
+            host: cfg.host.clone(),
+        };
+        let agent = Agent::new(store.clone(), Arc::new(QemuDriver), cfg, Some(Arc::new(link)));
         tokio::spawn(async move {
             if let Err(e) = agent.run().await {
                 tracing::error!(error = %e, "the host agent stopped");
@@ -326,8 +331,11 @@ pub fn agent(args: AgentArgs) -> Result<()> {
             stop_timeout: Duration::from_secs(args.host.stop_timeout),
             resync: Duration::from_secs(5),
             address,
+            ha: Default::default(),
         };
-        let agent = Agent::new(Arc::new(store), Arc::new(QemuDriver), cfg);
+        let store = Arc::new(store);
+        let link: Arc<dyn corral_agent::ha::HaLink> = store.clone();
+        let agent = Agent::new(store, Arc::new(QemuDriver), cfg, Some(link));
         println!("host agent {host} running ({accel}); Ctrl-C stops it, VMs keep running");
         tokio::select! {
             r = agent.run() => r.map_err(anyhow::Error::from),

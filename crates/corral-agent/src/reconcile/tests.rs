@@ -55,6 +55,7 @@ async fn fixture() -> Fixture {
         stop_timeout: Duration::from_secs(30),
         resync: Duration::from_secs(5),
         address: std::net::Ipv4Addr::LOCALHOST.into(),
+        ha: Default::default(),
     };
     Fixture {
         _dir: dir,
@@ -78,11 +79,15 @@ impl Fixture {
                 reboots: 0,
                 host: None,
                 datastore: corral_api::LOCAL_DATASTORE.into(),
+                ha: Default::default(),
+                ha_priority: Default::default(),
+                ha_after: Vec::new(),
             },
             status: VmStatus {
                 host: Some("h1".into()),
                 ..VmStatus::default()
             },
+            ha: None,
         };
         let key = keys::vm("default", name);
         self.store
@@ -436,7 +441,7 @@ async fn leftover_copies_are_swept_but_a_running_guest_is_never_killed() {
         .expect("incoming");
     driver.start(&stray, &spec).await.expect("start");
 
-    let agent = Agent::new(f.store.clone(), driver.clone(), f.cfg.clone());
+    let agent = Agent::new(f.store.clone(), driver.clone(), f.cfg.clone(), None);
     let (vms, _) = f.store.list(keys::VMS).await.expect("list");
     agent.sweep(&vms, &[]).await;
     assert!(

@@ -1,0 +1,230 @@
+//! HA on the host: storage leases, self-fencing, and reports to the controller.
+//!
+//! A host may run HA-protected VMs only while it holds its storage lease: a file per shared
+//! datastore (`PATH/.corral-ha/HOST`) that it rewrites every [`timing::RENEW_EVERY`]. The
+//! controller restarts a protected VM elsewhere only after it has seen that file unchanged for
+//! [`timing::LEASE_EXPIRES_AFTER`]; a host that has not renewed for [`timing::FENCE_AFTER`] (storage
+//! gone, or it gave the lease up because it is isolated) has killed its protected VMs by then. So
+//! the two copies never overlap (the argument, with its clock assumptions, is in docs/HA.md).
+//!
+//! Every tick the agent also reports to the controller, with the peers its gossip sees alive. A
+//! host that hears neither the controller nor any peer for [`timing::ISOLATED_AFTER`] is isolated:
+//! under the `power-off` isolation response it kills its protected VMs and stops renewing, so they
+//! run again on connected hosts; under `leave-running` it keeps both.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use corral_api::{keys, timing, Datastore, IsolationResponse};
+use corral_hypervisor::Driver;
+use corral_store::{list_json, Store};
+
+use crate::layout;
+use crate::remote::{HaReply, HaReport};
+
+/// How an agent reaches the controller's failure detector.
+#[async_trait]
+pub trait HaLink: Send + Sync {
+    async fn report(&self, report: HaReport) -> Result<HaReply, String>;
+}
+
+/// What the agent's HA loops share with its VM workers.
+#[derive(Debug)]
+pub struct HaState {
+    started: Instant,
+    fenced: AtomicBool,
+    /// When every shared datastore's lease was last renewed.
+    renewed: Mutex<Option<Instant>>,
+    /// Peers the gossip sees alive, and every peer the controller named.
+    pub(crate) peers_alive: Mutex<Vec<String>>,
+    pub(crate) peers_known: Mutex<Vec<(String, SocketAddr)>>,
+}
+
+impl Default for HaState {
+    fn default() -> Self {
+        Self {
+            started: Instant::now(),
+            fenced: AtomicBool::new(false),
+            renewed: Mutex::new(None),
+            peers_alive: Mutex::default(),
+            peers_known: Mutex::default(),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl HaState {
+    /// Whether this host may start a protected VM now: it holds a fresh lease and is not fenced.
+    /// Half the fencing time, so a VM started now has time to be seen running before any fence.
+    pub fn may_start_protected(&self) -> bool {
+        !self.fenced.load(Ordering::SeqCst)
+            && lock(&self.renewed).is_some_and(|t| t.elapsed() < timing::FENCE_AFTER / 2)
+    }
+
+    fn since_renewed(&self) -> Duration {
+        lock(&self.renewed).unwrap_or(self.started).elapsed()
+    }
+}
+
+/// Shared datastores whose leases this host renews: from the store, or, while the controller is
+/// away, from the copy kept in the data dir (so a restarted agent still renews, or fences).
+async fn shared_datastores(store: &dyn Store, data_dir: &Path) -> Vec<PathBuf> {
+    let file = data_dir.join("ha-datastores.json");
+    match list_json::<Datastore>(store, keys::DATASTORES).await {
+        Ok((ds, _)) => {
+            let paths: Vec<PathBuf> = ds
+                .into_iter()
+                .filter(|d| d.shared)
+                .map(|d| PathBuf::from(d.path))
+                .collect();
+            if let Ok(bytes) = serde_json::to_vec(&paths) {
+                let tmp = file.with_extension("json.part");
+                if std::fs::write(&tmp, bytes).is_ok() {
+                    let _ = std::fs::rename(&tmp, &file);
+                }
+            }
+            paths
+        }
+        Err(_) => std::fs::read(&file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default(),
+    }
+}
+
+/// Rewrites this host's lease file on one datastore (a new file renamed over the old one).
+fn renew(path: &Path, host: &str, seq: u64) -> std::io::Result<()> {
+    let dir = layout::lease_dir(path);
+    std::fs::create_dir_all(&dir)?;
+    let tmp = dir.join(format!(".{host}.part"));
+    let body = format!(
+        "{{\"host\":\"{host}\",\"seq\":{seq},\"at\":\"{}\"}}\n",
+        chrono::Utc::now().to_rfc3339()
+    );
+    std::fs::write(&tmp, body)?;
+    std::fs::rename(&tmp, dir.join(host))
+}
+
+/// Kills every protected VM of this host (the run directories with the HA marker).
+async fn fence(driver: &dyn Driver, data_dir: &Path, why: &str) {
+    let Ok(entries) = std::fs::read_dir(data_dir.join("vms")) else {
+        return;
+    };
+    for dir in entries.flatten().map(|e| e.path()) {
+        if !dir.join(layout::HA_MARKER).exists() {
+            continue;
+        }
+        match driver.kill(&dir).await {
+            Ok(()) => tracing::warn!(dir = %dir.display(), "fenced: {why}; protected VM powered off"),
+            Err(e) => tracing::error!(dir = %dir.display(), error = %e, "fencing could not kill a protected VM"),
+        }
+    }
+}
+
+/// Whether any protected VM has a run directory here (so there is something to fence).
+fn holds_protected(data_dir: &Path) -> bool {
+    std::fs::read_dir(data_dir.join("vms")).is_ok_and(|entries| {
+        entries
+            .flatten()
+            .any(|e| e.path().join(layout::HA_MARKER).exists())
+    })
+}
+
+/// Renews leases, reports to the controller and fences when needed, until the task is dropped.
+pub(crate) async fn run(
+    store: Arc<dyn Store>,
+    driver: Arc<dyn Driver>,
+    host: String,
+    data_dir: PathBuf,
+    gossip: Option<SocketAddr>,
+    state: Arc<HaState>,
+    link: Option<Arc<dyn HaLink>>,
+) {
+    // The watchdog: whatever else hangs (a datastore write, the controller), protected VMs do
+    // not outlive the lease.
+    let (s, d, dd) = (state.clone(), driver.clone(), data_dir.clone());
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tick.tick().await;
+            let late = s.since_renewed();
+            if late > timing::FENCE_AFTER && holds_protected(&dd) {
+                s.fenced.store(true, Ordering::SeqCst);
+                let why = format!("storage lease not renewed for {:.1} s", late.as_secs_f64());
+                fence(&*d, &dd, &why).await;
+            }
+        }
+    });
+    let mut seq = 0u64;
+    let mut datastores = Vec::new();
+    let mut controller_seen = Instant::now();
+    let mut response = IsolationResponse::default();
+    let mut tick = tokio::time::interval(timing::RENEW_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if seq % 8 == 0 {
+            datastores = shared_datastores(&*store, &data_dir).await;
+        }
+        seq += 1;
+        let fenced = state.fenced.load(Ordering::SeqCst);
+        if let Some(link) = &link {
+            let report = HaReport {
+                peers_alive: lock(&state.peers_alive).clone(),
+                fenced,
+                gossip,
+            };
+            // A report must never hold up renewals for long.
+            match tokio::time::timeout(timing::RENEW_EVERY * 2, link.report(report)).await {
+                Ok(Ok(reply)) => {
+                    controller_seen = Instant::now();
+                    response = reply.isolation_response;
+                    *lock(&state.peers_known) = reply.peers;
+                }
+                Ok(Err(e)) => tracing::debug!(error = %e, "HA report failed"),
+                Err(_) => tracing::debug!("HA report timed out"),
+            }
+            let alone = lock(&state.peers_alive).is_empty() && !lock(&state.peers_known).is_empty();
+            let isolated = controller_seen.elapsed() > timing::ISOLATED_AFTER && alone;
+            if isolated && response == IsolationResponse::PowerOff && !fenced {
+                state.fenced.store(true, Ordering::SeqCst);
+                let why = format!(
+                    "isolated: no answer from the controller for {:.1} s and no peer alive",
+                    controller_seen.elapsed().as_secs_f64()
+                );
+                fence(&*driver, &data_dir, &why).await;
+                continue;
+            }
+            if fenced && controller_seen.elapsed() < timing::SILENT_AFTER {
+                tracing::warn!("the controller answers again: taking storage leases again");
+                state.fenced.store(false, Ordering::SeqCst);
+            }
+        }
+        if state.fenced.load(Ordering::SeqCst) {
+            continue;
+        }
+        let mut all = true;
+        for ds in &datastores {
+            let (path, host) = (ds.clone(), host.clone());
+            let renewed = tokio::time::timeout(
+                timing::RENEW_EVERY * 2,
+                tokio::task::spawn_blocking(move || renew(&path, &host, seq)),
+            )
+            .await;
+            if !matches!(renewed, Ok(Ok(Ok(())))) {
+                tracing::warn!(datastore = %ds.display(), "could not renew the storage lease");
+                all = false;
+            }
+        }
+        if all {
+            *lock(&state.renewed) = Some(Instant::now());
+        }
+    }
+}

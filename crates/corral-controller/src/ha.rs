@@ -1,0 +1,685 @@
+//! HA: the controller's failure detector and failover.
+//!
+//! Three independent signals decide that a host failed (as vSphere HA uses network and datastore
+//! heartbeats):
+//! 1. the host's own reports (any authenticated call of its agent counts), every
+//!    [`timing::RENEW_EVERY`]; silent for [`timing::SILENT_AFTER`]: suspected;
+//! 2. its peers' gossip: a host that a responding peer still sees alive has only lost the
+//!    controller, and nothing restarts;
+//! 3. its storage lease on each shared datastore (`PATH/.corral-ha/HOST`), which the controller
+//!    watches change: a protected VM is restarted elsewhere only once the lease on its datastore
+//!    has been seen unchanged for [`timing::LEASE_EXPIRES_AFTER`], by when its host has killed it
+//!    (see `corral_agent::ha` and docs/HA.md).
+//!
+//! Restarts go in priority order (a tier waits until the tier above runs, or for 20 s), a VM
+//! waits for the VMs it names in `ha_after`, and each restart is a compare-and-swap of the VM's
+//! record from its failed host to a new one, so a host that comes back and claims its VM first
+//! wins, and the failover (re-evaluated from the store every tick) happens once even across a
+//! controller restart.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use corral_agent::remote::{HaReply, HaReport};
+use corral_api::{
+    keys, timing, Datastore, Host, HaPolicy, HaProtection, PowerState, Vm, VmEvent, VmPhase,
+    LOCAL_DATASTORE,
+};
+use corral_scheduler::Decision;
+use corral_store::{list_json, Op, Precondition, StoreError};
+
+use crate::{events, placement, ApiError, Ctx};
+
+/// A lower priority tier is restarted once the tier above runs, or after this long.
+const TIER_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// What the failure detector sees of a host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum HostHa {
+    Live,
+    /// Silent to the controller, but a peer sees it alive.
+    Partitioned,
+    /// Silent, no peer sees it, and it still renews a storage lease: its VMs keep running.
+    Isolated,
+    /// Silent, no peer sees it, no lease renewed.
+    Failed,
+}
+
+impl HostHa {
+    fn describe(self) -> &'static str {
+        match self {
+            HostHa::Live => "live",
+            HostHa::Partitioned => "cut off from the controller; peers see it alive, its VMs keep running",
+            HostHa::Isolated => "isolated; it still renews its storage lease, so its VMs keep running",
+            HostHa::Failed => "failed; its protected VMs are restarted elsewhere",
+        }
+    }
+}
+
+struct Lease {
+    content: Option<Vec<u8>>,
+    changed: Instant,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// When each host was last heard from.
+    seen: HashMap<String, Instant>,
+    /// Each host's last report: when, and the peers it saw alive.
+    reports: HashMap<String, (Instant, Vec<String>)>,
+    /// (datastore, host) -> the lease file as last read, and when it last changed.
+    leases: HashMap<(String, String), Lease>,
+    /// Shared datastores whose lease directory the controller can read now.
+    observable: HashSet<String>,
+    states: HashMap<String, (HostHa, Instant)>,
+    /// Restarts under way: VM uid -> (VM key, failed host, when the host was declared failed).
+    restarting: HashMap<uuid::Uuid, (String, String, Instant)>,
+    /// VMs whose restart could not be placed, reported once.
+    blocked: HashSet<uuid::Uuid>,
+}
+
+/// The controller's failure detector: in memory, rebuilt from scratch after a restart (it then
+/// waits a full lease period before it declares anything failed).
+pub struct Monitor {
+    started: Instant,
+    inner: Mutex<Inner>,
+}
+
+impl Default for Monitor {
+    fn default() -> Self {
+        Self {
+            started: Instant::now(),
+            inner: Mutex::default(),
+        }
+    }
+}
+
+impl Monitor {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A call from the host's agent arrived (any call: a host that writes is alive).
+    pub(crate) fn seen(&self, host: &str) {
+        self.lock().seen.insert(host.to_string(), Instant::now());
+    }
+
+    /// How HA sees the host, for `corral host show`.
+    pub(crate) fn describe(&self, host: &str) -> Option<String> {
+        self.lock().states.get(host).map(|(s, since)| {
+            if *s == HostHa::Live {
+                s.describe().to_string()
+            } else {
+                format!("{} (for {:.1} s)", s.describe(), since.elapsed().as_secs_f64())
+            }
+        })
+    }
+}
+
+/// Records a host's report and answers with what it needs: the isolation response and its peers.
+pub async fn report(ctx: &Ctx, host: &str, r: HaReport) -> Result<HaReply, ApiError> {
+    {
+        let mut inner = ctx.ha.lock();
+        let now = Instant::now();
+        inner.seen.insert(host.to_string(), now);
+        inner.reports.insert(host.to_string(), (now, r.peers_alive));
+    }
+    let settings = placement::settings(ctx).await?;
+    let (hosts, _) = list_json::<Host>(&*ctx.store, keys::HOSTS).await?;
+    Ok(HaReply {
+        isolation_response: settings.ha_isolation_response,
+        peers: hosts
+            .into_iter()
+            .filter(|h| h.name != host)
+            .filter_map(|h| h.status.gossip.map(|g| (h.name, g)))
+            .collect(),
+    })
+}
+
+/// Whether HA protects `vm`, and why not when it does not.
+pub fn protection(vm: &Vm, datastores: &[Datastore]) -> HaProtection {
+    let no = |reason: String| HaProtection {
+        protected: false,
+        reason,
+    };
+    if vm.spec.ha == HaPolicy::Off {
+        return no("HA is off for this VM: create it with --ha restart to protect it".into());
+    }
+    if vm.spec.datastore == LOCAL_DATASTORE {
+        return no(format!(
+            "its disk is on its host's local datastore, which no other host can reach: move it to a shared one (corral vm move-storage {} --datastore NAME)",
+            vm.meta.name
+        ));
+    }
+    match datastores.iter().find(|d| d.name == vm.spec.datastore) {
+        Some(d) if d.shared => {}
+        _ => {
+            return no(format!(
+                "datastore {} is not shared, so no other host can reach the disk: use a --shared datastore",
+                vm.spec.datastore
+            ))
+        }
+    }
+    if let Some(pin) = &vm.spec.host {
+        return no(format!(
+            "it is pinned to host {pin}, so it cannot run anywhere else"
+        ));
+    }
+    if vm.spec.power == PowerState::Stopped {
+        return no("it is stopped: HA restarts VMs that should run".into());
+    }
+    HaProtection {
+        protected: true,
+        reason: format!(
+            "if its host fails it runs again on another host ({:?} priority)",
+            vm.spec.ha_priority
+        )
+        .to_lowercase(),
+    }
+}
+
+/// Reads the lease files of every shared datastore: datastore -> host -> content, or None where
+/// the controller cannot read the lease directory.
+fn read_leases(datastores: Vec<(String, PathBuf)>) -> Vec<(String, Option<Vec<(String, Vec<u8>)>>)> {
+    datastores
+        .into_iter()
+        .map(|(name, path)| {
+            let dir = corral_agent::layout::lease_dir(&path);
+            let files = match std::fs::read_dir(&dir) {
+                Ok(entries) => Some(
+                    entries
+                        .flatten()
+                        .filter_map(|e| {
+                            let host = e.file_name().to_string_lossy().into_owned();
+                            if host.starts_with('.') {
+                                return None;
+                            }
+                            std::fs::read(e.path()).ok().map(|c| (host, c))
+                        })
+                        .collect(),
+                ),
+                // Nobody renewed there yet: an empty directory, as far as leases go.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && path.is_dir() => Some(Vec::new()),
+                Err(_) => None,
+            };
+            (name, files)
+        })
+        .collect()
+}
+
+/// Watches the cluster until the task is dropped.
+pub(crate) fn spawn(ctx: Ctx) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(timing::RENEW_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut n = 0u64;
+        loop {
+            tick.tick().await;
+            if let Err(e) = watch(&ctx).await {
+                tracing::warn!(error = %e, "HA check failed");
+            }
+            n += 1;
+            if n % 240 == 0 {
+                if let Err(e) = events::prune(&*ctx.store).await {
+                    tracing::warn!(error = %e, "pruning events failed");
+                }
+            }
+        }
+    });
+}
+
+async fn watch(ctx: &Ctx) -> Result<(), ApiError> {
+    let (datastores, _) = list_json::<Datastore>(&*ctx.store, keys::DATASTORES).await?;
+    let shared: Vec<(String, PathBuf)> = datastores
+        .iter()
+        .filter(|d| d.shared)
+        .map(|d| (d.name.clone(), PathBuf::from(&d.path)))
+        .collect();
+    let read = tokio::task::spawn_blocking(move || read_leases(shared))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let (hosts, _) = list_json::<Host>(&*ctx.store, keys::HOSTS).await?;
+    let now = Instant::now();
+    let mut transitions = Vec::new();
+    let failed: HashSet<String> = {
+        let mut inner = ctx.ha.lock();
+        inner.observable.clear();
+        for (ds, files) in read {
+            let Some(files) = files else { continue };
+            inner.observable.insert(ds.clone());
+            for h in &hosts {
+                let content = files.iter().find(|(n, _)| *n == h.name).map(|(_, c)| c.clone());
+                let lease = inner
+                    .leases
+                    .entry((ds.clone(), h.name.clone()))
+                    .or_insert(Lease {
+                        content: content.clone(),
+                        changed: now,
+                    });
+                if lease.content != content {
+                    lease.content = content;
+                    lease.changed = now;
+                }
+            }
+        }
+        let silent = |inner: &Inner, h: &str| {
+            inner.seen.get(h).copied().unwrap_or(ctx.ha.started).elapsed() > timing::SILENT_AFTER
+        };
+        let mut states = Vec::new();
+        for h in &hosts {
+            let name = h.name.as_str();
+            let state = if !silent(&inner, name) {
+                HostHa::Live
+            } else if inner.reports.iter().any(|(p, (at, alive))| {
+                p != name
+                    && !silent(&inner, p)
+                    && at.elapsed() < timing::SILENT_AFTER
+                    && alive.iter().any(|a| a == name)
+            }) {
+                HostHa::Partitioned
+            } else if inner.leases.iter().any(|((ds, host), l)| {
+                host == name
+                    && inner.observable.contains(ds)
+                    && l.content.is_some()
+                    && l.changed.elapsed() < timing::LEASE_EXPIRES_AFTER
+            }) {
+                HostHa::Isolated
+            } else {
+                HostHa::Failed
+            };
+            states.push((name.to_string(), state));
+        }
+        for (name, state) in states {
+            let previous = inner.states.get(&name).map(|(s, _)| *s);
+            if previous != Some(state) {
+                inner.states.insert(name.clone(), (state, now));
+                // A host first seen live is no news.
+                if previous.is_some() || state != HostHa::Live {
+                    transitions.push((name, state));
+                }
+            }
+        }
+        inner
+            .states
+            .iter()
+            .filter(|(_, (s, _))| matches!(s, HostHa::Failed | HostHa::Isolated))
+            .map(|(h, _)| h.clone())
+            .collect()
+    };
+    for (host, state) in transitions {
+        let reason = match state {
+            HostHa::Live => "HostBack",
+            HostHa::Partitioned => "HostPartitioned",
+            HostHa::Isolated => "HostIsolated",
+            HostHa::Failed => "HostFailed",
+        };
+        events::record(&*ctx.store, reason, &format!("host/{host}"), &format!("host {host}: {}", state.describe())).await;
+    }
+    follow_restarts(ctx).await?;
+    if !failed.is_empty() {
+        fail_over(ctx, &failed, &datastores).await?;
+    }
+    Ok(())
+}
+
+/// Reports restarted VMs once they run on their new host.
+async fn follow_restarts(ctx: &Ctx) -> Result<(), ApiError> {
+    let pending: Vec<(uuid::Uuid, (String, String, Instant))> = ctx
+        .ha
+        .lock()
+        .restarting
+        .iter()
+        .map(|(k, v)| (*k, v.clone()))
+        .collect();
+    for (uid, (key, failed, declared)) in pending {
+        let vm = corral_store::get_json::<Vm>(&*ctx.store, &key).await?;
+        let done = match vm.as_ref().map(|v| &v.value) {
+            Some(v) if v.meta.uid == uid => {
+                if v.status.phase == VmPhase::Running {
+                    let msg = format!(
+                        "{} runs again on {}, {:.1} s after {failed} was declared failed",
+                        v.meta.name,
+                        v.status.host.as_deref().unwrap_or("?"),
+                        declared.elapsed().as_secs_f64()
+                    );
+                    let subject = format!("vm/{}/{}", v.meta.project, v.meta.name);
+                    events::record(&*ctx.store, "VmRestarted", &subject, &msg).await;
+                    true
+                } else {
+                    declared.elapsed() > Duration::from_secs(600)
+                }
+            }
+            _ => true,
+        };
+        if done {
+            ctx.ha.lock().restarting.remove(&uid);
+        }
+    }
+    Ok(())
+}
+
+/// When the VM was last restarted after a failure (it is in flight until it runs).
+fn restarted_at(vm: &Vm) -> Option<chrono::DateTime<chrono::Utc>> {
+    vm.status
+        .events
+        .iter()
+        .rev()
+        .find(|e| e.reason == RESTARTED)
+        .map(|e| e.at)
+}
+
+const RESTARTED: &str = "RestartedElsewhere";
+
+/// The VMs to restart now, in order: the highest priority tier among those waiting (or still
+/// starting after a restart, for up to [`TIER_TIMEOUT`]), less those that wait for another VM
+/// that is waiting or starting. Dependencies that form a cycle are ignored rather than left to
+/// block for ever.
+pub(crate) fn restart_order<'a>(candidates: &[&'a Vm], in_flight: &[&Vm]) -> Vec<&'a Vm> {
+    let Some(top) = candidates
+        .iter()
+        .chain(in_flight.iter())
+        .map(|v| v.spec.ha_priority)
+        .min()
+    else {
+        return Vec::new();
+    };
+    let waiting: HashSet<(String, String)> = candidates
+        .iter()
+        .chain(in_flight.iter())
+        .map(|v| (v.meta.project.clone(), v.meta.name.clone()))
+        .collect();
+    let mut tier: Vec<&Vm> = candidates
+        .iter()
+        .copied()
+        .filter(|v| v.spec.ha_priority == top)
+        .collect();
+    tier.sort_by(|a, b| a.meta.name.cmp(&b.meta.name));
+    let free: Vec<&Vm> = tier
+        .iter()
+        .copied()
+        .filter(|v| {
+            !v.spec
+                .ha_after
+                .iter()
+                .any(|d| waiting.contains(&(v.meta.project.clone(), d.clone())))
+        })
+        .collect();
+    if free.is_empty() && in_flight.iter().all(|v| v.spec.ha_priority != top) {
+        return tier;
+    }
+    free
+}
+
+async fn fail_over(ctx: &Ctx, failed: &HashSet<String>, datastores: &[Datastore]) -> Result<(), ApiError> {
+    let (kvs, _) = ctx.store.list(keys::VMS).await?;
+    let vms: Vec<(String, u64, Vm)> = kvs
+        .into_iter()
+        .filter_map(|kv| {
+            serde_json::from_slice::<Vm>(&kv.value)
+                .ok()
+                .map(|v| (kv.key, kv.mod_revision, v))
+        })
+        .collect();
+    let expired = |vm: &Vm, host: &str| {
+        let inner = ctx.ha.lock();
+        inner.observable.contains(&vm.spec.datastore)
+            && inner
+                .leases
+                .get(&(vm.spec.datastore.clone(), host.to_string()))
+                .is_some_and(|l| l.changed.elapsed() >= timing::LEASE_EXPIRES_AFTER)
+    };
+    let candidates: Vec<&Vm> = vms
+        .iter()
+        .map(|(_, _, v)| v)
+        .filter(|v| {
+            let host = v.status.host.as_deref().unwrap_or_default();
+            failed.contains(host)
+                && v.meta.deletion_requested_at.is_none()
+                && protection(v, datastores).protected
+                && expired(v, host)
+        })
+        .collect();
+    if candidates.is_empty() {
+        return Ok(());
+    }
+    let in_flight: Vec<&Vm> = vms
+        .iter()
+        .map(|(_, _, v)| v)
+        .filter(|v| {
+            v.status.phase != VmPhase::Running
+                && !failed.contains(v.status.host.as_deref().unwrap_or_default())
+                && restarted_at(v).is_some_and(|at| {
+                    (chrono::Utc::now() - at).to_std().unwrap_or_default() < TIER_TIMEOUT
+                })
+        })
+        .collect();
+    let order: Vec<uuid::Uuid> = restart_order(&candidates, &in_flight)
+        .iter()
+        .map(|v| v.meta.uid)
+        .collect();
+    if order.is_empty() {
+        return Ok(());
+    }
+    let _one_at_a_time = ctx.placement.lock().await;
+    let mut view = placement::view(ctx).await?;
+    view.down = failed.clone();
+    for uid in order {
+        let Some((key, rev, vm)) = vms.iter().find(|(_, _, v)| v.meta.uid == uid) else {
+            continue;
+        };
+        let from = vm.status.host.clone().unwrap_or_default();
+        let subject = format!("vm/{}/{}", vm.meta.project, vm.meta.name);
+        let target = match view.decide_migration(vm, None) {
+            Decision::Place { host } => host,
+            Decision::Pending { reason } => {
+                if ctx.ha.lock().blocked.insert(uid) {
+                    let msg = format!("{} cannot run again yet: {reason}", vm.meta.name);
+                    events::record(&*ctx.store, "RestartBlocked", &subject, &msg).await;
+                }
+                continue;
+            }
+        };
+        let mut v = vm.clone();
+        let msg = format!("{from} failed; restarted on {target}");
+        v.status.host = Some(target.clone());
+        v.status.phase = VmPhase::Pending;
+        v.status.pid = None;
+        v.status.run_dir = None;
+        v.status.started_at = None;
+        v.status.set_condition("Running", false, "HostFailed", &format!("{from} failed"));
+        v.status.set_condition("Scheduled", true, "FailedOver", &msg);
+        v.status.push_event(VmEvent::new(RESTARTED, msg.clone()));
+        let ops = vec![
+            Op::Check {
+                key: keys::host(&target),
+                when: Precondition::ModRevision(view.host_revision(&target)),
+            },
+            Op::Put {
+                key: key.clone(),
+                value: serde_json::to_vec(&v).map_err(StoreError::from)?,
+                when: Precondition::ModRevision(*rev),
+                lease: None,
+            },
+        ];
+        match ctx.store.txn(ops).await {
+            Ok(_) => {
+                let declared = ctx
+                    .ha
+                    .lock()
+                    .states
+                    .get(&from)
+                    .map_or_else(Instant::now, |(_, since)| *since);
+                {
+                    let mut inner = ctx.ha.lock();
+                    inner.blocked.remove(&uid);
+                    inner.restarting.insert(uid, (key.clone(), from.clone(), declared));
+                }
+                let msg = format!(
+                    "{}: {msg} ({:?} priority, storage lease expired)",
+                    vm.meta.name, vm.spec.ha_priority
+                );
+                events::record(&*ctx.store, "VmRestarting", &subject, &msg.to_lowercase()).await;
+                if let Some(placed) = view.vms.iter_mut().find(|x| x.meta.uid == uid) {
+                    placed.status = v.status;
+                }
+            }
+            // The VM or the target changed since they were read (the failed host may have come
+            // back and claimed it): judged again on the next tick.
+            Err(StoreError::Conflict { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use corral_api::{HaPriority, ObjectMeta, VmSpec, VmStatus};
+
+    fn vm(name: &str, p: HaPriority, after: &[&str]) -> Vm {
+        Vm {
+            meta: ObjectMeta::new("default", name),
+            spec: VmSpec {
+                image: "jeos".into(),
+                cpus: 1,
+                memory_bytes: 128 << 20,
+                disk_bytes: 0,
+                power: PowerState::Running,
+                force_stop: false,
+                reboots: 0,
+                host: None,
+                datastore: "nfs".into(),
+                ha: HaPolicy::Restart,
+                ha_priority: p,
+                ha_after: after.iter().map(|s| s.to_string()).collect(),
+            },
+            status: VmStatus::default(),
+            ha: None,
+        }
+    }
+
+    fn names(v: Vec<&Vm>) -> Vec<&str> {
+        v.iter().map(|v| v.meta.name.as_str()).collect()
+    }
+
+    #[test]
+    fn restarts_go_by_priority_and_wait_for_what_they_need() {
+        let db = vm("db", HaPriority::High, &[]);
+        let cache = vm("cache", HaPriority::High, &[]);
+        let web = vm("web", HaPriority::Medium, &["db"]);
+        let api = vm("api", HaPriority::Medium, &["web"]);
+        let batch = vm("batch", HaPriority::Low, &[]);
+        let all = [&db, &cache, &web, &api, &batch];
+        // The high tier first, by name.
+        assert_eq!(names(restart_order(&all, &[])), ["cache", "db"]);
+        // While db still starts, the medium tier waits.
+        assert!(restart_order(&[&web, &api, &batch], &[&db]).is_empty());
+        // Once it runs: web, but not api, which waits for web.
+        assert_eq!(names(restart_order(&[&web, &api, &batch], &[])), ["web"]);
+        assert!(restart_order(&[&api, &batch], &[&web]).is_empty());
+        assert_eq!(names(restart_order(&[&api, &batch], &[])), ["api"]);
+        assert_eq!(names(restart_order(&[&batch], &[])), ["batch"]);
+        // A cycle does not block for ever.
+        let a = vm("a", HaPriority::Medium, &["b"]);
+        let b = vm("b", HaPriority::Medium, &["a"]);
+        assert_eq!(names(restart_order(&[&a, &b], &[])), ["a", "b"]);
+        assert!(restart_order(&[], &[&db]).is_empty());
+    }
+
+    #[test]
+    fn only_running_vms_with_ha_on_a_shared_datastore_unpinned_are_protected() {
+        let ds = vec![
+            Datastore {
+                name: "nfs".into(),
+                path: "/mnt/nfs".into(),
+                shared: true,
+                created_at: chrono::Utc::now(),
+                deleting: false,
+            },
+            Datastore {
+                name: "disk2".into(),
+                path: "/mnt/disk2".into(),
+                shared: false,
+                created_at: chrono::Utc::now(),
+                deleting: false,
+            },
+        ];
+        let ok = vm("web", HaPriority::High, &[]);
+        assert!(protection(&ok, &ds).protected);
+        let mut v = ok.clone();
+        v.spec.ha = HaPolicy::Off;
+        assert!(protection(&v, &ds).reason.contains("--ha restart"));
+        let mut v = ok.clone();
+        v.spec.datastore = LOCAL_DATASTORE.into();
+        assert!(protection(&v, &ds).reason.contains("local datastore"));
+        let mut v = ok.clone();
+        v.spec.datastore = "disk2".into();
+        assert!(protection(&v, &ds).reason.contains("not shared"));
+        let mut v = ok.clone();
+        v.spec.host = Some("host-1".into());
+        assert!(protection(&v, &ds).reason.contains("pinned"));
+        let mut v = ok;
+        v.spec.power = PowerState::Stopped;
+        assert!(!protection(&v, &ds).protected);
+    }
+}
+
+/// HA admission control: with `ha_host_failures_to_tolerate` = N, the protected VMs (with `extra`,
+/// a VM about to be created or protected) must fit in what is left after the N largest hosts
+/// fail. Returns the sentence saying why not.
+pub(crate) fn admission(
+    view: &placement::ClusterView,
+    datastores: &[Datastore],
+    extra: Option<&Vm>,
+) -> Result<(), String> {
+    let n = view.settings.ha_host_failures_to_tolerate as usize;
+    if n == 0 {
+        return Ok(());
+    }
+    let covered = |v: &Vm| {
+        let mut running = v.clone();
+        running.spec.power = PowerState::Running;
+        running.spec.host = None;
+        protection(&running, datastores).protected
+    };
+    let (mut cpus, mut memory) = (0f64, 0f64);
+    for v in view
+        .vms
+        .iter()
+        .filter(|v| extra.is_none_or(|e| e.meta.uid != v.meta.uid))
+        .filter(|v| protection(v, datastores).protected)
+        .chain(extra.filter(|e| covered(e)))
+    {
+        cpus += f64::from(v.spec.cpus);
+        memory += v.spec.memory_bytes as f64;
+    }
+    let mut hosts: Vec<(f64, f64)> = view
+        .hosts
+        .iter()
+        .map(|(h, _)| {
+            (
+                f64::from(h.status.cpus) * view.settings.cpu_overcommit,
+                h.status.memory_bytes as f64 * view.settings.memory_overcommit,
+            )
+        })
+        .collect();
+    hosts.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let left = hosts.get(n..).unwrap_or_default();
+    let (free_cpus, free_memory) = left
+        .iter()
+        .fold((0f64, 0f64), |(c, m), h| (c + h.0, m + h.1));
+    if cpus <= free_cpus && memory <= free_memory {
+        return Ok(());
+    }
+    Err(format!(
+        "HA admission control: protected VMs would need {cpus} vCPUs and {} of memory after {n} host failure(s), but the {} remaining host(s) offer {free_cpus:.0} vCPUs and {}: add hosts, protect fewer VMs, or lower `corral cluster set --ha-failures-to-tolerate`",
+        corral_api::format_bytes(memory as u64),
+        left.len(),
+        corral_api::format_bytes(free_memory as u64)
+    ))
+}
