@@ -122,8 +122,12 @@ async fn fence(driver: &dyn Driver, data_dir: &Path, why: &str) {
             continue;
         }
         match driver.kill(&dir).await {
-            Ok(()) => tracing::warn!(dir = %dir.display(), "fenced: {why}; protected VM powered off"),
-            Err(e) => tracing::error!(dir = %dir.display(), error = %e, "fencing could not kill a protected VM"),
+            Ok(()) => {
+                tracing::warn!(dir = %dir.display(), "fenced: {why}; protected VM powered off")
+            }
+            Err(e) => {
+                tracing::error!(dir = %dir.display(), error = %e, "fencing could not kill a protected VM")
+            }
         }
     }
 }

@@ -19,7 +19,10 @@ const KEEP: usize = 1000;
 pub(crate) async fn record(store: &dyn Store, reason: &str, subject: &str, message: &str) {
     let at = Utc::now();
     let nanos = at.timestamp_nanos_opt().unwrap_or_default();
-    let id = format!("{nanos:020}-{}", &uuid::Uuid::new_v4().simple().to_string()[..6]);
+    let id = format!(
+        "{nanos:020}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..6]
+    );
     tracing::info!(%reason, %subject, "{message}");
     let event = ClusterEvent {
         id: id.clone(),
@@ -29,7 +32,11 @@ pub(crate) async fn record(store: &dyn Store, reason: &str, subject: &str, messa
         message: message.to_string(),
     };
     let put = match serde_json::to_vec(&event) {
-        Ok(bytes) => store.put(&keys::event(&id), bytes, Precondition::Absent).await,
+        Ok(bytes) => {
+            store
+                .put(&keys::event(&id), bytes, Precondition::Absent)
+                .await
+        }
         Err(e) => Err(StoreError::from(e)),
     };
     if let Err(e) = put {

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use corral_agent::remote::{HaReply, HaReport};
 use corral_api::{
-    keys, timing, Datastore, Host, HaPolicy, HaProtection, PowerState, Vm, VmEvent, VmPhase,
+    keys, timing, Datastore, HaPolicy, HaProtection, Host, PowerState, Vm, VmEvent, VmPhase,
     LOCAL_DATASTORE,
 };
 use corral_scheduler::Decision;
@@ -51,8 +51,12 @@ impl HostHa {
     fn describe(self) -> &'static str {
         match self {
             HostHa::Live => "live",
-            HostHa::Partitioned => "cut off from the controller; peers see it alive, its VMs keep running",
-            HostHa::Isolated => "isolated; it still renews its storage lease, so its VMs keep running",
+            HostHa::Partitioned => {
+                "cut off from the controller; peers see it alive, its VMs keep running"
+            }
+            HostHa::Isolated => {
+                "isolated; it still renews its storage lease, so its VMs keep running"
+            }
             HostHa::Failed => "failed; its protected VMs are restarted elsewhere",
         }
     }
@@ -74,8 +78,8 @@ struct Inner {
     /// Shared datastores whose lease directory the controller can read now.
     observable: HashSet<String>,
     states: HashMap<String, (HostHa, Instant)>,
-    /// Restarts under way: VM uid -> (VM key, failed host, when the host was declared failed).
-    restarting: HashMap<uuid::Uuid, (String, String, Instant)>,
+    /// Restarts under way: VM uid -> (failed host, when it was declared failed).
+    restarting: HashMap<uuid::Uuid, (String, Instant)>,
     /// VMs whose restart could not be placed, reported once.
     blocked: HashSet<uuid::Uuid>,
 }
@@ -114,7 +118,11 @@ impl Monitor {
             if *s == HostHa::Live {
                 s.describe().to_string()
             } else {
-                format!("{} (for {:.1} s)", s.describe(), since.elapsed().as_secs_f64())
+                format!(
+                    "{} (for {:.1} s)",
+                    s.describe(),
+                    since.elapsed().as_secs_f64()
+                )
             }
         })
     }
@@ -184,7 +192,9 @@ pub fn protection(vm: &Vm, datastores: &[Datastore]) -> HaProtection {
 
 /// Reads the lease files of every shared datastore: datastore -> host -> content, or None where
 /// the controller cannot read the lease directory.
-fn read_leases(datastores: Vec<(String, PathBuf)>) -> Vec<(String, Option<Vec<(String, Vec<u8>)>>)> {
+fn read_leases(
+    datastores: Vec<(String, PathBuf)>,
+) -> Vec<(String, Option<Vec<(String, Vec<u8>)>>)> {
     datastores
         .into_iter()
         .map(|(name, path)| {
@@ -203,7 +213,9 @@ fn read_leases(datastores: Vec<(String, PathBuf)>) -> Vec<(String, Option<Vec<(S
                         .collect(),
                 ),
                 // Nobody renewed there yet: an empty directory, as far as leases go.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound && path.is_dir() => Some(Vec::new()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && path.is_dir() => {
+                    Some(Vec::new())
+                }
                 Err(_) => None,
             };
             (name, files)
@@ -252,7 +264,10 @@ async fn watch(ctx: &Ctx) -> Result<(), ApiError> {
             let Some(files) = files else { continue };
             inner.observable.insert(ds.clone());
             for h in &hosts {
-                let content = files.iter().find(|(n, _)| *n == h.name).map(|(_, c)| c.clone());
+                let content = files
+                    .iter()
+                    .find(|(n, _)| *n == h.name)
+                    .map(|(_, c)| c.clone());
                 let lease = inner
                     .leases
                     .entry((ds.clone(), h.name.clone()))
@@ -267,7 +282,13 @@ async fn watch(ctx: &Ctx) -> Result<(), ApiError> {
             }
         }
         let silent = |inner: &Inner, h: &str| {
-            inner.seen.get(h).copied().unwrap_or(ctx.ha.started).elapsed() > timing::SILENT_AFTER
+            inner
+                .seen
+                .get(h)
+                .copied()
+                .unwrap_or(ctx.ha.started)
+                .elapsed()
+                > timing::SILENT_AFTER
         };
         let mut states = Vec::new();
         for h in &hosts {
@@ -317,7 +338,13 @@ async fn watch(ctx: &Ctx) -> Result<(), ApiError> {
             HostHa::Isolated => "HostIsolated",
             HostHa::Failed => "HostFailed",
         };
-        events::record(&*ctx.store, reason, &format!("host/{host}"), &format!("host {host}: {}", state.describe())).await;
+        events::record(
+            &*ctx.store,
+            reason,
+            &format!("host/{host}"),
+            &format!("host {host}: {}", state.describe()),
+        )
+        .await;
     }
     follow_restarts(ctx).await?;
     if !failed.is_empty() {
@@ -326,37 +353,58 @@ async fn watch(ctx: &Ctx) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Reports restarted VMs once they run on their new host.
+/// Reports restarted VMs once they run on their new host: the VM's last event says it was
+/// restarted elsewhere and it runs now. The report is recorded in the VM's events too (a
+/// compare-and-swap, tried again next tick if it loses), so it is made once, also across a
+/// controller restart.
 async fn follow_restarts(ctx: &Ctx) -> Result<(), ApiError> {
-    let pending: Vec<(uuid::Uuid, (String, String, Instant))> = ctx
-        .ha
-        .lock()
-        .restarting
-        .iter()
-        .map(|(k, v)| (*k, v.clone()))
-        .collect();
-    for (uid, (key, failed, declared)) in pending {
-        let vm = corral_store::get_json::<Vm>(&*ctx.store, &key).await?;
-        let done = match vm.as_ref().map(|v| &v.value) {
-            Some(v) if v.meta.uid == uid => {
-                if v.status.phase == VmPhase::Running {
-                    let msg = format!(
-                        "{} runs again on {}, {:.1} s after {failed} was declared failed",
-                        v.meta.name,
-                        v.status.host.as_deref().unwrap_or("?"),
-                        declared.elapsed().as_secs_f64()
-                    );
-                    let subject = format!("vm/{}/{}", v.meta.project, v.meta.name);
-                    events::record(&*ctx.store, "VmRestarted", &subject, &msg).await;
-                    true
-                } else {
-                    declared.elapsed() > Duration::from_secs(600)
-                }
-            }
-            _ => true,
+    let (kvs, _) = ctx.store.list(keys::VMS).await?;
+    for kv in kvs {
+        let Ok(mut vm) = serde_json::from_slice::<Vm>(&kv.value) else {
+            continue;
         };
-        if done {
-            ctx.ha.lock().restarting.remove(&uid);
+        let Some(restarted) = vm.status.events.last().filter(|e| e.reason == RESTARTED) else {
+            continue;
+        };
+        if vm.status.phase != VmPhase::Running {
+            continue;
+        }
+        let since_decision = (chrono::Utc::now() - restarted.at)
+            .to_std()
+            .unwrap_or_default();
+        let declared = ctx
+            .ha
+            .lock()
+            .restarting
+            .get(&vm.meta.uid)
+            .map(|(failed, at)| {
+                format!(
+                    ", {:.1} s after {failed} was declared failed",
+                    at.elapsed().as_secs_f64()
+                )
+            })
+            .unwrap_or_default();
+        let msg = format!(
+            "{} runs again on {}, {:.1} s after its restart was decided{declared}",
+            vm.meta.name,
+            vm.status.host.as_deref().unwrap_or("?"),
+            since_decision.as_secs_f64()
+        );
+        vm.status
+            .push_event(VmEvent::new("RunningAgain", msg.clone()));
+        let bytes = serde_json::to_vec(&vm).map_err(StoreError::from)?;
+        match ctx
+            .store
+            .put(&kv.key, bytes, Precondition::ModRevision(kv.mod_revision))
+            .await
+        {
+            Ok(_) => {
+                ctx.ha.lock().restarting.remove(&vm.meta.uid);
+                let subject = format!("vm/{}/{}", vm.meta.project, vm.meta.name);
+                events::record(&*ctx.store, "VmRestarted", &subject, &msg).await;
+            }
+            Err(StoreError::Conflict { .. }) => {}
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(())
@@ -414,7 +462,11 @@ pub(crate) fn restart_order<'a>(candidates: &[&'a Vm], in_flight: &[&Vm]) -> Vec
     free
 }
 
-async fn fail_over(ctx: &Ctx, failed: &HashSet<String>, datastores: &[Datastore]) -> Result<(), ApiError> {
+async fn fail_over(
+    ctx: &Ctx,
+    failed: &HashSet<String>,
+    datastores: &[Datastore],
+) -> Result<(), ApiError> {
     let (kvs, _) = ctx.store.list(keys::VMS).await?;
     let vms: Vec<(String, u64, Vm)> = kvs
         .into_iter()
@@ -490,8 +542,10 @@ async fn fail_over(ctx: &Ctx, failed: &HashSet<String>, datastores: &[Datastore]
         v.status.pid = None;
         v.status.run_dir = None;
         v.status.started_at = None;
-        v.status.set_condition("Running", false, "HostFailed", &format!("{from} failed"));
-        v.status.set_condition("Scheduled", true, "FailedOver", &msg);
+        v.status
+            .set_condition("Running", false, "HostFailed", &format!("{from} failed"));
+        v.status
+            .set_condition("Scheduled", true, "FailedOver", &msg);
         v.status.push_event(VmEvent::new(RESTARTED, msg.clone()));
         let ops = vec![
             Op::Check {
@@ -516,7 +570,7 @@ async fn fail_over(ctx: &Ctx, failed: &HashSet<String>, datastores: &[Datastore]
                 {
                     let mut inner = ctx.ha.lock();
                     inner.blocked.remove(&uid);
-                    inner.restarting.insert(uid, (key.clone(), from.clone(), declared));
+                    inner.restarting.insert(uid, (from.clone(), declared));
                 }
                 let msg = format!(
                     "{}: {msg} ({:?} priority, storage lease expired)",

@@ -26,6 +26,32 @@ pub enum LabCmd {
     Status(LabRef),
     /// Remove everything the lab created: processes, VMs, namespaces, links, its directory.
     Down(LabRef),
+    /// Break a host on purpose, to watch HA at work (and mend it with `heal`).
+    Fault(FaultArgs),
+    /// Kill the lab's controller and start it again (its store survives; agents reconnect).
+    RestartController(LabRef),
+}
+
+#[derive(Args, Debug)]
+pub struct FaultArgs {
+    #[command(flatten)]
+    lab: LabRef,
+    /// The host, e.g. host-1.
+    host: String,
+    #[arg(value_enum)]
+    kind: FaultKind,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum FaultKind {
+    /// The host dies: its agent and all its guests are killed and its fabric link goes down.
+    Kill,
+    /// The host's fabric link goes down: it loses the controller and every peer.
+    Isolate,
+    /// Only the path to the controller is cut; its peers still reach it.
+    CutController,
+    /// Undo the faults: link up, route back, the agent started again if it was killed.
+    Heal,
 }
 
 #[derive(Args, Debug)]
@@ -63,6 +89,9 @@ struct LabState {
     bridge: String,
     api: String,
     controller_pid: Option<u32>,
+    /// How the controller was started, to start it again.
+    #[serde(default)]
+    controller_args: Vec<String>,
     hosts: Vec<LabHost>,
 }
 
@@ -73,6 +102,9 @@ struct LabHost {
     veth: String,
     address: String,
     agent_pid: Option<u32>,
+    /// How its agent was started (without the join token), to start it again.
+    #[serde(default)]
+    agent_args: Vec<String>,
 }
 
 impl LabRef {
@@ -121,7 +153,11 @@ fn spawn_detached(
     env: &[(&str, &str)],
     log: &Path,
 ) -> Result<u32> {
-    let file = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("creating {}", log.display()))?;
     let mut cmd = match netns {
         Some(ns) => {
             let mut c = Command::new("ip");
@@ -182,7 +218,107 @@ pub fn run(cmd: LabCmd) -> Result<()> {
         LabCmd::Up(args) => up(args),
         LabCmd::Status(r) => status(&r),
         LabCmd::Down(r) => down(&r),
+        LabCmd::Fault(f) => fault(&f),
+        LabCmd::RestartController(r) => restart_controller(&r),
     }
+}
+
+/// Kills with SIGKILL: a failure, not a shutdown.
+fn kill_now(pid: u32) {
+    let _ = Command::new("kill")
+        .arg("-KILL")
+        .arg(pid.to_string())
+        .status();
+}
+
+fn fault(f: &FaultArgs) -> Result<()> {
+    let root = f.lab.root()?;
+    let mut state = load(&root)?;
+    // The controller listens on the fabric's .1.
+    let controller = state
+        .hosts
+        .first()
+        .and_then(|h| h.address.rsplit_once('.'))
+        .map(|(prefix, _)| format!("{prefix}.1/32"))
+        .context("lab.json has no hosts")?;
+    let Some(i) = state.hosts.iter().position(|h| h.name == f.host) else {
+        bail!(
+            "lab {} has no host {}: see `corral lab status`",
+            state.name,
+            f.host
+        );
+    };
+    let h = &state.hosts[i];
+    match f.kind {
+        FaultKind::Kill => {
+            if let Some(pid) = h.agent_pid.filter(|p| of_lab(*p, &root)) {
+                kill_now(pid);
+            }
+            let needle = format!("{}/", root.join("hosts").join(&h.name).display());
+            for pid in qemu_pids(&needle) {
+                kill_now(pid);
+            }
+            ip(&["link", "set", &h.veth, "down"])?;
+            state.hosts[i].agent_pid = None;
+            save(&root, &state)?;
+        }
+        FaultKind::Isolate => ip(&["link", "set", &h.veth, "down"])?,
+        FaultKind::CutController => ip(&["-n", &h.netns, "route", "add", "prohibit", &controller])?,
+        FaultKind::Heal => {
+            let _ = ip(&["-n", &h.netns, "route", "del", "prohibit", &controller]);
+            ip(&["link", "set", &h.veth, "up"])?;
+            if !h.agent_pid.is_some_and(|p| of_lab(p, &root)) {
+                let host_dir = root.join("hosts").join(&h.name);
+                let pid = spawn_detached(
+                    Some(&h.netns),
+                    &h.agent_args,
+                    &[],
+                    &host_dir.join("agent.log"),
+                )?;
+                state.hosts[i].agent_pid = Some(pid);
+                save(&root, &state)?;
+            }
+        }
+    }
+    println!("{}: {:?}", f.host, f.kind);
+    Ok(())
+}
+
+fn restart_controller(r: &LabRef) -> Result<()> {
+    let root = r.root()?;
+    let mut state = load(&root)?;
+    if let Some(pid) = state.controller_pid.filter(|p| of_lab(*p, &root)) {
+        kill_now(pid);
+        while alive(pid) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let pid = spawn_detached(
+        None,
+        &state.controller_args,
+        &[],
+        &root.join("controller.log"),
+    )?;
+    state.controller_pid = Some(pid);
+    save(&root, &state)?;
+    println!("controller restarted (pid {pid})");
+    Ok(())
+}
+
+/// QEMU processes whose command line holds `needle` (a directory of the lab).
+fn qemu_pids(needle: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd);
+            (cmd.starts_with("qemu-system") && cmd.contains(needle)).then_some(pid)
+        })
+        .collect()
 }
 
 fn up(args: UpArgs) -> Result<()> {
@@ -244,6 +380,7 @@ fn build(args: &UpArgs) -> Result<()> {
             veth: format!("cl{name}-{i}"),
             address: format!("{prefix}.{}", 10 + i as u32),
             agent_pid: None,
+            agent_args: Vec::new(),
         };
         state.hosts.push(host);
         save(&root, &state)?;
@@ -267,17 +404,18 @@ fn build(args: &UpArgs) -> Result<()> {
     }
     let controller_dir = root.join("controller");
     let agent_url = format!("https://{prefix}.1:7443");
+    state.controller_args = vec![
+        "controller".into(),
+        "--data-dir".into(),
+        controller_dir.display().to_string(),
+        "--listen".into(),
+        format!("127.0.0.1:{}", args.port),
+        "--agent-listen".into(),
+        format!("{prefix}.1:7443"),
+    ];
     let pid = spawn_detached(
         None,
-        &[
-            "controller".into(),
-            "--data-dir".into(),
-            controller_dir.display().to_string(),
-            "--listen".into(),
-            format!("127.0.0.1:{}", args.port),
-            "--agent-listen".into(),
-            format!("{prefix}.1:7443"),
-        ],
+        &state.controller_args,
         &[],
         &root.join("controller.log"),
     )?;
@@ -307,25 +445,27 @@ fn build(args: &UpArgs) -> Result<()> {
         let h = &state.hosts[i];
         let host_dir = root.join("hosts").join(&h.name);
         std::fs::create_dir_all(&host_dir)?;
+        let agent_args: Vec<String> = vec![
+            "agent".into(),
+            "--join".into(),
+            agent_url.clone(),
+            "--host-name".into(),
+            h.name.clone(),
+            "--data-dir".into(),
+            host_dir.join("data").display().to_string(),
+            "--accel".into(),
+            args.accel.clone(),
+            "--address".into(),
+            h.address.clone(),
+        ];
         let pid = spawn_detached(
             Some(&h.netns),
-            &[
-                "agent".into(),
-                "--join".into(),
-                agent_url.clone(),
-                "--host-name".into(),
-                h.name.clone(),
-                "--data-dir".into(),
-                host_dir.join("data").display().to_string(),
-                "--accel".into(),
-                args.accel.clone(),
-                "--address".into(),
-                h.address.clone(),
-            ],
+            &agent_args,
             // In the environment, not on the command line where every local user could read it.
             &[("CORRAL_JOIN_TOKEN", token.token.as_str())],
             &host_dir.join("agent.log"),
         )?;
+        state.hosts[i].agent_args = agent_args;
         state.hosts[i].agent_pid = Some(pid);
         save(&root, &state)?;
     }
@@ -420,16 +560,8 @@ fn down(r: &LabRef) -> Result<()> {
         kill(pid);
     }
     // Guests of the lab's hosts: their command lines name the lab directory.
-    let needle = format!("{}/", root.display());
-    for entry in std::fs::read_dir("/proc")?.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let cmd = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let cmd = String::from_utf8_lossy(&cmd);
-        if cmd.starts_with("qemu-system") && cmd.contains(&needle) {
-            kill(pid);
-        }
+    for pid in qemu_pids(&format!("{}/", root.display())) {
+        kill(pid);
     }
     for h in &state.hosts {
         let _ = ip(&["link", "del", &h.veth]);

@@ -12,10 +12,10 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use corral_api::{
-    BuildJeosRequest, ClusterEvent, ClusterSettings, ConsoleChunk, HaPolicy, HaPriority, IsolationResponse, CreateDatastoreRequest, CreateGroupRequest,
-    CreateVmRequest, Datastore, GroupRule, GroupStrength, HostInfo, Image, MaintenanceResponse,
-    MigrateVmRequest, Migration, MoveStorageRequest, PlacementPolicy, StopVmRequest, Task, Vm,
-    VmGroup,
+    BuildJeosRequest, ClusterEvent, ClusterSettings, ConsoleChunk, CreateDatastoreRequest,
+    CreateGroupRequest, CreateVmRequest, Datastore, GroupRule, GroupStrength, HaPolicy, HaPriority,
+    HostInfo, Image, IsolationResponse, MaintenanceResponse, MigrateVmRequest, Migration,
+    MoveStorageRequest, PlacementPolicy, StopVmRequest, Task, Vm, VmGroup,
 };
 
 use client::Client;

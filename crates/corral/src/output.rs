@@ -4,7 +4,8 @@
 use anyhow::Result;
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
 use corral_api::{
-    format_bytes, ClusterEvent, ClusterSettings, Datastore, HostInfo, Image, Migration, Task, Vm, VmGroup,
+    format_bytes, ClusterEvent, ClusterSettings, Datastore, HostInfo, Image, Migration, Task, Vm,
+    VmGroup,
 };
 use serde::Serialize;
 
@@ -75,7 +76,11 @@ pub fn vms(fmt: Format, vms: &[Vm], single: bool) -> Result<()> {
     );
     if let [vm] = vms {
         if let Some(ha) = vm.ha.as_ref().filter(|_| single) {
-            let verdict = if ha.protected { "protected" } else { "not protected" };
+            let verdict = if ha.protected {
+                "protected"
+            } else {
+                "not protected"
+            };
             println!("HA: {verdict}: {}", ha.reason);
         }
         if single && !vm.status.events.is_empty() {

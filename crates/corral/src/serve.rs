@@ -186,7 +186,12 @@ async fn serve(args: &ServerArgs, agent: Option<(AccelChoice, String, Duration)>
             ctx: ctx.clone(),
             host: cfg.host.clone(),
         };
-        let agent = Agent::new(store.clone(), Arc::new(QemuDriver), cfg, Some(Arc::new(link)));
+        let agent = Agent::new(
+            store.clone(),
+            Arc::new(QemuDriver),
+            cfg,
+            Some(Arc::new(link)),
+        );
         tokio::spawn(async move {
             if let Err(e) = agent.run().await {
                 tracing::error!(error = %e, "the host agent stopped");

@@ -4,10 +4,9 @@
 
 mod common;
 
-use std::io::Write;
 use std::time::{Duration, Instant};
 
-use common::netlab::TestLab;
+use common::netlab::{guest_value, type_line, TestLab};
 use serde_json::Value;
 
 fn vm(lab: &TestLab, name: &str) -> Value {
@@ -35,62 +34,6 @@ fn qemus(lab: &TestLab, name: &str) -> Vec<(String, u32)> {
                 .map(|p| (h.to_string(), p))
         })
         .collect()
-}
-
-/// Types a line on the guest's serial console.
-fn type_line(lab: &TestLab, name: &str, line: &str) {
-    let run_dir = vm(lab, name)["status"]["run_dir"]
-        .as_str()
-        .expect("run dir")
-        .to_string();
-    let mut s = std::os::unix::net::UnixStream::connect(format!("{run_dir}/serial.sock"))
-        .expect("serial socket");
-    // The guest's UART holds 16 bytes: type at a human pace so nothing is dropped.
-    // Guests on a loaded machine (TCG) may not get to drain it for tens of milliseconds.
-    for chunk in format!("{line}\n").as_bytes().chunks(4) {
-        s.write_all(chunk).expect("type");
-        std::thread::sleep(Duration::from_millis(40));
-    }
-}
-
-/// Runs `command` on the guest's serial console, which leaves its answer in the shell variable `v`,
-/// and returns that answer. The guest prints it as `KEY=v=v`, and the typed line never holds
-/// `KEY=` itself (the key goes through a variable): a character the UART drops, in the typed line
-/// or in its echo, then shows as a missing key or two different copies, never as a wrong answer,
-/// and the line is typed again. Lines are kept free of quotes and parentheses, so a dropped
-/// character cannot leave the shell waiting for the rest of a quoted string.
-fn guest_value(lab: &TestLab, name: &str, key: &str, command: &str) -> String {
-    let line = format!("{command}; k={key}; echo $k=$v=$v");
-    let before = lab.ok(&["vm", "console", name]).len();
-    type_line(lab, name, &line);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut retype = Instant::now() + Duration::from_secs(12);
-    loop {
-        let text = lab.ok(&["vm", "console", name]);
-        let found = text
-            .get(before..)
-            .unwrap_or("")
-            .lines()
-            .filter_map(|l| l.split_once(&format!("{key}=")))
-            .filter_map(|(_, v)| v.trim().split_once('='))
-            .find(|(a, b)| !a.is_empty() && a == b)
-            .map(|(a, _)| a.to_string());
-        if let Some(v) = found {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name} did not answer {line:?}; console:\n{text}"
-        );
-        if Instant::now() > retype {
-            // On a loaded machine the guest's UART may have dropped characters: abandon the line
-            // (Ctrl-C) and type it again.
-            type_line(lab, name, "\u{3}");
-            type_line(lab, name, &line);
-            retype = Instant::now() + Duration::from_secs(12);
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 fn uptime(lab: &TestLab, name: &str) -> f64 {
