@@ -174,7 +174,7 @@ pub(crate) async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if seq % 8 == 0 {
+        if seq.is_multiple_of(8) {
             datastores = shared_datastores(&*store, &data_dir).await;
         }
         seq += 1;

@@ -190,11 +190,11 @@ pub fn protection(vm: &Vm, datastores: &[Datastore]) -> HaProtection {
     }
 }
 
-/// Reads the lease files of every shared datastore: datastore -> host -> content, or None where
-/// the controller cannot read the lease directory.
-fn read_leases(
-    datastores: Vec<(String, PathBuf)>,
-) -> Vec<(String, Option<Vec<(String, Vec<u8>)>>)> {
+/// Each datastore's lease files as (host, content), or None where the controller cannot read them.
+type LeaseFiles = Vec<(String, Option<Vec<(String, Vec<u8>)>>)>;
+
+/// Reads the lease files of every shared datastore.
+fn read_leases(datastores: Vec<(String, PathBuf)>) -> LeaseFiles {
     datastores
         .into_iter()
         .map(|(name, path)| {
@@ -235,7 +235,7 @@ pub(crate) fn spawn(ctx: Ctx) {
                 tracing::warn!(error = %e, "HA check failed");
             }
             n += 1;
-            if n % 240 == 0 {
+            if n.is_multiple_of(240) {
                 if let Err(e) = events::prune(&*ctx.store).await {
                     tracing::warn!(error = %e, "pruning events failed");
                 }

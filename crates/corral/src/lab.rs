@@ -284,6 +284,15 @@ fn fault(f: &FaultArgs) -> Result<()> {
     Ok(())
 }
 
+/// Starts the lab's controller as recorded in `state`, and records its pid.
+fn start_controller(root: &Path, state: &mut LabState) -> Result<u32> {
+    let log = root.join("controller.log");
+    let pid = spawn_detached(None, &state.controller_args, &[], &log)?;
+    state.controller_pid = Some(pid);
+    save(root, state)?;
+    Ok(pid)
+}
+
 fn restart_controller(r: &LabRef) -> Result<()> {
     let root = r.root()?;
     let mut state = load(&root)?;
@@ -293,14 +302,7 @@ fn restart_controller(r: &LabRef) -> Result<()> {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    let pid = spawn_detached(
-        None,
-        &state.controller_args,
-        &[],
-        &root.join("controller.log"),
-    )?;
-    state.controller_pid = Some(pid);
-    save(&root, &state)?;
+    let pid = start_controller(&root, &mut state)?;
     println!("controller restarted (pid {pid})");
     Ok(())
 }
@@ -413,14 +415,7 @@ fn build(args: &UpArgs) -> Result<()> {
         "--agent-listen".into(),
         format!("{prefix}.1:7443"),
     ];
-    let pid = spawn_detached(
-        None,
-        &state.controller_args,
-        &[],
-        &root.join("controller.log"),
-    )?;
-    state.controller_pid = Some(pid);
-    save(&root, &state)?;
+    let pid = start_controller(&root, &mut state)?;
     // The controller writes the client config when it is up.
     let token_file = controller_dir.join("admin-token");
     let deadline = Instant::now() + Duration::from_secs(30);
