@@ -182,7 +182,6 @@ pub(crate) async fn run(
         if let Some(link) = &link {
             let report = HaReport {
                 peers_alive: lock(&state.peers_alive).clone(),
-                fenced,
                 gossip,
             };
             // A report must never hold up renewals for long.

@@ -240,7 +240,7 @@ pub(crate) async fn reconcile(
             return finish(store, key, revision, &before, &vm, retry).await;
         }
     };
-    let protected = is_protected(&vm);
+    let protected = vm.spec.wants_ha_restart();
     mark_protected(&dir, protected);
     let observed = match driver.observe(&dir).await {
         Ok(o) => o,
@@ -476,13 +476,6 @@ pub(crate) fn remove_vm_files(run_dir: &Path, disk: Option<&Path>) -> Result<(),
         }
     }
     Ok(())
-}
-
-/// HA restarts the VM elsewhere when its host fails: it asks for it and its disk is on a shared
-/// datastore. (Whether that datastore is shared is the controller's business: a VM whose disk is
-/// on `local` is never protected.)
-fn is_protected(vm: &Vm) -> bool {
-    vm.spec.ha == corral_api::HaPolicy::Restart && vm.spec.datastore != LOCAL_DATASTORE
 }
 
 /// Keeps the run directory's HA marker in step with the VM's protection (fencing reads it).

@@ -78,8 +78,6 @@ pub struct JoinResponse {
 pub struct HaReport {
     /// Peers this host's gossip sees alive.
     pub peers_alive: Vec<String>,
-    /// The host fenced itself (killed its protected VMs and gave up its storage leases).
-    pub fenced: bool,
     /// Where the host's gossip listens.
     pub gossip: Option<std::net::SocketAddr>,
 }

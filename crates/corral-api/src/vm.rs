@@ -56,6 +56,15 @@ fn local() -> String {
     crate::LOCAL_DATASTORE.to_string()
 }
 
+impl VmSpec {
+    /// The VM asks HA to restart it elsewhere and its disk is not on a host's local datastore.
+    /// Hosts fence such VMs; the controller restarts them if, besides, the datastore is shared, the
+    /// VM is not pinned and should run (`HaProtection`).
+    pub fn wants_ha_restart(&self) -> bool {
+        self.ha == crate::HaPolicy::Restart && self.datastore != crate::LOCAL_DATASTORE
+    }
+}
+
 /// Where a VM is in its life, as observed by its host agent.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]

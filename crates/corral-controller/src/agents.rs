@@ -270,7 +270,7 @@ async fn ha_report(
     ApiJson(r): ApiJson<corral_agent::remote::HaReport>,
 ) -> Result<Json<corral_agent::remote::HaReply>, ApiError> {
     let host = host_of(&a, &peer).await?;
-    Ok(Json(crate::ha::report(&a.ctx, &host, r).await?))
+    Ok(Json(crate::ha::report(&a.ctx, &host, r)))
 }
 
 async fn revision(

@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use corral_agent::remote::{HaReply, HaReport};
 use corral_api::{
-    keys, timing, Datastore, HaPolicy, HaProtection, Host, PowerState, Vm, VmEvent, VmPhase,
-    LOCAL_DATASTORE,
+    keys, timing, Datastore, HaPolicy, HaProtection, Host, IsolationResponse, PowerState, Vm,
+    VmEvent, VmPhase,
 };
 use corral_scheduler::Decision;
 use corral_store::{list_json, Op, Precondition, StoreError};
@@ -82,6 +82,10 @@ struct Inner {
     restarting: HashMap<uuid::Uuid, (String, Instant)>,
     /// VMs whose restart could not be placed, reported once.
     blocked: HashSet<uuid::Uuid>,
+    /// What every report is answered with, as of the last tick: the isolation response and each
+    /// host's gossip address (so reports, four a second per host, read nothing from the store).
+    isolation_response: IsolationResponse,
+    gossip: Vec<(String, std::net::SocketAddr)>,
 }
 
 /// The controller's failure detector: in memory, rebuilt from scratch after a restart (it then
@@ -129,23 +133,20 @@ impl Monitor {
 }
 
 /// Records a host's report and answers with what it needs: the isolation response and its peers.
-pub async fn report(ctx: &Ctx, host: &str, r: HaReport) -> Result<HaReply, ApiError> {
-    {
-        let mut inner = ctx.ha.lock();
-        let now = Instant::now();
-        inner.seen.insert(host.to_string(), now);
-        inner.reports.insert(host.to_string(), (now, r.peers_alive));
-    }
-    let settings = placement::settings(ctx).await?;
-    let (hosts, _) = list_json::<Host>(&*ctx.store, keys::HOSTS).await?;
-    Ok(HaReply {
-        isolation_response: settings.ha_isolation_response,
-        peers: hosts
-            .into_iter()
-            .filter(|h| h.name != host)
-            .filter_map(|h| h.status.gossip.map(|g| (h.name, g)))
+pub fn report(ctx: &Ctx, host: &str, r: HaReport) -> HaReply {
+    let mut inner = ctx.ha.lock();
+    let now = Instant::now();
+    inner.seen.insert(host.to_string(), now);
+    inner.reports.insert(host.to_string(), (now, r.peers_alive));
+    HaReply {
+        isolation_response: inner.isolation_response,
+        peers: inner
+            .gossip
+            .iter()
+            .filter(|(name, _)| name != host)
+            .cloned()
             .collect(),
-    })
+    }
 }
 
 /// Whether HA protects `vm`, and why not when it does not.
@@ -157,7 +158,7 @@ pub fn protection(vm: &Vm, datastores: &[Datastore]) -> HaProtection {
     if vm.spec.ha == HaPolicy::Off {
         return no("HA is off for this VM: create it with --ha restart to protect it".into());
     }
-    if vm.spec.datastore == LOCAL_DATASTORE {
+    if !vm.spec.wants_ha_restart() {
         return no(format!(
             "its disk is on its host's local datastore, which no other host can reach: move it to a shared one (corral vm move-storage {} --datastore NAME)",
             vm.meta.name
@@ -231,7 +232,7 @@ pub(crate) fn spawn(ctx: Ctx) {
         let mut n = 0u64;
         loop {
             tick.tick().await;
-            if let Err(e) = watch(&ctx).await {
+            if let Err(e) = watch(&ctx, n).await {
                 tracing::warn!(error = %e, "HA check failed");
             }
             n += 1;
@@ -244,7 +245,9 @@ pub(crate) fn spawn(ctx: Ctx) {
     });
 }
 
-async fn watch(ctx: &Ctx) -> Result<(), ApiError> {
+/// One tick: reads leases and hosts, judges every host, reports what changed, and, when a host
+/// failed or restarts are under way, reads the VMs (once) to restart what needs it.
+async fn watch(ctx: &Ctx, tick: u64) -> Result<(), ApiError> {
     let (datastores, _) = list_json::<Datastore>(&*ctx.store, keys::DATASTORES).await?;
     let shared: Vec<(String, PathBuf)> = datastores
         .iter()
@@ -255,10 +258,16 @@ async fn watch(ctx: &Ctx) -> Result<(), ApiError> {
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     let (hosts, _) = list_json::<Host>(&*ctx.store, keys::HOSTS).await?;
+    let isolation_response = placement::settings(ctx).await?.ha_isolation_response;
     let now = Instant::now();
     let mut transitions = Vec::new();
     let failed: HashSet<String> = {
         let mut inner = ctx.ha.lock();
+        inner.isolation_response = isolation_response;
+        inner.gossip = hosts
+            .iter()
+            .filter_map(|h| h.status.gossip.map(|g| (h.name.clone(), g)))
+            .collect();
         inner.observable.clear();
         for (ds, files) in read {
             let Some(files) = files else { continue };
@@ -346,9 +355,23 @@ async fn watch(ctx: &Ctx) -> Result<(), ApiError> {
         )
         .await;
     }
-    follow_restarts(ctx).await?;
+    // Restarts decided before a controller restart are not in memory: every 5 s, look anyway.
+    let restarting = !ctx.ha.lock().restarting.is_empty();
+    if failed.is_empty() && !restarting && !tick.is_multiple_of(20) {
+        return Ok(());
+    }
+    let (kvs, _) = ctx.store.list(keys::VMS).await?;
+    let vms: Vec<(String, u64, Vm)> = kvs
+        .into_iter()
+        .filter_map(|kv| {
+            serde_json::from_slice::<Vm>(&kv.value)
+                .ok()
+                .map(|v| (kv.key, kv.mod_revision, v))
+        })
+        .collect();
+    follow_restarts(ctx, &vms).await?;
     if !failed.is_empty() {
-        fail_over(ctx, &failed, &datastores).await?;
+        fail_over(ctx, &failed, &datastores, &vms).await?;
     }
     Ok(())
 }
@@ -357,12 +380,8 @@ async fn watch(ctx: &Ctx) -> Result<(), ApiError> {
 /// restarted elsewhere and it runs now. The report is recorded in the VM's events too (a
 /// compare-and-swap, tried again next tick if it loses), so it is made once, also across a
 /// controller restart.
-async fn follow_restarts(ctx: &Ctx) -> Result<(), ApiError> {
-    let (kvs, _) = ctx.store.list(keys::VMS).await?;
-    for kv in kvs {
-        let Ok(mut vm) = serde_json::from_slice::<Vm>(&kv.value) else {
-            continue;
-        };
+async fn follow_restarts(ctx: &Ctx, vms: &[(String, u64, Vm)]) -> Result<(), ApiError> {
+    for (key, rev, vm) in vms {
         let Some(restarted) = vm.status.events.last().filter(|e| e.reason == RESTARTED) else {
             continue;
         };
@@ -390,12 +409,13 @@ async fn follow_restarts(ctx: &Ctx) -> Result<(), ApiError> {
             vm.status.host.as_deref().unwrap_or("?"),
             since_decision.as_secs_f64()
         );
+        let mut vm = vm.clone();
         vm.status
             .push_event(VmEvent::new("RunningAgain", msg.clone()));
         let bytes = serde_json::to_vec(&vm).map_err(StoreError::from)?;
         match ctx
             .store
-            .put(&kv.key, bytes, Precondition::ModRevision(kv.mod_revision))
+            .put(key, bytes, Precondition::ModRevision(*rev))
             .await
         {
             Ok(_) => {
@@ -466,16 +486,8 @@ async fn fail_over(
     ctx: &Ctx,
     failed: &HashSet<String>,
     datastores: &[Datastore],
+    vms: &[(String, u64, Vm)],
 ) -> Result<(), ApiError> {
-    let (kvs, _) = ctx.store.list(keys::VMS).await?;
-    let vms: Vec<(String, u64, Vm)> = kvs
-        .into_iter()
-        .filter_map(|kv| {
-            serde_json::from_slice::<Vm>(&kv.value)
-                .ok()
-                .map(|v| (kv.key, kv.mod_revision, v))
-        })
-        .collect();
     let expired = |vm: &Vm, host: &str| {
         let inner = ctx.ha.lock();
         inner.observable.contains(&vm.spec.datastore)
@@ -590,10 +602,65 @@ async fn fail_over(
     Ok(())
 }
 
+/// HA admission control: with `ha_host_failures_to_tolerate` = N, the protected VMs (with `extra`,
+/// a VM about to be created or protected) must fit in what is left after the N largest hosts
+/// fail. Returns the sentence saying why not.
+pub(crate) fn admission(
+    view: &placement::ClusterView,
+    datastores: &[Datastore],
+    extra: Option<&Vm>,
+) -> Result<(), String> {
+    let n = view.settings.ha_host_failures_to_tolerate as usize;
+    if n == 0 {
+        return Ok(());
+    }
+    let covered = |v: &Vm| {
+        let mut running = v.clone();
+        running.spec.power = PowerState::Running;
+        running.spec.host = None;
+        protection(&running, datastores).protected
+    };
+    let (mut cpus, mut memory) = (0f64, 0f64);
+    for v in view
+        .vms
+        .iter()
+        .filter(|v| extra.is_none_or(|e| e.meta.uid != v.meta.uid))
+        .filter(|v| protection(v, datastores).protected)
+        .chain(extra.filter(|e| covered(e)))
+    {
+        cpus += f64::from(v.spec.cpus);
+        memory += v.spec.memory_bytes as f64;
+    }
+    let mut hosts: Vec<(f64, f64)> = view
+        .hosts
+        .iter()
+        .map(|(h, _)| {
+            (
+                f64::from(h.status.cpus) * view.settings.cpu_overcommit,
+                h.status.memory_bytes as f64 * view.settings.memory_overcommit,
+            )
+        })
+        .collect();
+    hosts.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let left = hosts.get(n..).unwrap_or_default();
+    let (free_cpus, free_memory) = left
+        .iter()
+        .fold((0f64, 0f64), |(c, m), h| (c + h.0, m + h.1));
+    if cpus <= free_cpus && memory <= free_memory {
+        return Ok(());
+    }
+    Err(format!(
+        "HA admission control: protected VMs would need {cpus} vCPUs and {} of memory after {n} host failure(s), but the {} remaining host(s) offer {free_cpus:.0} vCPUs and {}: add hosts, protect fewer VMs, or lower `corral cluster set --ha-failures-to-tolerate`",
+        corral_api::format_bytes(memory as u64),
+        left.len(),
+        corral_api::format_bytes(free_memory as u64)
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use corral_api::{HaPriority, ObjectMeta, VmSpec, VmStatus};
+    use corral_api::{HaPriority, ObjectMeta, VmSpec, VmStatus, LOCAL_DATASTORE};
 
     fn vm(name: &str, p: HaPriority, after: &[&str]) -> Vm {
         Vm {
@@ -681,59 +748,4 @@ mod tests {
         v.spec.power = PowerState::Stopped;
         assert!(!protection(&v, &ds).protected);
     }
-}
-
-/// HA admission control: with `ha_host_failures_to_tolerate` = N, the protected VMs (with `extra`,
-/// a VM about to be created or protected) must fit in what is left after the N largest hosts
-/// fail. Returns the sentence saying why not.
-pub(crate) fn admission(
-    view: &placement::ClusterView,
-    datastores: &[Datastore],
-    extra: Option<&Vm>,
-) -> Result<(), String> {
-    let n = view.settings.ha_host_failures_to_tolerate as usize;
-    if n == 0 {
-        return Ok(());
-    }
-    let covered = |v: &Vm| {
-        let mut running = v.clone();
-        running.spec.power = PowerState::Running;
-        running.spec.host = None;
-        protection(&running, datastores).protected
-    };
-    let (mut cpus, mut memory) = (0f64, 0f64);
-    for v in view
-        .vms
-        .iter()
-        .filter(|v| extra.is_none_or(|e| e.meta.uid != v.meta.uid))
-        .filter(|v| protection(v, datastores).protected)
-        .chain(extra.filter(|e| covered(e)))
-    {
-        cpus += f64::from(v.spec.cpus);
-        memory += v.spec.memory_bytes as f64;
-    }
-    let mut hosts: Vec<(f64, f64)> = view
-        .hosts
-        .iter()
-        .map(|(h, _)| {
-            (
-                f64::from(h.status.cpus) * view.settings.cpu_overcommit,
-                h.status.memory_bytes as f64 * view.settings.memory_overcommit,
-            )
-        })
-        .collect();
-    hosts.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let left = hosts.get(n..).unwrap_or_default();
-    let (free_cpus, free_memory) = left
-        .iter()
-        .fold((0f64, 0f64), |(c, m), h| (c + h.0, m + h.1));
-    if cpus <= free_cpus && memory <= free_memory {
-        return Ok(());
-    }
-    Err(format!(
-        "HA admission control: protected VMs would need {cpus} vCPUs and {} of memory after {n} host failure(s), but the {} remaining host(s) offer {free_cpus:.0} vCPUs and {}: add hosts, protect fewer VMs, or lower `corral cluster set --ha-failures-to-tolerate`",
-        corral_api::format_bytes(memory as u64),
-        left.len(),
-        corral_api::format_bytes(free_memory as u64)
-    ))
 }

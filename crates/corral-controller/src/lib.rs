@@ -93,9 +93,7 @@ impl corral_agent::ha::HaLink for LocalHaLink {
         &self,
         report: corral_agent::remote::HaReport,
     ) -> Result<corral_agent::remote::HaReply, String> {
-        ha::report(&self.ctx, &self.host, report)
-            .await
-            .map_err(|e| e.to_string())
+        Ok(ha::report(&self.ctx, &self.host, report))
     }
 }
 

@@ -254,10 +254,9 @@ fn protected_vms_of_a_failed_host_run_again_elsewhere_once_and_never_twice() {
     );
     // In priority order, web after db; each restarted once.
     let started = |n: &str| {
-        vm(&lab, n)["status"]["started_at"]
-            .as_str()
-            .unwrap_or("")
-            .to_string()
+        let v = vm(&lab, n);
+        serde_json::from_value::<chrono::DateTime<chrono::Utc>>(v["status"]["started_at"].clone())
+            .unwrap_or_else(|e| panic!("{n} has no start time ({e}): {v}"))
     };
     assert!(started("db") <= started("web"), "db before web");
     assert!(started("web") <= started("app1") && started("web") <= started("app2"));
@@ -302,10 +301,8 @@ fn protected_vms_of_a_failed_host_run_again_elsewhere_once_and_never_twice() {
     sampler.check();
 
     // A host cut off from the controller only: its peers see it, nothing restarts.
-    let (cut, vm_on_cut) = {
-        let h = host_of(&lab, "db");
-        (h, "db")
-    };
+    let vm_on_cut = "db";
+    let cut = host_of(&lab, vm_on_cut);
     let pid = vm(&lab, vm_on_cut)["status"]["pid"].as_u64().expect("pid");
     let up0: f64 = guest_value(&lab, vm_on_cut, "UP", "read v x < /proc/uptime")
         .parse()
