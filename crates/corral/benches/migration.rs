@@ -16,7 +16,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::netlab::TestLab;
+use common::netlab::{in_netns, TestLab};
 use corral_hypervisor::qmp::Qmp;
 use serde_json::{json, Value};
 
@@ -43,22 +43,6 @@ fn type_line(sock: &Path, line: &str) {
         s.write_all(chunk).expect("type");
         std::thread::sleep(Duration::from_millis(40));
     }
-}
-
-/// Runs `f` on a thread inside a network namespace (`setns` changes only the calling thread).
-#[allow(unsafe_code)]
-fn in_netns<T: Send + 'static>(
-    ns: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> std::thread::JoinHandle<T> {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).expect("netns");
-        // SAFETY: setns(2) takes a valid descriptor we own and a flag; it touches no memory of ours.
-        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns {path}");
-        f()
-    })
 }
 
 /// TCP throughput from host-1's namespace to host-2's, bytes per second (1 GiB, one stream).

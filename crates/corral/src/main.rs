@@ -659,10 +659,10 @@ fn events(c: &Client, follow: bool, fmt: Format) -> Result<()> {
         };
         let events: Vec<ClusterEvent> = c.get(&path)?;
         if !follow {
-            return output::events(fmt, &events);
+            return output::events(fmt, &events, false);
         }
         if !events.is_empty() {
-            output::events(fmt, &events)?;
+            output::events(fmt, &events, true)?;
         }
         if let Some(last) = events.last() {
             after = Some(last.id.clone());

@@ -203,7 +203,11 @@ pub fn hosts(fmt: Format, hosts: &[HostInfo], single: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn events(fmt: Format, events: &[ClusterEvent]) -> Result<()> {
+/// Events as a table, or as JSON: an array, or one object per line while following.
+pub fn events(fmt: Format, events: &[ClusterEvent], following: bool) -> Result<()> {
+    if fmt == Format::Json && !following {
+        return json(&events);
+    }
     if fmt == Format::Json {
         for e in events {
             println!("{}", serde_json::to_string(e)?);

@@ -160,3 +160,19 @@ pub fn guest_value(lab: &TestLab, name: &str, key: &str, command: &str) -> Strin
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Runs `f` on a thread inside a network namespace (`setns` changes only the calling thread).
+#[allow(unsafe_code)]
+pub fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("netns");
+        // SAFETY: setns(2) takes a valid descriptor we own and a flag; it touches no memory of ours.
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}");
+        f()
+    })
+}
