@@ -59,6 +59,10 @@ pub mod timing {
     /// The controller takes a lease as expired when it has seen it unchanged for this long. It
     /// exceeds [`FENCE_AFTER`] by a margin for clock-rate drift and for the kill itself.
     pub const LEASE_EXPIRES_AFTER: Duration = Duration::from_millis(3000);
+    /// A silent host that no peer sees and whose lease has not changed for this long (four
+    /// renewals missed) is declared failed. Its VMs are still restarted only once the lease has
+    /// expired ([`LEASE_EXPIRES_AFTER`]).
+    pub const LEASE_STALE_AFTER: Duration = Duration::from_millis(1000);
     /// The controller hears nothing from a host for this long: the host is suspected.
     pub const SILENT_AFTER: Duration = Duration::from_millis(1500);
     /// A host that has heard neither the controller nor any peer for this long is isolated.

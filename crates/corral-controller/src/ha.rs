@@ -43,7 +43,7 @@ enum HostHa {
     Partitioned,
     /// Silent, no peer sees it, and it still renews a storage lease: its VMs keep running.
     Isolated,
-    /// Silent, no peer sees it, no lease renewed.
+    /// Silent, no peer sees it, no lease renewed for [`timing::LEASE_STALE_AFTER`].
     Failed,
 }
 
@@ -57,7 +57,9 @@ impl HostHa {
             HostHa::Isolated => {
                 "isolated; it still renews its storage lease, so its VMs keep running"
             }
-            HostHa::Failed => "failed; its protected VMs are restarted elsewhere",
+            HostHa::Failed => {
+                "failed; its protected VMs are restarted elsewhere once its storage leases expire"
+            }
         }
     }
 }
@@ -315,7 +317,7 @@ async fn watch(ctx: &Ctx, tick: u64) -> Result<(), ApiError> {
                 host == name
                     && inner.observable.contains(ds)
                     && l.content.is_some()
-                    && l.changed.elapsed() < timing::LEASE_EXPIRES_AFTER
+                    && l.changed.elapsed() < timing::LEASE_STALE_AFTER
             }) {
                 HostHa::Isolated
             } else {
