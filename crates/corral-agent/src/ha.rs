@@ -36,6 +36,8 @@ pub trait HaLink: Send + Sync {
 #[derive(Debug)]
 pub struct HaState {
     started: Instant,
+    /// The host is isolated and gave its leases up (power-off response): it renews nothing and
+    /// starts no protected VM until the controller answers again.
     fenced: AtomicBool,
     /// When every shared datastore's lease was last renewed.
     renewed: Mutex<Option<Instant>>,
@@ -73,12 +75,18 @@ impl HaState {
     }
 }
 
-/// Shared datastores whose leases this host renews: from the store, or, while the controller is
-/// away, from the copy kept in the data dir (so a restarted agent still renews, or fences).
+/// Shared datastores whose leases this host renews: from the store (and kept in the data dir),
+/// or, while the controller does not answer, from that copy, so a restarted agent still renews, or
+/// fences. Never waits on the controller for longer than a renewal period.
 async fn shared_datastores(store: &dyn Store, data_dir: &Path) -> Vec<PathBuf> {
     let file = data_dir.join("ha-datastores.json");
-    match list_json::<Datastore>(store, keys::DATASTORES).await {
-        Ok((ds, _)) => {
+    let listed = tokio::time::timeout(
+        timing::RENEW_EVERY,
+        list_json::<Datastore>(store, keys::DATASTORES),
+    )
+    .await;
+    match listed {
+        Ok(Ok((ds, _))) => {
             let paths: Vec<PathBuf> = ds
                 .into_iter()
                 .filter(|d| d.shared)
@@ -92,7 +100,7 @@ async fn shared_datastores(store: &dyn Store, data_dir: &Path) -> Vec<PathBuf> {
             }
             paths
         }
-        Err(_) => std::fs::read(&file)
+        _ => std::fs::read(&file)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default(),
@@ -112,7 +120,7 @@ fn renew(path: &Path, host: &str, seq: u64) -> std::io::Result<()> {
     std::fs::rename(&tmp, dir.join(host))
 }
 
-/// Kills every protected VM of this host (the run directories with the HA marker).
+/// Kills every protected VM of this host that runs (the run directories with the HA marker).
 async fn fence(driver: &dyn Driver, data_dir: &Path, why: &str) {
     let Ok(entries) = std::fs::read_dir(data_dir.join("vms")) else {
         return;
@@ -121,10 +129,11 @@ async fn fence(driver: &dyn Driver, data_dir: &Path, why: &str) {
         if !dir.join(layout::HA_MARKER).exists() {
             continue;
         }
-        match driver.kill(&dir).await {
-            Ok(()) => {
-                tracing::warn!(dir = %dir.display(), "fenced: {why}; protected VM powered off")
+        match driver.fence(&dir).await {
+            Ok(true) => {
+                tracing::warn!(dir = %dir.display(), "fenced: {why}; protected VM killed")
             }
+            Ok(false) => {}
             Err(e) => {
                 tracing::error!(dir = %dir.display(), error = %e, "fencing could not kill a protected VM")
             }
@@ -132,16 +141,8 @@ async fn fence(driver: &dyn Driver, data_dir: &Path, why: &str) {
     }
 }
 
-/// Whether any protected VM has a run directory here (so there is something to fence).
-fn holds_protected(data_dir: &Path) -> bool {
-    std::fs::read_dir(data_dir.join("vms")).is_ok_and(|entries| {
-        entries
-            .flatten()
-            .any(|e| e.path().join(layout::HA_MARKER).exists())
-    })
-}
-
 /// Renews leases, reports to the controller and fences when needed, until the task is dropped.
+/// Three loops, so that none waits on another: renewals never wait on the controller.
 pub(crate) async fn run(
     store: Arc<dyn Store>,
     driver: Arc<dyn Driver>,
@@ -151,25 +152,33 @@ pub(crate) async fn run(
     state: Arc<HaState>,
     link: Option<Arc<dyn HaLink>>,
 ) {
-    // The watchdog: whatever else hangs (a datastore write, the controller), protected VMs do
-    // not outlive the lease.
-    let (s, d, dd) = (state.clone(), driver.clone(), data_dir.clone());
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
-        loop {
-            tick.tick().await;
-            let late = s.since_renewed();
-            if late > timing::FENCE_AFTER && holds_protected(&dd) {
-                s.fenced.store(true, Ordering::SeqCst);
-                let why = format!("storage lease not renewed for {:.1} s", late.as_secs_f64());
-                fence(&*d, &dd, &why).await;
-            }
+    tokio::spawn(watchdog(driver.clone(), data_dir.clone(), state.clone()));
+    tokio::spawn(renew_leases(store, host, data_dir.clone(), state.clone()));
+    if let Some(link) = link {
+        report(link, driver, data_dir, gossip, state).await;
+    }
+}
+
+/// Whatever else hangs (a datastore write, the controller), protected VMs do not outlive the lease.
+/// (It does not mark the host fenced: a stale lease alone keeps protected VMs from starting.)
+async fn watchdog(driver: Arc<dyn Driver>, data_dir: PathBuf, state: Arc<HaState>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        // Every tick while the lease is stale: a start that raced the lease's end dies too.
+        let late = state.since_renewed();
+        if late > timing::FENCE_AFTER {
+            let why = format!("storage lease not renewed for {:.1} s", late.as_secs_f64());
+            fence(&*driver, &data_dir, &why).await;
         }
-    });
+    }
+}
+
+/// Rewrites this host's lease on every shared datastore every [`timing::RENEW_EVERY`], unless
+/// the host fenced itself.
+async fn renew_leases(store: Arc<dyn Store>, host: String, data_dir: PathBuf, state: Arc<HaState>) {
     let mut seq = 0u64;
     let mut datastores = Vec::new();
-    let mut controller_seen = Instant::now();
-    let mut response = IsolationResponse::default();
     let mut tick = tokio::time::interval(timing::RENEW_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -178,38 +187,6 @@ pub(crate) async fn run(
             datastores = shared_datastores(&*store, &data_dir).await;
         }
         seq += 1;
-        let fenced = state.fenced.load(Ordering::SeqCst);
-        if let Some(link) = &link {
-            let report = HaReport {
-                peers_alive: lock(&state.peers_alive).clone(),
-                gossip,
-            };
-            // A report must never hold up renewals for long.
-            match tokio::time::timeout(timing::RENEW_EVERY * 2, link.report(report)).await {
-                Ok(Ok(reply)) => {
-                    controller_seen = Instant::now();
-                    response = reply.isolation_response;
-                    *lock(&state.peers_known) = reply.peers;
-                }
-                Ok(Err(e)) => tracing::debug!(error = %e, "HA report failed"),
-                Err(_) => tracing::debug!("HA report timed out"),
-            }
-            let alone = lock(&state.peers_alive).is_empty() && !lock(&state.peers_known).is_empty();
-            let isolated = controller_seen.elapsed() > timing::ISOLATED_AFTER && alone;
-            if isolated && response == IsolationResponse::PowerOff && !fenced {
-                state.fenced.store(true, Ordering::SeqCst);
-                let why = format!(
-                    "isolated: no answer from the controller for {:.1} s and no peer alive",
-                    controller_seen.elapsed().as_secs_f64()
-                );
-                fence(&*driver, &data_dir, &why).await;
-                continue;
-            }
-            if fenced && controller_seen.elapsed() < timing::SILENT_AFTER {
-                tracing::warn!("the controller answers again: taking storage leases again");
-                state.fenced.store(false, Ordering::SeqCst);
-            }
-        }
         if state.fenced.load(Ordering::SeqCst) {
             continue;
         }
@@ -228,6 +205,51 @@ pub(crate) async fn run(
         }
         if all {
             *lock(&state.renewed) = Some(Instant::now());
+        }
+    }
+}
+
+/// Reports to the controller every [`timing::RENEW_EVERY`]; fences the host when it is isolated
+/// (under the power-off response) and takes it out of the fence once the controller answers.
+async fn report(
+    link: Arc<dyn HaLink>,
+    driver: Arc<dyn Driver>,
+    data_dir: PathBuf,
+    gossip: Option<SocketAddr>,
+    state: Arc<HaState>,
+) {
+    let mut controller_seen = Instant::now();
+    let mut response = IsolationResponse::default();
+    let mut tick = tokio::time::interval(timing::RENEW_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let report = HaReport {
+            peers_alive: lock(&state.peers_alive).clone(),
+            gossip,
+        };
+        match tokio::time::timeout(timing::RENEW_EVERY * 2, link.report(report)).await {
+            Ok(Ok(reply)) => {
+                controller_seen = Instant::now();
+                response = reply.isolation_response;
+                *lock(&state.peers_known) = reply.peers;
+            }
+            Ok(Err(e)) => tracing::debug!(error = %e, "HA report failed"),
+            Err(_) => tracing::debug!("HA report timed out"),
+        }
+        let fenced = state.fenced.load(Ordering::SeqCst);
+        let alone = lock(&state.peers_alive).is_empty() && !lock(&state.peers_known).is_empty();
+        let isolated = controller_seen.elapsed() > timing::ISOLATED_AFTER && alone;
+        if isolated && response == IsolationResponse::PowerOff && !fenced {
+            state.fenced.store(true, Ordering::SeqCst);
+            let why = format!(
+                "isolated: no answer from the controller for {:.1} s and no peer alive",
+                controller_seen.elapsed().as_secs_f64()
+            );
+            fence(&*driver, &data_dir, &why).await;
+        } else if fenced && controller_seen.elapsed() < timing::SILENT_AFTER {
+            tracing::warn!("the controller answers again: taking storage leases again");
+            state.fenced.store(false, Ordering::SeqCst);
         }
     }
 }

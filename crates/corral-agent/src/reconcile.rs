@@ -312,6 +312,10 @@ pub(crate) async fn reconcile(
                     Some(r) => revision = r,
                     None => return Ok(Outcome::Requeue(Duration::ZERO)),
                 }
+                // The claim may have taken a while: the lease must still be fresh.
+                if !cfg.ha.may_start_protected() {
+                    return Ok(Outcome::Requeue(Duration::from_millis(500)));
+                }
             }
             let started = match image_of(store, &vm).await {
                 Ok(image) => driver

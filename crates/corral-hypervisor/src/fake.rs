@@ -188,6 +188,13 @@ impl Driver for FakeDriver {
         Ok(())
     }
 
+    async fn fence(&self, run_dir: &Path) -> Result<bool, DriverError> {
+        let mut s = self.state();
+        s.calls.push(format!("fence {}", name(run_dir)));
+        s.outgoing.remove(run_dir);
+        Ok(s.running.remove(run_dir).is_some())
+    }
+
     async fn kill(&self, run_dir: &Path) -> Result<(), DriverError> {
         let mut s = self.state();
         s.calls.push(format!("kill {}", name(run_dir)));

@@ -96,6 +96,9 @@ pub trait Driver: Send + Sync + 'static {
     async fn reset(&self, run_dir: &Path) -> Result<(), DriverError>;
     /// Powers off at once and waits until the process is gone.
     async fn kill(&self, run_dir: &Path) -> Result<(), DriverError>;
+    /// Kills the VM's process without asking anything of it, so it is gone within a bounded time
+    /// even if it hangs (HA fencing). Returns whether a process was running.
+    async fn fence(&self, run_dir: &Path) -> Result<bool, DriverError>;
 
     // Live migration. The target starts a paused copy that waits for the state on `address`; the
     // source mirrors its disk into it (unless the storage is shared), sends memory and device state,

@@ -373,6 +373,21 @@ impl Driver for QemuDriver {
         Ok(())
     }
 
+    async fn fence(&self, run_dir: &Path) -> Result<bool, DriverError> {
+        let Some(pid) = live_pid(run_dir) else {
+            return Ok(false);
+        };
+        signal(pid, libc::SIGKILL);
+        if wait_gone(pid, Duration::from_secs(1)).await {
+            Ok(true)
+        } else {
+            Err(DriverError::io(
+                "fencing QEMU",
+                std::io::Error::other(format!("pid {pid} survived SIGKILL for 1 s")),
+            ))
+        }
+    }
+
     async fn kill(&self, run_dir: &Path) -> Result<(), DriverError> {
         let Some(pid) = live_pid(run_dir) else {
             return Ok(());

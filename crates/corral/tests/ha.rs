@@ -41,11 +41,33 @@ fn uid(lab: &TestLab, name: &str) -> String {
         .replace('-', "")
 }
 
-/// Waits until `cond` holds, or fails with `what`.
-fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+/// Waits until `cond` holds, or fails with `what` and what the lab shows: VMs, events, the ends
+/// of the controller's and agents' logs.
+fn wait_for(lab: &TestLab, what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        if Instant::now() > deadline {
+            let root = lab.dir.path().join(&lab.name);
+            let mut logs = String::new();
+            for log in [
+                "controller.log",
+                "hosts/host-1/agent.log",
+                "hosts/host-2/agent.log",
+                "hosts/host-3/agent.log",
+            ] {
+                let text = std::fs::read_to_string(root.join(log)).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                logs += &format!(
+                    "--- {log}\n{}\n",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            panic!(
+                "timed out waiting for {what}\nVMs:\n{}\nevents:\n{}\n{logs}",
+                String::from_utf8_lossy(&lab.corral(&["vm", "list"]).stdout),
+                String::from_utf8_lossy(&lab.corral(&["events"]).stdout)
+            );
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -212,9 +234,12 @@ fn protected_vms_of_a_failed_host_run_again_elsewhere_once_and_never_twice() {
     assert!(lab.ok(&["vm", "show", "db"]).contains("HA: protected"));
     for (name, ..) in VMS {
         assert_eq!(host_of(&lab, name), "host-1");
-        wait_for(&format!("{name} to boot"), Duration::from_secs(120), || {
-            booted(&lab, name)
-        });
+        wait_for(
+            &lab,
+            &format!("{name} to boot"),
+            Duration::from_secs(120),
+            || booted(&lab, name),
+        );
     }
     let uids: Vec<(String, String)> = VMS
         .iter()
@@ -225,13 +250,14 @@ fn protected_vms_of_a_failed_host_run_again_elsewhere_once_and_never_twice() {
     // Host-1 dies; the controller is restarted as soon as the first restart is under way.
     let killed = Instant::now();
     lab.ok(&["lab", "fault", "host-1", "kill"]);
-    wait_for("the first restart", Duration::from_secs(30), || {
+    wait_for(&lab, "the first restart", Duration::from_secs(30), || {
         events(&lab).contains("VmRestarting")
     });
     let detected = killed.elapsed();
     lab.ok(&["lab", "restart-controller"]);
     for (name, ..) in VMS {
         wait_for(
+            &lab,
             &format!("{name} to run elsewhere"),
             Duration::from_secs(120),
             || {
@@ -242,6 +268,7 @@ fn protected_vms_of_a_failed_host_run_again_elsewhere_once_and_never_twice() {
     }
     for (name, ..) in VMS {
         wait_for(
+            &lab,
             &format!("{name} to boot again"),
             Duration::from_secs(120),
             || booted(&lab, name),
@@ -275,15 +302,18 @@ fn protected_vms_of_a_failed_host_run_again_elsewhere_once_and_never_twice() {
         log.contains("HostFailed") && log.contains("host/host-1"),
         "{log}"
     );
-    wait_for("every VmRestarted event", Duration::from_secs(30), || {
-        events(&lab).matches("VmRestarted").count() >= 4
-    });
+    wait_for(
+        &lab,
+        "every VmRestarted event",
+        Duration::from_secs(30),
+        || events(&lab).matches("VmRestarted").count() >= 4,
+    );
     // The VM on the dead host's local disk is not restarted.
     assert_eq!(host_of(&lab, "local"), "host-1");
 
     // The dead host returns: nothing it ran comes back there.
     lab.ok(&["lab", "fault", "host-1", "heal"]);
-    wait_for("host-1 to be live", Duration::from_secs(60), || {
+    wait_for(&lab, "host-1 to be live", Duration::from_secs(60), || {
         lab.ok(&["host", "show", "host-1"]).contains("HA: live")
     });
     std::thread::sleep(Duration::from_secs(5));
@@ -308,7 +338,7 @@ fn protected_vms_of_a_failed_host_run_again_elsewhere_once_and_never_twice() {
         .parse()
         .expect("uptime");
     lab.ok(&["lab", "fault", &cut, "cut-controller"]);
-    wait_for("the cut to be seen", Duration::from_secs(20), || {
+    wait_for(&lab, "the cut to be seen", Duration::from_secs(20), || {
         lab.ok(&["host", "show", &cut])
             .contains("cut off from the controller")
     });
@@ -333,11 +363,13 @@ fn protected_vms_of_a_failed_host_run_again_elsewhere_once_and_never_twice() {
     lab.ok(&["lab", "fault", &isolated, "isolate"]);
     for name in &moved {
         wait_for(
+            &lab,
             &format!("{name} to leave {isolated}"),
             Duration::from_secs(90),
             || running_on(&lab, name, &isolated),
         );
         wait_for(
+            &lab,
             &format!("{name} to boot on its new host"),
             Duration::from_secs(120),
             || booted(&lab, name),
