@@ -1,8 +1,9 @@
 //! HA in a lab of namespace hosts with real guests on a shared datastore: a host killed (agent,
 //! guests and link) has its protected VMs run again elsewhere in priority order, also with the
 //! controller restarted in the middle; the dead host returns without resurrecting anything; a host
-//! cut off from the controller only keeps its VMs; a host cut off from everything fences itself and
-//! its VMs run again elsewhere. Throughout, every host's QEMU processes are sampled: no VM ever
+//! cut off from the controller only keeps its VMs; a host cut off from everything keeps them under
+//! the leave-running isolation response, and under power-off fences itself and its VMs run again
+//! elsewhere. Throughout, every host's QEMU processes are sampled: no VM ever
 //! runs twice.
 
 mod common;
@@ -353,7 +354,37 @@ fn protected_vms_of_a_failed_host_run_again_elsewhere_once_and_never_twice() {
     assert_eq!(vm(&lab, vm_on_cut)["status"]["pid"].as_u64(), Some(pid));
     sampler.check();
 
-    // A host cut off from everything fences itself; its VMs run again on connected hosts.
+    // Under leave-running, a host cut off from everything keeps its VMs and renews their leases:
+    // nothing restarts them elsewhere.
+    lab.ok(&["cluster", "set", "--ha-isolation-response", "leave-running"]);
+    let kept = host_of(&lab, "app1");
+    let kept_pid = vm(&lab, "app1")["status"]["pid"].as_u64().expect("pid");
+    // Every agent learns the response from the answers to its reports.
+    std::thread::sleep(Duration::from_secs(2));
+    lab.ok(&["lab", "fault", &kept, "isolate"]);
+    wait_for(
+        &lab,
+        "the isolation to be seen",
+        Duration::from_secs(30),
+        || lab.ok(&["host", "show", &kept]).contains("HA: isolated;"),
+    );
+    std::thread::sleep(Duration::from_secs(8));
+    assert!(common::alive(kept_pid as u32), "app1 still runs on {kept}");
+    assert_eq!(host_of(&lab, "app1"), kept);
+    lab.ok(&["lab", "fault", &kept, "heal"]);
+    wait_for(
+        &lab,
+        "the host to be live again",
+        Duration::from_secs(60),
+        || lab.ok(&["host", "show", &kept]).contains("HA: live"),
+    );
+    assert_eq!(vm(&lab, "app1")["status"]["pid"].as_u64(), Some(kept_pid));
+    lab.ok(&["cluster", "set", "--ha-isolation-response", "power-off"]);
+    std::thread::sleep(Duration::from_secs(2));
+    sampler.check();
+
+    // Under power-off, a host cut off from everything fences itself; its VMs run again on
+    // connected hosts.
     let isolated = host_of(&lab, "web");
     let moved: Vec<&str> = VMS
         .iter()
