@@ -2,7 +2,8 @@
 # Installs what Corral needs on Debian 12. Safe to run again: it installs only what is missing.
 set -euo pipefail
 
-packages=(qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs iproute2 util-linux ca-certificates)
+packages=(qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs iproute2 util-linux ca-certificates
+  nftables dnsmasq-base)
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 

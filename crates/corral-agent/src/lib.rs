@@ -12,6 +12,7 @@ pub mod ha;
 pub mod images;
 pub mod layout;
 mod migrate;
+mod network;
 mod reconcile;
 pub mod remote;
 mod storage;

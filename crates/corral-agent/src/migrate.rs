@@ -662,6 +662,7 @@ async fn prepare(
     };
     let started = async {
         let image = image_of(store, vm).await?;
+        crate::network::prepare(store, cfg, vm).await?;
         let spec = launch_spec(vm, &image, &disk, cfg.accel);
         driver
             .start_incoming(dir, &spec, cfg.address, !m.shared_storage)

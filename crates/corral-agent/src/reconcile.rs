@@ -33,6 +33,8 @@ pub struct AgentConfig {
     pub address: std::net::IpAddr,
     /// What the HA loops share with the VM workers (storage lease, fencing).
     pub ha: Arc<crate::ha::HaState>,
+    /// Makes this host's bridges, tunnels, taps, DHCP and firewall what the networks ask for.
+    pub network: Arc<dyn corral_network::NetDriver>,
 }
 
 /// What the worker does after one reconcile.
@@ -174,6 +176,16 @@ pub(crate) fn launch_spec(vm: &Vm, image: &Image, disk: &Path, accel: Accel) -> 
         disk: disk.to_path_buf(),
         direct_boot: image.status.boot.clone(),
         accel,
+        nics: vm
+            .spec
+            .nics
+            .iter()
+            .enumerate()
+            .map(|(i, n)| corral_hypervisor::NicLaunch {
+                tap: corral_network::tap_name(vm.meta.uid, i),
+                mac: n.mac.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -318,10 +330,13 @@ pub(crate) async fn reconcile(
                 }
             }
             let started = match image_of(store, &vm).await {
-                Ok(image) => driver
-                    .start(&dir, &launch_spec(&vm, &image, &disk, cfg.accel))
-                    .await
-                    .map_err(|e| e.to_string()),
+                Ok(image) => match crate::network::prepare(store, cfg, &vm).await {
+                    Ok(()) => driver
+                        .start(&dir, &launch_spec(&vm, &image, &disk, cfg.accel))
+                        .await
+                        .map_err(|e| e.to_string()),
+                    Err(msg) => Err(msg),
+                },
                 Err(msg) => Err(msg),
             };
             match started {
@@ -571,6 +586,7 @@ impl Agent {
             hypervisor: self.cfg.hypervisor.clone(),
             last_heartbeat: Utc::now(),
             gossip: self.gossip.get().copied(),
+            address: Some(self.cfg.address),
         };
         let key = keys::host(&self.cfg.host);
         loop {
@@ -609,6 +625,11 @@ impl Agent {
                 }
             }
         }
+        tokio::spawn(crate::network::run(
+            self.store.clone(),
+            self.cfg.network.clone(),
+            self.cfg.host.clone(),
+        ));
         tokio::spawn(crate::ha::run(
             self.store.clone(),
             self.driver.clone(),

@@ -46,6 +46,10 @@ pub struct HostStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>, example = "10.0.0.11:41234")]
     pub gossip: Option<std::net::SocketAddr>,
+    /// The host's address on the fabric: overlay tunnels and migrations arrive there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, example = "10.0.0.11")]
+    pub address: Option<std::net::IpAddr>,
 }
 
 /// Whether a host takes part in the cluster.

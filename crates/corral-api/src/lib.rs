@@ -13,6 +13,7 @@ mod host;
 mod image;
 mod meta;
 mod migration;
+mod network;
 mod size;
 mod task;
 mod vm;
@@ -29,6 +30,12 @@ pub use image::{DirectBoot, DiskFormat, Image, ImagePhase, ImageSource, ImageSpe
 pub use meta::{validate_name, ObjectMeta, DEFAULT_PROJECT};
 pub use migration::{
     MigrateVmRequest, Migration, MigrationPhase, MigrationProgress, MigrationResult, VmEvent,
+};
+pub use network::{
+    generated_mac, parse_mac, AttachedNic, Cidr, CreateNetworkRequest, CreateProjectRequest,
+    CreateSecurityGroupRequest, Direction, Network, NetworkSpec, Nic, NicRequest, PortRange,
+    Protocol, SecurityGroup, SecurityRule, Segment, SetRulesRequest, DEFAULT_SECURITY_GROUP,
+    OVERLAY_MTU,
 };
 pub use size::{format_bytes, parse_size};
 pub use task::{Task, TaskGoal, TaskState};
@@ -82,9 +89,40 @@ pub mod keys {
     pub const DATASTORES: &str = "/corral/datastores/";
     pub const MIGRATIONS: &str = "/corral/migrations/";
     pub const EVENTS: &str = "/corral/events/";
+    pub const PROJECTS: &str = "/corral/projects/";
+    pub const NETWORKS: &str = "/corral/networks/";
+    pub const SECURITY_GROUPS: &str = "/corral/security-groups/";
+    /// Addresses handed out: `/corral/ips/PROJECT/NETWORK/IP`, holding the VM's uid.
+    pub const IPS: &str = "/corral/ips/";
+    /// Segment ids in use: `/corral/segments/vni-N` and `/corral/segments/vlan-N`.
+    pub const SEGMENTS: &str = "/corral/segments/";
 
     pub fn project(name: &str) -> String {
-        format!("/corral/projects/{name}")
+        format!("{PROJECTS}{name}")
+    }
+    pub fn networks(project: &str) -> String {
+        format!("{NETWORKS}{project}/")
+    }
+    pub fn network(project: &str, name: &str) -> String {
+        format!("{NETWORKS}{project}/{name}")
+    }
+    pub fn ips(project: &str, network: &str) -> String {
+        format!("{IPS}{project}/{network}/")
+    }
+    pub fn ip(project: &str, network: &str, ip: &str) -> String {
+        format!("{IPS}{project}/{network}/{ip}")
+    }
+    pub fn segment(segment: &crate::Segment) -> String {
+        match segment {
+            crate::Segment::Vxlan { vni } => format!("{SEGMENTS}vni-{vni}"),
+            crate::Segment::Vlan { id } => format!("{SEGMENTS}vlan-{id}"),
+        }
+    }
+    pub fn security_groups(project: &str) -> String {
+        format!("{SECURITY_GROUPS}{project}/")
+    }
+    pub fn security_group(project: &str, name: &str) -> String {
+        format!("{SECURITY_GROUPS}{project}/{name}")
     }
     pub fn vms(project: &str) -> String {
         format!("{VMS}{project}/")

@@ -50,6 +50,12 @@ pub struct VmSpec {
     /// VMs (of the same project) that must run before this one is restarted after a failure.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ha_after: Vec<String>,
+    /// Network interfaces, in the order the guest sees them (eth0 first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<crate::Nic>,
+    /// Security groups whose rules apply to every NIC of the VM.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub security_groups: Vec<String>,
 }
 
 fn local() -> String {
@@ -243,6 +249,12 @@ pub struct CreateVmRequest {
     /// VMs that must run before this one is restarted after a host failure.
     #[serde(default)]
     pub ha_after: Vec<String>,
+    /// NICs on networks of the project; address and MAC are chosen when not given.
+    #[serde(default)]
+    pub nics: Vec<crate::NicRequest>,
+    /// Security groups for the VM's NICs; `default` when none is named.
+    #[serde(default)]
+    pub security_groups: Vec<String>,
 }
 
 fn one() -> u32 {
@@ -316,6 +328,32 @@ impl CreateVmRequest {
                 }
                 self.ha_after.clone()
             },
+            // Filled in by the controller, which hands out addresses and MACs.
+            nics: Vec::new(),
+            security_groups: {
+                if self.nics.len() > crate::network::MAX_NICS {
+                    return Err(ValidationError::new(format!(
+                        "a VM may have {} NICs at most, not {}: pass fewer --nic",
+                        crate::network::MAX_NICS,
+                        self.nics.len()
+                    )));
+                }
+                for nic in &self.nics {
+                    nic.validate()?;
+                }
+                for g in &self.security_groups {
+                    validate_name("security group", g)?;
+                }
+                if self.nics.is_empty() && !self.security_groups.is_empty() {
+                    return Err(ValidationError::new(
+                        "security groups apply to NICs: add --nic NETWORK, or leave out --security-group",
+                    ));
+                }
+                match (self.nics.is_empty(), self.security_groups.is_empty()) {
+                    (false, true) => vec![crate::DEFAULT_SECURITY_GROUP.to_string()],
+                    _ => self.security_groups.clone(),
+                }
+            },
         })
     }
 }
@@ -345,6 +383,8 @@ mod tests {
             ha: Default::default(),
             ha_priority: Default::default(),
             ha_after: Vec::new(),
+            nics: Vec::new(),
+            security_groups: Vec::new(),
         }
     }
 

@@ -144,6 +144,7 @@ async fn join(
             hypervisor: String::new(),
             last_heartbeat: DateTime::<Utc>::UNIX_EPOCH,
             gossip: None,
+            address: None,
         },
     };
     // One transaction: the token is used up, the name is taken, the certificate is known.
@@ -205,27 +206,25 @@ async fn host_of(a: &AgentCtx, peer: &Peer) -> Result<String, ApiError> {
     }
 }
 
-/// Keys a host may read: VMs, images and datastores, and its own host record (by exact key, never
-/// by prefix).
-fn may_read(host: &str, key: &str) -> bool {
-    key.starts_with(keys::VMS)
-        || key.starts_with(keys::IMAGES)
-        || key.starts_with(keys::DATASTORES)
-        || key.starts_with(keys::MIGRATIONS)
-        || key == keys::CLUSTER
-        || key == keys::host(host)
+/// Keys a host may read: what it may list, and the cluster settings.
+fn may_read(key: &str) -> bool {
+    may_list(key) || key == keys::CLUSTER
 }
 
-/// Prefixes a host may list and watch.
+/// Prefixes a host may list and watch: what it runs and what its network reconciler needs (the
+/// networks, security groups and its peers' fabric addresses).
 fn may_list(prefix: &str) -> bool {
     prefix.starts_with(keys::VMS)
-        || prefix.starts_with(keys::DATASTORES)
         || prefix.starts_with(keys::IMAGES)
+        || prefix.starts_with(keys::DATASTORES)
         || prefix.starts_with(keys::MIGRATIONS)
+        || prefix.starts_with(keys::NETWORKS)
+        || prefix.starts_with(keys::SECURITY_GROUPS)
+        || prefix.starts_with(keys::HOSTS)
 }
 
 fn forbidden(host: &str, key: &str) -> ApiError {
-    ApiError::Forbidden(format!("host {host} may not touch {key}: agents read VMs and images and write only their own host and the VMs placed on it"))
+    ApiError::Forbidden(format!("host {host} may not touch {key}: agents read VMs, images, networks and hosts and write only their own host and the VMs placed on it"))
 }
 
 #[derive(Deserialize)]
@@ -246,7 +245,7 @@ async fn kv_get(
     ApiQuery(q): ApiQuery<KeyQuery>,
 ) -> Result<Json<Option<KeyValue>>, ApiError> {
     let host = host_of(&a, &peer).await?;
-    if !may_read(&host, &q.key) {
+    if !may_read(&q.key) {
         return Err(forbidden(&host, &q.key));
     }
     Ok(Json(a.ctx.store.get(&q.key).await?))
@@ -298,7 +297,7 @@ fn refuse(host: &str, key: &str, why: &str) -> ApiError {
 async fn authorize(a: &AgentCtx, host: &str, op: Op, txn: &[Op]) -> Result<Vec<Op>, ApiError> {
     let (key, new, lease) = match &op {
         Op::Check { key, .. } => {
-            return if may_read(host, key) {
+            return if may_read(key) {
                 Ok(vec![op])
             } else {
                 Err(forbidden(host, key))

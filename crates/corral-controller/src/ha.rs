@@ -680,6 +680,8 @@ mod tests {
                 ha: HaPolicy::Restart,
                 ha_priority: p,
                 ha_after: after.iter().map(|s| s.to_string()).collect(),
+                nics: Vec::new(),
+                security_groups: Vec::new(),
             },
             status: VmStatus::default(),
             ha: None,

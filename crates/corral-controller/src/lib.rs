@@ -11,6 +11,7 @@ pub mod ha;
 mod hosts;
 mod images;
 mod migrations;
+mod networks;
 mod placement;
 mod tasks;
 mod vms;
@@ -105,7 +106,7 @@ pub fn new_token() -> String {
 pub(crate) async fn ensure_project(ctx: &Ctx, project: &str) -> Result<(), ApiError> {
     if ctx.store.get(&keys::project(project)).await?.is_none() {
         return Err(ApiError::NotFound(format!(
-            "project {project} does not exist: use --project default (projects other than default arrive with multi-tenancy)"
+            "project {project} does not exist: create it with `corral project create {project}`, or see `corral project list`"
         )));
     }
     Ok(())
@@ -179,7 +180,7 @@ impl utoipa::Modify for BearerAuth {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Corral API", description = "Corral, an open virtual datacenter OS: VMs, images, hosts and tasks."),
+    info(title = "Corral API", description = "Corral, an open virtual datacenter OS: VMs, images, hosts, networks and tasks."),
     paths(
         health, list_tasks, get_task, cancel_task, events::list,
         hosts::list, hosts::get, hosts::remove, hosts::maintenance, hosts::join_token, hosts::get_cluster, hosts::put_cluster,
@@ -187,6 +188,9 @@ impl utoipa::Modify for BearerAuth {
         hosts::list_datastores, hosts::get_datastore, hosts::create_datastore, hosts::delete_datastore,
         vms::list, vms::get, vms::create, vms::start, vms::stop, vms::reboot, vms::delete, vms::console,
         vms::move_storage, migrations::migrate, migrations::get,
+        networks::list, networks::get, networks::create, networks::delete,
+        networks::list_groups, networks::get_group, networks::create_group, networks::set_rules, networks::delete_group,
+        networks::list_projects, networks::create_project,
         images::list, images::get, images::build_jeos, images::import, images::delete,
     ),
     modifiers(&BearerAuth)
@@ -229,6 +233,28 @@ pub fn router(ctx: Ctx) -> Router {
         .route(
             &format!("{p}/groups/{{name}}"),
             get(hosts::get_group).delete(hosts::delete_group),
+        )
+        .route(
+            "/api/v1/projects",
+            get(networks::list_projects).post(networks::create_project),
+        )
+        .route(
+            &format!("{p}/networks"),
+            get(networks::list).post(networks::create),
+        )
+        .route(
+            &format!("{p}/networks/{{name}}"),
+            get(networks::get).delete(networks::delete),
+        )
+        .route(
+            &format!("{p}/security-groups"),
+            get(networks::list_groups).post(networks::create_group),
+        )
+        .route(
+            &format!("{p}/security-groups/{{name}}"),
+            get(networks::get_group)
+                .put(networks::set_rules)
+                .delete(networks::delete_group),
         )
         .route("/api/v1/tasks", get(list_tasks))
         .route("/api/v1/events", get(events::list))

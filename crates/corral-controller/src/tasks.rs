@@ -380,6 +380,8 @@ mod tests {
                 ha: Default::default(),
                 ha_priority: Default::default(),
                 ha_after: Vec::new(),
+                nics: Vec::new(),
+                security_groups: Vec::new(),
             },
             status,
             ha: None,

@@ -110,8 +110,13 @@ pub async fn create(
             }
         }
     };
+    let meta = ObjectMeta::new(&project, &req.name);
+    crate::networks::check_groups(&ctx, &project, &spec.security_groups).await?;
+    let (nics, nic_ops) =
+        crate::networks::attach(&ctx, &project, &req.name, meta.uid, &req.nics).await?;
+    spec.nics = nics;
     let vm = Vm {
-        meta: ObjectMeta::new(&project, &req.name),
+        meta,
         spec,
         status: VmStatus::default(),
         ha: None,
@@ -149,6 +154,7 @@ pub async fn create(
         }];
         ops.extend(host_guard);
         ops.extend(datastore_guard.clone());
+        ops.extend(nic_ops.iter().cloned());
         ops.push(Op::Put {
             key: keys::vm(&project, &req.name),
             value: serde_json::to_vec(&vm).map_err(StoreError::from)?,
@@ -160,6 +166,13 @@ pub async fn create(
             Err(StoreError::Conflict { key }) if key.starts_with(keys::DATASTORES) => Err(ApiError::Conflict(format!(
                 "datastore {} changed while the VM was being created (being deleted?): try again",
                 vm.spec.datastore
+            ))),
+            Err(StoreError::Conflict { key }) if key.starts_with(keys::NETWORKS) => Err(ApiError::Conflict(format!(
+                "a network of the VM changed while it was being created (being deleted?): try again"
+            ))),
+            Err(StoreError::Conflict { key }) if key.starts_with(keys::IPS) => Err(ApiError::Conflict(format!(
+                "address {} was taken by another VM at the same moment: try again",
+                key.rsplit('/').next().unwrap_or_default()
             ))),
             // The chosen host changed between plan and apply (heartbeat, maintenance, gone): plan again.
             Err(StoreError::Conflict { key }) if key.starts_with(keys::HOSTS) => continue,

@@ -57,6 +57,10 @@ impl Cluster {
                 resync: Duration::from_secs(1),
                 address: std::net::Ipv4Addr::LOCALHOST.into(),
                 ha: Default::default(),
+                network: Arc::new(corral_network::LinuxNet::new(
+                    dir.path().join(h).join("net"),
+                    std::net::Ipv4Addr::LOCALHOST.into(),
+                )),
             };
             let driver = Arc::new(FakeDriver::default());
             drivers.push((h.to_string(), driver.clone()));

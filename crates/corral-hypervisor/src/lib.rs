@@ -32,6 +32,15 @@ pub struct LaunchSpec {
     /// Kernel, initrd and command line for direct kernel boot; `None` boots from the disk.
     pub direct_boot: Option<corral_api::DirectBoot>,
     pub accel: corral_api::Accel,
+    /// Network interfaces, eth0 first: a tap prepared by the host's network driver, and the MAC.
+    pub nics: Vec<NicLaunch>,
+}
+
+/// One virtio NIC, attached to a tap that exists before QEMU starts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NicLaunch {
+    pub tap: String,
+    pub mac: String,
 }
 
 /// What the guest is doing, as the hypervisor sees it.
@@ -141,6 +150,15 @@ pub fn console_log(run_dir: &Path) -> PathBuf {
 /// The serial console socket: what a client writes there is typed on the guest's ttyS0.
 pub fn serial_socket(run_dir: &Path) -> PathBuf {
     run_dir.join("serial.sock")
+}
+
+/// Sends a signal to a process (QEMU, or a helper such as dnsmasq) found by its pid file.
+#[allow(unsafe_code)]
+pub fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) takes plain integers and has no memory effects on this process.
+    unsafe {
+        libc::kill(pid as libc::pid_t, sig);
+    }
 }
 
 /// Whether a process runs: present, and not a zombie waiting to be reaped (when Corral is PID 1 or a

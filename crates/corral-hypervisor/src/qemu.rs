@@ -12,7 +12,9 @@ use tokio::process::Command;
 
 use crate::migration::{DiskCopy, Incoming, Transfer, TransferStatus, Tuning};
 use crate::qmp::Qmp;
-use crate::{console_log, serial_socket, Driver, DriverError, LaunchSpec, Observed, RunState};
+use crate::{
+    console_log, serial_socket, signal, Driver, DriverError, LaunchSpec, Observed, RunState,
+};
 
 const QEMU: &str = "qemu-system-x86_64";
 /// Longest path a unix socket address can hold (sun_path, with its NUL).
@@ -88,6 +90,14 @@ pub fn qemu_args(run_dir: &Path, spec: &LaunchSpec) -> Vec<String> {
             p(spec.disk.clone())
         ),
     ]);
+    for (i, nic) in spec.nics.iter().enumerate() {
+        args.extend([
+            "-netdev".into(),
+            format!("tap,id=net{i},ifname={},script=no,downscript=no", nic.tap),
+            "-device".into(),
+            format!("virtio-net-pci,netdev=net{i},mac={}", nic.mac),
+        ]);
+    }
     if let Some(b) = &spec.direct_boot {
         args.extend([
             "-kernel".into(),
@@ -118,13 +128,6 @@ fn live_pid(run_dir: &Path) -> Option<u32> {
 }
 
 /// Sends a signal to a process.
-#[allow(unsafe_code)]
-fn signal(pid: u32, sig: libc::c_int) {
-    // SAFETY: kill(2) takes plain integers and has no memory effects on this process.
-    unsafe {
-        libc::kill(pid as libc::pid_t, sig);
-    }
-}
 
 async fn wait_gone(pid: u32, timeout: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + timeout;

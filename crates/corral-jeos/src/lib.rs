@@ -218,6 +218,10 @@ pub async fn build(
     std::fs::write(root.join("etc/inittab"), include_str!("../guest/inittab")).map_err(io)?;
     write_exec(&root.join("etc/init.d/rcS"), include_str!("../guest/rcS"))?;
     write_exec(
+        &root.join("etc/udhcpc.script"),
+        include_str!("../guest/udhcpc.script"),
+    )?;
+    write_exec(
         &root.join("etc/acpi/PWRF/00000080"),
         "#!/bin/sh\npoweroff\n",
     )?;

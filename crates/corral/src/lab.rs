@@ -309,6 +309,11 @@ fn restart_controller(r: &LabRef) -> Result<()> {
 
 /// QEMU processes whose command line holds `needle` (a directory of the lab).
 fn qemu_pids(needle: &str) -> Vec<u32> {
+    pids_of("qemu-system", needle)
+}
+
+/// Processes of `program` whose command line holds `needle`.
+fn pids_of(program: &str, needle: &str) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -318,7 +323,7 @@ fn qemu_pids(needle: &str) -> Vec<u32> {
             let pid = e.file_name().to_string_lossy().parse::<u32>().ok()?;
             let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
             let cmd = String::from_utf8_lossy(&cmd);
-            (cmd.starts_with("qemu-system") && cmd.contains(needle)).then_some(pid)
+            (cmd.starts_with(program) && cmd.contains(needle)).then_some(pid)
         })
         .collect()
 }
@@ -554,8 +559,9 @@ fn down(r: &LabRef) -> Result<()> {
     for pid in pids.filter(|p| of_lab(*p, &root)) {
         kill(pid);
     }
-    // Guests of the lab's hosts: their command lines name the lab directory.
-    for pid in qemu_pids(&format!("{}/", root.display())) {
+    // Guests and DHCP servers of the lab's hosts: their command lines name the lab directory.
+    let needle = format!("{}/", root.display());
+    for pid in qemu_pids(&needle).into_iter().chain(pids_of("dnsmasq", &needle)) {
         kill(pid);
     }
     for h in &state.hosts {

@@ -17,6 +17,10 @@ use corral_api::{
     HostInfo, Image, IsolationResponse, MaintenanceResponse, MigrateVmRequest, Migration,
     MoveStorageRequest, PlacementPolicy, StopVmRequest, Task, Vm, VmGroup,
 };
+use corral_api::{
+    CreateNetworkRequest, CreateProjectRequest, CreateSecurityGroupRequest, Network, NicRequest,
+    SecurityGroup, SecurityRule, SetRulesRequest,
+};
 
 use client::Client;
 use output::Format;
@@ -79,6 +83,15 @@ enum Command {
     /// Where VM disks live: a directory on each host, or a path mounted on every host.
     #[command(subcommand)]
     Datastore(DatastoreCmd),
+    /// Networks defined once for the cluster (a distributed virtual switch), with address management.
+    #[command(subcommand)]
+    Network(NetworkCmd),
+    /// Firewall rules for VM NICs (allow rules; replies to allowed traffic pass).
+    #[command(subcommand, name = "security-group", alias = "sg")]
+    SecurityGroup(SecurityGroupCmd),
+    /// Projects (tenants): each has its own VMs, images, networks and security groups.
+    #[command(subcommand)]
+    Project(ProjectCmd),
     /// Long operations.
     #[command(subcommand)]
     Task(TaskCmd),
@@ -147,6 +160,12 @@ enum VmCmd {
         /// VMs that must run again before this one after a host failure (comma-separated).
         #[arg(long, value_delimiter = ',')]
         ha_after: Vec<String>,
+        /// A NIC: NETWORK[,ip=A.B.C.D][,mac=52:54:00:..]; repeat for more (eth0 first).
+        #[arg(long = "nic", value_parser = parse_nic)]
+        nics: Vec<NicRequest>,
+        /// Security groups for its NICs (comma-separated; default: the project's `default`).
+        #[arg(long = "security-group", value_delimiter = ',')]
+        security_groups: Vec<String>,
     },
     List,
     Show {
@@ -347,6 +366,77 @@ enum GroupCmd {
 }
 
 #[derive(Subcommand, Debug)]
+enum NetworkCmd {
+    /// Create a network; its first address is the hosts' side (DHCP server, gateway).
+    Create {
+        name: String,
+        /// IPv4 network, e.g. 10.10.0.0/24.
+        #[arg(long)]
+        cidr: String,
+        /// Route the network's outbound traffic out of each host, with NAT.
+        #[arg(long)]
+        gateway: bool,
+        /// Carry it on this VLAN of the hosts' fabric instead of a VXLAN overlay.
+        #[arg(long)]
+        vlan: Option<u16>,
+    },
+    List,
+    /// Show a network and the VM NICs on it.
+    Show {
+        name: String,
+    },
+    /// Delete a network no VM is attached to.
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SecurityGroupCmd {
+    /// Create a group. It allows all outbound traffic and anything from its own members, plus
+    /// the rules given here.
+    Create {
+        name: String,
+        /// An allow rule, e.g. "in tcp 22 from 0.0.0.0/0" or "in icmp from group:web"; repeatable.
+        #[arg(long = "rule", value_parser = parse_rule)]
+        rules: Vec<SecurityRule>,
+    },
+    List,
+    Show {
+        name: String,
+    },
+    /// Add an allow rule: `in|out tcp|udp|icmp|any [PORT[-PORT]] from|to CIDR|group:NAME`.
+    AddRule {
+        name: String,
+        #[arg(value_parser = parse_rule)]
+        rule: SecurityRule,
+    },
+    /// Remove a rule by its number in `security-group show` (1 is the first).
+    RemoveRule {
+        name: String,
+        number: usize,
+    },
+    /// Delete a group no VM is in.
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ProjectCmd {
+    Create { name: String },
+    List,
+}
+
+fn parse_nic(s: &str) -> Result<NicRequest, String> {
+    NicRequest::parse(s).map_err(|e| e.0)
+}
+
+fn parse_rule(s: &str) -> Result<SecurityRule, String> {
+    SecurityRule::parse(s).map_err(|e| e.0)
+}
+
+#[derive(Subcommand, Debug)]
 enum TaskCmd {
     List,
     Show {
@@ -427,6 +517,8 @@ fn client_command(g: &Global, cmd: Command) -> Result<()> {
                 ha,
                 ha_priority,
                 ha_after,
+                nics,
+                security_groups,
             } => {
                 let req = CreateVmRequest {
                     name: name.clone(),
@@ -447,6 +539,8 @@ fn client_command(g: &Global, cmd: Command) -> Result<()> {
                         PriorityArg::Low => HaPriority::Low,
                     },
                     ha_after,
+                    nics,
+                    security_groups,
                 };
                 let task: Task = c.post(&format!("{p}/vms"), &req)?;
                 finish_vm(task, &name)
@@ -533,6 +627,100 @@ fn client_command(g: &Global, cmd: Command) -> Result<()> {
                 }
             }
         },
+        Command::Network(cmd) => match cmd {
+            NetworkCmd::Create {
+                name,
+                cidr,
+                gateway,
+                vlan,
+            } => {
+                let n: Network = c.post(
+                    &format!("{p}/networks"),
+                    &CreateNetworkRequest {
+                        name,
+                        cidr,
+                        gateway,
+                        vlan,
+                    },
+                )?;
+                output::networks(fmt, &[n], true)
+            }
+            NetworkCmd::List => output::networks(
+                fmt,
+                &c.get::<Vec<Network>>(&format!("{p}/networks"))?,
+                false,
+            ),
+            NetworkCmd::Show { name } => output::networks(
+                fmt,
+                &[c.get::<Network>(&format!("{p}/networks/{name}"))?],
+                true,
+            ),
+            NetworkCmd::Delete { name } => {
+                c.delete::<serde_json::Value>(&format!("{p}/networks/{name}"))?;
+                output::done(fmt, &format!("network {name} deleted"))
+            }
+        },
+        Command::SecurityGroup(cmd) => {
+            let path = |name: &str| format!("{p}/security-groups/{name}");
+            match cmd {
+                SecurityGroupCmd::Create { name, rules } => {
+                    let g: SecurityGroup = c.post(
+                        &format!("{p}/security-groups"),
+                        &CreateSecurityGroupRequest { name, rules },
+                    )?;
+                    output::security_groups(fmt, &[g], true)
+                }
+                SecurityGroupCmd::List => output::security_groups(
+                    fmt,
+                    &c.get::<Vec<SecurityGroup>>(&format!("{p}/security-groups"))?,
+                    false,
+                ),
+                SecurityGroupCmd::Show { name } => {
+                    output::security_groups(fmt, &[c.get::<SecurityGroup>(&path(&name))?], true)
+                }
+                SecurityGroupCmd::AddRule { name, rule } => {
+                    let mut g: SecurityGroup = c.get(&path(&name))?;
+                    g.rules.push(rule);
+                    let g: SecurityGroup =
+                        c.put_json(&path(&name), &SetRulesRequest { rules: g.rules })?;
+                    output::security_groups(fmt, &[g], true)
+                }
+                SecurityGroupCmd::RemoveRule { name, number } => {
+                    let mut g: SecurityGroup = c.get(&path(&name))?;
+                    if number == 0 || number > g.rules.len() {
+                        anyhow::bail!(
+                            "group {name} has rules 1 to {}: see `corral security-group show {name}`",
+                            g.rules.len()
+                        );
+                    }
+                    g.rules.remove(number - 1);
+                    let g: SecurityGroup =
+                        c.put_json(&path(&name), &SetRulesRequest { rules: g.rules })?;
+                    output::security_groups(fmt, &[g], true)
+                }
+                SecurityGroupCmd::Delete { name } => {
+                    c.delete::<serde_json::Value>(&path(&name))?;
+                    output::done(fmt, &format!("security group {name} deleted"))
+                }
+            }
+        }
+        Command::Project(ProjectCmd::Create { name }) => {
+            let created: Vec<String> =
+                c.post("/projects", &CreateProjectRequest { name: name.clone() })?;
+            output::done(
+                fmt,
+                &format!("project {name} created ({} projects)", created.len()),
+            )
+        }
+        Command::Project(ProjectCmd::List) => {
+            let projects: Vec<String> = c.get("/projects")?;
+            if fmt == Format::Json {
+                println!("{}", serde_json::to_string_pretty(&projects)?);
+            } else {
+                projects.iter().for_each(|p| println!("{p}"));
+            }
+            Ok(())
+        }
         Command::Cluster(ClusterCmd::Show) => {
             output::cluster(fmt, &c.get::<ClusterSettings>("/cluster")?)
         }

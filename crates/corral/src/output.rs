@@ -4,8 +4,8 @@
 use anyhow::Result;
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
 use corral_api::{
-    format_bytes, ClusterEvent, ClusterSettings, Datastore, HostInfo, Image, Migration, Task, Vm,
-    VmGroup,
+    format_bytes, ClusterEvent, ClusterSettings, Datastore, HostInfo, Image, Migration, Network,
+    SecurityGroup, Segment, Task, Vm, VmGroup,
 };
 use serde::Serialize;
 
@@ -82,6 +82,17 @@ pub fn vms(fmt: Format, vms: &[Vm], single: bool) -> Result<()> {
                 "not protected"
             };
             println!("HA: {verdict}: {}", ha.reason);
+        }
+        if single {
+            for (i, nic) in vm.spec.nics.iter().enumerate() {
+                println!(
+                    "eth{i}: network {}  mac {}  ip {}",
+                    nic.network, nic.mac, nic.ip
+                );
+            }
+            if !vm.spec.security_groups.is_empty() {
+                println!("security groups: {}", vm.spec.security_groups.join(", "));
+            }
         }
         if single && !vm.status.events.is_empty() {
             println!("events:");
@@ -248,6 +259,66 @@ pub fn groups(fmt: Format, groups: &[VmGroup], single: bool) -> Result<()> {
                     g.members.join(", "),
                 ]
             })
+            .collect(),
+    );
+    Ok(())
+}
+
+pub fn networks(fmt: Format, items: &[Network], single: bool) -> Result<()> {
+    if fmt == Format::Json {
+        return json_items(items, single);
+    }
+    table(
+        &["NAME", "CIDR", "GATEWAY", "SEGMENT", "MTU"],
+        items
+            .iter()
+            .map(|n| {
+                let gw = n.cidr().gateway();
+                vec![
+                    n.meta.name.clone(),
+                    n.spec.cidr.clone(),
+                    if n.spec.gateway {
+                        format!("{gw} (NAT)")
+                    } else {
+                        format!("{gw} (DHCP only)")
+                    },
+                    match n.spec.segment {
+                        Segment::Vxlan { vni } => format!("vxlan {vni}"),
+                        Segment::Vlan { id } => format!("vlan {id}"),
+                    },
+                    n.mtu().to_string(),
+                ]
+            })
+            .collect(),
+    );
+    if let ([n], true) = (items, single) {
+        for a in n.attached.iter().flatten() {
+            println!("{}: mac {}  ip {}", a.vm, a.mac, a.ip);
+        }
+    }
+    Ok(())
+}
+
+pub fn security_groups(fmt: Format, items: &[SecurityGroup], single: bool) -> Result<()> {
+    if fmt == Format::Json {
+        return json_items(items, single);
+    }
+    if let ([g], true) = (items, single) {
+        table(
+            &["#", "RULE"],
+            g.rules
+                .iter()
+                .enumerate()
+                .map(|(i, r)| vec![(i + 1).to_string(), r.to_string()])
+                .collect(),
+        );
+        return Ok(());
+    }
+    table(
+        &["NAME", "RULES"],
+        items
+            .iter()
+            .map(|g| vec![g.meta.name.clone(), g.rules.len().to_string()])
             .collect(),
     );
     Ok(())

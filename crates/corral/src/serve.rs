@@ -166,6 +166,13 @@ async fn serve(args: &ServerArgs, agent: Option<(AccelChoice, String, Duration)>
     if let Some((accel, host, stop_timeout)) = agent {
         let accel = detect_accel(accel).map_err(anyhow::Error::msg)?;
         let hypervisor = corral_hypervisor::qemu_version().await?;
+        // Where hosts that join this one reach it for migrations: the first advertised address,
+        // else loopback (the all-in-one alone has nowhere to migrate to).
+        let address: std::net::IpAddr = args
+            .advertise
+            .iter()
+            .find_map(|a| a.parse().ok())
+            .unwrap_or(std::net::Ipv4Addr::LOCALHOST.into());
         let cfg = AgentConfig {
             host,
             data_dir: data_dir.clone(),
@@ -175,12 +182,9 @@ async fn serve(args: &ServerArgs, agent: Option<(AccelChoice, String, Duration)>
             resync: Duration::from_secs(5),
             // Where hosts that join this one reach it for migrations: the first advertised
             // address, else loopback (the all-in-one alone has nowhere to migrate to).
-            address: args
-                .advertise
-                .iter()
-                .find_map(|a| a.parse().ok())
-                .unwrap_or(std::net::Ipv4Addr::LOCALHOST.into()),
+            address,
             ha: Default::default(),
+            network: Arc::new(corral_network::LinuxNet::new(data_dir.join("net"), address)),
         };
         let link = corral_controller::LocalHaLink {
             ctx: ctx.clone(),
@@ -330,6 +334,7 @@ pub fn agent(args: AgentArgs) -> Result<()> {
         let hypervisor = corral_hypervisor::qemu_version().await?;
         let cfg = AgentConfig {
             host: host.clone(),
+            network: Arc::new(corral_network::LinuxNet::new(data_dir.join("net"), address)),
             data_dir,
             accel,
             hypervisor,

@@ -187,7 +187,13 @@ fn join_tokens_are_single_use_and_names_unique_and_strangers_are_refused() {
         get("/agent/v1/get?key=/corral/auth/admin-token-sha256"),
         403
     );
-    assert_eq!(get("/agent/v1/list?prefix=/corral/hosts/"), 403);
+    assert_eq!(
+        get("/agent/v1/list?prefix=/corral/hosts/"),
+        200,
+        "peers' fabric addresses are readable (overlay tunnels)"
+    );
+    assert_eq!(get("/agent/v1/list?prefix=/corral/tasks/"), 403);
+    assert_eq!(get("/agent/v1/list?prefix=/corral/ips/"), 403);
     assert_eq!(get("/agent/v1/watch?prefix=/corral/&from=1"), 403);
     let store_vm = |name: &str| -> (Value, u64) {
         let kv: Value = host_a

@@ -56,6 +56,10 @@ async fn fixture() -> Fixture {
         resync: Duration::from_secs(5),
         address: std::net::Ipv4Addr::LOCALHOST.into(),
         ha: Default::default(),
+        network: Arc::new(corral_network::LinuxNet::new(
+            dir.path().join("net"),
+            std::net::Ipv4Addr::LOCALHOST.into(),
+        )),
     };
     Fixture {
         _dir: dir,
@@ -82,6 +86,8 @@ impl Fixture {
                 ha: Default::default(),
                 ha_priority: Default::default(),
                 ha_after: Vec::new(),
+                nics: Vec::new(),
+                security_groups: Vec::new(),
             },
             status: VmStatus {
                 host: Some("h1".into()),
@@ -428,6 +434,7 @@ async fn leftover_copies_are_swept_but_a_running_guest_is_never_killed() {
         disk: kept.join(layout::DISK_FILE),
         direct_boot: None,
         accel: Accel::Tcg,
+        nics: Vec::new(),
     };
     // A copy a failed migration left waiting here, and a guest nobody accounts for.
     let waiting = layout::vm_dir(&f.cfg.data_dir, uuid::Uuid::new_v4());

@@ -1,0 +1,581 @@
+//! Networks, address management, security groups and projects: the definitions the hosts' network
+//! reconcilers make real. Addresses are handed out here, at VM creation, and recorded both in the
+//! VM's spec and as a reservation key per address, written in the VM's own transaction, so two VMs
+//! never get one address. A reservation whose VM is gone is free again.
+
+use std::collections::{HashMap, HashSet};
+use std::net::Ipv4Addr;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use corral_api::{
+    generated_mac, keys, parse_mac, AttachedNic, CreateNetworkRequest, CreateProjectRequest,
+    CreateSecurityGroupRequest, Network, NetworkSpec, Nic, NicRequest, ObjectMeta, SecurityGroup,
+    SecurityRule, Segment, SetRulesRequest, Vm, DEFAULT_SECURITY_GROUP,
+};
+use corral_store::{get_json, list_json, Op, Precondition, StoreError, Versioned};
+use serde::{Deserialize, Serialize};
+
+use crate::{ensure_project, ApiError, ApiJson, ApiPath, Ctx};
+
+/// The first VXLAN network identifier Corral hands out.
+const FIRST_VNI: u32 = 100;
+
+/// What an address reservation key holds.
+#[derive(Serialize, Deserialize)]
+struct Reservation {
+    vm: String,
+    uid: uuid::Uuid,
+}
+
+fn network_not_found(project: &str, name: &str) -> ApiError {
+    ApiError::NotFound(format!(
+        "network {name} does not exist in project {project}: create it with `corral network create`, or see `corral network list`"
+    ))
+}
+
+fn to_bytes<T: Serialize>(v: &T) -> Result<Vec<u8>, ApiError> {
+    Ok(serde_json::to_vec(v).map_err(StoreError::from)?)
+}
+
+/// The NICs of `vms` on network `name`.
+fn attached(vms: &[Vm], name: &str) -> Vec<AttachedNic> {
+    vms.iter()
+        .flat_map(|vm| {
+            vm.spec
+                .nics
+                .iter()
+                .filter(move |n| n.network == name)
+                .map(|n| AttachedNic {
+                    vm: vm.meta.name.clone(),
+                    mac: n.mac.clone(),
+                    ip: n.ip.clone(),
+                })
+        })
+        .collect()
+}
+
+#[utoipa::path(get, path = "/api/v1/projects/{project}/networks", tag = "networks",
+    params(("project" = String, Path)), responses((status = 200, body = [Network])), security(("bearer" = [])))]
+pub async fn list(
+    State(ctx): State<Ctx>,
+    ApiPath(project): ApiPath<String>,
+) -> Result<Json<Vec<Network>>, ApiError> {
+    ensure_project(&ctx, &project).await?;
+    let (nets, _) = list_json::<Network>(&*ctx.store, &keys::networks(&project)).await?;
+    Ok(Json(nets))
+}
+
+#[utoipa::path(get, path = "/api/v1/projects/{project}/networks/{name}", tag = "networks",
+    params(("project" = String, Path), ("name" = String, Path)),
+    responses((status = 200, description = "the network with the VM NICs attached to it", body = Network),
+        (status = 404, body = corral_api::ApiErrorBody)), security(("bearer" = [])))]
+pub async fn get(
+    State(ctx): State<Ctx>,
+    ApiPath((project, name)): ApiPath<(String, String)>,
+) -> Result<Json<Network>, ApiError> {
+    ensure_project(&ctx, &project).await?;
+    let mut net = get_json::<Network>(&*ctx.store, &keys::network(&project, &name))
+        .await?
+        .ok_or_else(|| network_not_found(&project, &name))?
+        .value;
+    let (vms, _) = list_json::<Vm>(&*ctx.store, &keys::vms(&project)).await?;
+    net.attached = Some(attached(&vms, &name));
+    Ok(Json(net))
+}
+
+#[utoipa::path(post, path = "/api/v1/projects/{project}/networks", tag = "networks",
+    params(("project" = String, Path)), request_body = CreateNetworkRequest,
+    responses((status = 201, body = Network), (status = 400, body = corral_api::ApiErrorBody),
+        (status = 409, body = corral_api::ApiErrorBody)), security(("bearer" = [])))]
+pub async fn create(
+    State(ctx): State<Ctx>,
+    ApiPath(project): ApiPath<String>,
+    ApiJson(req): ApiJson<CreateNetworkRequest>,
+) -> Result<(StatusCode, Json<Network>), ApiError> {
+    ensure_project(&ctx, &project).await?;
+    let cidr = req.validate()?;
+    let (taken, _) = ctx.store.list(keys::SEGMENTS).await?;
+    let taken: HashSet<&str> = taken.iter().map(|kv| kv.key.as_str()).collect();
+    let segment = match req.vlan {
+        Some(id) => Segment::Vlan { id },
+        None => (FIRST_VNI..)
+            .map(|vni| Segment::Vxlan { vni })
+            .find(|s| !taken.contains(keys::segment(s).as_str()))
+            .unwrap_or(Segment::Vxlan { vni: FIRST_VNI }),
+    };
+    let net = Network {
+        meta: ObjectMeta::new(&project, &req.name),
+        spec: NetworkSpec {
+            cidr: cidr.to_string(),
+            gateway: req.gateway,
+            segment,
+        },
+        attached: None,
+    };
+    let key = keys::network(&project, &req.name);
+    let seg_key = keys::segment(&segment);
+    let ops = vec![
+        Op::Put {
+            key: key.clone(),
+            value: to_bytes(&net)?,
+            when: Precondition::Absent,
+            lease: None,
+        },
+        Op::Put {
+            key: seg_key.clone(),
+            value: to_bytes(&serde_json::json!({ "network": key }))?,
+            when: Precondition::Absent,
+            lease: None,
+        },
+    ];
+    match ctx.store.txn(ops).await {
+        Ok(_) => Ok((StatusCode::CREATED, Json(net))),
+        Err(StoreError::Conflict { key: k }) if k == key => Err(ApiError::Conflict(format!(
+            "a network named {} already exists in project {project}: pick another name",
+            req.name
+        ))),
+        Err(StoreError::Conflict { .. }) => Err(ApiError::Conflict(match segment {
+            Segment::Vlan { id } => format!(
+                "VLAN {id} already carries another network: pick another --vlan, or leave it out for an overlay"
+            ),
+            Segment::Vxlan { .. } => "another network was created at the same moment: try again".into(),
+        })),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[utoipa::path(delete, path = "/api/v1/projects/{project}/networks/{name}", tag = "networks",
+    params(("project" = String, Path), ("name" = String, Path)),
+    responses((status = 204), (status = 404, body = corral_api::ApiErrorBody), (status = 409, body = corral_api::ApiErrorBody)),
+    security(("bearer" = [])))]
+pub async fn delete(
+    State(ctx): State<Ctx>,
+    ApiPath((project, name)): ApiPath<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    ensure_project(&ctx, &project).await?;
+    let key = keys::network(&project, &name);
+    let net = get_json::<Network>(&*ctx.store, &key)
+        .await?
+        .ok_or_else(|| network_not_found(&project, &name))?;
+    // A VM created meanwhile checks the network's revision, so it conflicts with this delete.
+    let (vms, _) = list_json::<Vm>(&*ctx.store, &keys::vms(&project)).await?;
+    let users: Vec<String> = attached(&vms, &name).into_iter().map(|a| a.vm).collect();
+    if !users.is_empty() {
+        return Err(ApiError::Conflict(format!(
+            "network {name} is in use by VMs {}: delete them first",
+            users.join(", ")
+        )));
+    }
+    let (reservations, _) = ctx.store.list(&keys::ips(&project, &name)).await?;
+    let mut ops = vec![
+        Op::Delete {
+            key: key.clone(),
+            when: Precondition::ModRevision(net.revision),
+        },
+        Op::Delete {
+            key: keys::segment(&net.value.spec.segment),
+            when: Precondition::Any,
+        },
+    ];
+    ops.extend(reservations.into_iter().map(|kv| Op::Delete {
+        key: kv.key,
+        when: Precondition::ModRevision(kv.mod_revision),
+    }));
+    match ctx.store.txn(ops).await {
+        Ok(_) => Ok(StatusCode::NO_CONTENT),
+        Err(StoreError::Conflict { .. }) => Err(ApiError::Conflict(format!(
+            "network {name} changed meanwhile (a VM attached?): try again"
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Chooses the NICs of a new VM: each network must exist in the project; an address asked for
+/// must be free, else the lowest free one is taken; a MAC asked for must be unused on the network,
+/// else one is derived from the VM's uid. Returns the NICs and the store operations that reserve
+/// the addresses and keep the networks from being deleted meanwhile.
+pub async fn attach(
+    ctx: &Ctx,
+    project: &str,
+    vm: &str,
+    uid: uuid::Uuid,
+    requests: &[NicRequest],
+) -> Result<(Vec<Nic>, Vec<Op>), ApiError> {
+    if requests.is_empty() {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let (vms, _) = list_json::<Vm>(&*ctx.store, &keys::vms(project)).await?;
+    let live: HashMap<uuid::Uuid, &str> = vms
+        .iter()
+        .map(|v| (v.meta.uid, v.meta.name.as_str()))
+        .collect();
+    let mut nets: HashMap<String, Versioned<Network>> = HashMap::new();
+    let mut nics = Vec::new();
+    let mut ops = Vec::new();
+    for (index, req) in requests.iter().enumerate() {
+        if !nets.contains_key(&req.network) {
+            let key = keys::network(project, &req.network);
+            let net = get_json::<Network>(&*ctx.store, &key)
+                .await?
+                .ok_or_else(|| network_not_found(project, &req.network))?;
+            ops.push(Op::Check {
+                key,
+                when: Precondition::ModRevision(net.revision),
+            });
+            nets.insert(req.network.clone(), net);
+        }
+        let cidr = nets[&req.network].value.cidr();
+        // Addresses held by live VMs (and by the NICs chosen so far); stale reservations are free.
+        let (kvs, _) = ctx.store.list(&keys::ips(project, &req.network)).await?;
+        let mut held: HashMap<Ipv4Addr, String> = HashMap::new();
+        let mut stale: HashMap<Ipv4Addr, u64> = HashMap::new();
+        for kv in &kvs {
+            let Some(ip) = kv.key.rsplit('/').next().and_then(|s| s.parse().ok()) else {
+                continue;
+            };
+            match serde_json::from_slice::<Reservation>(&kv.value) {
+                Ok(r) if live.contains_key(&r.uid) => {
+                    held.insert(ip, r.vm);
+                }
+                _ => {
+                    stale.insert(ip, kv.mod_revision);
+                }
+            }
+        }
+        for n in nics.iter().filter(|n: &&Nic| n.network == req.network) {
+            if let Ok(ip) = n.ip.parse() {
+                held.insert(ip, vm.to_string());
+            }
+        }
+        let ip = match &req.ip {
+            Some(ip) => {
+                let ip: Ipv4Addr = ip.parse().map_err(|_| {
+                    ApiError::BadRequest(format!("{ip:?} is not an IPv4 address"))
+                })?;
+                cidr.check_vm_address(ip)?;
+                if let Some(owner) = held.get(&ip) {
+                    return Err(ApiError::Conflict(format!(
+                        "address {ip} on network {} is taken by VM {owner}: pick another, or leave out ip=",
+                        req.network
+                    )));
+                }
+                ip
+            }
+            None => cidr
+                .vm_addresses()
+                .find(|ip| !held.contains_key(ip))
+                .ok_or_else(|| {
+                    ApiError::Conflict(format!(
+                        "network {} ({cidr}) has no free address left: delete a VM on it or use another network",
+                        req.network
+                    ))
+                })?,
+        };
+        let macs: HashSet<String> = vms
+            .iter()
+            .flat_map(|v| v.spec.nics.iter())
+            .chain(nics.iter())
+            .filter(|n| n.network == req.network)
+            .map(|n| n.mac.clone())
+            .collect();
+        let mac = match &req.mac {
+            Some(m) => {
+                let m = parse_mac(m)?;
+                if macs.contains(&m) {
+                    return Err(ApiError::Conflict(format!(
+                        "MAC {m} is already used on network {}: pick another, or leave out mac=",
+                        req.network
+                    )));
+                }
+                m
+            }
+            None => (0..)
+                .map(|attempt| generated_mac(uid, index, attempt))
+                .find(|m| !macs.contains(m))
+                .unwrap_or_default(),
+        };
+        ops.push(Op::Put {
+            key: keys::ip(project, &req.network, &ip.to_string()),
+            value: to_bytes(&Reservation {
+                vm: vm.to_string(),
+                uid,
+            })?,
+            when: stale
+                .get(&ip)
+                .map_or(Precondition::Absent, |r| Precondition::ModRevision(*r)),
+            lease: None,
+        });
+        nics.push(Nic {
+            network: req.network.clone(),
+            mac,
+            ip: ip.to_string(),
+        });
+    }
+    Ok((nics, ops))
+}
+
+fn group_not_found(project: &str, name: &str) -> ApiError {
+    ApiError::NotFound(format!(
+        "security group {name} does not exist in project {project}: create it with `corral security-group create`, or see `corral security-group list`"
+    ))
+}
+
+/// A group as stored, or the built-in `default` while nobody changed it.
+async fn load_group(
+    ctx: &Ctx,
+    project: &str,
+    name: &str,
+) -> Result<Option<Versioned<SecurityGroup>>, ApiError> {
+    let stored =
+        get_json::<SecurityGroup>(&*ctx.store, &keys::security_group(project, name)).await?;
+    Ok(stored.or_else(|| {
+        (name == DEFAULT_SECURITY_GROUP).then(|| Versioned {
+            value: SecurityGroup::builtin_default(project),
+            revision: 0,
+        })
+    }))
+}
+
+/// Every security group of the project, the built-in `default` included.
+pub async fn groups_of(ctx: &Ctx, project: &str) -> Result<Vec<SecurityGroup>, ApiError> {
+    let (mut groups, _) =
+        list_json::<SecurityGroup>(&*ctx.store, &keys::security_groups(project)).await?;
+    if !groups.iter().any(|g| g.meta.name == DEFAULT_SECURITY_GROUP) {
+        groups.insert(0, SecurityGroup::builtin_default(project));
+    }
+    Ok(groups)
+}
+
+/// The groups a new VM names must exist.
+pub async fn check_groups(ctx: &Ctx, project: &str, names: &[String]) -> Result<(), ApiError> {
+    for name in names {
+        if load_group(ctx, project, name).await?.is_none() {
+            return Err(group_not_found(project, name));
+        }
+    }
+    Ok(())
+}
+
+/// Rules are valid and name only groups that exist (or the group itself).
+async fn check_rules(
+    ctx: &Ctx,
+    project: &str,
+    group: &str,
+    rules: &[SecurityRule],
+) -> Result<(), ApiError> {
+    for r in rules {
+        r.validate()?;
+        if let Some(g) = r.group.as_deref().filter(|g| *g != group) {
+            if load_group(ctx, project, g).await?.is_none() {
+                return Err(ApiError::BadRequest(format!(
+                    "rule \"{r}\" names group {g}, which does not exist in project {project}: create it first"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[utoipa::path(get, path = "/api/v1/projects/{project}/security-groups", tag = "networks",
+    params(("project" = String, Path)), responses((status = 200, body = [SecurityGroup])), security(("bearer" = [])))]
+pub async fn list_groups(
+    State(ctx): State<Ctx>,
+    ApiPath(project): ApiPath<String>,
+) -> Result<Json<Vec<SecurityGroup>>, ApiError> {
+    ensure_project(&ctx, &project).await?;
+    Ok(Json(groups_of(&ctx, &project).await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/projects/{project}/security-groups/{name}", tag = "networks",
+    params(("project" = String, Path), ("name" = String, Path)),
+    responses((status = 200, body = SecurityGroup), (status = 404, body = corral_api::ApiErrorBody)), security(("bearer" = [])))]
+pub async fn get_group(
+    State(ctx): State<Ctx>,
+    ApiPath((project, name)): ApiPath<(String, String)>,
+) -> Result<Json<SecurityGroup>, ApiError> {
+    ensure_project(&ctx, &project).await?;
+    load_group(&ctx, &project, &name)
+        .await?
+        .map(|g| Json(g.value))
+        .ok_or_else(|| group_not_found(&project, &name))
+}
+
+#[utoipa::path(post, path = "/api/v1/projects/{project}/security-groups", tag = "networks",
+    params(("project" = String, Path)), request_body = CreateSecurityGroupRequest,
+    responses((status = 201, body = SecurityGroup), (status = 400, body = corral_api::ApiErrorBody),
+        (status = 409, body = corral_api::ApiErrorBody)), security(("bearer" = [])))]
+pub async fn create_group(
+    State(ctx): State<Ctx>,
+    ApiPath(project): ApiPath<String>,
+    ApiJson(req): ApiJson<CreateSecurityGroupRequest>,
+) -> Result<(StatusCode, Json<SecurityGroup>), ApiError> {
+    ensure_project(&ctx, &project).await?;
+    corral_api::validate_name("security group", &req.name)?;
+    let exists = || {
+        ApiError::Conflict(format!(
+            "a security group named {} already exists in project {project}: change its rules with `corral security-group add-rule`",
+            req.name
+        ))
+    };
+    if req.name == DEFAULT_SECURITY_GROUP {
+        return Err(exists());
+    }
+    check_rules(&ctx, &project, &req.name, &req.rules).await?;
+    let mut rules = SecurityGroup::new_rules(&req.name);
+    rules.extend(req.rules.iter().cloned());
+    let group = SecurityGroup {
+        meta: ObjectMeta::new(&project, &req.name),
+        rules,
+    };
+    match ctx
+        .store
+        .put(
+            &keys::security_group(&project, &req.name),
+            to_bytes(&group)?,
+            Precondition::Absent,
+        )
+        .await
+    {
+        Ok(_) => Ok((StatusCode::CREATED, Json(group))),
+        Err(StoreError::Conflict { .. }) => Err(exists()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[utoipa::path(put, path = "/api/v1/projects/{project}/security-groups/{name}", tag = "networks",
+    params(("project" = String, Path), ("name" = String, Path)), request_body = SetRulesRequest,
+    responses((status = 200, description = "the group with its new rules, applied on every host within a second or so", body = SecurityGroup),
+        (status = 400, body = corral_api::ApiErrorBody), (status = 404, body = corral_api::ApiErrorBody),
+        (status = 409, body = corral_api::ApiErrorBody)), security(("bearer" = [])))]
+pub async fn set_rules(
+    State(ctx): State<Ctx>,
+    ApiPath((project, name)): ApiPath<(String, String)>,
+    ApiJson(req): ApiJson<SetRulesRequest>,
+) -> Result<Json<SecurityGroup>, ApiError> {
+    ensure_project(&ctx, &project).await?;
+    let current = load_group(&ctx, &project, &name)
+        .await?
+        .ok_or_else(|| group_not_found(&project, &name))?;
+    check_rules(&ctx, &project, &name, &req.rules).await?;
+    let mut group = current.value;
+    group.rules = req.rules;
+    group.meta.bump();
+    let when = match current.revision {
+        0 => Precondition::Absent,
+        r => Precondition::ModRevision(r),
+    };
+    match ctx
+        .store
+        .put(
+            &keys::security_group(&project, &name),
+            to_bytes(&group)?,
+            when,
+        )
+        .await
+    {
+        Ok(_) => Ok(Json(group)),
+        Err(StoreError::Conflict { .. }) => Err(ApiError::Conflict(format!(
+            "security group {name} changed meanwhile: look at it again and retry"
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[utoipa::path(delete, path = "/api/v1/projects/{project}/security-groups/{name}", tag = "networks",
+    params(("project" = String, Path), ("name" = String, Path)),
+    responses((status = 204), (status = 400, body = corral_api::ApiErrorBody), (status = 404, body = corral_api::ApiErrorBody),
+        (status = 409, body = corral_api::ApiErrorBody)), security(("bearer" = [])))]
+pub async fn delete_group(
+    State(ctx): State<Ctx>,
+    ApiPath((project, name)): ApiPath<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    ensure_project(&ctx, &project).await?;
+    if name == DEFAULT_SECURITY_GROUP {
+        return Err(ApiError::BadRequest(
+            "the default group is built in and cannot be deleted: change its rules instead".into(),
+        ));
+    }
+    let group = get_json::<SecurityGroup>(&*ctx.store, &keys::security_group(&project, &name))
+        .await?
+        .ok_or_else(|| group_not_found(&project, &name))?;
+    let (vms, _) = list_json::<Vm>(&*ctx.store, &keys::vms(&project)).await?;
+    let users: Vec<&str> = vms
+        .iter()
+        .filter(|v| v.spec.security_groups.contains(&name))
+        .map(|v| v.meta.name.as_str())
+        .collect();
+    if !users.is_empty() {
+        return Err(ApiError::Conflict(format!(
+            "security group {name} applies to VMs {}: delete them first",
+            users.join(", ")
+        )));
+    }
+    let referring: Vec<String> = groups_of(&ctx, &project)
+        .await?
+        .into_iter()
+        .filter(|g| {
+            g.meta.name != name && g.rules.iter().any(|r| r.group.as_deref() == Some(&name))
+        })
+        .map(|g| g.meta.name)
+        .collect();
+    if !referring.is_empty() {
+        return Err(ApiError::Conflict(format!(
+            "rules of security groups {} name {name}: remove those rules first",
+            referring.join(", ")
+        )));
+    }
+    match ctx
+        .store
+        .delete(
+            &keys::security_group(&project, &name),
+            Precondition::ModRevision(group.revision),
+        )
+        .await
+    {
+        Ok(_) => Ok(StatusCode::NO_CONTENT),
+        Err(StoreError::Conflict { .. }) => Err(ApiError::Conflict(format!(
+            "security group {name} changed meanwhile: try again"
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[utoipa::path(get, path = "/api/v1/projects", tag = "projects",
+    responses((status = 200, description = "project names", body = [String])), security(("bearer" = [])))]
+pub async fn list_projects(State(ctx): State<Ctx>) -> Result<Json<Vec<String>>, ApiError> {
+    let (kvs, _) = ctx.store.list(keys::PROJECTS).await?;
+    Ok(Json(
+        kvs.iter()
+            .filter_map(|kv| kv.key.strip_prefix(keys::PROJECTS).map(str::to_string))
+            .collect(),
+    ))
+}
+
+#[utoipa::path(post, path = "/api/v1/projects", tag = "projects", request_body = CreateProjectRequest,
+    responses((status = 201, description = "all project names, the new one included", body = [String]),
+        (status = 400, body = corral_api::ApiErrorBody), (status = 409, body = corral_api::ApiErrorBody)),
+    security(("bearer" = [])))]
+pub async fn create_project(
+    State(ctx): State<Ctx>,
+    ApiJson(req): ApiJson<CreateProjectRequest>,
+) -> Result<(StatusCode, Json<Vec<String>>), ApiError> {
+    corral_api::validate_name("project", &req.name)?;
+    match ctx
+        .store
+        .put(
+            &keys::project(&req.name),
+            b"{}".to_vec(),
+            Precondition::Absent,
+        )
+        .await
+    {
+        Ok(_) => Ok((StatusCode::CREATED, list_projects(State(ctx)).await?)),
+        Err(StoreError::Conflict { .. }) => Err(ApiError::Conflict(format!(
+            "project {} already exists",
+            req.name
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
