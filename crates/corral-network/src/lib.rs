@@ -23,7 +23,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 
 use async_trait::async_trait;
-use corral_api::{Host, Migration, Network, SecurityGroup, Segment, Vm, DEFAULT_SECURITY_GROUP};
+use corral_api::{
+    Host, Migration, Network, PowerState, SecurityGroup, Segment, Vm, VmPhase,
+    DEFAULT_SECURITY_GROUP,
+};
 
 pub use linux::LinuxNet;
 
@@ -103,6 +106,9 @@ pub struct NetPlan {
 pub struct PortPlan {
     pub tap: String,
     pub bridge: String,
+    /// The bridge's way out (made with the tap, so a host that cannot make it fails the VM's
+    /// start with the reason).
+    pub uplink: Uplink,
     pub mtu: u32,
     pub mac: String,
     pub ip: Ipv4Addr,
@@ -190,6 +196,7 @@ pub fn ports_of(vm: &Vm, networks: &[Network]) -> Vec<PortPlan> {
             Some(PortPlan {
                 tap: tap_name(vm.meta.uid, i),
                 bridge: bridge_name(&net.spec.segment),
+                uplink: uplink(&net.spec.segment),
                 mtu: net.mtu(),
                 mac: nic.mac.clone(),
                 ip: nic.ip.parse().ok()?,
@@ -208,11 +215,17 @@ pub fn plan(c: &Cluster) -> HostPlan {
         .map(|m| (m.vm_uid, m))
         .collect();
     let arriving = |vm: &Vm| moving.get(&vm.meta.uid).is_some_and(|m| m.target == c.host);
+    // A VM that neither runs nor should run here needs no port (a stopped VM keeps its address,
+    // and gets its port back when it starts).
+    let live = |v: &Vm| {
+        v.spec.power == PowerState::Running
+            || matches!(v.status.phase, VmPhase::Running | VmPhase::Stopping)
+    };
     let local: Vec<&Vm> = c
         .vms
         .iter()
         .filter(|v| !v.spec.nics.is_empty())
-        .filter(|v| v.status.host.as_deref() == Some(c.host) || arriving(v))
+        .filter(|v| (v.status.host.as_deref() == Some(c.host) && live(v)) || arriving(v))
         .collect();
     let address: HashMap<&str, IpAddr> = c
         .hosts

@@ -214,59 +214,77 @@ impl LinuxNet {
         if br.is_none_or(|l| !l.up()) {
             ip(&["link", "set", &n.bridge, "up"]).await?;
         }
-        let (dev, new_uplink) = match &n.uplink {
-            Uplink::Vxlan { dev, vni } => (dev, {
-                let local = self.address.to_string();
-                let args = [
-                    "link",
-                    "add",
-                    dev,
-                    "type",
-                    "vxlan",
-                    "id",
-                    &vni.to_string(),
-                    "local",
-                    &local,
-                    "dstport",
-                    &VXLAN_PORT.to_string(),
-                    "nolearning",
-                ];
-                args.map(str::to_string).to_vec()
-            }),
-            Uplink::Vlan { dev, id } => (dev, {
-                let parent = self.fabric_interface().await?;
-                let args = [
-                    "link",
-                    "add",
-                    "link",
-                    &parent,
-                    "name",
-                    dev,
-                    "type",
-                    "vlan",
-                    "id",
-                    &id.to_string(),
-                ];
-                args.map(str::to_string).to_vec()
-            }),
-        };
-        let up = links.get(dev);
-        if up.is_none() {
-            st.owned.uplinks.insert(dev.clone());
-            self.save(&st.owned)?;
-            let args: Vec<&str> = new_uplink.iter().map(String::as_str).collect();
-            ip(&args).await?;
-        }
-        if up.is_none_or(|l| l.mtu != n.mtu) {
-            ip(&["link", "set", dev, "mtu", &n.mtu.to_string()]).await?;
-        }
-        if up.is_none_or(|l| l.master.as_deref() != Some(&n.bridge) || !l.up()) {
-            ip(&["link", "set", dev, "master", &n.bridge, "up"]).await?;
-        }
+        let dev = self
+            .ensure_uplink(st, links, &n.bridge, &n.uplink, n.mtu)
+            .await?;
         if matches!(n.uplink, Uplink::Vxlan { .. }) {
-            self.sync_fdb(dev, n).await?;
+            self.sync_fdb(&dev, n).await?;
         }
         Ok(())
+    }
+
+    /// Makes the bridge's uplink (VXLAN device or VLAN interface) and attaches it; returns its name.
+    async fn ensure_uplink(
+        &self,
+        st: &mut State,
+        links: &HashMap<String, Link>,
+        bridge: &str,
+        uplink: &Uplink,
+        mtu: u32,
+    ) -> Result<String, NetError> {
+        let dev = match uplink {
+            Uplink::Vxlan { dev, .. } | Uplink::Vlan { dev, .. } => dev.clone(),
+        };
+        let link = links.get(&dev);
+        if link.is_none() {
+            st.owned.uplinks.insert(dev.clone());
+            self.save(&st.owned)?;
+            match uplink {
+                Uplink::Vxlan { vni, .. } => {
+                    let (vni, local, port) = (
+                        vni.to_string(),
+                        self.address.to_string(),
+                        VXLAN_PORT.to_string(),
+                    );
+                    ip(&[
+                        "link",
+                        "add",
+                        &dev,
+                        "type",
+                        "vxlan",
+                        "id",
+                        &vni,
+                        "local",
+                        &local,
+                        "dstport",
+                        &port,
+                        "nolearning",
+                    ])
+                    .await?;
+                }
+                Uplink::Vlan { id, .. } => {
+                    let parent = self.fabric_interface().await?;
+                    let id = id.to_string();
+                    ip(&["link", "add", "link", &parent, "name", &dev, "type", "vlan", "id", &id])
+                        .await
+                        .map_err(|e| match e {
+                            NetError::Command { message, .. } if message.contains("Unknown device type") => {
+                                NetError::Unsupported(format!(
+                                    "this host's kernel cannot make VLAN interfaces (no 802.1Q support): load it with `modprobe 8021q`, or use an overlay network (leave out --vlan)"
+                                ))
+                            }
+                            e => e,
+                        })?;
+                }
+            }
+        }
+        if link.is_none_or(|l| l.mtu != mtu) {
+            ip(&["link", "set", &dev, "mtu", &mtu.to_string()]).await?;
+        }
+        if link.is_none_or(|l| l.master.as_deref() != Some(bridge) || !l.up()) {
+            ip(&["link", "set", &dev, "master", bridge, "up"]).await?;
+        }
+        Ok(dev)
     }
 
     /// The interface that holds the host's fabric address (VLANs go out of it).
@@ -465,14 +483,21 @@ impl NetDriver for LinuxNet {
             )?;
         }
         let have = links().await?;
+        // One network that cannot be made (say, a VLAN on a kernel without 802.1Q) must not
+        // keep the others down: its NICs stay down, the rest goes on, the error is returned.
+        let mut failed: Vec<(String, NetError)> = Vec::new();
         for n in &plan.networks {
-            self.ensure_network(&mut st, &have, n).await?;
+            let made = async {
+                self.ensure_network(&mut st, &have, n).await?;
+                self.ensure_dnsmasq(n).await
+            };
+            if let Err(e) = made.await {
+                failed.push((n.bridge.clone(), e));
+            }
         }
-        for p in &plan.ports {
+        let working = |p: &&PortPlan| !failed.iter().any(|(b, _)| *b == p.bridge);
+        for p in plan.ports.iter().filter(working) {
             self.ensure_tap(&mut st, &have, p).await?;
-        }
-        for n in &plan.networks {
-            self.ensure_dnsmasq(n).await?;
         }
         if st.ruleset.as_deref() != Some(plan.ruleset.as_str()) {
             if plan.ruleset.is_empty() {
@@ -486,7 +511,7 @@ impl NetDriver for LinuxNet {
         }
         // Links come up only now that their rules are in place.
         let have = links().await?;
-        for p in &plan.ports {
+        for p in plan.ports.iter().filter(working) {
             if have.get(&p.tap).is_some_and(|l| !l.up()) {
                 ip(&["link", "set", &p.tap, "up"]).await?;
             }
@@ -527,7 +552,14 @@ impl NetDriver for LinuxNet {
             self.remove_link(br).await?;
             st.owned.bridges.remove(br);
         }
-        self.save(&st.owned)
+        self.save(&st.owned)?;
+        match failed.into_iter().next() {
+            Some((bridge, e)) => Err(NetError::Command {
+                what: format!("making bridge {bridge}"),
+                message: e.to_string(),
+            }),
+            None => Ok(()),
+        }
     }
 
     async fn prepare_ports(&self, ports: &[PortPlan]) -> Result<(), NetError> {
@@ -535,6 +567,8 @@ impl NetDriver for LinuxNet {
         let have = links().await?;
         for p in ports {
             self.ensure_bridge(&mut st, &have, &p.bridge, p.mtu).await?;
+            self.ensure_uplink(&mut st, &have, &p.bridge, &p.uplink, p.mtu)
+                .await?;
             self.ensure_tap(&mut st, &have, p).await?;
         }
         Ok(())

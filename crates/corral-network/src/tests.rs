@@ -187,6 +187,9 @@ fn an_arriving_vm_gets_its_port_and_a_host_without_vms_carries_nothing() {
     );
     assert_eq!(h3.ports[0].ip.to_string(), "10.10.0.4");
     w.migrations.clear();
+    w.vms[0].spec.power = corral_api::PowerState::Stopped;
+    assert!(w.plan("h1").is_empty(), "a stopped VM needs no port");
+    w.vms[0].spec.power = corral_api::PowerState::Running;
     let h3 = w.plan("h3");
     assert!(h3.is_empty(), "no VM here: {h3:?}");
     assert!(h3.ruleset.is_empty());

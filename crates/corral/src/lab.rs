@@ -561,7 +561,10 @@ fn down(r: &LabRef) -> Result<()> {
     }
     // Guests and DHCP servers of the lab's hosts: their command lines name the lab directory.
     let needle = format!("{}/", root.display());
-    for pid in qemu_pids(&needle).into_iter().chain(pids_of("dnsmasq", &needle)) {
+    for pid in qemu_pids(&needle)
+        .into_iter()
+        .chain(pids_of("dnsmasq", &needle))
+    {
         kill(pid);
     }
     for h in &state.hosts {

@@ -405,3 +405,206 @@ fn datastores_hold_vm_disks_and_refuse_bad_paths_and_deletion_in_use() {
         .expect("list")
         .is_empty());
 }
+
+/// Networks, addresses and security groups through the CLI (no guest runs, so no host networking
+/// is made): addresses are handed out lowest first and never twice, bad input is refused with a
+/// sentence and changes nothing, what is in use cannot be deleted, projects do not see each other.
+#[test]
+fn networks_hand_out_addresses_once_and_refuse_bad_input() {
+    let lab = Lab::start();
+    lab.build_jeos();
+    let net = lab.json(&["network", "create", "net-a", "--cidr", "10.10.0.0/24"]);
+    assert_eq!(net["spec"]["segment"]["kind"], "vxlan");
+    lab.cli(&[
+        "security-group",
+        "create",
+        "web",
+        "--rule",
+        "in tcp 8080 from 0.0.0.0/0",
+    ]);
+    let create = |name: &str, nic: &str| -> Vec<String> {
+        let mut args = vec!["vm", "create", name, "--image", "jeos", "--memory", "128M"];
+        args.extend(["--nic", nic]);
+        args.iter().map(|s| s.to_string()).collect()
+    };
+    let run = |args: Vec<String>| lab.json(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let x = run(create("x", "net-a"));
+    let nic = &x["spec"]["nics"][0];
+    assert_eq!(nic["ip"], "10.10.0.2", "the lowest free address: {x}");
+    assert!(nic["mac"]
+        .as_str()
+        .is_some_and(|m| m.starts_with("52:54:00:")));
+    assert_eq!(x["spec"]["security_groups"][0], "default");
+    let mut in_web = create("y", "net-a,ip=10.10.0.9,mac=52:54:00:aa:bb:cc");
+    in_web.extend(["--security-group".into(), "web".into()]);
+    let y = run(in_web);
+    assert_eq!(y["spec"]["security_groups"][0], "web");
+    assert_eq!(y["spec"]["nics"][0]["ip"], "10.10.0.9");
+    assert_eq!(y["spec"]["nics"][0]["mac"], "52:54:00:aa:bb:cc");
+    let z = run(create("z", "net-a"));
+    assert_eq!(z["spec"]["nics"][0]["ip"], "10.10.0.3");
+    let vms_before = vm_count(&lab);
+    let fails = |args: Vec<String>, want: &str| {
+        let err = lab.fails(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(err.contains(want), "{args:?}: {err}");
+    };
+    fails(create("w", "net-a,ip=10.10.0.2"), "taken by VM x");
+    fails(create("w", "net-a,ip=10.10.0.1"), "reserved");
+    fails(
+        create("w", "net-a,ip=10.20.0.5"),
+        "not in network 10.10.0.0/24",
+    );
+    fails(
+        create("w", "net-a,mac=52:54:00:aa:bb:cc"),
+        "already used on network net-a",
+    );
+    fails(
+        create("w", "net-a,mac=01:00:5e:00:00:01"),
+        "not a unicast MAC",
+    );
+    fails(create("w", "net-zz"), "network net-zz does not exist");
+    fails(create("w", "net-a,speed=10G"), "not understood");
+    let mut bad_group = create("w", "net-a");
+    bad_group.extend(["--security-group".into(), "nope".into()]);
+    fails(bad_group, "security group nope does not exist");
+    assert_eq!(vm_count(&lab), vms_before, "refused creates made nothing");
+    for (args, want) in [
+        (
+            &["network", "create", "n2", "--cidr", "10.1.0.1/24"][..],
+            "host bits set",
+        ),
+        (
+            &["network", "create", "n2", "--cidr", "10.1.0.0/31"],
+            "CIDR notation",
+        ),
+        (
+            &[
+                "network",
+                "create",
+                "n2",
+                "--cidr",
+                "10.1.0.0/24",
+                "--vlan",
+                "5000",
+            ],
+            "1 to 4094",
+        ),
+        (
+            &["network", "create", "net-a", "--cidr", "10.1.0.0/24"],
+            "already exists",
+        ),
+        (&["network", "delete", "net-a"], "in use by VMs x, y, z"),
+        (&["security-group", "delete", "web"], "applies to VMs y"),
+        (&["security-group", "delete", "default"], "built in"),
+        (
+            &[
+                "security-group",
+                "create",
+                "w2",
+                "--rule",
+                "in tcp 99999 from 0.0.0.0/0",
+            ],
+            "numbers",
+        ),
+        (
+            &[
+                "security-group",
+                "create",
+                "w2",
+                "--rule",
+                "in tcp 22 from group:ghost",
+            ],
+            "ghost, which does not exist",
+        ),
+        (
+            &["security-group", "remove-rule", "web", "9"],
+            "has rules 1 to 3",
+        ),
+    ] {
+        let err = lab.fails(args);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    lab.cli(&[
+        "network",
+        "create",
+        "vl",
+        "--cidr",
+        "10.30.0.0/24",
+        "--vlan",
+        "42",
+    ]);
+    let err = lab.fails(&[
+        "network",
+        "create",
+        "vl2",
+        "--cidr",
+        "10.31.0.0/24",
+        "--vlan",
+        "42",
+    ]);
+    assert!(err.contains("VLAN 42 already carries"), "{err}");
+    // Rules change; what `show` numbers is what `remove-rule` takes.
+    lab.cli(&[
+        "security-group",
+        "add-rule",
+        "web",
+        "in icmp from group:default",
+    ]);
+    let web = lab.json(&["security-group", "show", "web"]);
+    assert_eq!(web["rules"].as_array().map(Vec::len), Some(4), "{web}");
+    lab.cli(&["security-group", "remove-rule", "web", "3"]);
+    let web = lab.json(&["security-group", "show", "web"]);
+    assert_eq!(web["rules"][2]["protocol"], "icmp", "{web}");
+    // The network lists its NICs; a deleted VM's address is free again.
+    let shown = lab.json(&["network", "show", "net-a"]);
+    assert_eq!(
+        shown["attached"].as_array().map(Vec::len),
+        Some(3),
+        "{shown}"
+    );
+    lab.delete_vm("x", &[]);
+    let again = run(create("again", "net-a"));
+    assert_eq!(
+        again["spec"]["nics"][0]["ip"], "10.10.0.2",
+        "x's address went back to the pool"
+    );
+    // Another project sees none of this, and cannot use it.
+    lab.cli(&["project", "create", "other"]);
+    let other = lab.json(&["network", "list", "--project", "other"]);
+    assert_eq!(other.as_array().map(Vec::len), Some(0), "{other}");
+    lab.cli(&["image", "build-jeos", "--project", "other"]);
+    let err = lab.fails(&[
+        "vm",
+        "create",
+        "o1",
+        "--image",
+        "jeos",
+        "--memory",
+        "128M",
+        "--nic",
+        "net-a",
+        "--project",
+        "other",
+    ]);
+    assert!(
+        err.contains("network net-a does not exist in project other"),
+        "{err}"
+    );
+    lab.cli(&[
+        "network",
+        "create",
+        "net-a",
+        "--cidr",
+        "10.10.0.0/24",
+        "--project",
+        "other",
+    ]);
+    let err = lab.fails(&["project", "create", "other"]);
+    assert!(err.contains("already exists"), "{err}");
+    for v in ["y", "z", "again"] {
+        lab.delete_vm(v, &[]);
+    }
+    lab.cli(&["network", "delete", "net-a"]);
+    let err = lab.fails(&["network", "show", "net-a"]);
+    assert!(err.contains("does not exist"), "{err}");
+}
