@@ -167,9 +167,9 @@ pub async fn create(
                 "datastore {} changed while the VM was being created (being deleted?): try again",
                 vm.spec.datastore
             ))),
-            Err(StoreError::Conflict { key }) if key.starts_with(keys::NETWORKS) => Err(ApiError::Conflict(format!(
-                "a network of the VM changed while it was being created (being deleted?): try again"
-            ))),
+            Err(StoreError::Conflict { key }) if key.starts_with(keys::NETWORKS) => Err(ApiError::Conflict(
+                "a network of the VM changed while it was being created (being deleted?): try again".into()
+            )),
             Err(StoreError::Conflict { key }) if key.starts_with(keys::IPS) => Err(ApiError::Conflict(format!(
                 "address {} was taken by another VM at the same moment: try again",
                 key.rsplit('/').next().unwrap_or_default()

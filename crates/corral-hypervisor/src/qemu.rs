@@ -127,8 +127,6 @@ fn live_pid(run_dir: &Path) -> Option<u32> {
     ours.then_some(pid)
 }
 
-/// Sends a signal to a process.
-
 async fn wait_gone(pid: u32, timeout: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + timeout;
     while tokio::time::Instant::now() < deadline {

@@ -280,7 +280,7 @@ pub fn plan(c: &Cluster) -> HostPlan {
                 }
             }
         }
-        dhcp.sort_by(|a, b| a.ip.cmp(&b.ip));
+        dhcp.sort_by_key(|h| h.ip);
         networks.push(NetPlan {
             name: format!("{}/{}", net.meta.project, net.meta.name),
             bridge: bridge_name(&net.spec.segment),

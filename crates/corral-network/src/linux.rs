@@ -269,9 +269,9 @@ impl LinuxNet {
                         .await
                         .map_err(|e| match e {
                             NetError::Command { message, .. } if message.contains("Unknown device type") => {
-                                NetError::Unsupported(format!(
-                                    "this host's kernel cannot make VLAN interfaces (no 802.1Q support): load it with `modprobe 8021q`, or use an overlay network (leave out --vlan)"
-                                ))
+                                NetError::Unsupported(
+                                    "this host's kernel cannot make VLAN interfaces (no 802.1Q support): load it with `modprobe 8021q`, or use an overlay network (leave out --vlan)".into()
+                                )
                             }
                             e => e,
                         })?;
