@@ -112,6 +112,8 @@ pub async fn create(
     };
     let meta = ObjectMeta::new(&project, &req.name);
     crate::networks::check_groups(&ctx, &project, &spec.security_groups).await?;
+    // Creates are placed one at a time, which also hands out addresses one at a time.
+    let _one_at_a_time = ctx.placement.lock().await;
     let (nics, nic_ops) =
         crate::networks::attach(&ctx, &project, &req.name, meta.uid, &req.nics).await?;
     spec.nics = nics;
@@ -125,7 +127,6 @@ pub async fn create(
         generation: vm.meta.generation,
         start: req.start,
     };
-    let _one_at_a_time = ctx.placement.lock().await;
     loop {
         let view = placement::view(&ctx).await?;
         if let Some(pin) = &vm.spec.host {

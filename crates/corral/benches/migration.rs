@@ -214,17 +214,7 @@ async fn plain_runs(
 
 fn main() {
     let lab = TestLab::up(2);
-    lab.ok(&["image", "build-jeos"]);
-    let shared = lab.dir.path().join("shared");
-    std::fs::create_dir_all(&shared).expect("shared");
-    lab.ok(&[
-        "datastore",
-        "create",
-        "nfs",
-        "--path",
-        shared.to_str().expect("path"),
-        "--shared",
-    ]);
+    lab.jeos_and_shared_datastore();
     let link = fabric_bandwidth(&lab, &lab.address("host-2"));
     println!(
         "fabric TCP throughput between the namespaces: {:.0} MiB/s",

@@ -111,17 +111,7 @@ fn runs_once_on(lab: &TestLab, name: &str, host: &str) {
 #[test]
 fn running_guests_move_between_hosts_and_failed_moves_leave_them_on_their_source() {
     let lab = TestLab::up(3);
-    lab.ok(&["image", "build-jeos"]);
-    let shared = lab.dir.path().join("shared");
-    std::fs::create_dir_all(&shared).expect("shared dir");
-    lab.ok(&[
-        "datastore",
-        "create",
-        "nfs",
-        "--path",
-        shared.to_str().expect("path"),
-        "--shared",
-    ]);
+    lab.jeos_and_shared_datastore();
     // Pack: all guests start on one host.
     lab.ok(&["cluster", "set", "--placement", "pack"]);
     lab.ok(&[
@@ -300,7 +290,7 @@ fn running_guests_move_between_hosts_and_failed_moves_leave_them_on_their_source
     let after = vm(&lab, "third");
     let moved = after["status"]["disk"]["path"].as_str().expect("disk");
     assert!(
-        moved.starts_with(shared.to_str().expect("path")),
+        moved.starts_with(lab.dir.path().join("shared").to_str().expect("path")),
         "the disk is on the shared datastore: {moved}"
     );
     assert_eq!(after["status"]["disk"]["datastore"], "nfs");

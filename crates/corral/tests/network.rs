@@ -84,11 +84,7 @@ fn create(lab: &TestLab, name: &str, host: &str, extra: &[&str]) {
 #[test]
 fn guests_reach_their_network_across_hosts_and_nothing_else() {
     let lab = TestLab::up(3);
-    lab.ok(&["image", "build-jeos"]);
-    let shared = lab.dir.path().join("shared");
-    std::fs::create_dir_all(&shared).expect("shared dir");
-    let shared = shared.to_str().expect("path");
-    lab.ok(&["datastore", "create", "nfs", "--path", shared, "--shared"]);
+    lab.jeos_and_shared_datastore();
     lab.ok(&[
         "network",
         "create",

@@ -94,6 +94,15 @@ impl TestLab {
             .to_string()
     }
 
+    /// Builds JeOS and creates the datastore `nfs`: a directory of the lab every host sees.
+    pub fn jeos_and_shared_datastore(&self) {
+        self.ok(&["image", "build-jeos"]);
+        let shared = self.dir.path().join("shared");
+        std::fs::create_dir_all(&shared).expect("shared dir");
+        let shared = shared.to_str().expect("path");
+        self.ok(&["datastore", "create", "nfs", "--path", shared, "--shared"]);
+    }
+
     pub fn netns(&self, host: &str) -> String {
         format!("corral-{}-{host}", self.name)
     }
