@@ -215,6 +215,7 @@ async fn plain_runs(
 fn main() {
     let lab = TestLab::up(2);
     lab.jeos_and_shared_datastore();
+    let shared = lab.dir.path().join("shared");
     let link = fabric_bandwidth(&lab, &lab.address("host-2"));
     println!(
         "fabric TCP throughput between the namespaces: {:.0} MiB/s",
