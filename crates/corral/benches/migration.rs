@@ -16,7 +16,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::netlab::{in_netns, TestLab};
+use common::netlab::{tcp_throughput, TestLab};
 use corral_hypervisor::qmp::Qmp;
 use serde_json::{json, Value};
 
@@ -43,41 +43,6 @@ fn type_line(sock: &Path, line: &str) {
         s.write_all(chunk).expect("type");
         std::thread::sleep(Duration::from_millis(40));
     }
-}
-
-/// TCP throughput from host-1's namespace to host-2's, bytes per second (1 GiB, one stream).
-fn fabric_bandwidth(lab: &TestLab, to: &str) -> f64 {
-    use std::io::Read;
-    let to = to.to_string();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let server = in_netns(&lab.netns("host-2"), move || {
-        let listener = std::net::TcpListener::bind((to.as_str(), 0)).expect("listen");
-        tx.send(listener.local_addr().expect("addr")).expect("send");
-        let (mut conn, _) = listener.accept().expect("accept");
-        let mut buf = vec![0u8; 1 << 20];
-        let mut total = 0u64;
-        loop {
-            match conn.read(&mut buf) {
-                Ok(0) | Err(_) => return total,
-                Ok(n) => total += n as u64,
-            }
-        }
-    });
-    let addr = rx.recv().expect("address");
-    let bytes = 1u64 << 30;
-    let t = Instant::now();
-    in_netns(&lab.netns("host-1"), move || {
-        let mut conn = std::net::TcpStream::connect(addr).expect("connect");
-        let buf = vec![0u8; 1 << 20];
-        for _ in 0..(bytes >> 20) {
-            conn.write_all(&buf).expect("write");
-        }
-    })
-    .join()
-    .expect("client");
-    let received = server.join().expect("server");
-    assert_eq!(received, bytes);
-    bytes as f64 / t.elapsed().as_secs_f64()
 }
 
 /// One migration: wall seconds, QEMU's downtime (ms), bytes sent, and the guest's whole pause (ms):
@@ -216,7 +181,11 @@ fn main() {
     let lab = TestLab::up(2);
     lab.jeos_and_shared_datastore();
     let shared = lab.dir.path().join("shared");
-    let link = fabric_bandwidth(&lab, &lab.address("host-2"));
+    let link = tcp_throughput(
+        &lab.netns("host-1"),
+        &lab.netns("host-2"),
+        &lab.address("host-2"),
+    );
     println!(
         "fabric TCP throughput between the namespaces: {:.0} MiB/s",
         link / (1u64 << 20) as f64

@@ -185,3 +185,39 @@ pub fn in_netns<T: Send + 'static>(
         f()
     })
 }
+
+/// TCP throughput in bytes per second from namespace `from_ns` to `to` (an address in `to_ns`):
+/// 1 GiB in one stream.
+pub fn tcp_throughput(from_ns: &str, to_ns: &str, to: &str) -> f64 {
+    use std::io::Read;
+    let to = to.to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let server = in_netns(to_ns, move || {
+        let listener = std::net::TcpListener::bind((to.as_str(), 0)).expect("listen");
+        tx.send(listener.local_addr().expect("addr")).expect("send");
+        let (mut conn, _) = listener.accept().expect("accept");
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        loop {
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => return total,
+                Ok(n) => total += n as u64,
+            }
+        }
+    });
+    let addr = rx.recv().expect("address");
+    let bytes = 1u64 << 30;
+    let t = Instant::now();
+    in_netns(from_ns, move || {
+        let mut conn = std::net::TcpStream::connect(addr).expect("connect");
+        let buf = vec![0u8; 1 << 20];
+        for _ in 0..(bytes >> 20) {
+            conn.write_all(&buf).expect("write");
+        }
+    })
+    .join()
+    .expect("client");
+    let received = server.join().expect("server");
+    assert_eq!(received, bytes);
+    bytes as f64 / t.elapsed().as_secs_f64()
+}
