@@ -123,6 +123,16 @@ pub struct ClusterSettings {
     /// What a host cut off from the controller and from all its peers does with its protected VMs.
     #[serde(default)]
     pub ha_isolation_response: crate::IsolationResponse,
+    /// DRS: balance measured load across hosts by live migration (off, manual or auto).
+    #[serde(default)]
+    pub drs_mode: crate::DrsMode,
+    /// 1 (move only for gross imbalance) to 5 (even out small differences).
+    #[serde(default = "default_aggressiveness")]
+    pub drs_aggressiveness: u8,
+}
+
+fn default_aggressiveness() -> u8 {
+    3
 }
 
 fn yes() -> bool {
@@ -144,6 +154,8 @@ impl Default for ClusterSettings {
             migration_auto_converge: true,
             ha_host_failures_to_tolerate: 0,
             ha_isolation_response: Default::default(),
+            drs_mode: Default::default(),
+            drs_aggressiveness: default_aggressiveness(),
         }
     }
 }
@@ -164,6 +176,12 @@ impl ClusterSettings {
             return Err(crate::ValidationError::new(
                 "migration_bandwidth_bytes below 1 MiB/s would never finish a migration: give at least 1M, or none for no cap",
             ));
+        }
+        if !(1..=5).contains(&self.drs_aggressiveness) {
+            return Err(crate::ValidationError::new(format!(
+                "drs_aggressiveness {} is out of range: use 1 (move only for gross imbalance) to 5 (even out small differences)",
+                self.drs_aggressiveness
+            )));
         }
         if !(1..=60_000).contains(&self.migration_downtime_limit_ms) {
             return Err(crate::ValidationError::new(format!(

@@ -6,6 +6,7 @@
 //! types, so the document and the wire format cannot disagree.
 
 mod datastore;
+mod drs;
 mod error;
 mod group;
 mod ha;
@@ -19,6 +20,10 @@ mod task;
 mod vm;
 
 pub use datastore::{CreateDatastoreRequest, Datastore, LOCAL_DATASTORE};
+pub use drs::{
+    drs_threshold, ApplyDrsRequest, ApplyDrsResponse, DrsMode, DrsMove, DrsPlan, HostLoad, VmUsage,
+    DRS_HOLD_SECS, DRS_PERIOD_SECS,
+};
 pub use error::{ApiErrorBody, ValidationError};
 pub use group::{CreateGroupRequest, GroupRule, GroupStrength, VmGroup};
 pub use ha::{timing, ClusterEvent, HaPolicy, HaPriority, HaProtection, IsolationResponse};

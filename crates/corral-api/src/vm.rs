@@ -153,6 +153,9 @@ pub struct VmStatus {
     /// What happened to the VM (migrations so far), newest last.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<crate::VmEvent>,
+    /// What the VM uses, measured by its host while it runs (DRS balances on this).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<crate::VmUsage>,
 }
 
 impl Default for VmStatus {
@@ -168,6 +171,7 @@ impl Default for VmStatus {
             run_dir: None,
             conditions: Vec::new(),
             events: Vec::new(),
+            usage: None,
         }
     }
 }

@@ -7,6 +7,8 @@
 //! gets a reason a user can act on. Scores order the remaining hosts by the cluster's policy
 //! (`spread` or `pack`) and by soft rules; ties go to the host name, for determinism.
 
+pub mod drs;
+
 use std::collections::HashSet;
 
 use corral_api::format_bytes;

@@ -1,0 +1,275 @@
+//! DRS planning: which running VMs to move so host loads even out. Pure and deterministic, like
+//! placement.
+//!
+//! A host's load is its VMs' measured demand over its capacity, per resource (CPU cores used,
+//! memory touched), the larger of the two. The cluster's imbalance is the standard deviation of the
+//! loads of the hosts that take VMs. While the imbalance is above the threshold the aggressiveness
+//! allows, the planner picks the single move with the best ratio of imbalance removed to memory
+//! copied, applies it to its picture of the cluster, and goes on. A move must remove at least
+//! [`MIN_GAIN`] of imbalance (hysteresis: small differences are not worth a migration), may not
+//! break a host's capacity (allocations, with overcommit, as placement counts them) or a hard
+//! affinity rule, and at most [`MOVES_PER_HOST`] moves touch one host per plan (migration
+//! concurrency). VMs that are pinned, not running, migrating or moved within the hold time are not
+//! candidates: the caller leaves them out of `movable`.
+
+use std::collections::HashMap;
+
+use corral_api::{format_bytes, DrsMove, HostLoad};
+
+use crate::{free, Group, HostState, HostView, Policy, Rule, Strength};
+
+/// The least imbalance a move must remove.
+pub const MIN_GAIN: f64 = 0.01;
+/// Moves per plan that may start or end on one host.
+pub const MOVES_PER_HOST: usize = 2;
+/// Moves per plan.
+pub const MAX_MOVES: usize = 8;
+/// How much a GiB to copy weighs against imbalance removed (a move of 1 GiB must remove twice
+/// the imbalance of a move of nothing to rank the same).
+const COPY_WEIGHT_PER_GIB: f64 = 1.0;
+
+/// A running VM as DRS sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DrsVm {
+    /// "project/name", as in `HostView::vms` and group members.
+    pub name: String,
+    pub host: String,
+    /// Allocation (what placement reserves).
+    pub cpus: u32,
+    pub memory_bytes: u64,
+    /// Measured demand: cores busy and memory touched (the allocation when not measured yet).
+    pub cpu_demand: f64,
+    pub memory_demand: u64,
+    /// May be moved now.
+    pub movable: bool,
+}
+
+/// What the planner returns (the controller adds an id and a time).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub moves: Vec<DrsMove>,
+    pub before: Vec<HostLoad>,
+    pub after: Vec<HostLoad>,
+    pub imbalance_before: f64,
+    pub imbalance_after: f64,
+    pub threshold: f64,
+    pub note: String,
+}
+
+/// The cluster as the planner changes it move by move.
+struct State<'a> {
+    policy: &'a Policy,
+    hosts: Vec<HostView>,
+    /// Demand per host: (cores, bytes).
+    demand: Vec<(f64, u64)>,
+    /// Index of each VM's host.
+    at: HashMap<&'a str, usize>,
+}
+
+impl State<'_> {
+    fn load(&self, i: usize) -> HostLoad {
+        let h = &self.hosts[i];
+        let (c, m) = self.demand[i];
+        let cpu = c / f64::from(h.cpus.max(1));
+        let memory = m as f64 / h.memory_bytes.max(1) as f64;
+        HostLoad {
+            host: h.name.clone(),
+            cpu,
+            memory,
+            load: cpu.max(memory),
+        }
+    }
+
+    fn active(&self, i: usize) -> bool {
+        self.hosts[i].state == HostState::Connected
+    }
+
+    /// Standard deviation of the loads of the active hosts, with the `changes` (host, load) in
+    /// place of what those hosts have (to score a move without making it).
+    fn imbalance_with(&self, changes: &[(usize, f64)]) -> f64 {
+        let loads: Vec<f64> = (0..self.hosts.len())
+            .filter(|i| self.active(*i))
+            .map(|i| {
+                changes
+                    .iter()
+                    .find(|(c, _)| *c == i)
+                    .map_or_else(|| self.load(i).load, |(_, l)| *l)
+            })
+            .collect();
+        std_dev(&loads)
+    }
+
+    fn load_with(&self, i: usize, cores: f64, bytes: i128) -> f64 {
+        let h = &self.hosts[i];
+        let (c, m) = self.demand[i];
+        let cpu = (c + cores).max(0.0) / f64::from(h.cpus.max(1));
+        let mem = (m as i128 + bytes).max(0) as f64 / h.memory_bytes.max(1) as f64;
+        cpu.max(mem)
+    }
+
+    /// Whether `vm` may go to host `t`: room for its allocation, and no hard rule broken.
+    fn fits(&self, vm: &DrsVm, t: usize, groups: &[Group]) -> bool {
+        let h = &self.hosts[t];
+        let (cpus, mem) = free(self.policy, h);
+        if u64::from(vm.cpus) > cpus || vm.memory_bytes > mem {
+            return false;
+        }
+        groups
+            .iter()
+            .filter(|g| g.strength == Strength::Must && g.members.contains(&vm.name))
+            .all(|g| {
+                let others = g.members.iter().filter(|m| **m != vm.name);
+                let mut hosts_of_others = others.filter_map(|m| self.at.get(m.as_str()).copied());
+                match g.rule {
+                    Rule::AntiAffinity => hosts_of_others.all(|i| i != t),
+                    Rule::Affinity => hosts_of_others.all(|i| i == t),
+                }
+            })
+    }
+}
+
+fn std_dev(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt()
+}
+
+fn pct(x: f64) -> String {
+    format!("{:.0}%", x * 100.0)
+}
+
+/// Plans moves for `vms` across `hosts` (whose allocations include those VMs).
+pub fn plan(
+    policy: &Policy,
+    hosts: &[HostView],
+    groups: &[Group],
+    vms: &[DrsVm],
+    threshold: f64,
+) -> Plan {
+    let index: HashMap<&str, usize> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| (h.name.as_str(), i))
+        .collect();
+    let mut demand = vec![(0.0, 0u64); hosts.len()];
+    let mut at = HashMap::new();
+    for vm in vms {
+        if let Some(&i) = index.get(vm.host.as_str()) {
+            demand[i].0 += vm.cpu_demand;
+            demand[i].1 += vm.memory_demand;
+            at.insert(vm.name.as_str(), i);
+        }
+    }
+    let mut s = State {
+        policy,
+        hosts: hosts.to_vec(),
+        demand,
+        at,
+    };
+    let loads = |s: &State| (0..s.hosts.len()).map(|i| s.load(i)).collect::<Vec<_>>();
+    let before = loads(&s);
+    let imbalance_before = s.imbalance_with(&[]);
+    let mut imbalance = imbalance_before;
+    let mut moves: Vec<DrsMove> = Vec::new();
+    let mut touched = vec![0usize; hosts.len()];
+    let mut moved: Vec<&str> = Vec::new();
+    let mut note = String::new();
+    if s.hosts.iter().filter(|h| h.state == HostState::Connected).count() < 2 {
+        note = "fewer than two hosts take VMs: nothing to balance".into();
+    } else if imbalance <= threshold {
+        note = format!(
+            "imbalance {imbalance:.3} is within the threshold {threshold:.3}: nothing worth moving"
+        );
+    }
+    while note.is_empty() && moves.len() < MAX_MOVES && imbalance > threshold {
+        // (score, gain, vm, target, new imbalance)
+        let mut best: Option<(f64, f64, &DrsVm, usize, f64)> = None;
+        for vm in vms.iter().filter(|v| v.movable && !moved.contains(&v.name.as_str())) {
+            let Some(&src) = s.at.get(vm.name.as_str()) else {
+                continue;
+            };
+            if !s.active(src) || touched[src] >= MOVES_PER_HOST {
+                continue;
+            }
+            let src_load = s.load_with(src, -vm.cpu_demand, -(vm.memory_demand as i128));
+            for t in (0..s.hosts.len()).filter(|t| *t != src && s.active(*t)) {
+                if touched[t] >= MOVES_PER_HOST || !s.fits(vm, t, groups) {
+                    continue;
+                }
+                let t_load = s.load_with(t, vm.cpu_demand, vm.memory_demand as i128);
+                let after = s.imbalance_with(&[(src, src_load), (t, t_load)]);
+                let gain = imbalance - after;
+                if gain < MIN_GAIN {
+                    continue;
+                }
+                let gib = vm.memory_demand as f64 / (1u64 << 30) as f64;
+                let score = gain / (1.0 + gib * COPY_WEIGHT_PER_GIB);
+                let better = best.as_ref().is_none_or(|(bs, _, bvm, bt, _)| {
+                    score > *bs
+                        || (score == *bs
+                            && (vm.name.as_str(), &s.hosts[t].name)
+                                < (bvm.name.as_str(), &s.hosts[*bt].name))
+                });
+                if better {
+                    best = Some((score, gain, vm, t, after));
+                }
+            }
+        }
+        let Some((_, gain, vm, t, after)) = best else {
+            note = format!(
+                "no move removes {MIN_GAIN} or more of the imbalance within capacity, rules and the limit of {MOVES_PER_HOST} moves per host"
+            );
+            break;
+        };
+        let src = s.at[vm.name.as_str()];
+        let (src_before, t_before) = (s.load(src).load, s.load(t).load);
+        s.demand[src].0 -= vm.cpu_demand;
+        s.demand[src].1 -= vm.memory_demand;
+        s.demand[t].0 += vm.cpu_demand;
+        s.demand[t].1 += vm.memory_demand;
+        s.hosts[src].allocated_cpus = s.hosts[src].allocated_cpus.saturating_sub(vm.cpus);
+        s.hosts[src].allocated_memory = s.hosts[src].allocated_memory.saturating_sub(vm.memory_bytes);
+        s.hosts[t].allocated_cpus += vm.cpus;
+        s.hosts[t].allocated_memory += vm.memory_bytes;
+        s.at.insert(vm.name.as_str(), t);
+        touched[src] += 1;
+        touched[t] += 1;
+        moved.push(vm.name.as_str());
+        let (from, to) = (s.hosts[src].name.clone(), s.hosts[t].name.clone());
+        moves.push(DrsMove {
+            vm: vm.name.clone(),
+            from: from.clone(),
+            to: to.clone(),
+            gain,
+            copy_bytes: vm.memory_demand,
+            reason: format!(
+                "{from} {} -> {}, {to} {} -> {}: imbalance {imbalance:.3} -> {after:.3} for {} to copy",
+                pct(src_before),
+                pct(s.load(src).load),
+                pct(t_before),
+                pct(s.load(t).load),
+                format_bytes(vm.memory_demand)
+            ),
+        });
+        imbalance = after;
+    }
+    if note.is_empty() && moves.len() == MAX_MOVES && imbalance > threshold {
+        note = format!("stopped at {MAX_MOVES} moves: plan again once they are done");
+    }
+    Plan {
+        moves,
+        after: loads(&s),
+        before,
+        imbalance_before,
+        imbalance_after: imbalance,
+        threshold,
+        note,
+    }
+}
+
+#[cfg(test)]
+#[path = "drs_tests.rs"]
+mod tests;
