@@ -16,6 +16,7 @@ mod network;
 mod reconcile;
 pub mod remote;
 mod storage;
+mod usage;
 
 pub use migrate::RESUMING;
 pub use reconcile::{Agent, AgentConfig};

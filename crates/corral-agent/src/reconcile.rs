@@ -625,6 +625,7 @@ impl Agent {
                 }
             }
         }
+        tokio::spawn(crate::usage::run(self.store.clone(), self.cfg.host.clone()));
         tokio::spawn(crate::network::run(
             self.store.clone(),
             self.cfg.network.clone(),

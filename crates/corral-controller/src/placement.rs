@@ -81,7 +81,7 @@ pub async fn view(ctx: &Ctx) -> Result<ClusterView, ApiError> {
     })
 }
 
-fn qualified(project: &str, name: &str) -> String {
+pub fn qualified(project: &str, name: &str) -> String {
     format!("{project}/{name}")
 }
 
@@ -153,46 +153,41 @@ impl ClusterView {
             .map_or(0, |(_, r)| *r)
     }
 
-    /// The scheduler's decision for `vm`, with `leaving` (the host it runs on, when it moves) out of
-    /// the candidates and the VM's own share taken off it.
-    fn decide_with(&self, vm: &Vm, leaving: Option<&str>, pin: Option<String>) -> sched::Decision {
-        let policy = sched::Policy {
+    /// The cluster's placement settings as the scheduler takes them.
+    pub fn policy(&self) -> sched::Policy {
+        sched::Policy {
             placement: match self.settings.placement {
                 PlacementPolicy::Spread => sched::Placement::Spread,
                 PlacementPolicy::Pack => sched::Placement::Pack,
             },
             cpu_overcommit: self.settings.cpu_overcommit,
             memory_overcommit: self.settings.memory_overcommit,
-        };
-        let me = qualified(&vm.meta.project, &vm.meta.name);
-        let hosts: Vec<sched::HostView> = self
-            .host_infos()
+        }
+    }
+
+    /// Every host as the scheduler sees it (VMs named "project/name").
+    pub fn sched_hosts(&self) -> Vec<sched::HostView> {
+        self.host_infos()
             .into_iter()
-            .map(|i| {
-                let mut h = sched::HostView {
-                    name: i.host.name.clone(),
-                    state: match i.state {
-                        HostState::Connected => sched::HostState::Connected,
-                        HostState::NotResponding => sched::HostState::NotResponding,
-                        HostState::Maintenance => sched::HostState::Maintenance,
-                    },
-                    cpus: i.host.status.cpus,
-                    memory_bytes: i.host.status.memory_bytes,
-                    allocated_cpus: i.allocated_cpus,
-                    allocated_memory: i.allocated_memory_bytes,
-                    vms: i.vms,
-                };
-                if leaving == Some(h.name.as_str()) {
-                    h.state = sched::HostState::Maintenance;
-                    h.vms.retain(|v| *v != me);
-                    h.allocated_cpus = h.allocated_cpus.saturating_sub(vm.spec.cpus);
-                    h.allocated_memory = h.allocated_memory.saturating_sub(vm.spec.memory_bytes);
-                }
-                h
+            .map(|i| sched::HostView {
+                name: i.host.name.clone(),
+                state: match i.state {
+                    HostState::Connected => sched::HostState::Connected,
+                    HostState::NotResponding => sched::HostState::NotResponding,
+                    HostState::Maintenance => sched::HostState::Maintenance,
+                },
+                cpus: i.host.status.cpus,
+                memory_bytes: i.host.status.memory_bytes,
+                allocated_cpus: i.allocated_cpus,
+                allocated_memory: i.allocated_memory_bytes,
+                vms: i.vms,
             })
-            .collect();
-        let groups: Vec<sched::Group> = self
-            .groups
+            .collect()
+    }
+
+    /// Every VM group as the scheduler sees it.
+    pub fn sched_groups(&self) -> Vec<sched::Group> {
+        self.groups
             .iter()
             .map(|g| sched::Group {
                 name: g.meta.name.clone(),
@@ -210,14 +205,27 @@ impl ClusterView {
                     .map(|m| qualified(&g.meta.project, m))
                     .collect(),
             })
-            .collect();
+            .collect()
+    }
+
+    /// The scheduler's decision for `vm`, with `leaving` (the host it runs on, when it moves) out of
+    /// the candidates and the VM's own share taken off it.
+    fn decide_with(&self, vm: &Vm, leaving: Option<&str>, pin: Option<String>) -> sched::Decision {
+        let me = qualified(&vm.meta.project, &vm.meta.name);
+        let mut hosts = self.sched_hosts();
+        if let Some(h) = hosts.iter_mut().find(|h| leaving == Some(h.name.as_str())) {
+            h.state = sched::HostState::Maintenance;
+            h.vms.retain(|v| *v != me);
+            h.allocated_cpus = h.allocated_cpus.saturating_sub(vm.spec.cpus);
+            h.allocated_memory = h.allocated_memory.saturating_sub(vm.spec.memory_bytes);
+        }
         let req = sched::Request {
             vm: me,
             cpus: vm.spec.cpus,
             memory_bytes: vm.spec.memory_bytes,
             host: pin,
         };
-        sched::place(&policy, &hosts, &groups, &req)
+        sched::place(&self.policy(), &hosts, &self.sched_groups(), &req)
     }
 
     /// Records the decision in `vm` and returns the guard for the write: the chosen host's key must

@@ -177,7 +177,12 @@ pub fn plan(
     let mut touched = vec![0usize; hosts.len()];
     let mut moved: Vec<&str> = Vec::new();
     let mut note = String::new();
-    if s.hosts.iter().filter(|h| h.state == HostState::Connected).count() < 2 {
+    if s.hosts
+        .iter()
+        .filter(|h| h.state == HostState::Connected)
+        .count()
+        < 2
+    {
         note = "fewer than two hosts take VMs: nothing to balance".into();
     } else if imbalance <= threshold {
         note = format!(
@@ -187,7 +192,10 @@ pub fn plan(
     while note.is_empty() && moves.len() < MAX_MOVES && imbalance > threshold {
         // (score, gain, vm, target, new imbalance)
         let mut best: Option<(f64, f64, &DrsVm, usize, f64)> = None;
-        for vm in vms.iter().filter(|v| v.movable && !moved.contains(&v.name.as_str())) {
+        for vm in vms
+            .iter()
+            .filter(|v| v.movable && !moved.contains(&v.name.as_str()))
+        {
             let Some(&src) = s.at.get(vm.name.as_str()) else {
                 continue;
             };
@@ -231,7 +239,9 @@ pub fn plan(
         s.demand[t].0 += vm.cpu_demand;
         s.demand[t].1 += vm.memory_demand;
         s.hosts[src].allocated_cpus = s.hosts[src].allocated_cpus.saturating_sub(vm.cpus);
-        s.hosts[src].allocated_memory = s.hosts[src].allocated_memory.saturating_sub(vm.memory_bytes);
+        s.hosts[src].allocated_memory = s.hosts[src]
+            .allocated_memory
+            .saturating_sub(vm.memory_bytes);
         s.hosts[t].allocated_cpus += vm.cpus;
         s.hosts[t].allocated_memory += vm.memory_bytes;
         s.at.insert(vm.name.as_str(), t);

@@ -44,7 +44,10 @@ fn apply(hosts: &[HostView], vms: &[DrsVm], plan: &Plan) -> (Vec<HostView>, Vec<
     let mut hosts = hosts.to_vec();
     let mut vms = vms.to_vec();
     for m in &plan.moves {
-        let vm = vms.iter_mut().find(|v| v.name == m.vm).expect("planned VM exists");
+        let vm = vms
+            .iter_mut()
+            .find(|v| v.name == m.vm)
+            .expect("planned VM exists");
         assert_eq!(vm.host, m.from, "a move starts where the VM is");
         let from = hosts.iter_mut().find(|h| h.name == m.from).expect("from");
         from.allocated_cpus -= vm.cpus;
@@ -62,15 +65,25 @@ fn apply(hosts: &[HostView], vms: &[DrsVm], plan: &Plan) -> (Vec<HostView>, Vec<
 #[test]
 fn a_hot_host_gives_a_vm_to_an_idle_one_and_says_why() {
     let (hosts, vms) = cluster(&[
-        (4, vec![(2, 1.9, 2, true), (2, 1.8, 2, true), (2, 0.2, 8, true)]),
+        (
+            4,
+            vec![(2, 1.9, 2, true), (2, 1.8, 2, true), (2, 0.2, 8, true)],
+        ),
         (4, vec![]),
     ]);
     let p = plan(&Policy::default(), &hosts, &[], &vms, 0.10);
     assert!(!p.moves.is_empty(), "{p:?}");
     let m = &p.moves[0];
     assert_eq!((m.from.as_str(), m.to.as_str()), ("h0", "h1"));
-    assert_ne!(m.vm, "p/vm-0-2", "the VM with 8 GiB to copy and little load is the worst buy");
-    assert!(m.reason.contains("h0 ") && m.reason.contains("to copy"), "{}", m.reason);
+    assert_ne!(
+        m.vm, "p/vm-0-2",
+        "the VM with 8 GiB to copy and little load is the worst buy"
+    );
+    assert!(
+        m.reason.contains("h0 ") && m.reason.contains("to copy"),
+        "{}",
+        m.reason
+    );
     assert!(p.imbalance_after < p.imbalance_before);
     assert!(p.after.iter().any(|l| l.host == "h1" && l.load > 0.0));
 }
