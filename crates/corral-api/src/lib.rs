@@ -37,10 +37,10 @@ pub use migration::{
     MigrateVmRequest, Migration, MigrationPhase, MigrationProgress, MigrationResult, VmEvent,
 };
 pub use network::{
-    generated_mac, parse_mac, AttachedNic, Cidr, CreateNetworkRequest, CreateProjectRequest,
-    CreateSecurityGroupRequest, Direction, Network, NetworkSpec, Nic, NicRequest, PortRange,
-    Protocol, SecurityGroup, SecurityRule, Segment, SetRulesRequest, DEFAULT_SECURITY_GROUP,
-    OVERLAY_MTU,
+    generated_mac, parse_mac, parse_peer, AttachedNic, Cidr, CreateNetworkRequest,
+    CreateProjectRequest, CreateSecurityGroupRequest, Direction, Network, NetworkSpec, Nic,
+    NicRequest, PortRange, Protocol, SecurityGroup, SecurityRule, Segment, SetRulesRequest,
+    DEFAULT_SECURITY_GROUP, OVERLAY_MTU,
 };
 pub use size::{format_bytes, parse_size};
 pub use task::{Task, TaskGoal, TaskState};

@@ -60,6 +60,11 @@ impl Cidr {
         Ipv4Addr::from(self.mask())
     }
 
+    pub fn overlaps(&self, other: &Cidr) -> bool {
+        let mask = self.mask() & other.mask();
+        u32::from(self.base) & mask == u32::from(other.base) & mask
+    }
+
     pub fn contains(&self, ip: Ipv4Addr) -> bool {
         u32::from(ip) & self.mask() == u32::from(self.base)
     }
@@ -250,6 +255,34 @@ impl NicRequest {
     }
 }
 
+/// Parses a rule's peer: an address ("192.0.2.7") or a network ("10.0.0.0/8", "0.0.0.0/0"),
+/// returning it in CIDR form.
+pub fn parse_peer(s: &str) -> Result<String, ValidationError> {
+    let bad = || {
+        ValidationError::new(format!(
+            "{s:?} is not an address or network: write e.g. 192.0.2.7, 10.0.0.0/8 or 0.0.0.0/0"
+        ))
+    };
+    let (ip, prefix) = s.split_once('/').unwrap_or((s, "32"));
+    let ip: Ipv4Addr = ip.parse().map_err(|_| bad())?;
+    let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+    if prefix > 32 {
+        return Err(bad());
+    }
+    let mask = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - prefix)
+    };
+    if u32::from(ip) & !mask != 0 {
+        return Err(ValidationError::new(format!(
+            "{s:?} has host bits set: the network is {}/{prefix}",
+            Ipv4Addr::from(u32::from(ip) & mask)
+        )));
+    }
+    Ok(format!("{ip}/{prefix}"))
+}
+
 /// Parses a unicast MAC address "52:54:00:12:34:56" (lower case on the way out).
 pub fn parse_mac(s: &str) -> Result<String, ValidationError> {
     let bad = || {
@@ -270,6 +303,11 @@ pub fn parse_mac(s: &str) -> Result<String, ValidationError> {
         .ok_or_else(bad)?;
     if octets.len() != 6 || octets[0] & 1 == 1 || octets.iter().all(|o| *o == 0) {
         return Err(bad());
+    }
+    if octets[0] == 0x02 && matches!(octets[1], 0xc0 | 0xc1) {
+        return Err(ValidationError::new(format!(
+            "{s:?} is in the range 02:c0/02:c1 Corral gives the hosts' gateways: pick another MAC"
+        )));
     }
     Ok(s.to_ascii_lowercase())
 }
@@ -386,7 +424,7 @@ impl SecurityRule {
         }
         let (cidr, group) = match peer.strip_prefix("group:") {
             Some(g) => (None, Some(g.to_string())),
-            None => (Some(peer.to_string()), None),
+            None => (Some(parse_peer(peer)?), None),
         };
         let rule = SecurityRule {
             direction,
@@ -414,9 +452,7 @@ impl SecurityRule {
         }
         match (&self.cidr, &self.group) {
             (Some(c), None) => {
-                if c != "0.0.0.0/0" {
-                    Cidr::parse(c)?;
-                }
+                parse_peer(c)?;
             }
             (None, Some(g)) => validate_name("security group", g)?,
             _ => {
@@ -514,6 +550,9 @@ pub struct CreateSecurityGroupRequest {
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct SetRulesRequest {
     pub rules: Vec<SecurityRule>,
+    /// The generation the rules were read at: the change is refused if the group changed since.
+    #[serde(default)]
+    pub generation: Option<u64>,
 }
 
 /// Body of `POST /api/v1/projects`.
@@ -529,6 +568,9 @@ mod tests {
     #[test]
     fn cidrs_say_what_is_wrong() {
         let c = Cidr::parse("10.10.0.0/24").unwrap();
+        assert!(c.overlaps(&Cidr::parse("10.10.0.0/16").unwrap()));
+        assert!(!c.overlaps(&Cidr::parse("10.11.0.0/24").unwrap()));
+        assert_eq!(parse_peer("192.0.2.7").unwrap(), "192.0.2.7/32");
         assert_eq!(c.gateway(), Ipv4Addr::new(10, 10, 0, 1));
         assert_eq!(c.netmask(), Ipv4Addr::new(255, 255, 255, 0));
         assert_eq!(c.vm_addresses().count(), 253);
@@ -596,6 +638,7 @@ mod tests {
             "in udp 5000-5010 from 10.0.0.0/8",
             "in icmp from group:web",
             "out any to 0.0.0.0/0",
+            "in tcp 22 from 192.0.2.7/32",
         ] {
             let r = SecurityRule::parse(text).unwrap();
             assert_eq!(r.to_string(), text);
@@ -607,6 +650,7 @@ mod tests {
             ("in icmp 22 from 0.0.0.0/0", "tcp and udp only"),
             ("in tcp 22 to 0.0.0.0/0", "after from"),
             ("in tcp 22 from 10.0.0.1/24", "host bits"),
+            ("in tcp 22 from 10.0.0.300", "not an address"),
             ("in tcp 22 from group:Bad", "invalid security group name"),
             ("in tcp 70000 from 0.0.0.0/0", "numbers"),
         ] {

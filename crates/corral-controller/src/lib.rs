@@ -5,6 +5,7 @@
 
 pub mod agents;
 mod auth;
+mod drs;
 mod error;
 mod events;
 pub mod ha;
@@ -41,6 +42,8 @@ pub struct Ctx {
     ca: Arc<corral_pki::Ca>,
     /// HA's failure detector.
     ha: Arc<ha::Monitor>,
+    /// The latest DRS plan, which `drs apply PLAN` carries out.
+    drs_plan: Arc<tokio::sync::Mutex<Option<corral_api::DrsPlan>>>,
 }
 
 /// Prepares the store (the default project, the hash of the admin token) and resumes tasks.
@@ -75,10 +78,12 @@ pub async fn init(
         placement: Default::default(),
         ca: Arc::new(ca),
         ha: Default::default(),
+        drs_plan: Default::default(),
     };
     tasks::resume(&ctx).await?;
     placement::spawn_placer(ctx.clone());
     ha::spawn(ctx.clone());
+    drs::spawn(ctx.clone());
     Ok(ctx)
 }
 
@@ -191,6 +196,7 @@ impl utoipa::Modify for BearerAuth {
         networks::list, networks::get, networks::create, networks::delete,
         networks::list_groups, networks::get_group, networks::create_group, networks::set_rules, networks::delete_group,
         networks::list_projects, networks::create_project,
+        drs::get_plan, drs::apply,
         images::list, images::get, images::build_jeos, images::import, images::delete,
     ),
     modifiers(&BearerAuth)
@@ -256,6 +262,8 @@ pub fn router(ctx: Ctx) -> Router {
                 .put(networks::set_rules)
                 .delete(networks::delete_group),
         )
+        .route("/api/v1/drs/plan", get(drs::get_plan))
+        .route("/api/v1/drs/apply", post(drs::apply))
         .route("/api/v1/tasks", get(list_tasks))
         .route("/api/v1/events", get(events::list))
         .route("/api/v1/tasks/{id}", get(get_task))

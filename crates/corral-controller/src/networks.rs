@@ -96,6 +96,18 @@ pub async fn create(
 ) -> Result<(StatusCode, Json<Network>), ApiError> {
     ensure_project(&ctx, &project).await?;
     let cidr = req.validate()?;
+    // A network with a gateway is routed by its hosts: its addresses must be its own in the
+    // cluster, or replies could leave by another network that uses them too.
+    let (all, _) = list_json::<Network>(&*ctx.store, keys::NETWORKS).await?;
+    if let Some(other) = all
+        .iter()
+        .find(|n| (req.gateway || n.spec.gateway) && n.cidr().overlaps(&cidr))
+    {
+        return Err(ApiError::Conflict(format!(
+            "{cidr} overlaps network {}/{} ({}), and a network with a gateway needs addresses no other network uses: pick another range, or leave out --gateway on both",
+            other.meta.project, other.meta.name, other.spec.cidr
+        )));
+    }
     let (taken, _) = ctx.store.list(keys::SEGMENTS).await?;
     let taken: HashSet<&str> = taken.iter().map(|kv| kv.key.as_str()).collect();
     let segment = match req.vlan {
@@ -156,10 +168,11 @@ pub async fn delete(
 ) -> Result<StatusCode, ApiError> {
     ensure_project(&ctx, &project).await?;
     let key = keys::network(&project, &name);
+    // VM creates hand out addresses under this lock: none can attach to the network meanwhile.
+    let _no_creates = ctx.placement.lock().await;
     let net = get_json::<Network>(&*ctx.store, &key)
         .await?
         .ok_or_else(|| network_not_found(&project, &name))?;
-    // A VM created meanwhile checks the network's revision, so it conflicts with this delete.
     let (vms, _) = list_json::<Vm>(&*ctx.store, &keys::vms(&project)).await?;
     let users: Vec<String> = attached(&vms, &name).into_iter().map(|a| a.vm).collect();
     if !users.is_empty() {
@@ -459,6 +472,14 @@ pub async fn set_rules(
         .await?
         .ok_or_else(|| group_not_found(&project, &name))?;
     check_rules(&ctx, &project, &name, &req.rules).await?;
+    if req
+        .generation
+        .is_some_and(|g| g != current.value.meta.generation)
+    {
+        return Err(ApiError::Conflict(format!(
+            "security group {name} changed since you read it: look at it again (`corral security-group show {name}`) and retry"
+        )));
+    }
     let mut group = current.value;
     group.rules = req.rules;
     group.meta.bump();
@@ -497,6 +518,8 @@ pub async fn delete_group(
             "the default group is built in and cannot be deleted: change its rules instead".into(),
         ));
     }
+    // VM creates check their groups under this lock: none can join the group meanwhile.
+    let _no_creates = ctx.placement.lock().await;
     let group = get_json::<SecurityGroup>(&*ctx.store, &keys::security_group(&project, &name))
         .await?
         .ok_or_else(|| group_not_found(&project, &name))?;

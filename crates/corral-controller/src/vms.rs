@@ -111,9 +111,10 @@ pub async fn create(
         }
     };
     let meta = ObjectMeta::new(&project, &req.name);
-    crate::networks::check_groups(&ctx, &project, &spec.security_groups).await?;
-    // Creates are placed one at a time, which also hands out addresses one at a time.
+    // Creates are placed one at a time, which also hands out addresses one at a time, and a
+    // network or group delete (which takes the same lock) cannot slip in between check and write.
     let _one_at_a_time = ctx.placement.lock().await;
+    crate::networks::check_groups(&ctx, &project, &spec.security_groups).await?;
     let (nics, nic_ops) =
         crate::networks::attach(&ctx, &project, &req.name, meta.uid, &req.nics).await?;
     spec.nics = nics;

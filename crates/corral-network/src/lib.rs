@@ -215,6 +215,7 @@ pub fn plan(c: &Cluster) -> HostPlan {
         .map(|m| (m.vm_uid, m))
         .collect();
     let arriving = |vm: &Vm| moving.get(&vm.meta.uid).is_some_and(|m| m.target == c.host);
+    let arriving_anywhere = |vm: &Vm| moving.contains_key(&vm.meta.uid);
     // A VM that neither runs nor should run here needs no port (a stopped VM keeps its address,
     // and gets its port back when it starts).
     let live = |v: &Vm| {
@@ -258,7 +259,11 @@ pub fn plan(c: &Cluster) -> HostPlan {
                     });
                 }
             }
-            if !matches!(net.spec.segment, Segment::Vxlan { .. }) {
+            // Only where a VM runs (or should) do its frames go: a host with only stopped VMs of
+            // the network carries nothing for it.
+            if !matches!(net.spec.segment, Segment::Vxlan { .. })
+                || !(live(vm) || arriving_anywhere(vm))
+            {
                 continue;
             }
             let migration = moving.get(&vm.meta.uid);
@@ -300,7 +305,10 @@ pub fn plan(c: &Cluster) -> HostPlan {
     let ruleset = if networks.is_empty() {
         String::new()
     } else {
-        nft::ruleset(&networks, &ports, &firewall(c, &local))
+        let mut fabric: Vec<IpAddr> = address.values().copied().collect();
+        fabric.sort();
+        fabric.dedup();
+        nft::ruleset(&networks, &ports, &firewall(c, &local), &fabric)
     };
     HostPlan {
         forwarding: networks.iter().any(|n| n.nat),

@@ -36,6 +36,8 @@ struct State {
     owned: Owned,
     /// The ruleset `nft` last accepted (none yet in this process: apply it once).
     ruleset: Option<String>,
+    /// Taps made for a VM about to start, and when: a plan read before that may not know them.
+    prepared: HashMap<String, std::time::Instant>,
 }
 
 /// Applies plans to this host's Linux networking.
@@ -65,7 +67,16 @@ impl Link {
     fn up(&self) -> bool {
         self.flags.iter().any(|f| f == "UP")
     }
+
+    /// A tap has carrier while a process (QEMU) holds it open.
+    fn in_use(&self) -> bool {
+        self.flags.iter().any(|f| f == "LOWER_UP")
+    }
 }
+
+/// How long a freshly prepared tap is kept even by a plan that does not name it (the plan may
+/// have been read just before the VM was started).
+const PREPARED_GRACE: Duration = Duration::from_secs(30);
 
 async fn run(program: &str, args: &[&str]) -> Result<String, NetError> {
     run_input(program, args, None).await
@@ -144,6 +155,7 @@ impl LinuxNet {
             state: Mutex::new(State {
                 owned,
                 ruleset: None,
+                prepared: HashMap::new(),
             }),
         }
     }
@@ -433,8 +445,9 @@ impl LinuxNet {
             }
             signal(pid, libc::SIGKILL);
         }
-        let _ = std::fs::remove_file(&pid_file);
-        let _ = std::fs::remove_file(self.dnsmasq_file(bridge, "args"));
+        for ext in ["pid", "args", "log"] {
+            let _ = std::fs::remove_file(self.dnsmasq_file(bridge, ext));
+        }
     }
 
     async fn remove_link(&self, name: &str) -> Result<(), NetError> {
@@ -527,7 +540,12 @@ impl NetDriver for LinuxNet {
                 Uplink::Vxlan { dev, .. } | Uplink::Vlan { dev, .. } => dev.as_str(),
             })
             .collect();
+        st.prepared.retain(|_, at| at.elapsed() < PREPARED_GRACE);
         for tap in st.owned.taps.clone().iter().filter(|t| !taps.contains(t)) {
+            // A tap QEMU still holds, or one just made for a VM starting, waits for a later plan.
+            if have.get(tap).is_some_and(Link::in_use) || st.prepared.contains_key(tap) {
+                continue;
+            }
             self.remove_link(tap).await?;
             st.owned.taps.remove(tap);
         }

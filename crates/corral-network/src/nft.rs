@@ -52,6 +52,7 @@ pub(crate) fn ruleset(
     networks: &[NetPlan],
     ports: &[PortPlan],
     allows: &HashMap<String, Vec<Allow>>,
+    fabric: &[std::net::IpAddr],
 ) -> String {
     let mut b = String::new();
     let w = &mut b;
@@ -109,7 +110,7 @@ pub(crate) fn ruleset(
     for p in ports {
         let _ = writeln!(
             w,
-            "  chain port_{tap} {{\n    ether saddr != {mac} drop\n    ether type arp arp saddr ip {{ {ip}, 0.0.0.0 }} accept\n    ether type arp drop\n    ip saddr 0.0.0.0 udp dport 67 accept\n    ip saddr {ip} accept\n    drop\n  }}",
+            "  chain port_{tap} {{\n    ether saddr != {mac} drop\n    udp sport 67 drop\n    ether type arp arp saddr ether != {mac} drop\n    ether type arp arp saddr ip {{ {ip}, 0.0.0.0 }} accept\n    ether type arp drop\n    ip saddr 0.0.0.0 udp dport 67 accept\n    ip saddr {ip} accept\n    drop\n  }}",
             tap = p.tap,
             mac = p.mac,
             ip = p.ip
@@ -122,9 +123,22 @@ pub(crate) fn ruleset(
         w,
         "  chain forward {{\n    type filter hook forward priority filter; policy accept;\n    ct state established,related accept"
     );
+    // Guests never reach the hosts' fabric (APIs, migration streams) nor speak VXLAN, which a
+    // host would take from any peer address and deliver into any segment.
+    if !fabric.is_empty() {
+        let list: Vec<String> = fabric.iter().map(ToString::to_string).collect();
+        let _ = writeln!(
+            w,
+            "    iifname \"crb*\" ip daddr {{ {} }} drop",
+            list.join(", ")
+        );
+    }
+    let _ = writeln!(w, "    iifname \"crb*\" udp dport 4789 drop");
+    // Broadcasts and multicasts between guests would pass no VM's inbound rules.
+    let _ = writeln!(w, "    oifname \"crb*\" meta pkttype != unicast drop");
     for n in networks {
         let br = &n.bridge;
-        // Isolation first: bridged traffic has the bridge as both interfaces, anything else was
+        // Isolation next: bridged traffic has the bridge as both interfaces, anything else was
         // routed, and nothing is routed into a network or between networks.
         let _ = writeln!(w, "    oifname \"{br}\" iifname != \"{br}\" drop");
         if n.nat {
@@ -136,12 +150,16 @@ pub(crate) fn ruleset(
             let _ = writeln!(w, "    iifname \"{br}\" oifname != \"{br}\" drop");
         }
     }
+    // Every sender's outbound rules before any receiver's inbound ones: an inbound accept ends
+    // the evaluation.
     for p in ports {
         let _ = writeln!(
             w,
             "    iifname \"{}\" ip saddr {} jump out_{}",
             p.bridge, p.ip, p.tap
         );
+    }
+    for p in ports {
         let _ = writeln!(
             w,
             "    oifname \"{}\" ip daddr {} jump in_{}",
@@ -149,10 +167,20 @@ pub(crate) fn ruleset(
         );
     }
     let _ = writeln!(w, "  }}");
+    // Guests may ask their host for DHCP, and ping the gateway of a network that has one (its
+    // addresses are unique in the cluster, so the reply cannot leave by another network).
     let _ = writeln!(
         w,
-        "  chain input {{\n    type filter hook input priority filter; policy accept;\n    iifname \"crb*\" ct state established,related accept\n    iifname \"crb*\" udp dport 67 accept\n    iifname \"crb*\" icmp type echo-request accept\n    iifname \"crb*\" drop\n  }}"
+        "  chain input {{\n    type filter hook input priority filter; policy accept;\n    iifname \"crb*\" ct state established,related accept\n    iifname \"crb*\" udp dport 67 accept"
     );
+    for n in networks.iter().filter(|n| n.nat) {
+        let _ = writeln!(
+            w,
+            "    iifname \"{}\" icmp type echo-request accept",
+            n.bridge
+        );
+    }
+    let _ = writeln!(w, "    iifname \"crb*\" drop\n  }}");
     let _ = writeln!(
         w,
         "  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;"

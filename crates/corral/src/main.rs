@@ -11,6 +11,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
+use corral_api::{ApplyDrsRequest, ApplyDrsResponse, DrsMode, DrsPlan};
 use corral_api::{
     BuildJeosRequest, ClusterEvent, ClusterSettings, ConsoleChunk, CreateDatastoreRequest,
     CreateGroupRequest, CreateVmRequest, Datastore, GroupRule, GroupStrength, HaPolicy, HaPriority,
@@ -92,6 +93,9 @@ enum Command {
     /// Projects (tenants): each has its own VMs, images, networks and security groups.
     #[command(subcommand)]
     Project(ProjectCmd),
+    /// DRS: balance the hosts' measured load by live migration.
+    #[command(subcommand)]
+    Drs(DrsCmd),
     /// Long operations.
     #[command(subcommand)]
     Task(TaskCmd),
@@ -281,6 +285,12 @@ enum ClusterCmd {
         /// What a host cut off from the controller and all its peers does with its protected VMs.
         #[arg(long, value_enum)]
         ha_isolation_response: Option<IsolationArg>,
+        /// DRS: off, manual (`corral drs apply`) or auto (the controller moves VMs itself).
+        #[arg(long, value_enum)]
+        drs: Option<DrsArg>,
+        /// How much imbalance DRS tolerates: 1 (only gross) to 5 (evens out small differences).
+        #[arg(long)]
+        drs_aggressiveness: Option<u8>,
     },
 }
 
@@ -301,6 +311,13 @@ enum PriorityArg {
 enum IsolationArg {
     PowerOff,
     LeaveRunning,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum DrsArg {
+    Off,
+    Manual,
+    Auto,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -419,6 +436,21 @@ enum SecurityGroupCmd {
     /// Delete a group no VM is in.
     Delete {
         name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DrsCmd {
+    /// Show the moves DRS recommends now, each host's load before and after, and why each move
+    /// pays for itself.
+    Plan,
+    /// Carry out a plan (the latest one `drs plan` showed, by its id) or, without an id, a fresh
+    /// one. Needs DRS manual or auto (`corral cluster set --drs manual`).
+    Apply {
+        plan: Option<uuid::Uuid>,
+        /// Return once the migrations are started, without following them.
+        #[arg(long)]
+        no_wait: bool,
     },
 }
 
@@ -681,8 +713,11 @@ fn client_command(g: &Global, cmd: Command) -> Result<()> {
                 SecurityGroupCmd::AddRule { name, rule } => {
                     let mut g: SecurityGroup = c.get(&path(&name))?;
                     g.rules.push(rule);
-                    let g: SecurityGroup =
-                        c.put_json(&path(&name), &SetRulesRequest { rules: g.rules })?;
+                    let body = SetRulesRequest {
+                        rules: g.rules,
+                        generation: Some(g.meta.generation),
+                    };
+                    let g: SecurityGroup = c.put_json(&path(&name), &body)?;
                     output::security_groups(fmt, &[g], true)
                 }
                 SecurityGroupCmd::RemoveRule { name, number } => {
@@ -694,8 +729,11 @@ fn client_command(g: &Global, cmd: Command) -> Result<()> {
                         );
                     }
                     g.rules.remove(number - 1);
-                    let g: SecurityGroup =
-                        c.put_json(&path(&name), &SetRulesRequest { rules: g.rules })?;
+                    let body = SetRulesRequest {
+                        rules: g.rules,
+                        generation: Some(g.meta.generation),
+                    };
+                    let g: SecurityGroup = c.put_json(&path(&name), &body)?;
                     output::security_groups(fmt, &[g], true)
                 }
                 SecurityGroupCmd::Delete { name } => {
@@ -733,6 +771,8 @@ fn client_command(g: &Global, cmd: Command) -> Result<()> {
             migration_auto_converge,
             ha_failures_to_tolerate,
             ha_isolation_response,
+            drs,
+            drs_aggressiveness,
         }) => {
             let mut s: ClusterSettings = c.get("/cluster")?;
             if let Some(p) = placement {
@@ -765,7 +805,34 @@ fn client_command(g: &Global, cmd: Command) -> Result<()> {
                     IsolationArg::LeaveRunning => IsolationResponse::LeaveRunning,
                 };
             }
+            if let Some(d) = drs {
+                s.drs_mode = match d {
+                    DrsArg::Off => DrsMode::Off,
+                    DrsArg::Manual => DrsMode::Manual,
+                    DrsArg::Auto => DrsMode::Auto,
+                };
+            }
+            s.drs_aggressiveness = drs_aggressiveness.unwrap_or(s.drs_aggressiveness);
             output::cluster(fmt, &c.put_json::<ClusterSettings>("/cluster", &s)?)
+        }
+        Command::Drs(DrsCmd::Plan) => output::drs_plan(fmt, &c.get::<DrsPlan>("/drs/plan")?),
+        Command::Drs(DrsCmd::Apply { plan, no_wait }) => {
+            let r: ApplyDrsResponse = c.post("/drs/apply", &ApplyDrsRequest { plan })?;
+            for s in &r.skipped {
+                eprintln!("skipped: {s}");
+            }
+            if !no_wait {
+                for t in &r.tasks {
+                    c.wait(t.clone(), show_progress)?;
+                }
+            }
+            if fmt == Format::Json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+                return Ok(());
+            }
+            output::drs_plan(fmt, &r.plan)?;
+            println!("{} migration(s) started", r.tasks.len());
+            Ok(())
         }
         Command::Datastore(cmd) => match cmd {
             DatastoreCmd::Create { name, path, shared } => {

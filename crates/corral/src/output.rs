@@ -4,8 +4,8 @@
 use anyhow::Result;
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
 use corral_api::{
-    format_bytes, ClusterEvent, ClusterSettings, Datastore, HostInfo, Image, Migration, Network,
-    SecurityGroup, Segment, Task, Vm, VmGroup,
+    format_bytes, ClusterEvent, ClusterSettings, Datastore, DrsPlan, HostInfo, Image, Migration,
+    Network, SecurityGroup, Segment, Task, Vm, VmGroup,
 };
 use serde::Serialize;
 
@@ -352,6 +352,7 @@ pub fn cluster(fmt: Format, c: &ClusterSettings) -> Result<()> {
             "AUTO-CONVERGE",
             "HA FAILURES TOLERATED",
             "HA ISOLATION RESPONSE",
+            "DRS",
         ],
         vec![vec![
             format!("{:?}", c.placement).to_lowercase(),
@@ -371,8 +372,56 @@ pub fn cluster(fmt: Format, c: &ClusterSettings) -> Result<()> {
                 .as_str()
                 .unwrap_or_default()
                 .to_string(),
+            format!(
+                "{} (aggressiveness {})",
+                serde_json::to_value(c.drs_mode)?
+                    .as_str()
+                    .unwrap_or_default(),
+                c.drs_aggressiveness
+            ),
         ]],
     );
+    Ok(())
+}
+
+pub fn drs_plan(fmt: Format, p: &DrsPlan) -> Result<()> {
+    if fmt == Format::Json {
+        return json(p);
+    }
+    println!("plan {}", p.id);
+    let pct = |x: f64| format!("{:.0}%", x * 100.0);
+    table(
+        &["HOST", "LOAD NOW", "CPU", "MEMORY", "AFTER THE PLAN"],
+        p.before
+            .iter()
+            .map(|b| {
+                let after = p.after.iter().find(|a| a.host == b.host);
+                vec![
+                    b.host.clone(),
+                    pct(b.load),
+                    pct(b.cpu),
+                    pct(b.memory),
+                    after.map(|a| pct(a.load)).unwrap_or_default(),
+                ]
+            })
+            .collect(),
+    );
+    println!(
+        "imbalance {:.3} -> {:.3} (tolerated: {:.3})",
+        p.imbalance_before, p.imbalance_after, p.threshold
+    );
+    if !p.moves.is_empty() {
+        table(
+            &["VM", "FROM", "TO", "WHY"],
+            p.moves
+                .iter()
+                .map(|m| vec![m.vm.clone(), m.from.clone(), m.to.clone(), m.reason.clone()])
+                .collect(),
+        );
+    }
+    if !p.note.is_empty() {
+        println!("{}", p.note);
+    }
     Ok(())
 }
 

@@ -493,6 +493,17 @@ fn networks_hand_out_addresses_once_and_refuse_bad_input() {
             &["network", "create", "net-a", "--cidr", "10.1.0.0/24"],
             "already exists",
         ),
+        (
+            &[
+                "network",
+                "create",
+                "gw",
+                "--cidr",
+                "10.10.0.0/16",
+                "--gateway",
+            ],
+            "overlaps network default/net-a",
+        ),
         (&["network", "delete", "net-a"], "in use by VMs x, y, z"),
         (&["security-group", "delete", "web"], "applies to VMs y"),
         (&["security-group", "delete", "default"], "built in"),

@@ -1,7 +1,7 @@
 //! The distributed virtual switch with real guests on a three-host lab: DHCP hands each guest the
 //! address `vm show` names, guests on one network reach each other across hosts over the VXLAN
 //! overlay, networks and projects are isolated, a security group opens one port and only that, the
-//! gateway NATs to the fabric, hosts carry only the networks of their VMs, and a live migration keeps
+//! gateway NATs to the fabric but no guest reaches a host, hosts carry only the networks of their VMs, and a live migration keeps
 //! MAC, address and a running ping (the packets it lost are printed).
 
 mod common;
@@ -85,14 +85,8 @@ fn create(lab: &TestLab, name: &str, host: &str, extra: &[&str]) {
 fn guests_reach_their_network_across_hosts_and_nothing_else() {
     let lab = TestLab::up(3);
     lab.jeos_and_shared_datastore();
-    lab.ok(&[
-        "network",
-        "create",
-        "net-a",
-        "--cidr",
-        "10.10.0.0/24",
-        "--gateway",
-    ]);
+    // net-a has no gateway, so another project may use its addresses too; net-b has one.
+    lab.ok(&["network", "create", "net-a", "--cidr", "10.10.0.0/24"]);
     lab.ok(&[
         "network",
         "create",
@@ -201,12 +195,17 @@ fn guests_reach_their_network_across_hosts_and_nothing_else() {
         !in_other(|| pings(&lab, "o1", &a2)),
         "o1 does not reach project default's a2"
     );
-    // The gateway NATs to the fabric (the lab's bridge in the root namespace).
+    // net-b's gateway NATs to the fabric (the lab's bridge in the root namespace), but no guest
+    // reaches a host's own fabric address.
     let fabric = lab.address("host-1");
     let fabric_gw = format!("{}.1", fabric.rsplit_once('.').expect("ipv4").0);
     assert!(
-        pings(&lab, "a1", &fabric_gw),
-        "a1 reaches {fabric_gw} through the gateway"
+        pings(&lab, "b1", &fabric_gw),
+        "b1 reaches {fabric_gw} through the gateway"
+    );
+    assert!(
+        !pings(&lab, "b1", &lab.address("host-2")),
+        "hosts' fabric addresses are out of the guests' reach"
     );
 
     // Security group web: tcp 8080 from anywhere, nothing else from outside the group.

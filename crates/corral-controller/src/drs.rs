@@ -1,0 +1,184 @@
+//! DRS: plans (the scheduler's `drs` planner on the cluster as it is, with each VM's measured
+//! demand) and their application as live migrations, on request (`manual`) or every
+//! [`DRS_PERIOD_SECS`] (`auto`). The latest plan is kept in memory, so `corral drs apply ID`
+//! carries out exactly what `corral drs plan` showed, or refuses if a newer plan replaced it.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use chrono::Utc;
+use corral_api::{
+    drs_threshold, keys, ApplyDrsRequest, ApplyDrsResponse, Datastore, DrsMode, DrsPlan,
+    PowerState, Vm, VmPhase, DRS_HOLD_SECS, DRS_PERIOD_SECS, LOCAL_DATASTORE,
+};
+use corral_scheduler::drs::{self, DrsVm};
+use corral_store::list_json;
+
+use crate::placement::{self, qualified, ClusterView};
+use crate::{migrations, ApiError, ApiJson, Ctx};
+
+/// Why a VM may not be moved by DRS now, if it may not.
+fn unmovable(vm: &Vm, view: &ClusterView, shared: &[String]) -> Option<&'static str> {
+    if vm.spec.host.is_some() {
+        return Some("pinned");
+    }
+    if vm.spec.power != PowerState::Running || vm.status.phase != VmPhase::Running {
+        return Some("not running");
+    }
+    if vm.meta.deletion_requested_at.is_some() {
+        return Some("being deleted");
+    }
+    if view
+        .migrations
+        .iter()
+        .any(|m| m.vm_uid == vm.meta.uid && !m.phase.is_finished())
+    {
+        return Some("migrating");
+    }
+    if !shared.contains(&vm.spec.datastore) {
+        return Some("disk not on a shared datastore");
+    }
+    let held = vm.status.events.iter().any(|e| {
+        e.reason.starts_with("Migrat") && (Utc::now() - e.at).num_seconds() < DRS_HOLD_SECS
+    });
+    held.then_some("moved within the hold time")
+}
+
+/// A plan for the cluster as it is now.
+pub async fn plan_now(ctx: &Ctx) -> Result<DrsPlan, ApiError> {
+    let view = placement::view(ctx).await?;
+    let (datastores, _) = list_json::<Datastore>(&*ctx.store, keys::DATASTORES).await?;
+    let shared: Vec<String> = datastores
+        .iter()
+        .filter(|d| d.shared && d.name != LOCAL_DATASTORE)
+        .map(|d| d.name.clone())
+        .collect();
+    let vms: Vec<DrsVm> = view
+        .vms
+        .iter()
+        .filter(|v| v.status.phase == VmPhase::Running)
+        .filter_map(|v| {
+            let usage = v.status.usage.as_ref();
+            Some(DrsVm {
+                name: qualified(&v.meta.project, &v.meta.name),
+                host: v.status.host.clone()?,
+                cpus: v.spec.cpus,
+                memory_bytes: v.spec.memory_bytes,
+                // Not measured yet: count what it was given.
+                cpu_demand: usage.map_or(f64::from(v.spec.cpus), |u| u.cpu_cores),
+                memory_demand: usage.map_or(v.spec.memory_bytes, |u| u.memory_bytes),
+                movable: unmovable(v, &view, &shared).is_none(),
+            })
+        })
+        .collect();
+    let p = drs::plan(
+        &view.policy(),
+        &view.sched_hosts(),
+        &view.sched_groups(),
+        &vms,
+        drs_threshold(view.settings.drs_aggressiveness),
+    );
+    let plan = DrsPlan {
+        id: uuid::Uuid::new_v4(),
+        created_at: Utc::now(),
+        moves: p.moves,
+        before: p.before,
+        after: p.after,
+        imbalance_before: p.imbalance_before,
+        imbalance_after: p.imbalance_after,
+        threshold: p.threshold,
+        note: p.note,
+    };
+    *ctx.drs_plan.lock().await = Some(plan.clone());
+    Ok(plan)
+}
+
+/// Starts the plan's migrations; a move that can no longer be made is skipped with its reason.
+async fn carry_out(ctx: &Ctx, plan: DrsPlan) -> ApplyDrsResponse {
+    let mut tasks = Vec::new();
+    let mut skipped = Vec::new();
+    for m in &plan.moves {
+        let (project, name) = m.vm.split_once('/').unwrap_or(("", &m.vm));
+        let reason = format!("DRS: {}", m.reason);
+        match migrations::start(ctx, project, name, Some(&m.to), &reason).await {
+            Ok(t) => tasks.push(t),
+            Err(e) => skipped.push(format!("{} -> {}: {e}", m.vm, m.to)),
+        }
+    }
+    ApplyDrsResponse {
+        plan,
+        tasks,
+        skipped,
+    }
+}
+
+#[utoipa::path(get, path = "/api/v1/drs/plan", tag = "drs",
+    responses((status = 200, description = "what DRS would move now, and every host's load before and after", body = DrsPlan)),
+    security(("bearer" = [])))]
+pub async fn get_plan(State(ctx): State<Ctx>) -> Result<Json<DrsPlan>, ApiError> {
+    Ok(Json(plan_now(&ctx).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/drs/apply", tag = "drs", request_body = ApplyDrsRequest,
+    responses((status = 202, description = "the migrations started, one task each", body = ApplyDrsResponse),
+        (status = 409, body = corral_api::ApiErrorBody)),
+    security(("bearer" = [])))]
+pub async fn apply(
+    State(ctx): State<Ctx>,
+    ApiJson(req): ApiJson<ApplyDrsRequest>,
+) -> Result<(StatusCode, Json<ApplyDrsResponse>), ApiError> {
+    if placement::settings(&ctx).await?.drs_mode == DrsMode::Off {
+        return Err(ApiError::Conflict(
+            "DRS is off: turn it on with `corral cluster set --drs manual` (or auto), then apply"
+                .into(),
+        ));
+    }
+    let plan = match req.plan {
+        None => plan_now(&ctx).await?,
+        Some(id) => match ctx.drs_plan.lock().await.clone() {
+            Some(p) if p.id == id => p,
+            _ => {
+                return Err(ApiError::Conflict(format!(
+                    "plan {id} is not the latest plan (a newer one replaced it, or the controller restarted): run `corral drs plan` again"
+                )))
+            }
+        },
+    };
+    Ok((StatusCode::ACCEPTED, Json(carry_out(&ctx, plan).await)))
+}
+
+/// Automatic DRS: every period, when the cluster is in `auto` and no migration is under way,
+/// plans and carries the plan out.
+pub fn spawn(ctx: Ctx) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(DRS_PERIOD_SECS));
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let step = async {
+                if placement::settings(&ctx).await?.drs_mode != DrsMode::Auto {
+                    return Ok::<_, ApiError>(());
+                }
+                let view = placement::view(&ctx).await?;
+                if view.migrations.iter().any(|m| !m.phase.is_finished()) {
+                    return Ok(());
+                }
+                let plan = plan_now(&ctx).await?;
+                if !plan.moves.is_empty() {
+                    let done = carry_out(&ctx, plan).await;
+                    tracing::info!(
+                        started = done.tasks.len(),
+                        skipped = ?done.skipped,
+                        "automatic DRS applied a plan"
+                    );
+                }
+                Ok(())
+            };
+            if let Err(e) = step.await {
+                tracing::warn!(error = %e, "automatic DRS failed; trying again next period");
+            }
+        }
+    });
+}
