@@ -6,7 +6,8 @@
 //! loads of the hosts that take VMs. While the imbalance is above the threshold the aggressiveness
 //! allows, the planner picks the single move with the best ratio of imbalance removed to memory
 //! copied, applies it to its picture of the cluster, and goes on. A move must remove at least
-//! [`MIN_GAIN`] of imbalance (hysteresis: small differences are not worth a migration), may not
+//! [`MIN_GAIN`] of imbalance and [`MIN_SHARE`] of what there is (hysteresis: small differences are
+//! not worth a migration, and noise in the measurements does not make VMs wander), may not
 //! break a host's capacity (allocations, with overcommit, as placement counts them) or a hard
 //! affinity rule, and at most [`MOVES_PER_HOST`] moves touch one host per plan (migration
 //! concurrency). VMs that are pinned, not running, migrating or moved within the hold time are not
@@ -18,8 +19,11 @@ use corral_api::{format_bytes, DrsMove, HostLoad};
 
 use crate::{free, Group, HostState, HostView, Policy, Rule, Strength};
 
-/// The least imbalance a move must remove.
+/// The least imbalance a move must remove...
 pub const MIN_GAIN: f64 = 0.01;
+/// ...and at least this share of the imbalance there is: a move that changes little is not worth
+/// its migration, and measurement noise does not make VMs wander.
+pub const MIN_SHARE: f64 = 0.25;
 /// Moves per plan that may start or end on one host.
 pub const MOVES_PER_HOST: usize = 2;
 /// Moves per plan.
@@ -210,7 +214,7 @@ pub fn plan(
                 let t_load = s.load_with(t, vm.cpu_demand, vm.memory_demand as i128);
                 let after = s.imbalance_with(&[(src, src_load), (t, t_load)]);
                 let gain = imbalance - after;
-                if gain < MIN_GAIN {
+                if gain < MIN_GAIN.max(imbalance * MIN_SHARE) {
                     continue;
                 }
                 let gib = vm.memory_demand as f64 / (1u64 << 30) as f64;
@@ -228,7 +232,8 @@ pub fn plan(
         }
         let Some((_, gain, vm, t, after)) = best else {
             note = format!(
-                "no move removes {MIN_GAIN} or more of the imbalance within capacity, rules and the limit of {MOVES_PER_HOST} moves per host"
+                "no move removes enough of the imbalance ({:.3} at least) within capacity, rules and the limit of {MOVES_PER_HOST} moves per host",
+                MIN_GAIN.max(imbalance * MIN_SHARE)
             );
             break;
         };

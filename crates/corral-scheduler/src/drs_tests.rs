@@ -4,8 +4,13 @@ use super::*;
 
 const GIB: u64 = 1 << 30;
 
+/// A guest: (vCPUs, cores it uses, GiB of memory, movable).
+type Guest = (u32, f64, u64, bool);
+/// Hosts: (CPUs, guests).
+type Spec = Vec<(u32, Vec<Guest>)>;
+
 /// A cluster: hosts with their VMs placed (allocations summed), and the VMs.
-fn cluster(spec: &[(u32, Vec<(u32, f64, u64, bool)>)]) -> (Vec<HostView>, Vec<DrsVm>) {
+fn cluster(spec: &[(u32, Vec<Guest>)]) -> (Vec<HostView>, Vec<DrsVm>) {
     let mut hosts = Vec::new();
     let mut vms = Vec::new();
     for (i, (cpus, guests)) in spec.iter().enumerate() {
@@ -125,7 +130,7 @@ fn a_balanced_cluster_gets_no_moves() {
     assert!(p.note.contains("within the threshold"), "{}", p.note);
 }
 
-fn arb_cluster() -> impl Strategy<Value = Vec<(u32, Vec<(u32, f64, u64, bool)>)>> {
+fn arb_cluster() -> impl Strategy<Value = Spec> {
     prop::collection::vec(
         (
             prop_oneof![Just(4u32), Just(8), Just(16)],

@@ -1,0 +1,127 @@
+//! DRS with real guests on a two-host lab: three busy guests packed on one host, measured by their
+//! host; `drs plan` recommends moving load to the idle host and says why, `drs apply` carries the
+//! plan out by live migration, and planning again proposes nothing.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::netlab::{type_line, TestLab};
+use serde_json::Value;
+
+fn vm(lab: &TestLab, name: &str) -> Value {
+    lab.json(&["vm", "show", name])
+}
+
+fn wait_booted(lab: &TestLab, names: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    for name in names {
+        while !lab.ok(&["vm", "console", name]).contains(common::READY) {
+            assert!(Instant::now() < deadline, "{name} did not boot");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+#[test]
+fn drs_moves_load_off_a_busy_host_and_then_rests() {
+    let lab = TestLab::up(2);
+    lab.jeos_and_shared_datastore();
+    // Pack: all guests start on host-1. DRS off: nothing may be applied yet.
+    lab.ok(&["cluster", "set", "--placement", "pack"]);
+    let names = ["busy-1", "busy-2", "busy-3"];
+    for name in names {
+        lab.ok(&[
+            "vm",
+            "create",
+            name,
+            "--image",
+            "jeos",
+            "--memory",
+            "128M",
+            "--datastore",
+            "nfs",
+            "--start",
+        ]);
+    }
+    wait_booted(&lab, &names);
+    for name in names {
+        assert_eq!(vm(&lab, name)["status"]["host"], "host-1");
+        type_line(&lab, name, "(while :; do :; done) >/dev/null 2>&1 &");
+    }
+    // Their host measures what they use.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for name in names {
+        loop {
+            let v = vm(&lab, name);
+            let cores = v["status"]["usage"]["cpu_cores"].as_f64().unwrap_or(0.0);
+            if cores > 0.2 {
+                assert!(v["status"]["usage"]["memory_bytes"].as_u64().unwrap_or(0) > 16 << 20);
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no usage measured for {name}: {v}"
+            );
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+    let err = String::from_utf8_lossy(&lab.corral(&["drs", "apply"]).stderr).into_owned();
+    assert!(err.contains("DRS is off"), "{err}");
+
+    lab.ok(&["cluster", "set", "--drs", "manual"]);
+    let plan = lab.json(&["drs", "plan"]);
+    let moves = plan["moves"].as_array().expect("moves").clone();
+    assert!(!moves.is_empty(), "a busy host and an idle one: {plan}");
+    assert_eq!(moves[0]["from"], "host-1", "{plan}");
+    assert_eq!(moves[0]["to"], "host-2", "{plan}");
+    assert!(
+        moves[0]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("imbalance"),
+        "{plan}"
+    );
+    let load = |p: &Value, when: &str, host: &str| -> f64 {
+        p[when]
+            .as_array()
+            .and_then(|a| a.iter().find(|l| l["host"] == host))
+            .and_then(|l| l["load"].as_f64())
+            .expect("load")
+    };
+    assert!(load(&plan, "before", "host-1") > load(&plan, "before", "host-2"));
+    assert!(plan["imbalance_after"].as_f64() < plan["imbalance_before"].as_f64());
+
+    let id = plan["id"].as_str().expect("id");
+    let applied = lab.json(&["drs", "apply", id]);
+    assert_eq!(
+        applied["tasks"].as_array().map(Vec::len),
+        Some(moves.len()),
+        "{applied}"
+    );
+    for m in &moves {
+        let name = m["vm"].as_str().expect("vm").trim_start_matches("default/");
+        let v = vm(&lab, name);
+        assert_eq!(v["status"]["host"], m["to"], "{name} moved: {v}");
+        assert_eq!(v["status"]["phase"], "running");
+        let mig = lab.json(&["vm", "migration", name]);
+        assert!(
+            mig["reason"].as_str().unwrap_or("").starts_with("DRS:"),
+            "{mig}"
+        );
+    }
+    // A plan that was carried out is not the latest any more once another is made.
+    lab.ok(&["drs", "plan"]);
+    let err = String::from_utf8_lossy(&lab.corral(&["drs", "apply", id]).stderr).into_owned();
+    assert!(err.contains("not the latest plan"), "{err}");
+
+    // Balanced now: moving any other guest would only swap the loads.
+    std::thread::sleep(Duration::from_secs(12));
+    let again = lab.json(&["drs", "plan"]);
+    assert_eq!(
+        again["moves"].as_array().map(Vec::len),
+        Some(0),
+        "after the move DRS rests: {again}"
+    );
+    assert!(!again["note"].as_str().unwrap_or("").is_empty(), "{again}");
+}
