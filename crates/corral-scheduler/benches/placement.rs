@@ -92,7 +92,7 @@ fn main() {
     println!("| hosts | VMs placed | Corral decisions/s | median | p99 | first-fit decisions/s | first-fit median |");
     println!("|---|---|---|---|---|---|---|");
     for n in [10usize, 100, 1_000, 10_000] {
-        let decisions = if n >= 10_000 { 500 } else { 2_000 };
+        let decisions = if n >= 10_000 { 5_000 } else { 2_000 };
         let (rate, lat) = run(n, decisions, |hosts, groups, req| {
             match place(&policy, hosts, groups, req) {
                 Decision::Place { host } => Some(host),

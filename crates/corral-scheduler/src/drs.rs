@@ -5,9 +5,10 @@
 //! memory touched), the larger of the two. The cluster's imbalance is the standard deviation of the
 //! loads of the hosts that take VMs. While the imbalance is above the threshold the aggressiveness
 //! allows, the planner picks the single move with the best ratio of imbalance removed to memory
-//! copied, applies it to its picture of the cluster, and goes on. A move must remove at least
-//! [`MIN_GAIN`] of imbalance and [`MIN_SHARE`] of what there is (hysteresis: small differences are
-//! not worth a migration, and noise in the measurements does not make VMs wander), may not
+//! copied, applies it to its picture of the cluster, and goes on. A move must lower the imbalance
+//! and narrow the gap between its two hosts by [`MIN_PAIR_GAIN`] and [`PAIR_SHARE`] of the gap
+//! (hysteresis: swapping loads or small differences are not worth a migration, and noise in the
+//! measurements does not make VMs wander), may not
 //! break a host's capacity (allocations, with overcommit, as placement counts them) or a hard
 //! affinity rule, and at most [`MOVES_PER_HOST`] moves touch one host per plan (migration
 //! concurrency). VMs that are pinned, not running, migrating or moved within the hold time are not
@@ -19,11 +20,11 @@ use corral_api::{format_bytes, DrsMove, HostLoad};
 
 use crate::{free, Group, HostState, HostView, Policy, Rule, Strength};
 
-/// The least imbalance a move must remove...
-pub const MIN_GAIN: f64 = 0.01;
-/// ...and at least this share of the imbalance there is: a move that changes little is not worth
-/// its migration, and measurement noise does not make VMs wander.
-pub const MIN_SHARE: f64 = 0.25;
+/// A move must narrow the gap between its two hosts' loads by at least this much...
+pub const MIN_PAIR_GAIN: f64 = 0.05;
+/// ...and by at least this share of the gap: a move that only swaps two hosts' loads, or changes
+/// little, is not worth its migration, and noise in the measurements does not make VMs wander.
+pub const PAIR_SHARE: f64 = 0.25;
 /// Moves per plan that may start or end on one host.
 pub const MOVES_PER_HOST: usize = 2;
 /// Moves per plan.
@@ -88,19 +89,12 @@ impl State<'_> {
         self.hosts[i].state == HostState::Connected
     }
 
-    /// Standard deviation of the loads of the active hosts, with the `changes` (host, load) in
-    /// place of what those hosts have (to score a move without making it).
-    fn imbalance_with(&self, changes: &[(usize, f64)]) -> f64 {
-        let loads: Vec<f64> = (0..self.hosts.len())
+    /// Sum and sum of squares of the active hosts' loads, and how many there are.
+    fn moments(&self) -> (f64, f64, f64) {
+        (0..self.hosts.len())
             .filter(|i| self.active(*i))
-            .map(|i| {
-                changes
-                    .iter()
-                    .find(|(c, _)| *c == i)
-                    .map_or_else(|| self.load(i).load, |(_, l)| *l)
-            })
-            .collect();
-        std_dev(&loads)
+            .map(|i| self.load(i).load)
+            .fold((0.0, 0.0, 0.0), |(s, q, n), l| (s + l, q + l * l, n + 1.0))
     }
 
     fn load_with(&self, i: usize, cores: f64, bytes: i128) -> f64 {
@@ -132,13 +126,13 @@ impl State<'_> {
     }
 }
 
-fn std_dev(v: &[f64]) -> f64 {
-    if v.is_empty() {
+/// Standard deviation from the sum and sum of squares of `n` values.
+fn std_dev(sum: f64, squares: f64, n: f64) -> f64 {
+    if n == 0.0 {
         return 0.0;
     }
-    let n = v.len() as f64;
-    let mean = v.iter().sum::<f64>() / n;
-    (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt()
+    let mean = sum / n;
+    (squares / n - mean * mean).max(0.0).sqrt()
 }
 
 fn pct(x: f64) -> String {
@@ -175,7 +169,8 @@ pub fn plan(
     };
     let loads = |s: &State| (0..s.hosts.len()).map(|i| s.load(i)).collect::<Vec<_>>();
     let before = loads(&s);
-    let imbalance_before = s.imbalance_with(&[]);
+    let (sum, squares, n) = s.moments();
+    let imbalance_before = std_dev(sum, squares, n);
     let mut imbalance = imbalance_before;
     let mut moves: Vec<DrsMove> = Vec::new();
     let mut touched = vec![0usize; hosts.len()];
@@ -196,6 +191,7 @@ pub fn plan(
     while note.is_empty() && moves.len() < MAX_MOVES && imbalance > threshold {
         // (score, gain, vm, target, new imbalance)
         let mut best: Option<(f64, f64, &DrsVm, usize, f64)> = None;
+        let (sum, squares, n) = s.moments();
         for vm in vms
             .iter()
             .filter(|v| v.movable && !moved.contains(&v.name.as_str()))
@@ -206,15 +202,28 @@ pub fn plan(
             if !s.active(src) || touched[src] >= MOVES_PER_HOST {
                 continue;
             }
+            let src_now = s.load(src).load;
             let src_load = s.load_with(src, -vm.cpu_demand, -(vm.memory_demand as i128));
             for t in (0..s.hosts.len()).filter(|t| *t != src && s.active(*t)) {
                 if touched[t] >= MOVES_PER_HOST || !s.fits(vm, t, groups) {
                     continue;
                 }
+                let t_now = s.load(t).load;
                 let t_load = s.load_with(t, vm.cpu_demand, vm.memory_demand as i128);
-                let after = s.imbalance_with(&[(src, src_load), (t, t_load)]);
+                let gap = src_now - t_now;
+                let narrowed = gap - (src_load - t_load).abs();
+                if narrowed < MIN_PAIR_GAIN.max(gap * PAIR_SHARE) {
+                    continue;
+                }
+                let after = std_dev(
+                    sum - src_now - t_now + src_load + t_load,
+                    squares - src_now * src_now - t_now * t_now
+                        + src_load * src_load
+                        + t_load * t_load,
+                    n,
+                );
                 let gain = imbalance - after;
-                if gain < MIN_GAIN.max(imbalance * MIN_SHARE) {
+                if gain <= 1e-9 {
                     continue;
                 }
                 let gib = vm.memory_demand as f64 / (1u64 << 30) as f64;
@@ -232,8 +241,7 @@ pub fn plan(
         }
         let Some((_, gain, vm, t, after)) = best else {
             note = format!(
-                "no move removes enough of the imbalance ({:.3} at least) within capacity, rules and the limit of {MOVES_PER_HOST} moves per host",
-                MIN_GAIN.max(imbalance * MIN_SHARE)
+                "no move narrows the gap between two hosts enough (by {MIN_PAIR_GAIN} and a quarter of it) within capacity, rules and the limit of {MOVES_PER_HOST} moves per host"
             );
             break;
         };

@@ -169,7 +169,11 @@ pub fn place(policy: &Policy, hosts: &[HostView], groups: &[Group], req: &Reques
     } else {
         (n * SAMPLE_PERCENT / 100).max(FULL_SCAN_HOSTS)
     };
-    let start = if n == 0 { 0 } else { (fnv1a(&req.vm) % n as u64) as usize };
+    let start = if n == 0 {
+        0
+    } else {
+        (fnv1a(&req.vm) % n as u64) as usize
+    };
     let mut seen = 0usize;
     let mut best: Option<((i64, i64), &HostView)> = None;
     let (mut pinned_out, mut not_connected, mut maintenance) = (0, 0, 0);
@@ -177,7 +181,9 @@ pub fn place(policy: &Policy, hosts: &[HostView], groups: &[Group], req: &Reques
     let mut anti: Vec<String> = Vec::new();
     let mut aff: Vec<String> = Vec::new();
     let hard = my_groups.iter().any(|(g, _)| g.strength == Strength::Must);
-    let soft = my_groups.iter().any(|(g, _)| g.strength == Strength::Should);
+    let soft = my_groups
+        .iter()
+        .any(|(g, _)| g.strength == Strength::Should);
     for h in hosts[start..].iter().chain(&hosts[..start]) {
         if seen >= enough {
             break;
