@@ -69,6 +69,30 @@ pub struct DrsMove {
     pub reason: String,
 }
 
+/// A power recommendation of DPM: a host that could go to standby, and the moves that empty it.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct PowerAction {
+    pub host: String,
+    /// "standby".
+    pub action: String,
+    pub moves: Vec<DrsMove>,
+    pub reason: String,
+}
+
+/// How DPM acts.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PowerManagement {
+    #[default]
+    Off,
+    /// DRS plans say which hosts could go to standby. Corral has no way to power hosts yet
+    /// (no IPMI or Wake-on-LAN), so on real hosts this reports what would be done.
+    Auto,
+}
+
+/// DPM packs hosts up to this load.
+pub const DPM_MAX_LOAD: f64 = 0.8;
+
 /// A DRS plan: moves in order, and every host's load before and after them.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq)]
 pub struct DrsPlan {
@@ -85,6 +109,9 @@ pub struct DrsPlan {
     /// Why there are no moves (or fewer than the imbalance asks for).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub note: String,
+    /// DPM (with `power_management: auto`): hosts that could go to standby after the moves.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub power: Vec<PowerAction>,
 }
 
 /// Body of `POST /api/v1/drs/apply`.

@@ -129,6 +129,10 @@ pub struct ClusterSettings {
     /// 1 (move only for gross imbalance) to 5 (even out small differences).
     #[serde(default = "default_aggressiveness")]
     pub drs_aggressiveness: u8,
+    /// DPM: with auto, DRS plans name the hosts that could go to standby (reported only: Corral
+    /// cannot power hosts yet).
+    #[serde(default)]
+    pub power_management: crate::PowerManagement,
 }
 
 fn default_aggressiveness() -> u8 {
@@ -156,6 +160,7 @@ impl Default for ClusterSettings {
             ha_isolation_response: Default::default(),
             drs_mode: Default::default(),
             drs_aggressiveness: default_aggressiveness(),
+            power_management: Default::default(),
         }
     }
 }

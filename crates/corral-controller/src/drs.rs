@@ -1,5 +1,6 @@
 //! DRS: plans (the scheduler's `drs` planner on the cluster as it is, with each VM's measured
-//! demand) and their application as live migrations, on request (`manual`) or every
+//! demand, and with power management on, the hosts that could then go to standby: reported only,
+//! since Corral cannot power hosts yet) and their application as live migrations, on request (`manual`) or every
 //! [`DRS_PERIOD_SECS`] (`auto`). The latest plan is kept in memory, so `corral drs apply ID`
 //! carries out exactly what `corral drs plan` showed, or refuses if a newer plan replaced it.
 
@@ -11,7 +12,8 @@ use axum::Json;
 use chrono::Utc;
 use corral_api::{
     drs_threshold, keys, ApplyDrsRequest, ApplyDrsResponse, Datastore, DrsMode, DrsPlan,
-    PowerState, Vm, VmPhase, DRS_HOLD_SECS, DRS_PERIOD_SECS, LOCAL_DATASTORE,
+    PowerManagement, PowerState, Vm, VmPhase, DPM_MAX_LOAD, DRS_HOLD_SECS, DRS_PERIOD_SECS,
+    LOCAL_DATASTORE,
 };
 use corral_scheduler::drs::{self, DrsVm};
 use corral_store::list_json;
@@ -73,13 +75,24 @@ pub async fn plan_now(ctx: &Ctx) -> Result<DrsPlan, ApiError> {
             })
         })
         .collect();
-    let p = drs::plan(
-        &view.policy(),
-        &view.sched_hosts(),
-        &view.sched_groups(),
-        &vms,
-        drs_threshold(view.settings.drs_aggressiveness),
-    );
+    let (policy, hosts, groups) = (view.policy(), view.sched_hosts(), view.sched_groups());
+    let threshold = drs_threshold(view.settings.drs_aggressiveness);
+    let p = drs::plan(&policy, &hosts, &groups, &vms, threshold);
+    let power = if view.settings.power_management == PowerManagement::Auto {
+        // Room to restart the VMs of as many failed hosts as HA is told to tolerate, and one more.
+        let keep_on = view.settings.ha_host_failures_to_tolerate as usize + 1;
+        drs::standby(
+            &policy,
+            &hosts,
+            &groups,
+            &vms,
+            &p.moves,
+            keep_on,
+            DPM_MAX_LOAD,
+        )
+    } else {
+        Vec::new()
+    };
     let plan = DrsPlan {
         id: uuid::Uuid::new_v4(),
         created_at: Utc::now(),
@@ -90,6 +103,7 @@ pub async fn plan_now(ctx: &Ctx) -> Result<DrsPlan, ApiError> {
         imbalance_after: p.imbalance_after,
         threshold: p.threshold,
         note: p.note,
+        power,
     };
     *ctx.drs_plan.lock().await = Some(plan.clone());
     Ok(plan)

@@ -5,10 +5,11 @@
 //! memory touched), the larger of the two. The cluster's imbalance is the standard deviation of the
 //! loads of the hosts that take VMs. While the imbalance is above the threshold the aggressiveness
 //! allows, the planner picks the single move with the best ratio of imbalance removed to memory
-//! copied, applies it to its picture of the cluster, and goes on. A move must lower the imbalance
-//! and narrow the gap between its two hosts by [`MIN_PAIR_GAIN`] and [`PAIR_SHARE`] of the gap
-//! (hysteresis: swapping loads or small differences are not worth a migration, and noise in the
-//! measurements does not make VMs wander), may not
+//! copied, applies it to its picture of the cluster, and goes on. A move must lower the imbalance,
+//! leave its target no busier than its source, and narrow the gap between the two by
+//! [`MIN_PAIR_GAIN`] and [`PAIR_SHARE`] of the gap (hysteresis: swapping loads or small
+//! differences are not worth a migration, and noise in the measurements does not make VMs
+//! wander), may not
 //! break a host's capacity (allocations, with overcommit, as placement counts them) or a hard
 //! affinity rule, and at most [`MOVES_PER_HOST`] moves touch one host per plan (migration
 //! concurrency). VMs that are pinned, not running, migrating or moved within the hold time are not
@@ -16,7 +17,7 @@
 
 use std::collections::HashMap;
 
-use corral_api::{format_bytes, DrsMove, HostLoad};
+use corral_api::{format_bytes, DrsMove, HostLoad, PowerAction};
 
 use crate::{free, Group, HostState, HostView, Policy, Rule, Strength};
 
@@ -71,7 +72,47 @@ struct State<'a> {
     at: HashMap<&'a str, usize>,
 }
 
-impl State<'_> {
+impl<'a> State<'a> {
+    fn new(policy: &'a Policy, hosts: &[HostView], vms: &'a [DrsVm]) -> State<'a> {
+        let index: HashMap<&str, usize> = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| (h.name.as_str(), i))
+            .collect();
+        let mut demand = vec![(0.0, 0u64); hosts.len()];
+        let mut at = HashMap::new();
+        for vm in vms {
+            if let Some(&i) = index.get(vm.host.as_str()) {
+                demand[i].0 += vm.cpu_demand;
+                demand[i].1 += vm.memory_demand;
+                at.insert(vm.name.as_str(), i);
+            }
+        }
+        State {
+            policy,
+            hosts: hosts.to_vec(),
+            demand,
+            at,
+        }
+    }
+
+    /// Moves `vm` to host `t` in this picture of the cluster.
+    fn relocate(&mut self, vm: &'a DrsVm, t: usize) {
+        let Some(&src) = self.at.get(vm.name.as_str()) else {
+            return;
+        };
+        self.demand[src].0 -= vm.cpu_demand;
+        self.demand[src].1 -= vm.memory_demand;
+        self.demand[t].0 += vm.cpu_demand;
+        self.demand[t].1 += vm.memory_demand;
+        let h = &mut self.hosts[src];
+        h.allocated_cpus = h.allocated_cpus.saturating_sub(vm.cpus);
+        h.allocated_memory = h.allocated_memory.saturating_sub(vm.memory_bytes);
+        self.hosts[t].allocated_cpus += vm.cpus;
+        self.hosts[t].allocated_memory += vm.memory_bytes;
+        self.at.insert(vm.name.as_str(), t);
+    }
+
     fn load(&self, i: usize) -> HostLoad {
         let h = &self.hosts[i];
         let (c, m) = self.demand[i];
@@ -147,26 +188,7 @@ pub fn plan(
     vms: &[DrsVm],
     threshold: f64,
 ) -> Plan {
-    let index: HashMap<&str, usize> = hosts
-        .iter()
-        .enumerate()
-        .map(|(i, h)| (h.name.as_str(), i))
-        .collect();
-    let mut demand = vec![(0.0, 0u64); hosts.len()];
-    let mut at = HashMap::new();
-    for vm in vms {
-        if let Some(&i) = index.get(vm.host.as_str()) {
-            demand[i].0 += vm.cpu_demand;
-            demand[i].1 += vm.memory_demand;
-            at.insert(vm.name.as_str(), i);
-        }
-    }
-    let mut s = State {
-        policy,
-        hosts: hosts.to_vec(),
-        demand,
-        at,
-    };
+    let mut s = State::new(policy, hosts, vms);
     let loads = |s: &State| (0..s.hosts.len()).map(|i| s.load(i)).collect::<Vec<_>>();
     let before = loads(&s);
     let (sum, squares, n) = s.moments();
@@ -210,9 +232,11 @@ pub fn plan(
                 }
                 let t_now = s.load(t).load;
                 let t_load = s.load_with(t, vm.cpu_demand, vm.memory_demand as i128);
+                // The target must end no busier than the source: a move that turns the pair
+                // around is a swap, which noise would undo next time.
                 let gap = src_now - t_now;
-                let narrowed = gap - (src_load - t_load).abs();
-                if narrowed < MIN_PAIR_GAIN.max(gap * PAIR_SHARE) {
+                let narrowed = gap - (src_load - t_load);
+                if t_load > src_load || narrowed < MIN_PAIR_GAIN.max(gap * PAIR_SHARE) {
                     continue;
                 }
                 let after = std_dev(
@@ -241,23 +265,13 @@ pub fn plan(
         }
         let Some((_, gain, vm, t, after)) = best else {
             note = format!(
-                "no move narrows the gap between two hosts enough (by {MIN_PAIR_GAIN} and a quarter of it) within capacity, rules and the limit of {MOVES_PER_HOST} moves per host"
+                "no move narrows the gap between two hosts enough (by {MIN_PAIR_GAIN} and a quarter of it, without turning them around) within capacity, rules and the limit of {MOVES_PER_HOST} moves per host"
             );
             break;
         };
         let src = s.at[vm.name.as_str()];
         let (src_before, t_before) = (s.load(src).load, s.load(t).load);
-        s.demand[src].0 -= vm.cpu_demand;
-        s.demand[src].1 -= vm.memory_demand;
-        s.demand[t].0 += vm.cpu_demand;
-        s.demand[t].1 += vm.memory_demand;
-        s.hosts[src].allocated_cpus = s.hosts[src].allocated_cpus.saturating_sub(vm.cpus);
-        s.hosts[src].allocated_memory = s.hosts[src]
-            .allocated_memory
-            .saturating_sub(vm.memory_bytes);
-        s.hosts[t].allocated_cpus += vm.cpus;
-        s.hosts[t].allocated_memory += vm.memory_bytes;
-        s.at.insert(vm.name.as_str(), t);
+        s.relocate(vm, t);
         touched[src] += 1;
         touched[t] += 1;
         moved.push(vm.name.as_str());
@@ -291,6 +305,117 @@ pub fn plan(
         threshold,
         note,
     }
+}
+
+/// DPM: hosts that could go to standby once their VMs move to the others, after `moves` (a DRS
+/// plan) are made. Emptiest hosts first; a host qualifies when every VM on it is movable and fits
+/// elsewhere (capacity, hard rules) without taking any host above `max_load`; at least `keep_on`
+/// hosts stay on.
+pub fn standby(
+    policy: &Policy,
+    hosts: &[HostView],
+    groups: &[Group],
+    vms: &[DrsVm],
+    moves: &[DrsMove],
+    keep_on: usize,
+    max_load: f64,
+) -> Vec<PowerAction> {
+    let mut s = State::new(policy, hosts, vms);
+    for m in moves {
+        let (Some(vm), Some(t)) = (
+            vms.iter().find(|v| v.name == m.vm),
+            s.hosts.iter().position(|h| h.name == m.to),
+        ) else {
+            continue;
+        };
+        s.relocate(vm, t);
+    }
+    let mut on: Vec<usize> = (0..s.hosts.len()).filter(|i| s.active(*i)).collect();
+    let mut by_load = on.clone();
+    by_load.sort_by(|a, b| {
+        s.load(*a)
+            .load
+            .total_cmp(&s.load(*b).load)
+            .then_with(|| s.hosts[*a].name.cmp(&s.hosts[*b].name))
+    });
+    let mut rank = vec![0usize; s.hosts.len()];
+    for (r, i) in by_load.iter().enumerate() {
+        rank[*i] = r;
+    }
+    let mut actions = Vec::new();
+    for h in by_load {
+        if on.len() <= keep_on {
+            break;
+        }
+        let mut guests: Vec<&DrsVm> = vms
+            .iter()
+            .filter(|v| s.at.get(v.name.as_str()) == Some(&h))
+            .collect();
+        if guests.iter().any(|v| !v.movable) {
+            continue;
+        }
+        guests.sort_by(|a, b| {
+            b.cpu_demand
+                .total_cmp(&a.cpu_demand)
+                .then(a.name.cmp(&b.name))
+        });
+        // Try on a copy: all the host's VMs find room, or nothing changes.
+        let mut trial = State::new(policy, &s.hosts, vms);
+        trial.at.clone_from(&s.at);
+        trial.demand.clone_from(&s.demand);
+        let mut planned = Vec::new();
+        for vm in &guests {
+            // The fullest host that stays under the cap (packing, so the rest can sleep too); among
+            // equals, the one latest in the order hosts are emptied, so no VM moves twice.
+            let target = on
+                .iter()
+                .copied()
+                .filter(|t| *t != h && trial.fits(vm, *t, groups))
+                .map(|t| {
+                    (
+                        t,
+                        trial.load_with(t, vm.cpu_demand, vm.memory_demand as i128),
+                    )
+                })
+                .filter(|(_, l)| *l <= max_load)
+                .max_by(|a, b| a.1.total_cmp(&b.1).then_with(|| rank[a.0].cmp(&rank[b.0])));
+            let Some((t, _)) = target else {
+                planned.clear();
+                break;
+            };
+            trial.relocate(vm, t);
+            planned.push(DrsMove {
+                vm: vm.name.clone(),
+                from: s.hosts[h].name.clone(),
+                to: trial.hosts[t].name.clone(),
+                gain: 0.0,
+                copy_bytes: vm.memory_demand,
+                reason: format!("empties {} for standby", s.hosts[h].name),
+            });
+        }
+        if planned.len() != guests.len() {
+            continue;
+        }
+        let name = s.hosts[h].name.clone();
+        let reason = if planned.is_empty() {
+            format!("{name} runs nothing: it could go to standby")
+        } else {
+            format!(
+                "{name} could go to standby once its {} VM(s) move; no host would pass {:.0}% load",
+                planned.len(),
+                max_load * 100.0
+            )
+        };
+        s = trial;
+        on.retain(|i| *i != h);
+        actions.push(PowerAction {
+            host: name,
+            action: "standby".into(),
+            moves: planned,
+            reason,
+        });
+    }
+    actions
 }
 
 #[cfg(test)]

@@ -130,6 +130,39 @@ fn a_balanced_cluster_gets_no_moves() {
     assert!(p.note.contains("within the threshold"), "{}", p.note);
 }
 
+#[test]
+fn dpm_names_hosts_that_could_sleep_and_keeps_enough_on() {
+    // Three hosts at a tenth of their CPUs each: two could sleep, one must stay on.
+    let (hosts, vms) = cluster(&[
+        (4, vec![(1, 0.4, 2, true)]),
+        (4, vec![(1, 0.4, 2, true)]),
+        (4, vec![(1, 0.4, 2, true)]),
+    ]);
+    let policy = Policy::default();
+    let acts = standby(&policy, &hosts, &[], &vms, &[], 1, 0.8);
+    assert_eq!(acts.len(), 2, "{acts:?}");
+    assert!(acts
+        .iter()
+        .all(|a| a.action == "standby" && a.moves.len() == 1));
+    let stays: Vec<&str> = acts
+        .iter()
+        .flat_map(|a| a.moves.iter().map(|m| m.to.as_str()))
+        .collect();
+    assert!(
+        stays.iter().all(|h| *h == stays[0]),
+        "packed onto one host: {acts:?}"
+    );
+    assert!(!acts.iter().any(|a| a.host == stays[0]));
+    // Keeping two on (one host failure tolerated) leaves one to sleep.
+    assert_eq!(standby(&policy, &hosts, &[], &vms, &[], 2, 0.8).len(), 1);
+    // Busy hosts stay on: packing would pass the load cap.
+    let (hosts, vms) = cluster(&[(4, vec![(2, 2.0, 2, true)]), (4, vec![(2, 2.0, 2, true)])]);
+    assert!(standby(&policy, &hosts, &[], &vms, &[], 1, 0.8).is_empty());
+    // A host with a VM that may not move stays on.
+    let (hosts, vms) = cluster(&[(4, vec![(1, 0.1, 1, false)]), (4, vec![(1, 0.1, 1, false)])]);
+    assert!(standby(&policy, &hosts, &[], &vms, &[], 1, 0.8).is_empty());
+}
+
 fn arb_cluster() -> impl Strategy<Value = Spec> {
     prop::collection::vec(
         (

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
-use corral_api::{ApplyDrsRequest, ApplyDrsResponse, DrsMode, DrsPlan};
+use corral_api::{ApplyDrsRequest, ApplyDrsResponse, DrsMode, DrsPlan, PowerManagement};
 use corral_api::{
     BuildJeosRequest, ClusterEvent, ClusterSettings, ConsoleChunk, CreateDatastoreRequest,
     CreateGroupRequest, CreateVmRequest, Datastore, GroupRule, GroupStrength, HaPolicy, HaPriority,
@@ -291,6 +291,10 @@ enum ClusterCmd {
         /// How much imbalance DRS tolerates: 1 (only gross) to 5 (evens out small differences).
         #[arg(long)]
         drs_aggressiveness: Option<u8>,
+        /// DPM: auto has DRS plans name the hosts that could go to standby (reported only:
+        /// Corral cannot power hosts yet).
+        #[arg(long, value_enum)]
+        power_management: Option<PowerArg>,
     },
 }
 
@@ -311,6 +315,12 @@ enum PriorityArg {
 enum IsolationArg {
     PowerOff,
     LeaveRunning,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum PowerArg {
+    Off,
+    Auto,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -773,6 +783,7 @@ fn client_command(g: &Global, cmd: Command) -> Result<()> {
             ha_isolation_response,
             drs,
             drs_aggressiveness,
+            power_management,
         }) => {
             let mut s: ClusterSettings = c.get("/cluster")?;
             if let Some(p) = placement {
@@ -813,6 +824,12 @@ fn client_command(g: &Global, cmd: Command) -> Result<()> {
                 };
             }
             s.drs_aggressiveness = drs_aggressiveness.unwrap_or(s.drs_aggressiveness);
+            if let Some(p) = power_management {
+                s.power_management = match p {
+                    PowerArg::Off => PowerManagement::Off,
+                    PowerArg::Auto => PowerManagement::Auto,
+                };
+            }
             output::cluster(fmt, &c.put_json::<ClusterSettings>("/cluster", &s)?)
         }
         Command::Drs(DrsCmd::Plan) => output::drs_plan(fmt, &c.get::<DrsPlan>("/drs/plan")?),

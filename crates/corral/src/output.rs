@@ -422,6 +422,15 @@ pub fn drs_plan(fmt: Format, p: &DrsPlan) -> Result<()> {
     if !p.note.is_empty() {
         println!("{}", p.note);
     }
+    for a in &p.power {
+        println!(
+            "power: {} (reported only: Corral cannot power hosts yet)",
+            a.reason
+        );
+        for m in &a.moves {
+            println!("  {} -> {}", m.vm, m.to);
+        }
+    }
     Ok(())
 }
 
