@@ -6,21 +6,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::netlab::{type_line, TestLab};
+use common::netlab::{type_line, wait_booted, TestLab};
 use serde_json::Value;
 
 fn vm(lab: &TestLab, name: &str) -> Value {
     lab.json(&["vm", "show", name])
-}
-
-fn wait_booted(lab: &TestLab, names: &[&str]) {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    for name in names {
-        while !lab.ok(&["vm", "console", name]).contains(common::READY) {
-            assert!(Instant::now() < deadline, "{name} did not boot");
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    }
 }
 
 #[test]

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::netlab::{guest_value, type_line, TestLab};
+use common::netlab::{guest_value, type_line, wait_booted, TestLab};
 use serde_json::Value;
 
 fn vm(lab: &TestLab, name: &str) -> Value {
@@ -54,16 +54,6 @@ fn counter(lab: &TestLab, name: &str) -> u64 {
     guest_value(lab, name, "COUNT", "read v < /tmp/count")
         .parse()
         .expect("count")
-}
-
-fn wait_booted(lab: &TestLab, names: &[&str]) {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    for name in names {
-        while !lab.ok(&["vm", "console", name]).contains(common::READY) {
-            assert!(Instant::now() < deadline, "{name} did not boot");
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    }
 }
 
 /// Waits until the VM's migration reaches `phase`.

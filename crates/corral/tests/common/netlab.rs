@@ -114,6 +114,17 @@ impl Drop for TestLab {
     }
 }
 
+/// Waits until each VM's console shows the guest's userspace marker.
+pub fn wait_booted(lab: &TestLab, names: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    for name in names {
+        while !lab.ok(&["vm", "console", name]).contains(super::READY) {
+            assert!(Instant::now() < deadline, "{name} did not boot");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
 /// Types a line on the guest's serial console.
 pub fn type_line(lab: &TestLab, name: &str, line: &str) {
     let run_dir = lab.json(&["vm", "show", name])["status"]["run_dir"]
