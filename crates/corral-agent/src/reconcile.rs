@@ -371,10 +371,17 @@ pub(crate) async fn reconcile(
         }
         (PowerState::Running, Some(o)) if o.state == RunState::GuestShutdown => {
             // The guest shut itself down: that is the owner's wish, as with a physical machine.
-            driver.kill(&dir).await?;
+            // Recorded before QEMU goes: had the record lost a race with another write (the
+            // VM's usage), the next pass would find a VM that should run and no QEMU, and start
+            // the guest again.
             vm.spec.power = PowerState::Stopped;
             vm.meta.bump();
             mark_stopped(&mut vm, "GuestPoweredOff", "the guest shut itself down");
+            match write_status(store, key, revision, &vm).await? {
+                Some(r) => revision = r,
+                None => return Ok(Outcome::Requeue(Duration::ZERO)),
+            }
+            driver.kill(&dir).await?;
         }
         (PowerState::Running, Some(o)) if o.state == RunState::Incoming => {
             // Handed over while QEMU still loads the last of the state: it is paused in a moment.

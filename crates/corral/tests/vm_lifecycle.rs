@@ -153,7 +153,8 @@ fn a_guest_that_powers_itself_off_is_recorded_as_stopped() {
         // lost, so it is typed again until the guest goes down.
         if typed.elapsed() > Duration::from_secs(5) && lab.vm("app")["status"]["phase"] == "running"
         {
-            std::io::Write::write_all(&mut s, b"poweroff\n").expect("type");
+            // The guest may be going down already: its console socket closes with QEMU.
+            let _ = std::io::Write::write_all(&mut s, b"poweroff\n");
             typed = std::time::Instant::now();
         }
         let vm = lab.vm("app");
