@@ -21,31 +21,23 @@ use corral_store::list_json;
 use crate::placement::{self, qualified, ClusterView};
 use crate::{migrations, ApiError, ApiJson, Ctx};
 
-/// Why a VM may not be moved by DRS now, if it may not.
-fn unmovable(vm: &Vm, view: &ClusterView, shared: &[String]) -> Option<&'static str> {
-    if vm.spec.host.is_some() {
-        return Some("pinned");
-    }
-    if vm.spec.power != PowerState::Running || vm.status.phase != VmPhase::Running {
-        return Some("not running");
-    }
-    if vm.meta.deletion_requested_at.is_some() {
-        return Some("being deleted");
-    }
-    if view
+/// Whether DRS may move the VM now: running, not pinned, not being deleted or migrated, its disk
+/// on a shared datastore, and not moved within the hold time.
+fn movable(vm: &Vm, view: &ClusterView, shared: &[String]) -> bool {
+    let migrating = view
         .migrations
         .iter()
-        .any(|m| m.vm_uid == vm.meta.uid && !m.phase.is_finished())
-    {
-        return Some("migrating");
-    }
-    if !shared.contains(&vm.spec.datastore) {
-        return Some("disk not on a shared datastore");
-    }
+        .any(|m| m.vm_uid == vm.meta.uid && !m.phase.is_finished());
     let held = vm.status.events.iter().any(|e| {
         e.reason.starts_with("Migrat") && (Utc::now() - e.at).num_seconds() < DRS_HOLD_SECS
     });
-    held.then_some("moved within the hold time")
+    vm.spec.host.is_none()
+        && vm.spec.power == PowerState::Running
+        && vm.status.phase == VmPhase::Running
+        && vm.meta.deletion_requested_at.is_none()
+        && !migrating
+        && shared.contains(&vm.spec.datastore)
+        && !held
 }
 
 /// A plan for the cluster as it is now.
@@ -71,7 +63,7 @@ pub async fn plan_now(ctx: &Ctx) -> Result<DrsPlan, ApiError> {
                 // Not measured yet: count what it was given.
                 cpu_demand: usage.map_or(f64::from(v.spec.cpus), |u| u.cpu_cores),
                 memory_demand: usage.map_or(v.spec.memory_bytes, |u| u.memory_bytes),
-                movable: unmovable(v, &view, &shared).is_none(),
+                movable: movable(v, &view, &shared),
             })
         })
         .collect();

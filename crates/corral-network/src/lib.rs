@@ -112,8 +112,6 @@ pub struct PortPlan {
     pub mtu: u32,
     pub mac: String,
     pub ip: Ipv4Addr,
-    /// `project/vm`, for messages.
-    pub vm: String,
 }
 
 /// Everything this host's networking should be.
@@ -200,7 +198,6 @@ pub fn ports_of(vm: &Vm, networks: &[Network]) -> Vec<PortPlan> {
                 mtu: net.mtu(),
                 mac: nic.mac.clone(),
                 ip: nic.ip.parse().ok()?,
-                vm: format!("{}/{}", vm.meta.project, vm.meta.name),
             })
         })
         .collect()

@@ -498,17 +498,17 @@ impl NetDriver for LinuxNet {
         let have = links().await?;
         // One network that cannot be made (say, a VLAN on a kernel without 802.1Q) must not
         // keep the others down: its NICs stay down, the rest goes on, the error is returned.
-        let mut failed: Vec<(String, NetError)> = Vec::new();
+        let mut failed: Vec<(String, String, NetError)> = Vec::new();
         for n in &plan.networks {
             let made = async {
                 self.ensure_network(&mut st, &have, n).await?;
                 self.ensure_dnsmasq(n).await
             };
             if let Err(e) = made.await {
-                failed.push((n.bridge.clone(), e));
+                failed.push((n.bridge.clone(), n.name.clone(), e));
             }
         }
-        let working = |p: &&PortPlan| !failed.iter().any(|(b, _)| *b == p.bridge);
+        let working = |p: &&PortPlan| !failed.iter().any(|(b, _, _)| *b == p.bridge);
         for p in plan.ports.iter().filter(working) {
             self.ensure_tap(&mut st, &have, p).await?;
         }
@@ -572,8 +572,8 @@ impl NetDriver for LinuxNet {
         }
         self.save(&st.owned)?;
         match failed.into_iter().next() {
-            Some((bridge, e)) => Err(NetError::Command {
-                what: format!("making bridge {bridge}"),
+            Some((bridge, network, e)) => Err(NetError::Command {
+                what: format!("making network {network} (bridge {bridge})"),
                 message: e.to_string(),
             }),
             None => Ok(()),
