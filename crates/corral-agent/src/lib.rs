@@ -15,6 +15,7 @@ mod migrate;
 mod network;
 mod reconcile;
 pub mod remote;
+pub mod sim;
 mod storage;
 mod usage;
 

@@ -91,7 +91,7 @@ async fn update(
 }
 
 /// Ends the migration as failed (or cancelled); the source also notes it in the VM's events.
-async fn end(
+pub(crate) async fn end(
     store: &dyn Store,
     mig_key: &str,
     vm_key: &str,
@@ -110,8 +110,13 @@ async fn end(
     Ok(())
 }
 
-/// Adds a migration that did not complete to the VM's events (the source's VM: only it writes).
-async fn note_end(store: &dyn Store, vm_key: &str, m: &Migration) -> Result<(), AgentError> {
+/// Adds a migration that did not complete to the VM's events (the source's VM: only it writes),
+/// once: noting the same end again changes nothing.
+pub(crate) async fn note_end(
+    store: &dyn Store,
+    vm_key: &str,
+    m: &Migration,
+) -> Result<(), AgentError> {
     let reason = if m.phase == MigrationPhase::Cancelled {
         "MigrationCancelled"
     } else {
@@ -120,6 +125,14 @@ async fn note_end(store: &dyn Store, vm_key: &str, m: &Migration) -> Result<(), 
     let event = VmEvent::new(reason, m.summary());
     update_json::<Vm, AgentError>(store, vm_key, |vm| {
         if vm.meta.uid != m.vm_uid || vm.status.host.as_deref() != Some(m.source.as_str()) {
+            return Ok(false);
+        }
+        let noted = vm
+            .status
+            .events
+            .last()
+            .is_some_and(|e| e.reason == event.reason && e.message == event.message);
+        if noted {
             return Ok(false);
         }
         vm.status.push_event(event.clone());
@@ -455,47 +468,23 @@ async fn hand_over(
             .disk
             .as_ref()
             .map_or(m.progress.disk_total_bytes, |d| d.total);
-        m.phase = MigrationPhase::Completed;
-        m.progress.stage = "done".into();
-        m.progress.percent = 100;
-        m.result = Some(MigrationResult {
+        let source_disk = v.status.disk.as_ref().map(|d| PathBuf::from(&d.path));
+        let result = MigrationResult {
             downtime_ms: transfer.downtime_ms.unwrap_or(0),
             total_ms,
             memory_bytes: transfer.memory_sent,
             disk_bytes,
             completed_at: Some(completed_at),
-        });
-        m.updated_at = Utc::now();
-        let source_disk = v.status.disk.as_ref().map(|d| PathBuf::from(&d.path));
-        v.status.host = Some(m.target.clone());
-        v.status.pid = m.target_pid;
-        v.status.run_dir = m.target_run_dir.clone();
-        if let (Some(path), Some(d)) = (&m.target_disk, v.status.disk.as_mut()) {
-            d.path = path.clone();
-        }
-        v.status.phase = VmPhase::Running;
-        // The target's VM worker resumes the guest and marks the condition true.
-        v.status.set_condition(
-            "Running",
-            false,
-            RESUMING,
-            &format!("live-migrated from {}", m.source),
-        );
-        v.status.push_event(VmEvent::new("Migrated", m.summary()));
-        let ops = vec![
-            Op::Put {
-                key: vm_key.to_string(),
-                value: serde_json::to_vec(&v).map_err(StoreError::from)?,
-                when: Precondition::ModRevision(vm.revision),
-                lease: None,
-            },
-            Op::Put {
-                key: mig_key.to_string(),
-                value: serde_json::to_vec(&m).map_err(StoreError::from)?,
-                when: Precondition::ModRevision(mig.revision),
-                lease: None,
-            },
-        ];
+        };
+        let ops = handover_ops(
+            vm_key,
+            &mut v,
+            vm.revision,
+            mig_key,
+            &mut m,
+            mig.revision,
+            result,
+        )?;
         match store.txn(ops).await {
             Ok(_) => break (source_disk, m.shared_storage),
             Err(StoreError::Conflict { .. }) => continue,
@@ -508,6 +497,53 @@ async fn hand_over(
     let (disk, shared) = source_disk;
     remove_vm_files(dir, if shared { None } else { disk.as_deref() })?;
     Ok(Outcome::Gone)
+}
+
+/// The handover as one transaction: the VM becomes the target's (its worker there resumes the
+/// guest and marks the `Running` condition true) and the migration completes, each guarded by the
+/// revision it was read at.
+pub(crate) fn handover_ops(
+    vm_key: &str,
+    v: &mut Vm,
+    vm_rev: u64,
+    mig_key: &str,
+    m: &mut Migration,
+    mig_rev: u64,
+    result: MigrationResult,
+) -> Result<Vec<Op>, AgentError> {
+    m.phase = MigrationPhase::Completed;
+    m.progress.stage = "done".into();
+    m.progress.percent = 100;
+    m.result = Some(result);
+    m.updated_at = Utc::now();
+    v.status.host = Some(m.target.clone());
+    v.status.pid = m.target_pid;
+    v.status.run_dir = m.target_run_dir.clone();
+    if let (Some(path), Some(d)) = (&m.target_disk, v.status.disk.as_mut()) {
+        d.path = path.clone();
+    }
+    v.status.phase = VmPhase::Running;
+    v.status.set_condition(
+        "Running",
+        false,
+        RESUMING,
+        &format!("live-migrated from {}", m.source),
+    );
+    v.status.push_event(VmEvent::new("Migrated", m.summary()));
+    Ok(vec![
+        Op::Put {
+            key: vm_key.to_string(),
+            value: serde_json::to_vec(&*v).map_err(StoreError::from)?,
+            when: Precondition::ModRevision(vm_rev),
+            lease: None,
+        },
+        Op::Put {
+            key: mig_key.to_string(),
+            value: serde_json::to_vec(&*m).map_err(StoreError::from)?,
+            when: Precondition::ModRevision(mig_rev),
+            lease: None,
+        },
+    ])
 }
 
 /// The target's side: prepares the incoming copy, watches it, and removes it if the migration does

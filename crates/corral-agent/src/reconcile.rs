@@ -553,6 +553,38 @@ pub struct Agent {
     gossip: std::sync::OnceLock<std::net::SocketAddr>,
 }
 
+/// Writes the host's status (registering the host if it is not yet), keeping what the operator set;
+/// returns the record as written.
+pub(crate) async fn write_heartbeat(
+    store: &dyn Store,
+    host: &str,
+    status: HostStatus,
+) -> Result<Host, AgentError> {
+    let key = keys::host(host);
+    loop {
+        let updated = update_json::<Host, AgentError>(store, &key, |h| {
+            h.status = status.clone();
+            Ok(true)
+        })
+        .await?;
+        if let Some(record) = updated {
+            return Ok(record);
+        }
+        let record = Host {
+            name: host.to_string(),
+            maintenance: false,
+            standby: false,
+            status: status.clone(),
+        };
+        let bytes = serde_json::to_vec(&record).map_err(StoreError::from)?;
+        match store.put(&key, bytes, Precondition::Absent).await {
+            Ok(_) => return Ok(record),
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 fn memory_bytes() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
@@ -594,29 +626,12 @@ impl Agent {
             last_heartbeat: Utc::now(),
             gossip: self.gossip.get().copied(),
             address: Some(self.cfg.address),
+            power_control: false,
+            standby: false,
         };
-        let key = keys::host(&self.cfg.host);
-        loop {
-            let updated = update_json::<Host, AgentError>(&*self.store, &key, |h| {
-                h.status = status.clone();
-                Ok(true)
-            })
-            .await?;
-            if updated.is_some() {
-                return Ok(());
-            }
-            let host = Host {
-                name: self.cfg.host.clone(),
-                maintenance: false,
-                status: status.clone(),
-            };
-            let bytes = serde_json::to_vec(&host).map_err(StoreError::from)?;
-            match self.store.put(&key, bytes, Precondition::Absent).await {
-                Ok(_) => return Ok(()),
-                Err(StoreError::Conflict { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
+        write_heartbeat(&*self.store, &self.cfg.host, status)
+            .await
+            .map(drop)
     }
 
     /// Registers the host, then reconciles VMs until the task is dropped.

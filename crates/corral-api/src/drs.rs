@@ -85,13 +85,18 @@ pub struct PowerAction {
 pub enum PowerManagement {
     #[default]
     Off,
-    /// DRS plans say which hosts could go to standby. Corral has no way to power hosts yet
-    /// (no IPMI or Wake-on-LAN), so on real hosts this reports what would be done.
+    /// DRS plans say which hosts could go to standby; with DRS in `auto`, hosts that can be
+    /// powered (simulated hosts; real hosts have no IPMI or Wake-on-LAN support yet, so for them
+    /// this reports what would be done) are emptied and put in standby, and woken when capacity is
+    /// needed.
     Auto,
 }
 
 /// DPM packs hosts up to this load.
 pub const DPM_MAX_LOAD: f64 = 0.8;
+/// DPM wakes a standby host when any host is loaded above this, or a VM waits for room (above
+/// [`DPM_MAX_LOAD`], so that a host put in standby is not woken by the load it left behind).
+pub const DPM_WAKE_LOAD: f64 = 0.9;
 
 /// A DRS plan: moves in order, and every host's load before and after them.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq)]

@@ -28,6 +28,10 @@ pub struct Host {
     /// A host in maintenance gets no new VMs.
     #[serde(default)]
     pub maintenance: bool,
+    /// DPM asks the host to go to standby (once its VMs have moved away) or, set back to false, to
+    /// wake. Only hosts whose agent can power the machine act on it (`status.power_control`).
+    #[serde(default)]
+    pub standby: bool,
     pub status: HostStatus,
 }
 
@@ -50,6 +54,13 @@ pub struct HostStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>, example = "10.0.0.11")]
     pub address: Option<std::net::IpAddr>,
+    /// The agent can put the machine in standby and wake it (simulated hosts can; real hosts
+    /// cannot yet, so DPM only reports what it would do with them).
+    #[serde(default)]
+    pub power_control: bool,
+    /// The host went to standby at DPM's request: it is powered down, silent on purpose.
+    #[serde(default)]
+    pub standby: bool,
 }
 
 /// Whether a host takes part in the cluster.
@@ -62,6 +73,9 @@ pub enum HostState {
     NotResponding,
     /// The operator took it out of service: no new VMs.
     Maintenance,
+    /// DPM powered it down (or is emptying it to do so): no new VMs; it wakes when capacity is
+    /// needed.
+    Standby,
 }
 
 /// A host as the API shows it: the record, its state, and what is placed on it.

@@ -22,7 +22,8 @@ mod vm;
 pub use datastore::{CreateDatastoreRequest, Datastore, LOCAL_DATASTORE};
 pub use drs::{
     drs_threshold, ApplyDrsRequest, ApplyDrsResponse, DrsMode, DrsMove, DrsPlan, HostLoad,
-    PowerAction, PowerManagement, VmUsage, DPM_MAX_LOAD, DRS_HOLD_SECS, DRS_PERIOD_SECS,
+    PowerAction, PowerManagement, VmUsage, DPM_MAX_LOAD, DPM_WAKE_LOAD, DRS_HOLD_SECS,
+    DRS_PERIOD_SECS,
 };
 pub use error::{ApiErrorBody, ValidationError};
 pub use group::{CreateGroupRequest, GroupRule, GroupStrength, VmGroup};

@@ -137,6 +137,7 @@ async fn join(
     let host = Host {
         name: req.host.clone(),
         maintenance: false,
+        standby: false,
         status: HostStatus {
             cpus: 0,
             memory_bytes: 0,
@@ -145,6 +146,8 @@ async fn join(
             last_heartbeat: DateTime::<Utc>::UNIX_EPOCH,
             gossip: None,
             address: None,
+            power_control: false,
+            standby: false,
         },
     };
     // One transaction: the token is used up, the name is taken, the certificate is known.

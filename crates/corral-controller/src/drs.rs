@@ -1,8 +1,13 @@
 //! DRS: plans (the scheduler's `drs` planner on the cluster as it is, with each VM's measured
-//! demand, and with power management on, the hosts that could then go to standby: reported only,
-//! since Corral cannot power hosts yet) and their application as live migrations, on request (`manual`) or every
-//! [`DRS_PERIOD_SECS`] (`auto`). The latest plan is kept in memory, so `corral drs apply ID`
-//! carries out exactly what `corral drs plan` showed, or refuses if a newer plan replaced it.
+//! demand, and with power management on, the hosts that could then go to standby) and their
+//! application as live migrations, on request (`manual`) or every [`DRS_PERIOD_SECS`] (`auto`).
+//! The latest plan is kept in memory, so `corral drs apply ID` carries out exactly what `corral drs
+//! plan` showed, or refuses if a newer plan replaced it.
+//!
+//! DPM acts in `auto` on hosts whose agent can power the machine (simulated hosts, for now): one
+//! host at a time is asked for standby, emptied as for maintenance, and powers down; a standby host
+//! is woken when a VM waits for room or a host runs above [`DPM_WAKE_LOAD`]. Real hosts cannot be
+//! powered by Corral yet, so for them the plan only names what would be done.
 
 use std::time::Duration;
 
@@ -11,15 +16,15 @@ use axum::http::StatusCode;
 use axum::Json;
 use chrono::Utc;
 use corral_api::{
-    drs_threshold, keys, ApplyDrsRequest, ApplyDrsResponse, Datastore, DrsMode, DrsPlan,
-    PowerManagement, PowerState, Vm, VmPhase, DPM_MAX_LOAD, DRS_HOLD_SECS, DRS_PERIOD_SECS,
-    LOCAL_DATASTORE,
+    drs_threshold, keys, ApplyDrsRequest, ApplyDrsResponse, Datastore, DrsMode, DrsPlan, Host,
+    PowerManagement, PowerState, Vm, VmPhase, DPM_MAX_LOAD, DPM_WAKE_LOAD, DRS_HOLD_SECS,
+    DRS_PERIOD_SECS, LOCAL_DATASTORE,
 };
 use corral_scheduler::drs::{self, DrsVm};
-use corral_store::list_json;
+use corral_store::{list_json, update_json};
 
 use crate::placement::{self, qualified, ClusterView};
-use crate::{migrations, ApiError, ApiJson, Ctx};
+use crate::{events, migrations, ApiError, ApiJson, Ctx};
 
 /// Whether DRS may move the VM now: running, not pinned, not being deleted or migrated, its disk
 /// on a shared datastore, and not moved within the hold time.
@@ -155,11 +160,87 @@ pub async fn apply(
     Ok((StatusCode::ACCEPTED, Json(carry_out(&ctx, plan).await)))
 }
 
-/// Automatic DRS: every period, when the cluster is in `auto` and no migration is under way,
+/// Asks a host for standby (`true`) or to wake (`false`), and records the event.
+async fn set_standby(ctx: &Ctx, host: &str, standby: bool, why: &str) -> Result<(), ApiError> {
+    let changed = update_json::<Host, ApiError>(&*ctx.store, &keys::host(host), |h| {
+        let change = h.standby != standby;
+        h.standby = standby;
+        Ok(change)
+    })
+    .await?;
+    if changed.is_some() {
+        let (reason, what) = if standby {
+            ("HostStandby", "goes to standby")
+        } else {
+            ("HostWaking", "is woken")
+        };
+        events::record(
+            &*ctx.store,
+            reason,
+            &format!("host/{host}"),
+            &format!("host {host} {what}: {why}"),
+        )
+        .await;
+    }
+    Ok(())
+}
+
+/// DPM's step: wake a standby host when capacity is short, else send the plan's first candidate
+/// that can be powered to standby, one host at a time.
+async fn power(ctx: &Ctx, view: &ClusterView, plan: &DrsPlan) -> Result<(), ApiError> {
+    let hosts: Vec<&Host> = view.hosts.iter().map(|(h, _)| h).collect();
+    let waiting = view
+        .vms
+        .iter()
+        .filter(|v| v.status.host.is_none() && v.meta.deletion_requested_at.is_none())
+        .count();
+    let hot = plan.before.iter().find(|l| l.load > DPM_WAKE_LOAD);
+    if waiting > 0 || hot.is_some() {
+        // The largest asleep host: the most room per wake-up.
+        let asleep = hosts
+            .iter()
+            .filter(|h| h.standby)
+            .max_by_key(|h| (h.status.memory_bytes, std::cmp::Reverse(h.name.clone())));
+        if let Some(h) = asleep {
+            let why = match hot {
+                Some(l) if waiting == 0 => format!("{} runs at {:.0}%", l.host, l.load * 100.0),
+                _ => format!("{waiting} VM(s) wait for room"),
+            };
+            set_standby(ctx, &h.name, false, &why).await?;
+        }
+        return Ok(());
+    }
+    // One host at a time: the last one asked must be down first.
+    if hosts.iter().any(|h| h.standby && !h.status.standby) {
+        return Ok(());
+    }
+    for action in &plan.power {
+        let Some(h) = hosts.iter().find(|h| h.name == action.host) else {
+            continue;
+        };
+        // Stopped VMs would be stranded on a host that sleeps: only hosts with running VMs only.
+        let stranded = view.vms.iter().any(|v| {
+            v.status.host.as_deref() == Some(h.name.as_str())
+                && (v.status.phase != VmPhase::Running || v.spec.power != PowerState::Running)
+        });
+        if h.status.power_control && !h.maintenance && !stranded {
+            return set_standby(ctx, &h.name, true, &action.reason).await;
+        }
+    }
+    Ok(())
+}
+
+/// Automatic DRS: every period ([`DRS_PERIOD_SECS`]), when the cluster is in `auto` and no migration is under way,
 /// plans and carries the plan out.
 pub fn spawn(ctx: Ctx) {
+    // Labs and tests may run it more often (`CORRAL_DRS_PERIOD_SECS`).
+    let period = std::env::var("CORRAL_DRS_PERIOD_SECS")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .filter(|s| *s > 0)
+        .unwrap_or(DRS_PERIOD_SECS);
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(DRS_PERIOD_SECS));
+        let mut tick = tokio::time::interval(Duration::from_secs(period));
         tick.tick().await;
         loop {
             tick.tick().await;
@@ -172,6 +253,9 @@ pub fn spawn(ctx: Ctx) {
                     return Ok(());
                 }
                 let plan = plan_now(&ctx).await?;
+                if view.settings.power_management == PowerManagement::Auto {
+                    power(&ctx, &view, &plan).await?;
+                }
                 if !plan.moves.is_empty() {
                     let done = carry_out(&ctx, plan).await;
                     tracing::info!(

@@ -259,7 +259,9 @@ async fn watch(ctx: &Ctx, tick: u64) -> Result<(), ApiError> {
     let read = tokio::task::spawn_blocking(move || read_leases(shared))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let (hosts, _) = list_json::<Host>(&*ctx.store, keys::HOSTS).await?;
+    let (mut hosts, _) = list_json::<Host>(&*ctx.store, keys::HOSTS).await?;
+    // A host DPM put in standby is silent on purpose (it has no VMs left to restart).
+    hosts.retain(|h| !h.status.standby);
     let isolation_response = placement::settings(ctx).await?.ha_isolation_response;
     let now = Instant::now();
     let mut transitions = Vec::new();

@@ -394,10 +394,13 @@ pub async fn give_up_stale(ctx: &Ctx) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Starts migrations off every host in maintenance, a few at a time per host.
+/// Starts migrations off every host in maintenance or going to standby, a few at a time per host.
 pub async fn evacuate(ctx: &Ctx) -> Result<(), ApiError> {
     let (hosts, _) = list_json::<Host>(&*ctx.store, keys::HOSTS).await?;
-    let draining: Vec<Host> = hosts.into_iter().filter(|h| h.maintenance).collect();
+    let draining: Vec<Host> = hosts
+        .into_iter()
+        .filter(|h| h.maintenance || (h.standby && !h.status.standby))
+        .collect();
     if draining.is_empty() {
         return Ok(());
     }
@@ -423,7 +426,12 @@ pub async fn evacuate(ctx: &Ctx) -> Result<(), ApiError> {
             if last.is_some_and(|m| !m.phase.is_finished()) || recently_failed {
                 continue;
             }
-            let reason = format!("evacuating {} for maintenance", host.name);
+            let why = if host.maintenance {
+                "maintenance"
+            } else {
+                "standby (DPM)"
+            };
+            let reason = format!("evacuating {} for {why}", host.name);
             match start(ctx, &vm.meta.project, &vm.meta.name, None, &reason).await {
                 Ok(_) => busy += 1,
                 Err(e) => {

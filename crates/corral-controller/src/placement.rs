@@ -36,6 +36,10 @@ pub struct ClusterView {
 }
 
 pub fn host_state(h: &Host, now: DateTime<Utc>) -> (HostState, Option<DateTime<Utc>>) {
+    // Asked to go to standby, or still there while it wakes: silent on purpose.
+    if h.standby || h.status.standby {
+        return (HostState::Standby, None);
+    }
     let silent = (now - h.status.last_heartbeat).to_std().unwrap_or_default() > HEARTBEAT_TIMEOUT;
     if silent {
         (HostState::NotResponding, Some(h.status.last_heartbeat))
@@ -175,6 +179,7 @@ impl ClusterView {
                     HostState::Connected => sched::HostState::Connected,
                     HostState::NotResponding => sched::HostState::NotResponding,
                     HostState::Maintenance => sched::HostState::Maintenance,
+                    HostState::Standby => sched::HostState::Standby,
                 },
                 cpus: i.host.status.cpus,
                 memory_bytes: i.host.status.memory_bytes,

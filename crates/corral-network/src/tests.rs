@@ -9,6 +9,7 @@ fn host(name: &str, ip: &str) -> Host {
     Host {
         name: name.into(),
         maintenance: false,
+        standby: false,
         status: HostStatus {
             cpus: 2,
             memory_bytes: 1 << 30,
@@ -17,6 +18,8 @@ fn host(name: &str, ip: &str) -> Host {
             last_heartbeat: chrono::Utc::now(),
             gossip: None,
             address: Some(ip.parse().unwrap()),
+            power_control: false,
+            standby: false,
         },
     }
 }

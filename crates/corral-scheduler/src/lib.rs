@@ -21,6 +21,8 @@ pub enum HostState {
     Connected,
     NotResponding,
     Maintenance,
+    /// Powered down by DPM (or being emptied for it).
+    Standby,
 }
 
 /// What the scheduler knows of a host.
@@ -176,7 +178,7 @@ pub fn place(policy: &Policy, hosts: &[HostView], groups: &[Group], req: &Reques
     };
     let mut seen = 0usize;
     let mut best: Option<((i64, i64), &HostView)> = None;
-    let (mut pinned_out, mut not_connected, mut maintenance) = (0, 0, 0);
+    let (mut pinned_out, mut not_connected, mut maintenance, mut standby) = (0, 0, 0, 0);
     let (mut no_cpu, mut no_mem) = (0, 0);
     let mut anti: Vec<String> = Vec::new();
     let mut aff: Vec<String> = Vec::new();
@@ -200,6 +202,10 @@ pub fn place(policy: &Policy, hosts: &[HostView], groups: &[Group], req: &Reques
             }
             HostState::Maintenance => {
                 maintenance += 1;
+                continue;
+            }
+            HostState::Standby => {
+                standby += 1;
                 continue;
             }
         }
@@ -273,7 +279,14 @@ pub fn place(policy: &Policy, hosts: &[HostView], groups: &[Group], req: &Reques
                 policy,
                 hosts,
                 req,
-                [pinned_out, not_connected, maintenance, no_cpu, no_mem],
+                [
+                    pinned_out,
+                    not_connected,
+                    maintenance,
+                    standby,
+                    no_cpu,
+                    no_mem,
+                ],
                 &anti,
                 &aff,
             ),
@@ -285,11 +298,11 @@ fn reason(
     policy: &Policy,
     hosts: &[HostView],
     req: &Request,
-    counts: [usize; 5],
+    counts: [usize; 6],
     anti: &[String],
     aff: &[String],
 ) -> String {
-    let [pinned_out, not_connected, maintenance, no_cpu, no_mem] = counts;
+    let [pinned_out, not_connected, maintenance, standby, no_cpu, no_mem] = counts;
     if hosts.is_empty() {
         return "no host is connected: start a host agent (`corral up` runs one)".into();
     }
@@ -341,6 +354,11 @@ fn reason(
     }
     if maintenance > 0 {
         parts.push(format!("{maintenance} host(s) in maintenance"));
+    }
+    if standby > 0 {
+        parts.push(format!(
+            "{standby} host(s) in standby (with power management on, DPM wakes one when a VM waits for room)"
+        ));
     }
     if not_connected > 0 {
         parts.push(format!("{not_connected} host(s) not responding"));

@@ -56,6 +56,96 @@ pub struct UpArgs {
 pub struct ControllerArgs {
     #[command(flatten)]
     server: ServerArgs,
+    /// Simulated hosts run in the controller's process (scale tests; see `corral agent --simulate`
+    /// for simulated hosts that join over the network).
+    #[command(flatten)]
+    sim: SimArgs,
+}
+
+/// Simulated hosts: fake hypervisor hosts that take VMs through the agent protocol without QEMU.
+#[derive(Args, Debug, Clone)]
+pub struct SimArgs {
+    /// Number of simulated hosts, named PREFIX-1 .. PREFIX-N (0: none).
+    #[arg(long, default_value_t = 0)]
+    sim_hosts: u32,
+    /// Name prefix of the simulated hosts.
+    #[arg(long, default_value = "sim")]
+    sim_prefix: String,
+    /// CPUs of each simulated host.
+    #[arg(long, default_value_t = 32)]
+    sim_cpus: u32,
+    /// Memory of each simulated host, e.g. 256G.
+    #[arg(long, default_value = "256G")]
+    sim_memory: String,
+    /// CPU demand of the VMs by name prefix: "hot-=0.9,=sine:0.1-0.5/300" (a fraction of the vCPUs,
+    /// or a sine between two fractions with a period in seconds); unmatched VMs idle at 0.05;
+    /// "none" reports no usage.
+    #[arg(long, default_value = "")]
+    sim_load: String,
+    /// Chance (0 to 1) that a VM start fails (fault injection).
+    #[arg(long, default_value_t = 0.0)]
+    sim_fail_starts: f64,
+    /// Chance (0 to 1) that a live migration fails, at the target's preparation or at the copy.
+    #[arg(long, default_value_t = 0.0)]
+    sim_fail_migrations: f64,
+    /// How long a simulated guest takes to start (and a host to wake), in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    sim_boot_ms: u64,
+    /// Seconds between heartbeats of each simulated host (a real agent: 5).
+    #[arg(long, default_value_t = 5)]
+    sim_heartbeat: u64,
+    /// A file naming the simulated hosts to keep dead, one per line (read every half second;
+    /// `corral lab fault` writes it): a dead host stops heartbeating, reporting and acting.
+    #[arg(long)]
+    sim_faults: Option<PathBuf>,
+}
+
+impl SimArgs {
+    fn names(&self) -> Result<Vec<String>> {
+        (1..=self.sim_hosts)
+            .map(|i| {
+                let name = format!("{}-{i}", self.sim_prefix);
+                corral_api::validate_name("host", &name)?;
+                Ok(name)
+            })
+            .collect()
+    }
+
+    fn spec(&self, address: std::net::IpAddr) -> Result<corral_agent::sim::SimSpec> {
+        let chance = |what: &str, p: f64| {
+            if (0.0..=1.0).contains(&p) {
+                Ok(p)
+            } else {
+                anyhow::bail!("{what} {p} is not a chance from 0 to 1")
+            }
+        };
+        let load = if self.sim_load.is_empty() {
+            Default::default()
+        } else {
+            self.sim_load.parse().map_err(anyhow::Error::msg)?
+        };
+        Ok(corral_agent::sim::SimSpec {
+            cpus: self.sim_cpus.max(1),
+            memory_bytes: corral_api::parse_size("--sim-memory", &self.sim_memory)?,
+            address,
+            boot: Duration::from_millis(self.sim_boot_ms),
+            fail_starts: chance("--sim-fail-starts", self.sim_fail_starts)?,
+            fail_migrations: chance("--sim-fail-migrations", self.sim_fail_migrations)?,
+            loads: load,
+            memory_use: 0.5,
+            heartbeat: Duration::from_secs(self.sim_heartbeat.clamp(1, 10)),
+            ..Default::default()
+        })
+    }
+
+    /// Runs the fleet (and follows the faults file) in the background.
+    fn spawn(&self, spec: corral_agent::sim::SimSpec, hosts: Vec<corral_agent::sim::SimHost>) {
+        let fleet = corral_agent::sim::Fleet::new(spec, hosts);
+        if let Some(f) = &self.sim_faults {
+            tokio::spawn(fleet.clone().follow_faults(f.clone()));
+        }
+        tokio::spawn(fleet.run());
+    }
 }
 
 fn default_data_dir() -> PathBuf {
@@ -101,16 +191,13 @@ fn init_logging() {
 }
 
 /// Opens the store, prepares the controller and serves the API until Ctrl-C or SIGTERM.
-async fn serve(args: &ServerArgs, agent: Option<(AccelChoice, String, Duration)>) -> Result<()> {
-    let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
-    std::fs::create_dir_all(&data_dir)
-        .with_context(|| format!("creating the data dir {}", data_dir.display()))?;
+async fn serve(
+    args: &ServerArgs,
+    agent: Option<(AccelChoice, String, Duration)>,
+    sim: Option<&SimArgs>,
+) -> Result<()> {
     // State, disks and the token live here: owner only.
-    std::fs::set_permissions(
-        &data_dir,
-        std::os::unix::fs::PermissionsExt::from_mode(0o700),
-    )?;
-    let data_dir = data_dir.canonicalize()?;
+    let data_dir = private_data_dir(&args.data_dir.clone().unwrap_or_else(default_data_dir))?;
     let store: Arc<dyn Store> = Arc::new(
         RedbStore::open(&data_dir.join("store.redb"))
             .context("opening the store (is another `corral up` using this data dir?)")?,
@@ -203,6 +290,25 @@ async fn serve(args: &ServerArgs, agent: Option<(AccelChoice, String, Duration)>
         });
         println!("accelerator: {accel}");
     }
+    if let Some(sim) = sim.filter(|s| s.sim_hosts > 0) {
+        let hosts = sim
+            .names()?
+            .into_iter()
+            .map(|name| corral_agent::sim::SimHost {
+                store: store.clone(),
+                ha: Some(Arc::new(corral_controller::LocalHaLink {
+                    ctx: ctx.clone(),
+                    host: name.clone(),
+                })),
+                name,
+            })
+            .collect();
+        sim.spawn(sim.spec(std::net::Ipv4Addr::LOCALHOST.into())?, hosts);
+        println!(
+            "  simulated hosts: {} ({}-1 ..)",
+            sim.sim_hosts, sim.sim_prefix
+        );
+    }
     println!("Corral is up.");
     println!("  API:         {url}/api/v1");
     println!("  admin token: {}", token_file.display());
@@ -241,12 +347,13 @@ pub fn up(args: UpArgs) -> Result<()> {
             host,
             Duration::from_secs(args.host.stop_timeout),
         )),
+        None,
     ))
 }
 
 pub fn controller(args: ControllerArgs) -> Result<()> {
     init_logging();
-    runtime()?.block_on(serve(&args.server, None))
+    runtime()?.block_on(serve(&args.server, None, Some(&args.sim)))
 }
 
 #[derive(Args, Debug)]
@@ -266,6 +373,13 @@ pub struct AgentArgs {
     address: Option<std::net::IpAddr>,
     #[command(flatten)]
     host: HostArgs,
+    /// Run simulated hosts instead of this machine's hypervisor: --host-name alone, or
+    /// --sim-hosts of them, each joining with its own certificate (--token then takes one token per
+    /// host, comma-separated).
+    #[arg(long)]
+    simulate: bool,
+    #[command(flatten)]
+    sim: SimArgs,
 }
 
 /// The local address this machine uses to reach the controller at `url` (no packet is sent).
@@ -293,36 +407,101 @@ fn address_toward(url: &str) -> Result<std::net::IpAddr> {
     Ok(socket.local_addr()?.ip())
 }
 
-/// Runs a host agent that joins (or rejoins) a controller over mutually authenticated TLS.
-pub fn agent(args: AgentArgs) -> Result<()> {
-    init_logging();
-    let host = host_name(args.host.host_name)?;
-    let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
-    std::fs::create_dir_all(&data_dir)
-        .with_context(|| format!("creating {}", data_dir.display()))?;
-    std::fs::set_permissions(
-        &data_dir,
-        std::os::unix::fs::PermissionsExt::from_mode(0o700),
-    )?;
-    let data_dir = data_dir.canonicalize()?;
-    let creds = match corral_agent::remote::Credentials::load(&data_dir) {
+fn private_data_dir(dir: &std::path::Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    Ok(dir.canonicalize()?)
+}
+
+/// The host's credentials from `data_dir`, or from joining with `token` the first time.
+fn credentials(
+    url: &str,
+    token: Option<&str>,
+    host: &str,
+    data_dir: &std::path::Path,
+) -> Result<corral_agent::remote::Credentials> {
+    match corral_agent::remote::Credentials::load(data_dir) {
         Some(c) if c.host != host => anyhow::bail!(
             "{} holds the certificate of host {}: run with --host-name {} (or another --data-dir to join as {host})",
             data_dir.display(),
             c.host,
             c.host
         ),
-        Some(c) => c,
+        Some(c) => Ok(c),
         None => {
-            let token = args.token.as_deref().context(
+            let token = token.context(
                 "this host has not joined yet: pass --token from `corral host join-token` on the controller",
             )?;
-            let c = corral_agent::remote::join(&args.join, token, &host, &data_dir)
+            let c = corral_agent::remote::join(url, token, host, data_dir)
                 .map_err(anyhow::Error::msg)?;
-            println!("joined {} as host {host}", args.join);
-            c
+            println!("joined {url} as host {host}");
+            Ok(c)
         }
+    }
+}
+
+/// Runs simulated hosts that join a controller like real ones, each with its own certificate.
+fn simulated_agents(args: AgentArgs, data_dir: PathBuf) -> Result<()> {
+    let names = if args.sim.sim_hosts > 0 {
+        args.sim.names()?
+    } else {
+        vec![host_name(args.host.host_name.clone())?]
     };
+    let tokens: Vec<&str> = args
+        .token
+        .as_deref()
+        .map_or(Vec::new(), |t| t.split(',').collect());
+    let mut joined = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let dir = private_data_dir(&data_dir.join("sim").join(name))?;
+        let token = tokens.get(i).copied().filter(|t| !t.is_empty());
+        let creds = credentials(&args.join, token, name, &dir).with_context(|| {
+            format!(
+                "simulated host {name} (token {} of {})",
+                i + 1,
+                tokens.len()
+            )
+        })?;
+        joined.push((name.clone(), creds));
+    }
+    let address = match args.address {
+        Some(a) => a,
+        None => address_toward(&args.join)?,
+    };
+    let spec = args.sim.spec(address)?;
+    runtime()?.block_on(async move {
+        let mut hosts = Vec::new();
+        for (name, creds) in joined {
+            let store = Arc::new(
+                corral_agent::remote::RemoteStore::new(&args.join, &creds)
+                    .map_err(anyhow::Error::msg)?,
+            );
+            let link: Arc<dyn corral_agent::ha::HaLink> = store.clone();
+            hosts.push(corral_agent::sim::SimHost {
+                name,
+                store,
+                ha: Some(link),
+            });
+        }
+        println!(
+            "{} simulated host(s) running; Ctrl-C stops them",
+            hosts.len()
+        );
+        args.sim.spawn(spec, hosts);
+        shutdown_signal().await;
+        Ok(())
+    })
+}
+
+/// Runs a host agent that joins (or rejoins) a controller over mutually authenticated TLS.
+pub fn agent(args: AgentArgs) -> Result<()> {
+    init_logging();
+    let data_dir = private_data_dir(&args.data_dir.clone().unwrap_or_else(default_data_dir))?;
+    if args.simulate {
+        return simulated_agents(args, data_dir);
+    }
+    let host = host_name(args.host.host_name)?;
+    let creds = credentials(&args.join, args.token.as_deref(), &host, &data_dir)?;
     let store =
         corral_agent::remote::RemoteStore::new(&args.join, &creds).map_err(anyhow::Error::msg)?;
     let accel = detect_accel(args.host.accel).map_err(anyhow::Error::msg)?;

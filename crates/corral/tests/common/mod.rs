@@ -22,6 +22,9 @@ pub struct Lab {
     pub agent_port: Option<u16>,
     server: Option<Child>,
     agents: Vec<(String, Child)>,
+    /// More arguments for the controller, and its environment.
+    extra: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 fn free_port() -> u16 {
@@ -35,15 +38,25 @@ fn free_port() -> u16 {
 impl Lab {
     /// Starts `corral up` in a fresh directory (under /tmp: socket paths must stay short).
     pub fn start() -> Lab {
-        Lab::launch(None)
+        Lab::launch(None, Vec::new(), Vec::new())
     }
 
     /// Starts `corral controller` with an agent endpoint and no host; hosts come with `join`.
     pub fn controller() -> Lab {
-        Lab::launch(Some(free_port()))
+        Lab::controller_with(&[], &[])
     }
 
-    fn launch(agent_port: Option<u16>) -> Lab {
+    /// A controller lab with more arguments (e.g. simulated hosts) and environment variables.
+    pub fn controller_with(args: &[&str], env: &[(&str, &str)]) -> Lab {
+        let extra = args.iter().map(|s| s.to_string()).collect();
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Lab::launch(Some(free_port()), extra, env)
+    }
+
+    fn launch(agent_port: Option<u16>, extra: Vec<String>, env: Vec<(String, String)>) -> Lab {
         let dir = tempfile::Builder::new()
             .prefix("corral-test-")
             .tempdir_in("/tmp")
@@ -54,6 +67,8 @@ impl Lab {
             agent_port,
             server: None,
             agents: vec![],
+            extra,
+            env,
         };
         lab.up();
         lab
@@ -121,6 +136,56 @@ impl Lab {
             .push((host.to_string(), cmd.spawn().expect("corral agent starts")));
     }
 
+    /// Starts one `corral agent --simulate` process running `n` simulated hosts PREFIX-1..n, each
+    /// joining with its own token.
+    pub fn start_sim_agents(&mut self, prefix: &str, n: u32, extra: &[&str]) {
+        let tokens: Vec<String> = (0..n)
+            .map(|_| self.cli(&["host", "join-token"]).trim().to_string())
+            .collect();
+        let dir = self.dir.path().join("hosts").join(prefix);
+        std::fs::create_dir_all(&dir).expect("sim dir");
+        let log = std::fs::File::create(dir.join("agent.log")).expect("log");
+        let child = Command::new(BIN)
+            .args(["agent", "--simulate", "--sim-prefix", prefix, "--join"])
+            .arg(self.agent_url())
+            .arg("--sim-hosts")
+            .arg(n.to_string())
+            .arg("--token")
+            .arg(tokens.join(","))
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("corral agent --simulate starts");
+        self.agents.push((prefix.to_string(), child));
+    }
+
+    /// Waits until `hosts` are connected.
+    pub fn wait_connected(&self, hosts: &[&str]) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let list = self.json(&["host", "list"]);
+            let connected = |h: &&str| {
+                list.as_array().is_some_and(|l| {
+                    l.iter()
+                        .any(|i| i["name"] == *h && i["state"] == "connected")
+                })
+            };
+            if hosts.iter().all(connected) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "hosts {hosts:?} did not connect: {list}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// Kills the agent process of `host` (its VMs stay).
     pub fn kill_agent(&mut self, host: &str) {
         for (h, c) in self.agents.iter_mut().filter(|(h, _)| h == host) {
@@ -171,6 +236,8 @@ impl Lab {
             .arg(format!("127.0.0.1:{}", self.port))
             .arg("--data-dir")
             .arg(self.data_dir())
+            .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("XDG_CONFIG_HOME", self.config_home())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))

@@ -1,0 +1,452 @@
+//! Simulated hosts against a real controller: they take VMs through their lives and live
+//! migrations (also over the agent endpoint, each with its own certificate), faults injected into
+//! them show up as a user would see them, automatic DRS on them converges and stops moving, and
+//! DPM puts them in standby and wakes them.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::Lab;
+use serde_json::Value;
+
+/// A shared datastore and a tiny image, which is all a simulated VM needs.
+fn image_and_datastore(lab: &Lab) {
+    let img = lab.dir.path().join("tiny.qcow2");
+    let made = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&img)
+        .arg("64M")
+        .status()
+        .expect("qemu-img runs (scripts/setup.sh installs it)");
+    assert!(made.success());
+    lab.cli(&["image", "import", "tiny", img.to_str().expect("utf-8")]);
+    let ds = lab.dir.path().join("shared");
+    std::fs::create_dir_all(&ds).expect("datastore dir");
+    lab.cli(&[
+        "datastore",
+        "create",
+        "nfs",
+        "--path",
+        ds.to_str().expect("utf-8"),
+        "--shared",
+    ]);
+}
+
+fn create(lab: &Lab, name: &str, cpus: &str, memory: &str, extra: &[&str]) {
+    let mut args = vec![
+        "vm",
+        "create",
+        name,
+        "--image",
+        "tiny",
+        "--cpus",
+        cpus,
+        "--memory",
+        memory,
+        "--datastore",
+        "nfs",
+        "--start",
+    ];
+    args.extend(extra);
+    lab.cli(&args);
+}
+
+/// Waits until `check` holds for the VM list, or fails with `what` and the list.
+fn wait_vms(lab: &Lab, secs: u64, what: &str, check: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let vms = lab.json(&["vm", "list"]);
+        let vms = vms.as_array().expect("a list").clone();
+        if check(&vms) {
+            return vms;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} within {secs} s: {vms:#?}\n{}",
+            lab.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn all_running(vms: &[Value]) -> bool {
+    !vms.is_empty() && vms.iter().all(|v| v["status"]["phase"] == "running")
+}
+
+fn host_of(v: &Value) -> String {
+    v["status"]["host"].as_str().unwrap_or_default().to_string()
+}
+
+fn events(lab: &Lab) -> Vec<Value> {
+    lab.json(&["events"]).as_array().expect("events").clone()
+}
+
+#[test]
+fn simulated_hosts_join_over_tls_run_and_migrate_vms() {
+    let mut lab = Lab::controller();
+    lab.start_sim_agents("rsim", 2, &["--sim-boot-ms", "100"]);
+    lab.wait_connected(&["rsim-1", "rsim-2"]);
+    let host = lab.json(&["host", "show", "rsim-1"]);
+    assert_eq!(host["status"]["hypervisor"], "corral-sim (simulated host)");
+    assert_eq!(host["status"]["cpus"], 32);
+    image_and_datastore(&lab);
+    create(&lab, "web", "2", "1G", &[]);
+    create(&lab, "db", "2", "1G", &[]);
+    wait_vms(&lab, 30, "both VMs run", all_running);
+    let web = lab.json(&["vm", "show", "web"]);
+    assert!(
+        web["status"]["usage"]["cpu_cores"].as_f64().is_some(),
+        "{web}"
+    );
+    let other = if host_of(&web) == "rsim-1" {
+        "rsim-2"
+    } else {
+        "rsim-1"
+    };
+
+    // A live migration through the agent endpoint, each side as its own host.
+    lab.cli(&["vm", "migrate", "web", "--to", other]);
+    wait_vms(&lab, 30, "web moves", |vms| {
+        vms.iter()
+            .any(|v| v["meta"]["name"] == "web" && host_of(v) == other)
+    });
+    let web = lab.json(&["vm", "show", "web"]);
+    assert_eq!(web["status"]["phase"], "running");
+    let reasons: Vec<&str> = web["status"]["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["reason"].as_str())
+        .collect();
+    assert!(reasons.contains(&"Migrated"), "{web}");
+
+    // Stop and delete go through the simulated host as through a real one.
+    lab.cli(&["vm", "stop", "db"]);
+    wait_vms(&lab, 30, "db stops", |vms| {
+        vms.iter()
+            .any(|v| v["meta"]["name"] == "db" && v["status"]["phase"] == "stopped")
+    });
+    lab.cli(&["vm", "delete", "db"]);
+    wait_vms(&lab, 30, "db is gone", |vms| {
+        vms.len() == 1 && vms[0]["meta"]["name"] == "web"
+    });
+}
+
+#[test]
+fn faults_injected_into_simulated_hosts_show_as_a_user_sees_them() {
+    let faults = tempfile::NamedTempFile::new().expect("faults file");
+    let path = faults.path().to_str().expect("utf-8").to_string();
+    let lab = Lab::controller_with(
+        &[
+            "--sim-hosts",
+            "3",
+            "--sim-boot-ms",
+            "100",
+            "--sim-faults",
+            &path,
+        ],
+        &[],
+    );
+    lab.wait_connected(&["sim-1", "sim-2", "sim-3"]);
+    image_and_datastore(&lab);
+    create(&lab, "guarded", "2", "1G", &["--ha", "restart"]);
+    wait_vms(&lab, 30, "the VM runs", all_running);
+    let first = host_of(&lab.json(&["vm", "show", "guarded"]));
+
+    // Its host dies: it goes silent, HA sees it fail and restarts the VM elsewhere.
+    std::fs::write(faults.path(), format!("{first}\n")).expect("write faults");
+    let vms = wait_vms(&lab, 60, "the VM runs again on another host", |vms| {
+        vms.iter().any(|v| {
+            v["meta"]["name"] == "guarded"
+                && v["status"]["phase"] == "running"
+                && host_of(v) != first
+        })
+    });
+    assert_ne!(host_of(&vms[0]), first);
+    let reasons: Vec<String> = events(&lab)
+        .iter()
+        .filter(|e| e["subject"] == format!("host/{first}"))
+        .filter_map(|e| e["reason"].as_str().map(str::to_string))
+        .collect();
+    assert!(reasons.contains(&"HostFailed".to_string()), "{reasons:?}");
+    let host = lab.json(&["host", "show", &first]);
+    assert!(
+        host["ha"].as_str().is_some_and(|s| s.starts_with("failed")),
+        "{host}"
+    );
+
+    // Healed, it heartbeats again.
+    std::fs::write(faults.path(), "").expect("write faults");
+    lab.wait_connected(&[&first]);
+}
+
+#[test]
+fn a_start_that_fails_is_reported_on_the_vm() {
+    let lab = Lab::controller_with(
+        &[
+            "--sim-hosts",
+            "2",
+            "--sim-boot-ms",
+            "100",
+            "--sim-fail-starts",
+            "1",
+        ],
+        &[],
+    );
+    lab.wait_connected(&["sim-1", "sim-2"]);
+    image_and_datastore(&lab);
+    let err = lab.fails(&[
+        "vm",
+        "create",
+        "unlucky",
+        "--image",
+        "tiny",
+        "--memory",
+        "512M",
+        "--datastore",
+        "nfs",
+        "--start",
+    ]);
+    assert!(err.contains("simulated start failure"), "{err}");
+    let vm = lab.json(&["vm", "show", "unlucky"]);
+    assert_eq!(vm["status"]["phase"], "failed", "{vm}");
+    assert!(vm["status"]["host"]
+        .as_str()
+        .is_some_and(|h| h.starts_with("sim-")));
+}
+
+#[test]
+fn a_migration_that_fails_leaves_the_vm_running_on_its_source() {
+    let lab = Lab::controller_with(
+        &[
+            "--sim-hosts",
+            "2",
+            "--sim-boot-ms",
+            "100",
+            "--sim-fail-migrations",
+            "1",
+        ],
+        &[],
+    );
+    lab.wait_connected(&["sim-1", "sim-2"]);
+    image_and_datastore(&lab);
+    create(&lab, "stay", "1", "512M", &[]);
+    wait_vms(&lab, 30, "the VM runs", all_running);
+    let source = host_of(&lab.json(&["vm", "show", "stay"]));
+    let target = if source == "sim-1" { "sim-2" } else { "sim-1" };
+    lab.cli(&["vm", "migrate", "stay", "--to", target, "--no-wait"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let vm = lab.json(&["vm", "show", "stay"]);
+        let failed = vm["status"]["events"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|e| e["reason"] == "MigrationFailed"));
+        if failed {
+            assert_eq!(host_of(&vm), source, "{vm}");
+            assert_eq!(vm["status"]["phase"], "running", "{vm}");
+            assert!(vm.to_string().contains("fault injection"), "{vm}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no failed migration: {vm}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Counts each VM's moves from its events.
+fn moves(vms: &[Value]) -> HashMap<String, usize> {
+    vms.iter()
+        .map(|v| {
+            let n = v["status"]["events"].as_array().map_or(0, |e| {
+                e.iter().filter(|e| e["reason"] == "Migrated").count()
+            });
+            (
+                v["meta"]["name"].as_str().unwrap_or_default().to_string(),
+                n,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn auto_drs_on_simulated_hosts_converges_and_stops_moving() {
+    let lab = Lab::controller_with(
+        &[
+            "--sim-hosts",
+            "4",
+            "--sim-boot-ms",
+            "50",
+            "--sim-load",
+            "hot-=0.9,=0.05",
+        ],
+        &[("CORRAL_DRS_PERIOD_SECS", "2")],
+    );
+    lab.wait_connected(&["sim-1", "sim-2", "sim-3", "sim-4"]);
+    image_and_datastore(&lab);
+    // Packed: eight busy VMs on the first host, the others idle.
+    lab.cli(&["cluster", "set", "--placement", "pack"]);
+    for i in 1..=8 {
+        create(&lab, &format!("hot-{i}"), "4", "8G", &[]);
+    }
+    let vms = wait_vms(&lab, 60, "all VMs run", |v| all_running(v) && v.len() == 8);
+    let first = host_of(&vms[0]);
+    assert!(vms.iter().all(|v| host_of(v) == first), "{vms:#?}");
+    lab.cli(&["cluster", "set", "--placement", "spread", "--drs", "auto"]);
+
+    // DRS spreads them; then, with nothing left worth moving, it stops.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut quiet_since = Instant::now();
+    let mut last = moves(&vms);
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let vms = lab.json(&["vm", "list"]).as_array().expect("list").clone();
+        let now = moves(&vms);
+        if now != last {
+            quiet_since = Instant::now();
+            last = now;
+        }
+        // Quiet for six DRS periods (a simulated migration here takes about 3 s).
+        if quiet_since.elapsed() > Duration::from_secs(12) {
+            let per_host = vms
+                .iter()
+                .fold(HashMap::<String, usize>::new(), |mut m, v| {
+                    *m.entry(host_of(v)).or_default() += 1;
+                    m
+                });
+            assert_eq!(per_host.len(), 4, "spread over every host: {per_host:?}");
+            assert!(per_host.values().all(|n| *n <= 3), "{per_host:?}");
+            assert!(last.values().all(|n| *n <= 1), "a VM moved twice: {last:?}");
+            let plan = lab.json(&["drs", "plan"]);
+            assert!(
+                plan["moves"].as_array().is_some_and(Vec::is_empty),
+                "{plan}"
+            );
+            assert!(
+                plan["imbalance_before"].as_f64().unwrap_or(1.0)
+                    <= plan["threshold"].as_f64().unwrap_or(0.0),
+                "{plan}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "DRS did not settle: moves {last:?}\n{}",
+            lab.log()
+        );
+    }
+}
+
+/// Each host's state, "asleep" for a host in standby that powered down.
+fn host_states(lab: &Lab) -> HashMap<String, String> {
+    lab.json(&["host", "list"])
+        .as_array()
+        .expect("hosts")
+        .iter()
+        .map(|h| {
+            let state = if h["status"]["standby"] == true {
+                assert_eq!(h["state"], "standby", "{h}");
+                "asleep"
+            } else {
+                h["state"].as_str().unwrap_or_default()
+            };
+            (
+                h["name"].as_str().unwrap_or_default().to_string(),
+                state.to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn dpm_puts_idle_simulated_hosts_in_standby_and_wakes_one_when_room_is_needed() {
+    let lab = Lab::controller_with(
+        &[
+            "--sim-hosts",
+            "3",
+            "--sim-boot-ms",
+            "50",
+            "--sim-heartbeat",
+            "1",
+            "--sim-memory",
+            "64G",
+        ],
+        &[("CORRAL_DRS_PERIOD_SECS", "2")],
+    );
+    lab.wait_connected(&["sim-1", "sim-2", "sim-3"]);
+    image_and_datastore(&lab);
+    for i in 1..=3 {
+        create(&lab, &format!("idle-{i}"), "1", "4G", &[]);
+    }
+    wait_vms(&lab, 30, "the VMs run", |v| all_running(v) && v.len() == 3);
+    lab.cli(&[
+        "cluster",
+        "set",
+        "--drs",
+        "auto",
+        "--power-management",
+        "auto",
+    ]);
+
+    // Two hosts are emptied and go to standby, one after the other; one keeps every VM.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let states = host_states(&lab);
+        if states.values().filter(|s| *s == "asleep").count() == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{states:?}\n{}", lab.log());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let states = host_states(&lab);
+    let awake: Vec<&String> = states
+        .iter()
+        .filter(|(_, s)| *s == "connected")
+        .map(|(h, _)| h)
+        .collect();
+    assert_eq!(awake.len(), 1, "{states:?}");
+    let vms = wait_vms(&lab, 30, "every VM runs on the host left on", |v| {
+        all_running(v) && v.iter().all(|v| host_of(v) == *awake[0])
+    });
+    assert_eq!(vms.len(), 3);
+    // Silent on purpose: HA does not call a sleeping host failed.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        !events(&lab).iter().any(|e| e["reason"] == "HostFailed"),
+        "{:#?}",
+        events(&lab)
+    );
+
+    // A VM that fits nowhere awake (12G of 64G taken): DPM wakes a host and the VM lands there.
+    let err = lab.fails(&[
+        "vm",
+        "create",
+        "big",
+        "--image",
+        "tiny",
+        "--cpus",
+        "2",
+        "--memory",
+        "56G",
+        "--datastore",
+        "nfs",
+        "--start",
+    ]);
+    assert!(err.contains("2 host(s) in standby"), "{err}");
+    let vms = wait_vms(&lab, 90, "the big VM runs on a woken host", |v| {
+        v.iter()
+            .any(|v| v["meta"]["name"] == "big" && v["status"]["phase"] == "running")
+    });
+    let big = vms
+        .iter()
+        .find(|v| v["meta"]["name"] == "big")
+        .expect("big");
+    assert_ne!(host_of(big), *awake[0]);
+    assert_eq!(host_states(&lab)[&host_of(big)], "connected");
+    let reasons: Vec<String> = events(&lab)
+        .iter()
+        .filter_map(|e| e["reason"].as_str().map(str::to_string))
+        .collect();
+    assert!(reasons.contains(&"HostStandby".to_string()), "{reasons:?}");
+    assert!(reasons.contains(&"HostWaking".to_string()), "{reasons:?}");
+}
