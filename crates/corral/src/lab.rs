@@ -80,7 +80,17 @@ pub struct UpArgs {
     /// Accelerator for the hosts' guests.
     #[arg(long, default_value = "auto")]
     accel: String,
+    /// Simulated hosts besides the real ones (sim-1 .. sim-N, up to 10,000): one `corral agent
+    /// --simulate` process whose hosts join over TLS like real ones, each with its own certificate.
+    #[arg(long, default_value_t = 0)]
+    sim_hosts: u32,
+    /// CPU demand of the simulated VMs (see `corral agent --help`, --sim-load).
+    #[arg(long, default_value = "")]
+    sim_load: String,
 }
+
+/// Simulated hosts live in this file's directory; `corral lab fault` kills them through it.
+const SIM_FAULTS: &str = "sim-faults";
 
 /// What a lab created, so that `down` can remove it.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -93,6 +103,11 @@ struct LabState {
     #[serde(default)]
     controller_args: Vec<String>,
     hosts: Vec<LabHost>,
+    /// The simulated hosts' agent process, and how many hosts it runs.
+    #[serde(default)]
+    sim_pid: Option<u32>,
+    #[serde(default)]
+    sim_hosts: u32,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -234,6 +249,14 @@ fn kill_now(pid: u32) {
 fn fault(f: &FaultArgs) -> Result<()> {
     let root = f.lab.root()?;
     let mut state = load(&root)?;
+    if let Some(n) = f
+        .host
+        .strip_prefix("sim-")
+        .and_then(|n| n.parse::<u32>().ok())
+        .filter(|n| (1..=state.sim_hosts).contains(n))
+    {
+        return sim_fault(&root, &format!("sim-{n}"), f.kind);
+    }
     // The controller listens on the fabric's .1.
     let controller = state
         .hosts
@@ -281,6 +304,30 @@ fn fault(f: &FaultArgs) -> Result<()> {
         }
     }
     println!("{}: {:?}", f.host, f.kind);
+    Ok(())
+}
+
+/// A fault of a simulated host: it dies (stops heartbeating, reporting and acting) or comes back.
+fn sim_fault(root: &Path, host: &str, kind: FaultKind) -> Result<()> {
+    let file = root.join(SIM_FAULTS);
+    let mut dead: Vec<String> = std::fs::read_to_string(&file)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| *l != host)
+        .map(str::to_string)
+        .collect();
+    match kind {
+        FaultKind::Kill => dead.push(host.to_string()),
+        FaultKind::Heal => {}
+        FaultKind::Isolate | FaultKind::CutController => bail!(
+            "simulated hosts have no network of their own: they can be killed and healed only"
+        ),
+    }
+    let body: String = dead.iter().map(|h| format!("{h}\n")).collect();
+    let tmp = file.with_extension("part");
+    std::fs::write(&tmp, body)?;
+    std::fs::rename(&tmp, &file)?;
+    println!("{host}: {kind:?}");
     Ok(())
 }
 
@@ -334,8 +381,8 @@ fn up(args: UpArgs) -> Result<()> {
     if root.join("lab.json").exists() {
         bail!("lab {name} is already up: `corral lab down --name {name}` first");
     }
-    if args.hosts == 0 || args.hosts > 50 {
-        bail!("--hosts must be 1 to 50");
+    if args.hosts > 50 || args.sim_hosts > 10_000 || args.hosts as u32 + args.sim_hosts == 0 {
+        bail!("--hosts must be 0 to 50 and --sim-hosts 0 to 10000, with at least one host in all");
     }
     // Names another lab (or anything else) uses are not ours to create, nor to remove later.
     let bridge = format!("clab-{name}");
@@ -469,25 +516,30 @@ fn build(args: &UpArgs) -> Result<()> {
         state.hosts[i].agent_pid = Some(pid);
         save(&root, &state)?;
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
+    if args.sim_hosts > 0 {
+        start_sim(args, &root, &mut state, &client, &agent_url)?;
+    }
+    let all = state.hosts.len() + state.sim_hosts as usize;
+    // Joining takes a key pair and a certificate per host: allow for many simulated ones.
+    let deadline = Instant::now() + Duration::from_secs(60 + u64::from(state.sim_hosts) / 20);
     loop {
         let hosts: Vec<corral_api::HostInfo> = client.get("/hosts")?;
         let connected = hosts
             .iter()
             .filter(|h| h.state == corral_api::HostState::Connected)
             .count();
-        if connected == state.hosts.len() {
+        if connected == all {
             break;
         }
         if Instant::now() > deadline {
             bail!(
-                "only {connected} of {} hosts connected; see the agent logs under {}",
-                state.hosts.len(),
+                "only {connected} of {all} hosts connected; see the agent logs under {}",
                 root.join("hosts").display()
             );
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+    let _ = std::fs::remove_file(root.join("sim").join("tokens"));
     let cfg = std::fs::read(config_path())
         .ok()
         .and_then(|b| serde_json::from_slice::<ClientConfig>(&b).ok());
@@ -499,6 +551,12 @@ fn build(args: &UpArgs) -> Result<()> {
     for h in &state.hosts {
         println!("  {}  {}  netns {}", h.name, h.address, h.netns);
     }
+    if state.sim_hosts > 0 {
+        println!(
+            "  sim-1 .. sim-{}  simulated (`corral lab fault sim-N kill|heal`)",
+            state.sim_hosts
+        );
+    }
     if cfg.is_some_and(|c| c.url == state.api) {
         println!(
             "client commands now talk to this lab ({}).",
@@ -507,6 +565,48 @@ fn build(args: &UpArgs) -> Result<()> {
     }
     println!("`corral lab down --name {name}` removes it.");
     Ok(())
+}
+
+/// Starts the simulated hosts' agent, with a join token per host in a private file.
+fn start_sim(
+    args: &UpArgs,
+    root: &Path,
+    state: &mut LabState,
+    client: &crate::client::Client,
+    agent_url: &str,
+) -> Result<()> {
+    let dir = root.join("sim");
+    std::fs::create_dir_all(&dir)?;
+    let mut tokens = String::new();
+    for _ in 0..args.sim_hosts {
+        let t: corral_controller::agents::JoinToken =
+            client.post("/hosts/join-tokens", &serde_json::json!({}))?;
+        tokens.push_str(&t.token);
+        tokens.push('\n');
+    }
+    let token_file = dir.join("tokens");
+    crate::client::write_private(&token_file, tokens.as_bytes())?;
+    let mut sim_args: Vec<String> = vec![
+        "agent".into(),
+        "--simulate".into(),
+        "--join".into(),
+        agent_url.to_string(),
+        "--sim-hosts".into(),
+        args.sim_hosts.to_string(),
+        "--data-dir".into(),
+        dir.join("data").display().to_string(),
+        "--sim-faults".into(),
+        root.join(SIM_FAULTS).display().to_string(),
+        "--token-file".into(),
+        token_file.display().to_string(),
+    ];
+    if !args.sim_load.is_empty() {
+        sim_args.extend(["--sim-load".into(), args.sim_load.clone()]);
+    }
+    let pid = spawn_detached(None, &sim_args, &[], &dir.join("agent.log"))?;
+    state.sim_pid = Some(pid);
+    state.sim_hosts = args.sim_hosts;
+    save(root, state)
 }
 
 fn status(r: &LabRef) -> Result<()> {
@@ -523,6 +623,22 @@ fn status(r: &LabRef) -> Result<()> {
         state.api,
         if ctl { "running" } else { "not running" }
     );
+    if state.sim_hosts > 0 {
+        let connected = hosts
+            .iter()
+            .filter(|h| h.host.status.hypervisor == corral_agent::sim::HYPERVISOR)
+            .filter(|h| h.state == corral_api::HostState::Connected)
+            .count();
+        println!(
+            "  sim-1 .. sim-{}  simulated, agent {}, {connected} connected",
+            state.sim_hosts,
+            if state.sim_pid.is_some_and(alive) {
+                "running"
+            } else {
+                "not running"
+            }
+        );
+    }
     for h in &state.hosts {
         let ns = Path::new("/run/netns").join(&h.netns).exists();
         let agent = h.agent_pid.is_some_and(alive);
@@ -555,6 +671,7 @@ fn down(r: &LabRef) -> Result<()> {
         .hosts
         .iter()
         .filter_map(|h| h.agent_pid)
+        .chain(state.sim_pid)
         .chain(state.controller_pid);
     for pid in pids.filter(|p| of_lab(*p, &root)) {
         kill(pid);

@@ -364,6 +364,9 @@ pub struct AgentArgs {
     /// Join token from `corral host join-token` (needed only the first time).
     #[arg(long, env = "CORRAL_JOIN_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// A file holding the join token (with --simulate, one per line), instead of --token.
+    #[arg(long, conflicts_with = "token")]
+    token_file: Option<PathBuf>,
     /// Where this host keeps its certificate, VM disks and run directories.
     #[arg(long, env = "CORRAL_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -447,10 +450,9 @@ fn simulated_agents(args: AgentArgs, data_dir: PathBuf) -> Result<()> {
     } else {
         vec![host_name(args.host.host_name.clone())?]
     };
-    let tokens: Vec<&str> = args
-        .token
-        .as_deref()
-        .map_or(Vec::new(), |t| t.split(',').collect());
+    let tokens: Vec<&str> = args.token.as_deref().map_or(Vec::new(), |t| {
+        t.split([',', '\n']).map(str::trim).collect()
+    });
     let mut joined = Vec::new();
     for (i, name) in names.iter().enumerate() {
         let dir = private_data_dir(&data_dir.join("sim").join(name))?;
@@ -494,8 +496,13 @@ fn simulated_agents(args: AgentArgs, data_dir: PathBuf) -> Result<()> {
 }
 
 /// Runs a host agent that joins (or rejoins) a controller over mutually authenticated TLS.
-pub fn agent(args: AgentArgs) -> Result<()> {
+pub fn agent(mut args: AgentArgs) -> Result<()> {
     init_logging();
+    if let Some(f) = &args.token_file {
+        let t = std::fs::read_to_string(f)
+            .with_context(|| format!("reading the join token from {}", f.display()))?;
+        args.token = Some(t.trim().to_string());
+    }
     let data_dir = private_data_dir(&args.data_dir.clone().unwrap_or_else(default_data_dir))?;
     if args.simulate {
         return simulated_agents(args, data_dir);

@@ -8,6 +8,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use common::netlab::TestLab;
 use common::Lab;
 use serde_json::Value;
 
@@ -449,4 +450,50 @@ fn dpm_puts_idle_simulated_hosts_in_standby_and_wakes_one_when_room_is_needed() 
         .collect();
     assert!(reasons.contains(&"HostStandby".to_string()), "{reasons:?}");
     assert!(reasons.contains(&"HostWaking".to_string()), "{reasons:?}");
+}
+
+#[test]
+fn a_lab_of_simulated_hosts_comes_up_takes_faults_and_goes_away() {
+    let lab = TestLab::up_with(0, &["--sim-hosts", "100"]);
+    let status = lab.ok(&["lab", "status"]);
+    assert!(
+        status.contains("sim-1 .. sim-100  simulated, agent running, 100 connected"),
+        "{status}"
+    );
+    let agent_pid = |lab: &TestLab| -> Option<u32> {
+        let state = lab.dir.path().join(&lab.name).join("lab.json");
+        let state: Value = serde_json::from_slice(&std::fs::read(state).ok()?).ok()?;
+        state["sim_pid"].as_u64().map(|p| p as u32)
+    };
+    let pid = agent_pid(&lab).expect("the simulated hosts' agent pid");
+
+    lab.ok(&["lab", "fault", "sim-42", "kill"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let h = lab.json(&["host", "show", "sim-42"]);
+        if h["ha"].as_str().is_some_and(|s| s.starts_with("failed")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "sim-42 not seen failed: {h}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let err = String::from_utf8_lossy(&lab.corral(&["lab", "fault", "sim-42", "isolate"]).stderr)
+        .into_owned();
+    assert!(err.contains("killed and healed only"), "{err}");
+    lab.ok(&["lab", "fault", "sim-42", "heal"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let h = lab.json(&["host", "show", "sim-42"]);
+        if h["ha"] == "live" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "sim-42 not back: {h}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+
+    lab.ok(&["lab", "down"]);
+    assert!(
+        !corral_hypervisor::process_alive(pid),
+        "the simulated hosts' agent outlived `lab down`"
+    );
 }

@@ -15,6 +15,11 @@ pub struct TestLab {
 
 impl TestLab {
     pub fn up(hosts: u8) -> TestLab {
+        TestLab::up_with(hosts, &[])
+    }
+
+    /// A lab with more `lab up` arguments (e.g. simulated hosts).
+    pub fn up_with(hosts: u8, extra: &[&str]) -> TestLab {
         let dir = tempfile::Builder::new()
             .prefix("corral-lab-")
             .tempdir_in("/tmp")
@@ -36,9 +41,11 @@ impl TestLab {
         let hosts = hosts.to_string();
         let net = n.to_string();
         let port = port.to_string();
-        let out = lab.corral(&[
+        let mut args = vec![
             "lab", "up", "--hosts", &hosts, "--net", &net, "--port", &port, "--accel", "tcg",
-        ]);
+        ];
+        args.extend(extra);
+        let out = lab.corral(&args);
         assert!(
             out.status.success(),
             "lab up failed: {}",
