@@ -259,9 +259,15 @@ async fn watch(ctx: &Ctx, tick: u64) -> Result<(), ApiError> {
     let read = tokio::task::spawn_blocking(move || read_leases(shared))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let (mut hosts, _) = list_json::<Host>(&*ctx.store, keys::HOSTS).await?;
     // A host DPM put in standby is silent on purpose (it has no VMs left to restart).
-    hosts.retain(|h| !h.status.standby);
+    let hosts: Vec<std::sync::Arc<Host>> = {
+        let o = ctx.cache.read(&*ctx.store).await?;
+        o.hosts
+            .values()
+            .filter(|e| !e.value.status.standby)
+            .map(|e| e.value.clone())
+            .collect()
+    };
     let isolation_response = placement::settings(ctx).await?.ha_isolation_response;
     let now = Instant::now();
     let mut transitions = Vec::new();
@@ -364,15 +370,18 @@ async fn watch(ctx: &Ctx, tick: u64) -> Result<(), ApiError> {
     if failed.is_empty() && !restarting && !tick.is_multiple_of(20) {
         return Ok(());
     }
-    let (kvs, _) = ctx.store.list(keys::VMS).await?;
-    let vms: Vec<(String, u64, Vm)> = kvs
-        .into_iter()
-        .filter_map(|kv| {
-            serde_json::from_slice::<Vm>(&kv.value)
-                .ok()
-                .map(|v| (kv.key, kv.mod_revision, v))
-        })
-        .collect();
+    // Only the VMs HA has business with: on a failed host, or restarted after a failure.
+    let vms: Vec<(String, u64, Vm)> = {
+        let o = ctx.cache.read(&*ctx.store).await?;
+        o.vms
+            .iter()
+            .filter(|(_, e)| {
+                let host = e.value.status.host.as_deref().unwrap_or_default();
+                failed.contains(host) || restarted_at(&e.value).is_some()
+            })
+            .map(|(k, e)| (k.clone(), e.revision, (*e.value).clone()))
+            .collect()
+    };
     follow_restarts(ctx, &vms).await?;
     if !failed.is_empty() {
         fail_over(ctx, &failed, &datastores, &vms).await?;
@@ -594,7 +603,7 @@ async fn fail_over(
                 );
                 events::record(&*ctx.store, "VmRestarting", &subject, &msg.to_lowercase()).await;
                 if let Some(placed) = view.vms.iter_mut().find(|x| x.meta.uid == uid) {
-                    placed.status = v.status;
+                    std::sync::Arc::make_mut(placed).status = v.status;
                 }
             }
             // The VM or the target changed since they were read (the failed host may have come
@@ -628,6 +637,7 @@ pub(crate) fn admission(
     for v in view
         .vms
         .iter()
+        .map(|v| &**v)
         .filter(|v| extra.is_none_or(|e| e.meta.uid != v.meta.uid))
         .filter(|v| protection(v, datastores).protected)
         .chain(extra.filter(|e| covered(e)))

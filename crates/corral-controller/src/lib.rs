@@ -5,6 +5,7 @@
 
 pub mod agents;
 mod auth;
+mod cache;
 mod drs;
 mod error;
 mod events;
@@ -44,6 +45,8 @@ pub struct Ctx {
     ha: Arc<ha::Monitor>,
     /// The latest DRS plan, which `drs apply PLAN` carries out.
     drs_plan: Arc<tokio::sync::Mutex<Option<corral_api::DrsPlan>>>,
+    /// What placement, HA, DRS and the lists read, kept current from the store.
+    cache: Arc<cache::Cache>,
 }
 
 /// Prepares the store (the default project, the hash of the admin token) and resumes tasks.
@@ -71,7 +74,9 @@ pub async fn init(
     }
     let ca = corral_pki::Ca::load_or_create(&data_dir.join("pki"))
         .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let cache = cache::Cache::start(store.clone()).await?;
     let ctx = Ctx {
+        cache,
         store,
         data_dir,
         admin_token_hash: hash,

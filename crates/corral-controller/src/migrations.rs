@@ -13,7 +13,7 @@ use corral_api::{
     MigrationProgress, PowerState, Task, TaskGoal, Vm, VmPhase, LOCAL_DATASTORE,
 };
 use corral_scheduler as sched;
-use corral_store::{get_json, list_json, Op, Precondition, StoreError};
+use corral_store::{get_json, Op, Precondition, StoreError};
 use uuid::Uuid;
 
 use crate::tasks::{self, Verdict};
@@ -351,15 +351,16 @@ pub fn evaluate_evacuation(host: &Host, vms: &[Vm], migrations: &[Migration]) ->
 /// phase short of completed: the handover is a compare-and-swap on this very record, so once it is
 /// failed no host can complete it.
 pub async fn give_up_stale(ctx: &Ctx) -> Result<(), ApiError> {
-    let (kvs, _) = ctx.store.list(keys::MIGRATIONS).await?;
+    let unfinished: Vec<(String, u64, Migration)> = {
+        let o = ctx.cache.read(&*ctx.store).await?;
+        o.migrations
+            .iter()
+            .filter(|(_, e)| !e.value.phase.is_finished())
+            .map(|(k, e)| (k.clone(), e.revision, (*e.value).clone()))
+            .collect()
+    };
     let now = Utc::now();
-    for kv in kvs {
-        let Ok(m) = serde_json::from_slice::<Migration>(&kv.value) else {
-            continue;
-        };
-        if m.phase.is_finished() {
-            continue;
-        }
+    for (key, rev, m) in unfinished {
         let silent = get_json::<Host>(&*ctx.store, &keys::host(&m.source))
             .await?
             .is_none_or(|h| placement::host_state(&h.value, now).0 == HostState::NotResponding);
@@ -381,9 +382,9 @@ pub async fn give_up_stale(ctx: &Ctx) -> Result<(), ApiError> {
         let put = ctx
             .store
             .put(
-                &kv.key,
+                &key,
                 serde_json::to_vec(&ended).map_err(StoreError::from)?,
-                Precondition::ModRevision(kv.mod_revision),
+                Precondition::ModRevision(rev),
             )
             .await;
         match put {
@@ -396,16 +397,32 @@ pub async fn give_up_stale(ctx: &Ctx) -> Result<(), ApiError> {
 
 /// Starts migrations off every host in maintenance or going to standby, a few at a time per host.
 pub async fn evacuate(ctx: &Ctx) -> Result<(), ApiError> {
-    let (hosts, _) = list_json::<Host>(&*ctx.store, keys::HOSTS).await?;
-    let draining: Vec<Host> = hosts
-        .into_iter()
-        .filter(|h| h.maintenance || (h.standby && !h.status.standby))
-        .collect();
-    if draining.is_empty() {
-        return Ok(());
-    }
-    let (vms, _) = list_json::<Vm>(&*ctx.store, keys::VMS).await?;
-    let (migrations, _) = list_json::<Migration>(&*ctx.store, keys::MIGRATIONS).await?;
+    let (draining, vms, migrations) = {
+        let o = ctx.cache.read(&*ctx.store).await?;
+        let draining: Vec<std::sync::Arc<Host>> = o
+            .hosts
+            .values()
+            .filter(|e| e.value.maintenance || (e.value.standby && !e.value.status.standby))
+            .map(|e| e.value.clone())
+            .collect();
+        if draining.is_empty() {
+            return Ok(());
+        }
+        let on = |v: &Vm| {
+            draining
+                .iter()
+                .any(|h| v.status.host.as_ref() == Some(&h.name))
+        };
+        let vms: Vec<std::sync::Arc<Vm>> = o
+            .vms
+            .values()
+            .filter(|e| on(&e.value))
+            .map(|e| e.value.clone())
+            .collect();
+        let migrations: Vec<std::sync::Arc<Migration>> =
+            o.migrations.values().map(|e| e.value.clone()).collect();
+        (draining, vms, migrations)
+    };
     for host in draining {
         let mut busy = migrations
             .iter()

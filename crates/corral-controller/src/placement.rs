@@ -15,7 +15,7 @@ use corral_api::{
     PlacementPolicy, Vm, VmGroup, VmPhase,
 };
 use corral_scheduler as sched;
-use corral_store::{get_json, list_json, Op, Precondition, StoreError};
+use corral_store::{get_json, Op, Precondition, StoreError};
 
 use crate::{ApiError, Ctx};
 
@@ -27,7 +27,8 @@ pub struct ClusterView {
     pub settings: ClusterSettings,
     /// Hosts with the revision they were read at.
     pub hosts: Vec<(Host, u64)>,
-    pub vms: Vec<Vm>,
+    /// Shared with the cache: a view of 100,000 VMs copies no VM.
+    pub vms: Vec<std::sync::Arc<Vm>>,
     pub groups: Vec<VmGroup>,
     /// Migrations under way: their VMs take room on the target too until they end.
     pub migrations: Vec<Migration>,
@@ -57,29 +58,23 @@ pub async fn settings(ctx: &Ctx) -> Result<ClusterSettings, ApiError> {
         .unwrap_or_default())
 }
 
+/// The cluster as it is now (every earlier write included), from the controller's cache.
 pub async fn view(ctx: &Ctx) -> Result<ClusterView, ApiError> {
-    let (kvs, _) = ctx.store.list(keys::HOSTS).await?;
-    // A record that does not parse is skipped (and reported), not allowed to stop all placement.
-    let hosts = kvs
-        .iter()
-        .filter_map(|kv| match serde_json::from_slice::<Host>(&kv.value) {
-            Ok(h) => Some((h, kv.mod_revision)),
-            Err(e) => {
-                tracing::warn!(key = %kv.key, error = %e, "skipping a host record that does not parse");
-                None
-            }
-        })
-        .collect();
+    let o = ctx.cache.read(&*ctx.store).await?;
     Ok(ClusterView {
-        settings: settings(ctx).await?,
-        hosts,
-        vms: list_json::<Vm>(&*ctx.store, keys::VMS).await?.0,
-        groups: list_json::<VmGroup>(&*ctx.store, keys::GROUPS).await?.0,
-        migrations: list_json::<Migration>(&*ctx.store, keys::MIGRATIONS)
-            .await?
-            .0
-            .into_iter()
-            .filter(|m| !m.phase.is_finished())
+        settings: o.settings.clone().unwrap_or_default(),
+        hosts: o
+            .hosts
+            .values()
+            .map(|e| ((*e.value).clone(), e.revision))
+            .collect(),
+        vms: o.vms.values().map(|e| e.value.clone()).collect(),
+        groups: o.groups.values().map(|e| (*e.value).clone()).collect(),
+        migrations: o
+            .migrations
+            .values()
+            .filter(|m| !m.value.phase.is_finished())
+            .map(|m| (*m.value).clone())
             .collect(),
         down: Default::default(),
     })
@@ -283,28 +278,25 @@ pub fn spawn_placer(ctx: Ctx) {
 }
 
 async fn place_pending(ctx: &Ctx) -> Result<(), ApiError> {
-    let (kvs, _) = ctx.store.list(keys::VMS).await?;
+    let unplaced: Vec<(String, u64, Vm)> = {
+        let o = ctx.cache.read(&*ctx.store).await?;
+        o.vms
+            .iter()
+            .filter(|(_, e)| e.value.status.host.is_none())
+            .map(|(k, e)| (k.clone(), e.revision, (*e.value).clone()))
+            .collect()
+    };
     let mut waiting = Vec::new();
-    for kv in kvs {
-        let Ok(vm) = serde_json::from_slice::<Vm>(&kv.value) else {
-            continue;
-        };
-        if vm.status.host.is_some() {
-            continue;
-        }
+    for (key, rev, vm) in unplaced {
         if vm.meta.deletion_requested_at.is_some() {
             // Never placed: nothing runs anywhere, so there is nothing to clean up.
-            match ctx
-                .store
-                .delete(&kv.key, Precondition::ModRevision(kv.mod_revision))
-                .await
-            {
+            match ctx.store.delete(&key, Precondition::ModRevision(rev)).await {
                 Ok(_) | Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
             continue;
         }
-        waiting.push((kv.key, kv.mod_revision, vm));
+        waiting.push((key, rev, vm));
     }
     if waiting.is_empty() {
         return Ok(());
@@ -329,7 +321,7 @@ async fn place_pending(ctx: &Ctx) -> Result<(), ApiError> {
         match ctx.store.txn(ops).await {
             Ok(_) => {
                 if let Some(v) = view.vms.iter_mut().find(|v| v.meta.uid == vm.meta.uid) {
-                    v.status = vm.status;
+                    std::sync::Arc::make_mut(v).status = vm.status;
                 }
             }
             Err(StoreError::Conflict { .. }) => {}

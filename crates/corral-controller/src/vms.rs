@@ -6,7 +6,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use chrono::Utc;
 use corral_api::{
-    format_bytes, keys, ConsoleChunk, CreateVmRequest, Datastore, Host, Image, ImagePhase,
+    format_bytes, keys, ConsoleChunk, CreateVmRequest, Datastore, Image, ImagePhase,
     MoveStorageRequest, ObjectMeta, PowerState, StopVmRequest, Task, TaskGoal, Vm, VmPhase,
     VmStatus, LOCAL_DATASTORE,
 };
@@ -29,18 +29,47 @@ async fn load(ctx: &Ctx, project: &str, name: &str) -> Result<Vm, ApiError> {
         .ok_or_else(|| vm_not_found(project, name))
 }
 
+/// A page of `GET .../vms`: VMs in name order, after the one named `after`, at most `limit`.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+pub struct ListQuery {
+    /// At most this many VMs, 1 to 1000 (default: all).
+    #[serde(default)]
+    pub limit: Option<usize>,
+    /// Only VMs whose names sort after this one: the last name of the previous page.
+    #[serde(default)]
+    pub after: Option<String>,
+}
+
+/// The most VMs one page holds.
+pub const MAX_PAGE: usize = 1000;
+
 #[utoipa::path(get, path = "/api/v1/projects/{project}/vms", tag = "vms",
-    params(("project" = String, Path)), responses((status = 200, body = [Vm])), security(("bearer" = [])))]
+    params(("project" = String, Path), ListQuery),
+    responses((status = 200, description = "in name order", body = [Vm]), (status = 400, body = corral_api::ApiErrorBody)),
+    security(("bearer" = [])))]
 pub async fn list(
     State(ctx): State<Ctx>,
     ApiPath(project): ApiPath<String>,
+    ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Json<Vec<Vm>>, ApiError> {
-    ensure_project(&ctx, &project).await?;
-    let mut vms = list_json::<Vm>(&*ctx.store, &keys::vms(&project)).await?.0;
-    let (datastores, _) = list_json::<Datastore>(&*ctx.store, keys::DATASTORES).await?;
-    for vm in &mut vms {
-        vm.ha = Some(crate::ha::protection(vm, &datastores));
+    if q.limit.is_some_and(|l| l == 0 || l > MAX_PAGE) {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be 1 to {MAX_PAGE}: page through more with `after` (the last name of a page)"
+        )));
     }
+    ensure_project(&ctx, &project).await?;
+    let (datastores, _) = list_json::<Datastore>(&*ctx.store, keys::DATASTORES).await?;
+    let prefix = keys::vms(&project);
+    let o = ctx.cache.read(&*ctx.store).await?;
+    let vms = o
+        .vms_in(&prefix, q.after.as_deref())
+        .take(q.limit.unwrap_or(usize::MAX))
+        .map(|e| {
+            let mut vm = (*e.value).clone();
+            vm.ha = Some(crate::ha::protection(&vm, &datastores));
+            vm
+        })
+        .collect();
     Ok(Json(vms))
 }
 
@@ -193,15 +222,14 @@ pub async fn create(
 
 /// A VM must fit on some host: no more vCPUs than its CPUs, no more memory than it has.
 async fn check_capacity(ctx: &Ctx, cpus: u32, memory: u64) -> Result<(), ApiError> {
-    let (hosts, _) = list_json::<Host>(&*ctx.store, keys::HOSTS).await?;
-    let Some(max_cpus) = hosts.iter().map(|h| h.status.cpus).max() else {
-        return Ok(());
+    let (max_cpus, max_mem) = {
+        let o = ctx.cache.read(&*ctx.store).await?;
+        let hosts = || o.hosts.values().map(|e| &e.value.status);
+        let Some(max_cpus) = hosts().map(|h| h.cpus).max() else {
+            return Ok(());
+        };
+        (max_cpus, hosts().map(|h| h.memory_bytes).max().unwrap_or(0))
     };
-    let max_mem = hosts
-        .iter()
-        .map(|h| h.status.memory_bytes)
-        .max()
-        .unwrap_or(0);
     if cpus > max_cpus {
         return Err(ApiError::BadRequest(format!(
             "the VM asks for {cpus} CPUs but the largest host has {max_cpus}: use --cpus {max_cpus} or fewer"

@@ -221,7 +221,14 @@ impl Inner {
     fn write(&self, ops: Vec<Op>) -> Result<Revision, StoreError> {
         let _guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let txn = self.db.begin_write().be(&self.path)?;
+        let reads_only = ops.iter().all(|o| matches!(o, Op::Check { .. }));
         let (rev, events) = self.apply(&txn, ops)?;
+        if reads_only {
+            // Checks alone change nothing: no new revision (as in etcd), so every revision has
+            // events and a watcher knows when it has seen them all.
+            txn.abort().be(&self.path)?;
+            return Ok(rev - 1);
+        }
         txn.commit().be(&self.path)?;
         // Nobody listening is fine.
         let _ = self.events.send(Arc::new((rev, events)));

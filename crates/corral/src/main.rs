@@ -490,6 +490,23 @@ enum TaskCmd {
     },
 }
 
+/// Every VM of the project, a page at a time.
+fn all_vms(c: &Client, p: &str) -> Result<Vec<Vm>> {
+    let mut vms: Vec<Vm> = Vec::new();
+    loop {
+        let after = vms
+            .last()
+            .map(|v| format!("&after={}", v.meta.name))
+            .unwrap_or_default();
+        let page: Vec<Vm> = c.get(&format!("{p}/vms?limit=1000{after}"))?;
+        let full = page.len() == 1000;
+        vms.extend(page);
+        if !full {
+            return Ok(vms);
+        }
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -587,7 +604,7 @@ fn client_command(g: &Global, cmd: Command) -> Result<()> {
                 let task: Task = c.post(&format!("{p}/vms"), &req)?;
                 finish_vm(task, &name)
             }
-            VmCmd::List => output::vms(fmt, &c.get::<Vec<Vm>>(&format!("{p}/vms"))?, false),
+            VmCmd::List => output::vms(fmt, &all_vms(&c, &p)?, false),
             VmCmd::Show { name } => {
                 output::vms(fmt, &[c.get::<Vm>(&format!("{p}/vms/{name}"))?], true)
             }

@@ -136,6 +136,44 @@ fn simulated_hosts_join_over_tls_run_and_migrate_vms() {
 }
 
 #[test]
+fn vm_lists_come_in_pages_in_name_order_and_bad_limits_are_refused() {
+    let lab = Lab::controller_with(&["--sim-hosts", "2", "--sim-boot-ms", "0"], &[]);
+    lab.wait_connected(&["sim-1", "sim-2"]);
+    image_and_datastore(&lab);
+    for name in ["e", "b", "d", "a", "c"] {
+        create(&lab, name, "1", "256M", &[]);
+    }
+    let names = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .expect("a list")
+            .iter()
+            .map(|v| v["meta"]["name"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    let base = "/api/v1/projects/default/vms";
+    let (status, page) = lab.api_get(&format!("{base}?limit=2"));
+    assert_eq!((status, names(&page)), (200, vec!["a".into(), "b".into()]));
+    let (_, page) = lab.api_get(&format!("{base}?limit=2&after=b"));
+    assert_eq!(names(&page), ["c", "d"]);
+    let (_, page) = lab.api_get(&format!("{base}?limit=2&after=d"));
+    assert_eq!(names(&page), ["e"]);
+    let (_, all) = lab.api_get(base);
+    assert_eq!(names(&all), ["a", "b", "c", "d", "e"]);
+    for bad in ["limit=0", "limit=1001", "limit=x"] {
+        let (status, body) = lab.api_get(&format!("{base}?{bad}"));
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(
+            body["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("limit")),
+            "{bad}: {body}"
+        );
+    }
+    // The CLI pages through them all.
+    assert_eq!(lab.json(&["vm", "list"]).as_array().map(Vec::len), Some(5));
+}
+
+#[test]
 fn faults_injected_into_simulated_hosts_show_as_a_user_sees_them() {
     let faults = tempfile::NamedTempFile::new().expect("faults file");
     let path = faults.path().to_str().expect("utf-8").to_string();

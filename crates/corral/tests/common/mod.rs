@@ -305,6 +305,22 @@ impl Lab {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// GETs an API path (e.g. "/api/v1/hosts") with the admin token: the status and the JSON body.
+    pub fn api_get(&self, path: &str) -> (u16, Value) {
+        let token = std::fs::read_to_string(self.data_dir().join("admin-token")).expect("token");
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let mut res = agent
+            .get(format!("http://127.0.0.1:{}{path}", self.port))
+            .header("Authorization", format!("Bearer {}", token.trim()))
+            .call()
+            .expect("the API answers");
+        let body = res.body_mut().read_json().unwrap_or(Value::Null);
+        (res.status().as_u16(), body)
+    }
+
     /// Runs the CLI with `-o json` and parses what it printed.
     pub fn json(&self, args: &[&str]) -> Value {
         let mut a = args.to_vec();
