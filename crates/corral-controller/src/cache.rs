@@ -254,17 +254,18 @@ mod tests {
             let o = cache.read(&*store).await.expect("read");
             assert!(o.vms.contains_key(&keys::vm(p, n)));
         }
-        let o = cache.read(&*store).await.expect("read");
-        let prefix = keys::vms("a");
-        let names = |after| -> Vec<String> {
-            o.vms_in(&prefix, after)
-                .map(|e| e.value.meta.name.clone())
-                .collect()
-        };
-        assert_eq!(names(None), ["x1", "x2", "x3"]);
-        assert_eq!(names(Some("x1")), ["x2", "x3"]);
-        assert!(names(Some("x3")).is_empty());
-        drop(o);
+        {
+            let o = cache.read(&*store).await.expect("read");
+            let prefix = keys::vms("a");
+            let names = |after| -> Vec<String> {
+                o.vms_in(&prefix, after)
+                    .map(|e| e.value.meta.name.clone())
+                    .collect()
+            };
+            assert_eq!(names(None), ["x1", "x2", "x3"]);
+            assert_eq!(names(Some("x1")), ["x2", "x3"]);
+            assert!(names(Some("x3")).is_empty());
+        }
         store
             .delete(&keys::vm("a", "x2"), Precondition::Any)
             .await
