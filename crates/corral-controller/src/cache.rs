@@ -8,7 +8,7 @@
 //! VM it just created, the host an agent just registered), exactly as a read from the store would.
 //! Writes still go to the store, guarded by revisions; the copy never decides anything alone.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
@@ -39,6 +39,28 @@ impl<T> Clone for Entry<T> {
     }
 }
 
+/// What the VMs placed on a host take of it, kept as VMs change so that a placement decision
+/// need not add up every VM of the cluster.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Alloc {
+    pub cpus: u64,
+    pub memory: u64,
+}
+
+impl Alloc {
+    pub fn add(&mut self, vm: &Vm, sign: i64) {
+        let apply = |v: &mut u64, d: u64| {
+            *v = if sign > 0 {
+                v.saturating_add(d)
+            } else {
+                v.saturating_sub(d)
+            }
+        };
+        apply(&mut self.cpus, u64::from(vm.spec.cpus));
+        apply(&mut self.memory, vm.spec.memory_bytes);
+    }
+}
+
 /// The copy, by store key.
 #[derive(Debug, Default)]
 pub struct Objects {
@@ -49,6 +71,8 @@ pub struct Objects {
     pub groups: BTreeMap<String, Entry<VmGroup>>,
     pub migrations: BTreeMap<String, Entry<Migration>>,
     pub settings: Option<ClusterSettings>,
+    /// Per host: what the VMs placed there were given.
+    pub alloc: HashMap<String, Alloc>,
 }
 
 fn parse<T: DeserializeOwned>(kv: &KeyValue) -> Option<Entry<T>> {
@@ -84,7 +108,16 @@ impl Objects {
     fn apply(&mut self, kind: EventKind, kv: &KeyValue) {
         let k = kv.key.as_str();
         if k.starts_with(keys::VMS) {
+            let old = self.vms.get(k).map(|e| e.value.clone());
             apply(&mut self.vms, kind, kv);
+            let new = self.vms.get(k).map(|e| e.value.clone());
+            for (vm, sign) in [(old, -1), (new, 1)] {
+                if let Some((vm, host)) =
+                    vm.as_ref().and_then(|v| Some((v, v.status.host.as_ref()?)))
+                {
+                    self.alloc.entry(host.clone()).or_default().add(vm, sign);
+                }
+            }
         } else if k.starts_with(keys::HOSTS) {
             apply(&mut self.hosts, kind, kv);
         } else if k.starts_with(keys::MIGRATIONS) {
@@ -270,8 +303,40 @@ mod tests {
             .delete(&keys::vm("a", "x2"), Precondition::Any)
             .await
             .expect("delete");
+        {
+            let o = cache.read(&*store).await.expect("read");
+            assert!(!o.vms.contains_key(&keys::vm("a", "x2")));
+            assert_eq!(o.vms.len(), 3);
+        }
+
+        // What each host was given follows the VMs as they are placed, move and go.
+        let mut v = vm("a", "x1");
+        for host in ["h1", "h2"] {
+            v.status.host = Some(host.into());
+            let bytes = serde_json::to_vec(&v).expect("json");
+            store
+                .put(&keys::vm("a", "x1"), bytes, Precondition::Any)
+                .await
+                .expect("put");
+            let o = cache.read(&*store).await.expect("read");
+            let on = |h: &str| o.alloc.get(h).copied().unwrap_or_default();
+            assert_eq!(
+                on(host),
+                Alloc {
+                    cpus: 1,
+                    memory: 1 << 30
+                }
+            );
+            assert_eq!(on(if host == "h1" { "h2" } else { "h1" }), Alloc::default());
+        }
+        store
+            .delete(&keys::vm("a", "x1"), Precondition::Any)
+            .await
+            .expect("delete");
         let o = cache.read(&*store).await.expect("read");
-        assert!(!o.vms.contains_key(&keys::vm("a", "x2")));
-        assert_eq!(o.vms.len(), 3);
+        assert_eq!(
+            o.alloc.get("h2").copied().unwrap_or_default(),
+            Alloc::default()
+        );
     }
 }

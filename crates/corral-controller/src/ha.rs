@@ -602,9 +602,7 @@ async fn fail_over(
                     vm.meta.name, vm.spec.ha_priority
                 );
                 events::record(&*ctx.store, "VmRestarting", &subject, &msg.to_lowercase()).await;
-                if let Some(placed) = view.vms.iter_mut().find(|x| x.meta.uid == uid) {
-                    std::sync::Arc::make_mut(placed).status = v.status;
-                }
+                view.record(v);
             }
             // The VM or the target changed since they were read (the failed host may have come
             // back and claimed it): judged again on the next tick.

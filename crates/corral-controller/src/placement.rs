@@ -34,6 +34,8 @@ pub struct ClusterView {
     pub migrations: Vec<Migration>,
     /// Hosts HA has found failed: nothing is placed there.
     pub down: std::collections::HashSet<String>,
+    /// Per host, what its placed VMs take (kept by the cache as VMs change).
+    pub alloc: HashMap<String, crate::cache::Alloc>,
 }
 
 pub fn host_state(h: &Host, now: DateTime<Utc>) -> (HostState, Option<DateTime<Utc>>) {
@@ -70,6 +72,7 @@ pub async fn view(ctx: &Ctx) -> Result<ClusterView, ApiError> {
             .collect(),
         vms: o.vms.values().map(|e| e.value.clone()).collect(),
         groups: o.groups.values().map(|e| (*e.value).clone()).collect(),
+        alloc: o.alloc.clone(),
         migrations: o
             .migrations
             .values()
@@ -103,10 +106,7 @@ impl ClusterView {
         self.hosts
             .iter()
             .map(|(h, _)| {
-                let (mut state, since) = host_state(h, now);
-                if self.down.contains(&h.name) {
-                    state = HostState::NotResponding;
-                }
+                let (state, since) = self.state_of(h, now);
                 let placed = by_host.remove(h.name.as_str()).unwrap_or_default();
                 HostInfo {
                     host: h.clone(),
@@ -164,23 +164,81 @@ impl ClusterView {
         }
     }
 
-    /// Every host as the scheduler sees it (VMs named "project/name").
+    /// Takes in a VM as just written (placed, or moved to another host), so the decisions that
+    /// follow in the same round count it where it is now.
+    pub fn record(&mut self, vm: Vm) {
+        let Some(v) = self.vms.iter_mut().find(|v| v.meta.uid == vm.meta.uid) else {
+            return;
+        };
+        for (host, sign) in [(v.status.host.clone(), -1), (vm.status.host.clone(), 1)] {
+            if let Some(h) = host {
+                self.alloc.entry(h).or_default().add(&vm, sign);
+            }
+        }
+        *v = std::sync::Arc::new(vm);
+    }
+
+    /// A host's state as placement takes it.
+    fn state_of(&self, h: &Host, now: DateTime<Utc>) -> (HostState, Option<DateTime<Utc>>) {
+        let (state, since) = host_state(h, now);
+        if self.down.contains(&h.name) {
+            return (HostState::NotResponding, since);
+        }
+        (state, since)
+    }
+
+    /// Every host as the scheduler sees it: capacity, what is placed there (and what migrates
+    /// there), and the group members on it ("project/name": only affinity rules look at names).
+    /// Costs one pass over the hosts and the group members, not over the VMs.
     pub fn sched_hosts(&self) -> Vec<sched::HostView> {
-        self.host_infos()
-            .into_iter()
-            .map(|i| sched::HostView {
-                name: i.host.name.clone(),
-                state: match i.state {
-                    HostState::Connected => sched::HostState::Connected,
-                    HostState::NotResponding => sched::HostState::NotResponding,
-                    HostState::Maintenance => sched::HostState::Maintenance,
-                    HostState::Standby => sched::HostState::Standby,
-                },
-                cpus: i.host.status.cpus,
-                memory_bytes: i.host.status.memory_bytes,
-                allocated_cpus: i.allocated_cpus,
-                allocated_memory: i.allocated_memory_bytes,
-                vms: i.vms,
+        let now = Utc::now();
+        let mut names: HashMap<&str, Vec<String>> = HashMap::new();
+        let mut incoming: HashMap<&str, crate::cache::Alloc> = HashMap::new();
+        let members: std::collections::HashSet<(&str, &str)> = self
+            .groups
+            .iter()
+            .flat_map(|g| {
+                g.members
+                    .iter()
+                    .map(|m| (g.meta.project.as_str(), m.as_str()))
+            })
+            .collect();
+        if !members.is_empty() || !self.migrations.is_empty() {
+            for v in &self.vms {
+                let name = (v.meta.project.as_str(), v.meta.name.as_str());
+                if let Some(h) = v.status.host.as_deref().filter(|_| members.contains(&name)) {
+                    names.entry(h).or_default().push(qualified(name.0, name.1));
+                }
+                for m in self.migrations.iter().filter(|m| m.vm_uid == v.meta.uid) {
+                    let a = incoming.entry(m.target.as_str()).or_default();
+                    a.cpus += u64::from(v.spec.cpus);
+                    a.memory += v.spec.memory_bytes;
+                    names
+                        .entry(m.target.as_str())
+                        .or_default()
+                        .push(qualified(name.0, name.1));
+                }
+            }
+        }
+        self.hosts
+            .iter()
+            .map(|(h, _)| {
+                let placed = self.alloc.get(&h.name).copied().unwrap_or_default();
+                let arriving = incoming.get(h.name.as_str()).copied().unwrap_or_default();
+                sched::HostView {
+                    name: h.name.clone(),
+                    state: match self.state_of(h, now).0 {
+                        HostState::Connected => sched::HostState::Connected,
+                        HostState::NotResponding => sched::HostState::NotResponding,
+                        HostState::Maintenance => sched::HostState::Maintenance,
+                        HostState::Standby => sched::HostState::Standby,
+                    },
+                    cpus: h.status.cpus,
+                    memory_bytes: h.status.memory_bytes,
+                    allocated_cpus: u32::try_from(placed.cpus + arriving.cpus).unwrap_or(u32::MAX),
+                    allocated_memory: placed.memory + arriving.memory,
+                    vms: names.remove(h.name.as_str()).unwrap_or_default(),
+                }
             })
             .collect()
     }
@@ -320,9 +378,7 @@ async fn place_pending(ctx: &Ctx) -> Result<(), ApiError> {
         });
         match ctx.store.txn(ops).await {
             Ok(_) => {
-                if let Some(v) = view.vms.iter_mut().find(|v| v.meta.uid == vm.meta.uid) {
-                    std::sync::Arc::make_mut(v).status = vm.status;
-                }
+                view.record(vm);
             }
             Err(StoreError::Conflict { .. }) => {}
             Err(e) => return Err(e.into()),

@@ -12,29 +12,6 @@ use common::netlab::TestLab;
 use common::Lab;
 use serde_json::Value;
 
-/// A shared datastore and a tiny image, which is all a simulated VM needs.
-fn image_and_datastore(lab: &Lab) {
-    let img = lab.dir.path().join("tiny.qcow2");
-    let made = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&img)
-        .arg("64M")
-        .status()
-        .expect("qemu-img runs (scripts/setup.sh installs it)");
-    assert!(made.success());
-    lab.cli(&["image", "import", "tiny", img.to_str().expect("utf-8")]);
-    let ds = lab.dir.path().join("shared");
-    std::fs::create_dir_all(&ds).expect("datastore dir");
-    lab.cli(&[
-        "datastore",
-        "create",
-        "nfs",
-        "--path",
-        ds.to_str().expect("utf-8"),
-        "--shared",
-    ]);
-}
-
 fn create(lab: &Lab, name: &str, cpus: &str, memory: &str, extra: &[&str]) {
     let mut args = vec![
         "vm",
@@ -92,7 +69,7 @@ fn simulated_hosts_join_over_tls_run_and_migrate_vms() {
     let host = lab.json(&["host", "show", "rsim-1"]);
     assert_eq!(host["status"]["hypervisor"], "corral-sim (simulated host)");
     assert_eq!(host["status"]["cpus"], 32);
-    image_and_datastore(&lab);
+    lab.tiny_image_and_shared_datastore();
     create(&lab, "web", "2", "1G", &[]);
     create(&lab, "db", "2", "1G", &[]);
     wait_vms(&lab, 30, "both VMs run", all_running);
@@ -139,7 +116,7 @@ fn simulated_hosts_join_over_tls_run_and_migrate_vms() {
 fn vm_lists_come_in_pages_in_name_order_and_bad_limits_are_refused() {
     let lab = Lab::controller_with(&["--sim-hosts", "2", "--sim-boot-ms", "0"], &[]);
     lab.wait_connected(&["sim-1", "sim-2"]);
-    image_and_datastore(&lab);
+    lab.tiny_image_and_shared_datastore();
     for name in ["e", "b", "d", "a", "c"] {
         create(&lab, name, "1", "256M", &[]);
     }
@@ -189,7 +166,7 @@ fn faults_injected_into_simulated_hosts_show_as_a_user_sees_them() {
         &[],
     );
     lab.wait_connected(&["sim-1", "sim-2", "sim-3"]);
-    image_and_datastore(&lab);
+    lab.tiny_image_and_shared_datastore();
     create(&lab, "guarded", "2", "1G", &["--ha", "restart"]);
     wait_vms(&lab, 30, "the VM runs", all_running);
     let first = host_of(&lab.json(&["vm", "show", "guarded"]));
@@ -235,7 +212,7 @@ fn a_start_that_fails_is_reported_on_the_vm() {
         &[],
     );
     lab.wait_connected(&["sim-1", "sim-2"]);
-    image_and_datastore(&lab);
+    lab.tiny_image_and_shared_datastore();
     let err = lab.fails(&[
         "vm",
         "create",
@@ -270,7 +247,7 @@ fn a_migration_that_fails_leaves_the_vm_running_on_its_source() {
         &[],
     );
     lab.wait_connected(&["sim-1", "sim-2"]);
-    image_and_datastore(&lab);
+    lab.tiny_image_and_shared_datastore();
     create(&lab, "stay", "1", "512M", &[]);
     wait_vms(&lab, 30, "the VM runs", all_running);
     let source = host_of(&lab.json(&["vm", "show", "stay"]));
@@ -322,7 +299,7 @@ fn auto_drs_on_simulated_hosts_converges_and_stops_moving() {
         &[("CORRAL_DRS_PERIOD_SECS", "2")],
     );
     lab.wait_connected(&["sim-1", "sim-2", "sim-3", "sim-4"]);
-    image_and_datastore(&lab);
+    lab.tiny_image_and_shared_datastore();
     // Packed: eight busy VMs on the first host, the others idle.
     lab.cli(&["cluster", "set", "--placement", "pack"]);
     for i in 1..=8 {
@@ -413,7 +390,7 @@ fn dpm_puts_idle_simulated_hosts_in_standby_and_wakes_one_when_room_is_needed() 
         &[("CORRAL_DRS_PERIOD_SECS", "2")],
     );
     lab.wait_connected(&["sim-1", "sim-2", "sim-3"]);
-    image_and_datastore(&lab);
+    lab.tiny_image_and_shared_datastore();
     for i in 1..=3 {
         create(&lab, &format!("idle-{i}"), "1", "4G", &[]);
     }

@@ -305,6 +305,28 @@ impl Lab {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// A 64M image `tiny` and a shared datastore `nfs`: all a simulated VM needs.
+    pub fn tiny_image_and_shared_datastore(&self) {
+        let img = self.dir.path().join("tiny.qcow2");
+        let made = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&img)
+            .arg("64M")
+            .status()
+            .expect("qemu-img runs (scripts/setup.sh installs it)");
+        assert!(made.success());
+        self.cli(&["image", "import", "tiny", img.to_str().expect("utf-8")]);
+        let ds = self.dir.path().join("shared");
+        std::fs::create_dir_all(&ds).expect("datastore dir");
+        let ds = ds.to_str().expect("utf-8");
+        self.cli(&["datastore", "create", "nfs", "--path", ds, "--shared"]);
+    }
+
+    /// The controller's (or `corral up`'s) process id while it runs.
+    pub fn server_pid(&self) -> Option<u32> {
+        self.server.as_ref().map(Child::id)
+    }
+
     /// GETs an API path (e.g. "/api/v1/hosts") with the admin token: the status and the JSON body.
     pub fn api_get(&self, path: &str) -> (u16, Value) {
         let token = std::fs::read_to_string(self.data_dir().join("admin-token")).expect("token");
