@@ -16,6 +16,9 @@ use tokio::sync::mpsc;
 
 use crate::{layout, AgentError};
 
+/// How often an agent that reports to the failure detector rewrites its host record.
+pub const HEARTBEAT_WITH_REPORTS: Duration = Duration::from_secs(30);
+
 /// How an agent runs.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
@@ -666,9 +669,16 @@ impl Agent {
         if let Err(e) = self.heartbeat().await {
             tracing::warn!(error = %e, "first heartbeat failed; retrying");
         }
+        // The controller hears from a host with an HA link four times a second; the record then
+        // only needs refreshing now and then (a thousand hosts' records cost the store little).
+        let every = if self.ha_link.is_some() {
+            HEARTBEAT_WITH_REPORTS
+        } else {
+            Duration::from_secs(5)
+        };
         let me = self.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
                 if let Err(e) = me.heartbeat().await {

@@ -170,7 +170,7 @@ pub struct SimSpec {
     pub memory_use: f64,
     /// How fast a migration copies memory.
     pub link_bytes_per_sec: u64,
-    /// How often each host heartbeats (a real agent: every 5 s).
+    /// How often each host rewrites its record (it reports to the failure detector besides).
     pub heartbeat: Duration,
 }
 
@@ -186,7 +186,7 @@ impl Default for SimSpec {
             loads: Loads::default(),
             memory_use: 0.5,
             link_bytes_per_sec: 1_250_000_000,
-            heartbeat: Duration::from_secs(5),
+            heartbeat: crate::reconcile::HEARTBEAT_WITH_REPORTS,
         }
     }
 }

@@ -118,6 +118,12 @@ impl Monitor {
         self.lock().seen.insert(host.to_string(), Instant::now());
     }
 
+    /// When the host's agent was last heard from (any call), if since this controller started.
+    pub(crate) fn last_seen(&self, host: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+        let at = *self.lock().seen.get(host)?;
+        Some(chrono::Utc::now() - chrono::Duration::from_std(at.elapsed()).ok()?)
+    }
+
     /// How HA sees the host, for `corral host show`.
     pub(crate) fn describe(&self, host: &str) -> Option<String> {
         self.lock().states.get(host).map(|(s, since)| {

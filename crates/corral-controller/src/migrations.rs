@@ -75,7 +75,8 @@ pub async fn start(
         let source_up = get_json::<Host>(&*ctx.store, &keys::host(&source))
             .await?
             .is_some_and(|h| {
-                placement::host_state(&h.value, Utc::now()).0 != HostState::NotResponding
+                placement::host_state(&h.value, Utc::now(), ctx.ha.last_seen(&source)).0
+                    != HostState::NotResponding
             });
         if !source_up {
             return Err(ApiError::Conflict(format!(
@@ -363,7 +364,10 @@ pub async fn give_up_stale(ctx: &Ctx) -> Result<(), ApiError> {
     for (key, rev, m) in unfinished {
         let silent = get_json::<Host>(&*ctx.store, &keys::host(&m.source))
             .await?
-            .is_none_or(|h| placement::host_state(&h.value, now).0 == HostState::NotResponding);
+            .is_none_or(|h| {
+                let seen = ctx.ha.last_seen(&m.source);
+                placement::host_state(&h.value, now, seen).0 == HostState::NotResponding
+            });
         let stale = (now - m.updated_at).to_std().unwrap_or_default() > STALE_AFTER;
         if !(silent || stale) {
             continue;

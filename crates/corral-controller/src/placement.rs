@@ -19,7 +19,9 @@ use corral_store::{get_json, Op, Precondition, StoreError};
 
 use crate::{ApiError, Ctx};
 
-/// A host without a heartbeat for this long is not responding (heartbeats come every 5 s).
+/// A host not heard from for this long is not responding. Its agent reports to the failure
+/// detector every [`corral_api::timing::RENEW_EVERY`] and rewrites its host record every 30 s; a
+/// controller that just started, and has no reports yet, goes by the record.
 pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Everything placement looks at, read from the store.
@@ -36,16 +38,24 @@ pub struct ClusterView {
     pub down: std::collections::HashSet<String>,
     /// Per host, what its placed VMs take (kept by the cache as VMs change).
     pub alloc: HashMap<String, crate::cache::Alloc>,
+    /// When each host's agent was last heard from.
+    pub monitor: Option<std::sync::Arc<crate::ha::Monitor>>,
 }
 
-pub fn host_state(h: &Host, now: DateTime<Utc>) -> (HostState, Option<DateTime<Utc>>) {
+/// The host's state, from its record and when its agent was last heard from (`seen`).
+pub fn host_state(
+    h: &Host,
+    now: DateTime<Utc>,
+    seen: Option<DateTime<Utc>>,
+) -> (HostState, Option<DateTime<Utc>>) {
     // Asked to go to standby, or still there while it wakes: silent on purpose.
     if h.standby || h.status.standby {
         return (HostState::Standby, None);
     }
-    let silent = (now - h.status.last_heartbeat).to_std().unwrap_or_default() > HEARTBEAT_TIMEOUT;
+    let last = seen.map_or(h.status.last_heartbeat, |s| s.max(h.status.last_heartbeat));
+    let silent = (now - last).to_std().unwrap_or_default() > HEARTBEAT_TIMEOUT;
     if silent {
-        (HostState::NotResponding, Some(h.status.last_heartbeat))
+        (HostState::NotResponding, Some(last))
     } else if h.maintenance {
         (HostState::Maintenance, None)
     } else {
@@ -73,6 +83,7 @@ pub async fn view(ctx: &Ctx) -> Result<ClusterView, ApiError> {
         vms: o.vms.values().map(|e| e.value.clone()).collect(),
         groups: o.groups.values().map(|e| (*e.value).clone()).collect(),
         alloc: o.alloc.clone(),
+        monitor: Some(ctx.ha.clone()),
         migrations: o
             .migrations
             .values()
@@ -108,8 +119,13 @@ impl ClusterView {
             .map(|(h, _)| {
                 let (state, since) = self.state_of(h, now);
                 let placed = by_host.remove(h.name.as_str()).unwrap_or_default();
+                // The last time the host was heard from, by report or by record.
+                let mut host = h.clone();
+                if let Some(seen) = self.monitor.as_ref().and_then(|m| m.last_seen(&h.name)) {
+                    host.status.last_heartbeat = host.status.last_heartbeat.max(seen);
+                }
                 HostInfo {
-                    host: h.clone(),
+                    host,
                     state,
                     not_responding_since: since,
                     allocated_cpus: placed.iter().map(|v| v.spec.cpus).sum(),
@@ -180,7 +196,8 @@ impl ClusterView {
 
     /// A host's state as placement takes it.
     fn state_of(&self, h: &Host, now: DateTime<Utc>) -> (HostState, Option<DateTime<Utc>>) {
-        let (state, since) = host_state(h, now);
+        let seen = self.monitor.as_ref().and_then(|m| m.last_seen(&h.name));
+        let (state, since) = host_state(h, now, seen);
         if self.down.contains(&h.name) {
             return (HostState::NotResponding, since);
         }

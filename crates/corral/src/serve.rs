@@ -91,8 +91,9 @@ pub struct SimArgs {
     /// How long a simulated guest takes to start (and a host to wake), in milliseconds.
     #[arg(long, default_value_t = 500)]
     sim_boot_ms: u64,
-    /// Seconds between heartbeats of each simulated host (a real agent: 5).
-    #[arg(long, default_value_t = 5)]
+    /// Seconds between rewrites of each simulated host's record (a real agent: 30; the hosts
+    /// report to the failure detector four times a second besides).
+    #[arg(long, default_value_t = 30)]
     sim_heartbeat: u64,
     /// A file naming the simulated hosts to keep dead, one per line (read every half second;
     /// `corral lab fault` writes it): a dead host stops heartbeating, reporting and acting.
@@ -133,7 +134,7 @@ impl SimArgs {
             fail_migrations: chance("--sim-fail-migrations", self.sim_fail_migrations)?,
             loads: load,
             memory_use: 0.5,
-            heartbeat: Duration::from_secs(self.sim_heartbeat.clamp(1, 10)),
+            heartbeat: Duration::from_secs(self.sim_heartbeat.clamp(1, 60)),
             ..Default::default()
         })
     }

@@ -470,11 +470,16 @@ fn dpm_puts_idle_simulated_hosts_in_standby_and_wakes_one_when_room_is_needed() 
 #[test]
 fn a_lab_of_simulated_hosts_comes_up_takes_faults_and_goes_away() {
     let lab = TestLab::up_with(0, &["--sim-hosts", "100"]);
-    let status = lab.ok(&["lab", "status"]);
-    assert!(
-        status.contains("sim-1 .. sim-100  simulated, agent running, 100 connected"),
-        "{status}"
-    );
+    // Each host's record gets its simulated capacity with the host's first heartbeat.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = lab.ok(&["lab", "status"]);
+        if status.contains("sim-1 .. sim-100  simulated, agent running, 100 connected") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
     let agent_pid = |lab: &TestLab| -> Option<u32> {
         let state = lab.dir.path().join(&lab.name).join("lab.json");
         let state: Value = serde_json::from_slice(&std::fs::read(state).ok()?).ok()?;
