@@ -75,10 +75,11 @@ struct Inner {
     seen: HashMap<String, Instant>,
     /// Each host's last report: when, and the peers it saw alive.
     reports: HashMap<String, (Instant, Vec<String>)>,
-    /// (datastore, host) -> the lease file as last read, and when it last changed.
-    leases: HashMap<(String, String), Lease>,
-    /// Shared datastores whose lease directory the controller can read now.
-    observable: HashSet<String>,
+    /// Datastore -> host -> the lease file as last read, and when it last changed (hosts that
+    /// never wrote one there have no entry).
+    leases: HashMap<String, HashMap<String, Lease>>,
+    /// Shared datastores whose lease directory the controller can read now, and since when.
+    observable: HashMap<String, Instant>,
     states: HashMap<String, (HostHa, Instant)>,
     /// Restarts under way: VM uid -> (failed host, when it was declared failed).
     restarting: HashMap<uuid::Uuid, (String, Instant)>,
@@ -95,6 +96,10 @@ struct Inner {
 pub struct Monitor {
     started: Instant,
     inner: Mutex<Inner>,
+    /// Hosts not heard from for [`placement::HEARTBEAT_TIMEOUT`] (or not yet), as of the last
+    /// tick: placement asks this (usually empty) set, not the reports, about every host.
+    /// None until the first tick.
+    quiet: Mutex<Option<std::sync::Arc<HashSet<String>>>>,
 }
 
 impl Default for Monitor {
@@ -102,6 +107,7 @@ impl Default for Monitor {
         Self {
             started: Instant::now(),
             inner: Mutex::default(),
+            quiet: Mutex::default(),
         }
     }
 }
@@ -115,7 +121,20 @@ impl Monitor {
 
     /// A call from the host's agent arrived (any call: a host that writes is alive).
     pub(crate) fn seen(&self, host: &str) {
-        self.lock().seen.insert(host.to_string(), Instant::now());
+        mark(&mut self.lock().seen, host, Instant::now());
+    }
+
+    /// The hosts not heard from lately (see [`Monitor::quiet`]); none before the first tick.
+    pub(crate) fn quiet(&self) -> Option<std::sync::Arc<HashSet<String>>> {
+        self.quiet
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Whether the host's agent was heard from lately, as of the last tick.
+    pub(crate) fn heard(&self, host: &str) -> bool {
+        self.quiet().is_some_and(|q| !q.contains(host))
     }
 
     /// When the host's agent was last heard from (any call), if since this controller started.
@@ -140,12 +159,23 @@ impl Monitor {
     }
 }
 
+/// Sets `host`'s entry, allocating a key only for a host not seen before (reports come four times
+/// a second from every host).
+fn mark<V>(map: &mut HashMap<String, V>, host: &str, value: V) {
+    match map.get_mut(host) {
+        Some(v) => *v = value,
+        None => {
+            map.insert(host.to_string(), value);
+        }
+    }
+}
+
 /// Records a host's report and answers with what it needs: the isolation response and its peers.
 pub fn report(ctx: &Ctx, host: &str, r: HaReport) -> HaReply {
     let mut inner = ctx.ha.lock();
     let now = Instant::now();
-    inner.seen.insert(host.to_string(), now);
-    inner.reports.insert(host.to_string(), (now, r.peers_alive));
+    mark(&mut inner.seen, host, now);
+    mark(&mut inner.reports, host, (now, r.peers_alive));
     HaReply {
         isolation_response: inner.isolation_response,
         peers: inner
@@ -284,28 +314,42 @@ async fn watch(ctx: &Ctx, tick: u64) -> Result<(), ApiError> {
             .iter()
             .filter_map(|h| h.status.gossip.map(|g| (h.name.clone(), g)))
             .collect();
-        inner.observable.clear();
+        // Leases: only files that exist and entries already kept are looked at, not every host.
+        let mut observable = HashMap::new();
         for (ds, files) in read {
             let Some(files) = files else { continue };
-            inner.observable.insert(ds.clone());
-            for h in &hosts {
-                let content = files
-                    .iter()
-                    .find(|(n, _)| *n == h.name)
-                    .map(|(_, c)| c.clone());
-                let lease = inner
-                    .leases
-                    .entry((ds.clone(), h.name.clone()))
-                    .or_insert(Lease {
-                        content: content.clone(),
-                        changed: now,
-                    });
-                if lease.content != content {
-                    lease.content = content;
-                    lease.changed = now;
+            let since = inner.observable.get(&ds).copied().unwrap_or(now);
+            observable.insert(ds.clone(), since);
+            let kept = inner.leases.entry(ds).or_default();
+            let present: HashSet<String> = files.iter().map(|(h, _)| h.clone()).collect();
+            for (host, content) in files {
+                match kept.get_mut(&host) {
+                    Some(l) if l.content.as_ref() == Some(&content) => {}
+                    Some(l) => {
+                        l.content = Some(content);
+                        l.changed = now;
+                    }
+                    None => {
+                        let content = Some(content);
+                        kept.insert(
+                            host,
+                            Lease {
+                                content,
+                                changed: now,
+                            },
+                        );
+                    }
+                }
+            }
+            // A file that vanished is a change too.
+            for (host, l) in kept.iter_mut() {
+                if l.content.is_some() && !present.contains(host) {
+                    l.content = None;
+                    l.changed = now;
                 }
             }
         }
+        inner.observable = observable;
         let silent = |inner: &Inner, h: &str| {
             inner
                 .seen
@@ -315,9 +359,13 @@ async fn watch(ctx: &Ctx, tick: u64) -> Result<(), ApiError> {
                 .elapsed()
                 > timing::SILENT_AFTER
         };
-        let mut states = Vec::new();
+        let mut quiet = HashSet::new();
         for h in &hosts {
             let name = h.name.as_str();
+            let heard = inner.seen.get(name).map(Instant::elapsed);
+            if heard.is_none_or(|e| e > placement::HEARTBEAT_TIMEOUT) {
+                quiet.insert(name.to_string());
+            }
             let state = if !silent(&inner, name) {
                 HostHa::Live
             } else if inner.reports.iter().any(|(p, (at, alive))| {
@@ -327,28 +375,30 @@ async fn watch(ctx: &Ctx, tick: u64) -> Result<(), ApiError> {
                     && alive.iter().any(|a| a == name)
             }) {
                 HostHa::Partitioned
-            } else if inner.leases.iter().any(|((ds, host), l)| {
-                host == name
-                    && inner.observable.contains(ds)
-                    && l.content.is_some()
-                    && l.changed.elapsed() < timing::LEASE_STALE_AFTER
+            } else if inner.leases.iter().any(|(ds, hosts)| {
+                inner.observable.contains_key(ds)
+                    && hosts.get(name).is_some_and(|l| {
+                        l.content.is_some() && l.changed.elapsed() < timing::LEASE_STALE_AFTER
+                    })
             }) {
                 HostHa::Isolated
             } else {
                 HostHa::Failed
             };
-            states.push((name.to_string(), state));
-        }
-        for (name, state) in states {
-            let previous = inner.states.get(&name).map(|(s, _)| *s);
+            // Only a change costs an allocation (this runs four times a second for every host).
+            let previous = inner.states.get(name).map(|(s, _)| *s);
             if previous != Some(state) {
-                inner.states.insert(name.clone(), (state, now));
+                inner.states.insert(name.to_string(), (state, now));
                 // A host first seen live is no news.
                 if previous.is_some() || state != HostHa::Live {
-                    transitions.push((name, state));
+                    transitions.push((name.to_string(), state));
                 }
             }
         }
+        *ctx.ha
+            .quiet
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(std::sync::Arc::new(quiet));
         inner
             .states
             .iter()
@@ -507,13 +557,18 @@ async fn fail_over(
     datastores: &[Datastore],
     vms: &[(String, u64, Vm)],
 ) -> Result<(), ApiError> {
+    // A host that never wrote a lease there counts from when the datastore could first be read.
     let expired = |vm: &Vm, host: &str| {
         let inner = ctx.ha.lock();
-        inner.observable.contains(&vm.spec.datastore)
-            && inner
-                .leases
-                .get(&(vm.spec.datastore.clone(), host.to_string()))
-                .is_some_and(|l| l.changed.elapsed() >= timing::LEASE_EXPIRES_AFTER)
+        let Some(since) = inner.observable.get(&vm.spec.datastore) else {
+            return false;
+        };
+        let changed = inner
+            .leases
+            .get(&vm.spec.datastore)
+            .and_then(|hosts| hosts.get(host))
+            .map_or(*since, |l| l.changed);
+        changed.elapsed() >= timing::LEASE_EXPIRES_AFTER
     };
     let candidates: Vec<&Vm> = vms
         .iter()

@@ -75,7 +75,7 @@ pub async fn start(
         let source_up = get_json::<Host>(&*ctx.store, &keys::host(&source))
             .await?
             .is_some_and(|h| {
-                placement::host_state(&h.value, Utc::now(), ctx.ha.last_seen(&source)).0
+                placement::host_state(&h.value, Utc::now(), ctx.ha.heard(&source)).0
                     != HostState::NotResponding
             });
         if !source_up {
@@ -365,8 +365,8 @@ pub async fn give_up_stale(ctx: &Ctx) -> Result<(), ApiError> {
         let silent = get_json::<Host>(&*ctx.store, &keys::host(&m.source))
             .await?
             .is_none_or(|h| {
-                let seen = ctx.ha.last_seen(&m.source);
-                placement::host_state(&h.value, now, seen).0 == HostState::NotResponding
+                let heard = ctx.ha.heard(&m.source);
+                placement::host_state(&h.value, now, heard).0 == HostState::NotResponding
             });
         let stale = (now - m.updated_at).to_std().unwrap_or_default() > STALE_AFTER;
         if !(silent || stale) {

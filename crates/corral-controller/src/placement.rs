@@ -28,7 +28,7 @@ pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(15);
 pub struct ClusterView {
     pub settings: ClusterSettings,
     /// Hosts with the revision they were read at.
-    pub hosts: Vec<(Host, u64)>,
+    pub hosts: Vec<(std::sync::Arc<Host>, u64)>,
     /// Shared with the cache: a view of 100,000 VMs copies no VM.
     pub vms: Vec<std::sync::Arc<Vm>>,
     pub groups: Vec<VmGroup>,
@@ -40,20 +40,18 @@ pub struct ClusterView {
     pub alloc: HashMap<String, crate::cache::Alloc>,
     /// When each host's agent was last heard from.
     pub monitor: Option<std::sync::Arc<crate::ha::Monitor>>,
+    /// The hosts the failure detector has not heard from lately (none known before its first tick).
+    pub quiet: Option<std::sync::Arc<std::collections::HashSet<String>>>,
 }
 
-/// The host's state, from its record and when its agent was last heard from (`seen`).
-pub fn host_state(
-    h: &Host,
-    now: DateTime<Utc>,
-    seen: Option<DateTime<Utc>>,
-) -> (HostState, Option<DateTime<Utc>>) {
+/// The host's state, from its record and whether the failure detector heard its agent lately.
+pub fn host_state(h: &Host, now: DateTime<Utc>, heard: bool) -> (HostState, Option<DateTime<Utc>>) {
     // Asked to go to standby, or still there while it wakes: silent on purpose.
     if h.standby || h.status.standby {
         return (HostState::Standby, None);
     }
-    let last = seen.map_or(h.status.last_heartbeat, |s| s.max(h.status.last_heartbeat));
-    let silent = (now - last).to_std().unwrap_or_default() > HEARTBEAT_TIMEOUT;
+    let last = h.status.last_heartbeat;
+    let silent = !heard && (now - last).to_std().unwrap_or_default() > HEARTBEAT_TIMEOUT;
     if silent {
         (HostState::NotResponding, Some(last))
     } else if h.maintenance {
@@ -78,12 +76,13 @@ pub async fn view(ctx: &Ctx) -> Result<ClusterView, ApiError> {
         hosts: o
             .hosts
             .values()
-            .map(|e| ((*e.value).clone(), e.revision))
+            .map(|e| (e.value.clone(), e.revision))
             .collect(),
         vms: o.vms.values().map(|e| e.value.clone()).collect(),
         groups: o.groups.values().map(|e| (*e.value).clone()).collect(),
         alloc: o.alloc.clone(),
         monitor: Some(ctx.ha.clone()),
+        quiet: ctx.ha.quiet(),
         migrations: o
             .migrations
             .values()
@@ -120,7 +119,7 @@ impl ClusterView {
                 let (state, since) = self.state_of(h, now);
                 let placed = by_host.remove(h.name.as_str()).unwrap_or_default();
                 // The last time the host was heard from, by report or by record.
-                let mut host = h.clone();
+                let mut host = (**h).clone();
                 if let Some(seen) = self.monitor.as_ref().and_then(|m| m.last_seen(&h.name)) {
                     host.status.last_heartbeat = host.status.last_heartbeat.max(seen);
                 }
@@ -196,8 +195,11 @@ impl ClusterView {
 
     /// A host's state as placement takes it.
     fn state_of(&self, h: &Host, now: DateTime<Utc>) -> (HostState, Option<DateTime<Utc>>) {
-        let seen = self.monitor.as_ref().and_then(|m| m.last_seen(&h.name));
-        let (state, since) = host_state(h, now, seen);
+        let heard = self
+            .quiet
+            .as_ref()
+            .is_some_and(|q| q.is_empty() || !q.contains(&h.name));
+        let (state, since) = host_state(h, now, heard);
         if self.down.contains(&h.name) {
             return (HostState::NotResponding, since);
         }
