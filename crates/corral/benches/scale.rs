@@ -115,8 +115,6 @@ fn main() {
             "none",
             "--sim-boot-ms",
             "0",
-            "--sim-heartbeat",
-            "10",
         ],
         &[],
     );
