@@ -356,8 +356,10 @@ impl Fleet {
         let host = &self.hosts[&name];
         let beat_every = (self.spec.heartbeat.as_millis() / timing::RENEW_EVERY.as_millis()).max(1);
         // Heartbeats spread over the period rather than all at once.
-        let mut n = (unit(name.len() as u64 ^ name.bytes().map(u64::from).sum::<u64>() << 8)
-            * beat_every as f64) as u128;
+        let seed = name
+            .bytes()
+            .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+        let mut n = (unit(seed) * beat_every as f64) as u128;
         let mut tick = tokio::time::interval(timing::RENEW_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut first = true;

@@ -132,7 +132,7 @@ impl Objects {
         }
     }
 
-    /// The VMs whose keys start with `prefix` (a project's), after the key `after`, at most `limit`.
+    /// The VMs whose keys start with `prefix` (a project's), in key order, after the VM named `after`.
     pub fn vms_in<'a>(
         &'a self,
         prefix: &'a str,
