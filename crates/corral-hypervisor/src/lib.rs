@@ -162,12 +162,19 @@ pub fn signal(pid: u32, sig: libc::c_int) {
 }
 
 /// Whether a process runs: present, and not a zombie waiting to be reaped (when Corral is PID 1 or a
-/// subreaper, daemonized QEMUs become its children).
+/// subreaper, daemonized QEMUs become its children). A multi-threaded process whose main thread
+/// exited first still runs (and holds its files and locks) until every thread is gone, so each
+/// thread is looked at, not only the main one.
 pub fn process_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
+    let running = |stat: &str| {
+        !stat
             .rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('Z')),
-        Err(_) => false,
-    }
+            .is_some_and(|(_, rest)| rest.starts_with('Z'))
+    };
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks
+        .flatten()
+        .any(|t| std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| running(&stat)))
 }
