@@ -8,7 +8,7 @@
 //! VM it just created, the host an agent just registered), exactly as a read from the store would.
 //! Writes still go to the store, guarded by revisions; the copy never decides anything alone.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
@@ -39,8 +39,7 @@ impl<T> Clone for Entry<T> {
     }
 }
 
-/// What the VMs placed on a host take of it, kept as VMs change so that a placement decision
-/// need not add up every VM of the cluster.
+/// What the VMs placed on a host take of it.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Alloc {
     pub cpus: u64,
@@ -61,18 +60,27 @@ impl Alloc {
     }
 }
 
+/// A host as the copy keeps it: its record, its name ready to hand out without copying, and what
+/// the VMs placed there take, kept as VMs change so that a placement decision need not add up
+/// every VM of the cluster, nor look each host up.
+#[derive(Clone, Debug)]
+pub struct HostEntry {
+    pub value: Arc<Host>,
+    pub revision: Revision,
+    pub name: Arc<str>,
+    pub alloc: Alloc,
+}
+
 /// The copy, by store key.
 #[derive(Debug, Default)]
 pub struct Objects {
     /// The last revision applied.
     pub revision: Revision,
-    pub hosts: BTreeMap<String, Entry<Host>>,
+    pub hosts: BTreeMap<String, HostEntry>,
     pub vms: BTreeMap<String, Entry<Vm>>,
     pub groups: BTreeMap<String, Entry<VmGroup>>,
     pub migrations: BTreeMap<String, Entry<Migration>>,
     pub settings: Option<ClusterSettings>,
-    /// Per host: what the VMs placed there were given.
-    pub alloc: HashMap<String, Alloc>,
 }
 
 fn parse<T: DeserializeOwned>(kv: &KeyValue) -> Option<Entry<T>> {
@@ -115,11 +123,43 @@ impl Objects {
                 if let Some((vm, host)) =
                     vm.as_ref().and_then(|v| Some((v, v.status.host.as_ref()?)))
                 {
-                    self.alloc.entry(host.clone()).or_default().add(vm, sign);
+                    // A VM on a host without a record counts once the record comes (below).
+                    if let Some(h) = self.hosts.get_mut(&keys::host(host)) {
+                        h.alloc.add(vm, sign);
+                    }
                 }
             }
         } else if k.starts_with(keys::HOSTS) {
-            apply(&mut self.hosts, kind, kv);
+            match (kind, parse::<Host>(kv)) {
+                (EventKind::Put, Some(e)) => match self.hosts.get_mut(k) {
+                    Some(h) => {
+                        h.value = e.value;
+                        h.revision = e.revision;
+                    }
+                    None => {
+                        // A new host (or one back): whatever already names it counts.
+                        let mut alloc = Alloc::default();
+                        for v in self.vms.values() {
+                            if v.value.status.host.as_deref() == Some(&e.value.name) {
+                                alloc.add(&v.value, 1);
+                            }
+                        }
+                        let name = Arc::from(e.value.name.as_str());
+                        self.hosts.insert(
+                            kv.key.clone(),
+                            HostEntry {
+                                value: e.value,
+                                revision: e.revision,
+                                name,
+                                alloc,
+                            },
+                        );
+                    }
+                },
+                _ => {
+                    self.hosts.remove(k);
+                }
+            }
         } else if k.starts_with(keys::MIGRATIONS) {
             apply(&mut self.migrations, kind, kv);
         } else if k.starts_with(keys::GROUPS) {
@@ -310,6 +350,18 @@ mod tests {
         }
 
         // What each host was given follows the VMs as they are placed, move and go.
+        for name in ["h1", "h2"] {
+            let host: Host = serde_json::from_value(serde_json::json!({
+                "name": name, "status": {"cpus": 4, "memory_bytes": 1u64 << 34, "accel": "tcg",
+                    "hypervisor": "sim", "last_heartbeat": "2026-01-01T00:00:00Z"}
+            }))
+            .expect("host");
+            let bytes = serde_json::to_vec(&host).expect("json");
+            store
+                .put(&keys::host(name), bytes, Precondition::Absent)
+                .await
+                .expect("put");
+        }
         let mut v = vm("a", "x1");
         for host in ["h1", "h2"] {
             v.status.host = Some(host.into());
@@ -319,7 +371,7 @@ mod tests {
                 .await
                 .expect("put");
             let o = cache.read(&*store).await.expect("read");
-            let on = |h: &str| o.alloc.get(h).copied().unwrap_or_default();
+            let on = |h: &str| o.hosts[&keys::host(h)].alloc;
             assert_eq!(
                 on(host),
                 Alloc {
@@ -334,9 +386,6 @@ mod tests {
             .await
             .expect("delete");
         let o = cache.read(&*store).await.expect("read");
-        assert_eq!(
-            o.alloc.get("h2").copied().unwrap_or_default(),
-            Alloc::default()
-        );
+        assert_eq!(o.hosts[&keys::host("h2")].alloc, Alloc::default());
     }
 }

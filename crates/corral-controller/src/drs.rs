@@ -188,7 +188,7 @@ async fn set_standby(ctx: &Ctx, host: &str, standby: bool, why: &str) -> Result<
 /// DPM's step: wake a standby host when capacity is short, else send the plan's first candidate
 /// that can be powered to standby, one host at a time.
 async fn power(ctx: &Ctx, view: &ClusterView, plan: &DrsPlan) -> Result<(), ApiError> {
-    let hosts: Vec<&Host> = view.hosts.iter().map(|(h, _)| &**h).collect();
+    let hosts: Vec<&Host> = view.hosts.iter().map(|h| &*h.value).collect();
     let waiting = view
         .vms
         .iter()

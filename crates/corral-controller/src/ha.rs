@@ -707,7 +707,8 @@ pub(crate) fn admission(
     let mut hosts: Vec<(f64, f64)> = view
         .hosts
         .iter()
-        .map(|(h, _)| {
+        .map(|h| {
+            let h = &h.value;
             (
                 f64::from(h.status.cpus) * view.settings.cpu_overcommit,
                 h.status.memory_bytes as f64 * view.settings.memory_overcommit,

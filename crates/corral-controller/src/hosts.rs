@@ -65,11 +65,7 @@ pub async fn remove(
             info.vms.join(", ")
         )));
     }
-    let rev = view
-        .hosts
-        .iter()
-        .find(|(h, _)| h.name == name)
-        .map_or(0, |(_, r)| *r);
+    let rev = view.host_revision(&name);
     // The host record and every certificate issued to the host go in one transaction; a VM placed
     // there meanwhile conflicts with the host's revision.
     let mut ops = vec![Op::Delete {

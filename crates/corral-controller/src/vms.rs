@@ -158,9 +158,13 @@ pub async fn create(
         start: req.start,
     };
     loop {
-        let view = placement::view(&ctx).await?;
+        // Admission control adds up the protected VMs; a plain placement needs no other VM.
+        let view = match vm.spec.ha {
+            corral_api::HaPolicy::Restart => placement::view(&ctx).await?,
+            _ => placement::placement_view(&ctx).await?,
+        };
         if let Some(pin) = &vm.spec.host {
-            if !view.hosts.iter().any(|(h, _)| &h.name == pin) {
+            if !view.hosts.iter().any(|h| *h.name == **pin) {
                 return Err(ApiError::BadRequest(format!(
                     "host {pin} does not exist: pick one from `corral host list`, or leave out --host"
                 )));

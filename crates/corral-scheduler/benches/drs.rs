@@ -32,7 +32,7 @@ impl Rng {
 
 fn host(i: usize, cpus: u32, mem: u64) -> HostView {
     HostView {
-        name: format!("h{i:03}"),
+        name: format!("h{i:03}").into(),
         state: HostState::Connected,
         cpus,
         memory_bytes: mem,
@@ -57,7 +57,7 @@ fn imbalanced(seed: u64) -> (Vec<HostView>, Vec<DrsVm>) {
             h.vms.push(name.clone());
             vms.push(DrsVm {
                 name,
-                host: h.name.clone(),
+                host: h.name.to_string(),
                 cpus,
                 memory_bytes: mem,
                 cpu_demand: f64::from(cpus) * (0.2 + 0.8 * rng.unit()),
@@ -95,10 +95,10 @@ fn converge(
         }
         for m in &p.moves {
             let vm = vms.iter_mut().find(|v| v.name == m.vm).expect("vm");
-            let from = hosts.iter_mut().find(|h| h.name == m.from).expect("from");
+            let from = hosts.iter_mut().find(|h| *h.name == *m.from).expect("from");
             from.allocated_cpus -= vm.cpus;
             from.allocated_memory -= vm.memory_bytes;
-            let to = hosts.iter_mut().find(|h| h.name == m.to).expect("to");
+            let to = hosts.iter_mut().find(|h| *h.name == *m.to).expect("to");
             to.allocated_cpus += vm.cpus;
             to.allocated_memory += vm.memory_bytes;
             vm.host = m.to.clone();
@@ -166,7 +166,7 @@ fn small(seed: u64) -> (Vec<HostView>, Vec<DrsVm>) {
         hosts[i].vms.push(name.clone());
         vms.push(DrsVm {
             name,
-            host: hosts[i].name.clone(),
+            host: hosts[i].name.to_string(),
             cpus,
             memory_bytes: mem,
             cpu_demand: f64::from(cpus) * (0.3 + 0.7 * rng.unit()),
@@ -197,7 +197,7 @@ fn packing(seed: u64) -> (usize, usize, f64) {
             host: None,
         };
         if let Decision::Place { host } = place(&policy, &hosts, &[], &req) {
-            let h = hosts.iter_mut().find(|h| h.name == host).expect("host");
+            let h = hosts.iter_mut().find(|h| *h.name == *host).expect("host");
             h.allocated_cpus += cpus;
             h.allocated_memory += mem;
         }

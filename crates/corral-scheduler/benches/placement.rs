@@ -22,7 +22,7 @@ fn cluster(n: usize) -> (Vec<HostView>, Vec<Group>) {
                 members.push(vms[0].clone());
             }
             HostView {
-                name: format!("host-{i:05}"),
+                name: format!("host-{i:05}").into(),
                 state: if i % 50 == 7 {
                     HostState::Maintenance
                 } else {
@@ -76,7 +76,7 @@ fn run(
         let t = Instant::now();
         let chosen = decide(&hosts, &groups, &req);
         lat.push(t.elapsed().as_secs_f64() * 1e3);
-        if let Some(i) = chosen.and_then(|name| hosts.iter().position(|h| h.name == name)) {
+        if let Some(i) = chosen.and_then(|name| hosts.iter().position(|h| *h.name == *name)) {
             hosts[i].allocated_cpus += 2;
             hosts[i].allocated_memory += 4 * GIB;
             hosts[i].vms.push(req.vm);
@@ -100,7 +100,7 @@ fn main() {
             }
         });
         let (ff_rate, ff_lat) = run(n, decisions, |hosts, _, req| {
-            first_fit(&policy, hosts, req).map(|i| hosts[i].name.clone())
+            first_fit(&policy, hosts, req).map(|i| hosts[i].name.to_string())
         });
         println!(
             "| {n} | {decisions} | {rate:.0} | {:.3} ms | {:.3} ms | {ff_rate:.0} | {:.4} ms |",

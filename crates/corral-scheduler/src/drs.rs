@@ -77,7 +77,7 @@ impl<'a> State<'a> {
         let index: HashMap<&str, usize> = hosts
             .iter()
             .enumerate()
-            .map(|(i, h)| (h.name.as_str(), i))
+            .map(|(i, h)| (&*h.name, i))
             .collect();
         let mut demand = vec![(0.0, 0u64); hosts.len()];
         let mut at = HashMap::new();
@@ -119,7 +119,7 @@ impl<'a> State<'a> {
         let cpu = c / f64::from(h.cpus.max(1));
         let memory = m as f64 / h.memory_bytes.max(1) as f64;
         HostLoad {
-            host: h.name.clone(),
+            host: h.name.to_string(),
             cpu,
             memory,
             load: cpu.max(memory),
@@ -275,7 +275,7 @@ pub fn plan(
         touched[src] += 1;
         touched[t] += 1;
         moved.push(vm.name.as_str());
-        let (from, to) = (s.hosts[src].name.clone(), s.hosts[t].name.clone());
+        let (from, to) = (s.hosts[src].name.to_string(), s.hosts[t].name.to_string());
         moves.push(DrsMove {
             vm: vm.name.clone(),
             from: from.clone(),
@@ -324,7 +324,7 @@ pub fn standby(
     for m in moves {
         let (Some(vm), Some(t)) = (
             vms.iter().find(|v| v.name == m.vm),
-            s.hosts.iter().position(|h| h.name == m.to),
+            s.hosts.iter().position(|h| *h.name == *m.to),
         ) else {
             continue;
         };
@@ -386,8 +386,8 @@ pub fn standby(
             trial.relocate(vm, t);
             planned.push(DrsMove {
                 vm: vm.name.clone(),
-                from: s.hosts[h].name.clone(),
-                to: trial.hosts[t].name.clone(),
+                from: s.hosts[h].name.to_string(),
+                to: trial.hosts[t].name.to_string(),
                 gain: 0.0,
                 copy_bytes: vm.memory_demand,
                 reason: format!("empties {} for standby", s.hosts[h].name),
@@ -396,7 +396,7 @@ pub fn standby(
         if planned.len() != guests.len() {
             continue;
         }
-        let name = s.hosts[h].name.clone();
+        let name = s.hosts[h].name.to_string();
         let reason = if planned.is_empty() {
             format!("{name} runs nothing: it could go to standby")
         } else {

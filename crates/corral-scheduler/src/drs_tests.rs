@@ -16,7 +16,7 @@ fn cluster(spec: &[(u32, Vec<Guest>)]) -> (Vec<HostView>, Vec<DrsVm>) {
     for (i, (cpus, guests)) in spec.iter().enumerate() {
         let name = format!("h{i}");
         let mut h = HostView {
-            name: name.clone(),
+            name: name.as_str().into(),
             state: HostState::Connected,
             cpus: *cpus,
             memory_bytes: 64 * GIB,
@@ -54,11 +54,11 @@ fn apply(hosts: &[HostView], vms: &[DrsVm], plan: &Plan) -> (Vec<HostView>, Vec<
             .find(|v| v.name == m.vm)
             .expect("planned VM exists");
         assert_eq!(vm.host, m.from, "a move starts where the VM is");
-        let from = hosts.iter_mut().find(|h| h.name == m.from).expect("from");
+        let from = hosts.iter_mut().find(|h| *h.name == *m.from).expect("from");
         from.allocated_cpus -= vm.cpus;
         from.allocated_memory -= vm.memory_bytes;
         from.vms.retain(|v| *v != vm.name);
-        let to = hosts.iter_mut().find(|h| h.name == m.to).expect("to");
+        let to = hosts.iter_mut().find(|h| *h.name == *m.to).expect("to");
         to.allocated_cpus += vm.cpus;
         to.allocated_memory += vm.memory_bytes;
         to.vms.push(vm.name.clone());

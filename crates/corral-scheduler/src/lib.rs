@@ -12,6 +12,7 @@
 pub mod drs;
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use corral_api::format_bytes;
 
@@ -28,7 +29,8 @@ pub enum HostState {
 /// What the scheduler knows of a host.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HostView {
-    pub name: String,
+    /// Shared, so that building the views of 10,000 hosts for a decision copies no name.
+    pub name: Arc<str>,
     pub state: HostState,
     pub cpus: u32,
     pub memory_bytes: u64,
@@ -149,7 +151,7 @@ fn member_hosts<'a>(hosts: &'a [HostView], group: &Group, vm: &str) -> HashSet<&
     hosts
         .iter()
         .filter(|h| h.vms.iter().any(|v| members.contains(v.as_str())))
-        .map(|h| h.name.as_str())
+        .map(|h| &*h.name)
         .collect()
 }
 
@@ -190,7 +192,7 @@ pub fn place(policy: &Policy, hosts: &[HostView], groups: &[Group], req: &Reques
         if seen >= enough {
             break;
         }
-        if req.host.as_ref().is_some_and(|p| p != &h.name) {
+        if req.host.as_deref().is_some_and(|p| p != &*h.name) {
             pinned_out += 1;
             continue;
         }
@@ -226,8 +228,8 @@ pub fn place(policy: &Policy, hosts: &[HostView], groups: &[Group], req: &Reques
                 .iter()
                 .filter(|(g, _)| g.strength == Strength::Must)
                 .find(|(g, on)| match g.rule {
-                    Rule::AntiAffinity => on.contains(h.name.as_str()),
-                    Rule::Affinity => !on.is_empty() && !on.contains(h.name.as_str()),
+                    Rule::AntiAffinity => on.contains(&*h.name),
+                    Rule::Affinity => !on.is_empty() && !on.contains(&*h.name),
                 });
             if let Some((g, _)) = broken {
                 match g.rule {
@@ -244,7 +246,7 @@ pub fn place(policy: &Policy, hosts: &[HostView], groups: &[Group], req: &Reques
                 .iter()
                 .filter(|(g, _)| g.strength == Strength::Should)
             {
-                let here = on.contains(h.name.as_str());
+                let here = on.contains(&*h.name);
                 soft_score += match (g.rule, here) {
                     (Rule::Affinity, true) | (Rule::AntiAffinity, false) => 1,
                     (Rule::Affinity, false) if on.is_empty() => 0,
@@ -272,7 +274,7 @@ pub fn place(policy: &Policy, hosts: &[HostView], groups: &[Group], req: &Reques
     }
     match best {
         Some((_, h)) => Decision::Place {
-            host: h.name.clone(),
+            host: h.name.to_string(),
         },
         None => Decision::Pending {
             reason: reason(
@@ -318,7 +320,7 @@ fn reason(
         let largest = hosts
             .iter()
             .filter(|h| h.state == HostState::Connected)
-            .map(|h| (free(policy, h).1, h.name.as_str()))
+            .map(|h| (free(policy, h).1, &*h.name))
             .max_by(|a, b| a.0.cmp(&b.0).then_with(|| b.1.cmp(a.1)));
         let hint = largest
             .map(|(m, n)| format!("; largest free is {} on {n}", format_bytes(m)))

@@ -38,7 +38,7 @@ fn place_all(
         if let Decision::Place { host } = &d {
             let h = hosts
                 .iter_mut()
-                .find(|h| &h.name == host)
+                .find(|h| *h.name == **host)
                 .expect("chosen host exists");
             h.allocated_cpus += r.cpus;
             h.allocated_memory += r.memory_bytes;
@@ -227,7 +227,7 @@ proptest! {
                 prop_assert!(h.vms.is_empty(), "{} is {:?} but got VMs", h.name, h.state);
             }
         }
-        let where_is = |vm: &str| placed.iter().find(|h| h.vms.iter().any(|v| v == vm)).map(|h| h.name.clone());
+        let where_is = |vm: &str| placed.iter().find(|h| h.vms.iter().any(|v| v == vm)).map(|h| h.name.to_string());
         for g in groups.iter().filter(|g| g.strength == Strength::Must) {
             let mut members: Vec<String> = g.members.clone();
             members.sort();

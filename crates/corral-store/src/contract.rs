@@ -31,6 +31,8 @@ where
     let (_g, s) = factory().await;
     watch_orders_concurrent_writers(s).await;
     let (_g, s) = factory().await;
+    concurrent_transactions_stand_alone(s).await;
+    let (_g, s) = factory().await;
     leases_expire_and_can_be_kept(&*s).await;
 }
 
@@ -291,6 +293,83 @@ async fn watch_orders_concurrent_writers(s: Arc<dyn Store>) {
         );
         last = e.kv.mod_revision;
     }
+}
+
+/// Many transactions at once (a backend may commit them together): exactly one of the racing
+/// creates wins, one that fails writes none of its keys, and each that succeeds has a revision of
+/// its own.
+async fn concurrent_transactions_stand_alone(s: Arc<dyn Store>) {
+    let stale = s
+        .put("/g/guard", b"0".to_vec(), Precondition::Absent)
+        .await
+        .expect("put");
+    s.put("/g/guard", b"1".to_vec(), Precondition::Any)
+        .await
+        .expect("put");
+    let mut tasks = Vec::new();
+    for t in 0..32u8 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ops = vec![Op::Put {
+                key: format!("/g/own/{t}"),
+                value: vec![t],
+                when: Precondition::Absent,
+                lease: None,
+            }];
+            match t % 4 {
+                // Guarded by a revision that is gone: must fail, and leave /g/own/{t} unwritten.
+                0 => ops.push(Op::Check {
+                    key: "/g/guard".into(),
+                    when: Precondition::ModRevision(stale),
+                }),
+                // All race to create the same key.
+                1 => ops.push(Op::Put {
+                    key: "/g/race".into(),
+                    value: vec![t],
+                    when: Precondition::Absent,
+                    lease: None,
+                }),
+                _ => {}
+            }
+            (t, s.txn(ops).await)
+        }));
+    }
+    let mut revisions = std::collections::HashSet::new();
+    let mut racers_won = Vec::new();
+    for h in tasks {
+        let (t, res) = h.await.expect("task");
+        let own = s.get(&format!("/g/own/{t}")).await.expect("get");
+        match (t % 4, res) {
+            (0, Err(StoreError::Conflict { key })) => {
+                assert_eq!(key, "/g/guard");
+                assert!(own.is_none(), "a failed transaction wrote /g/own/{t}");
+            }
+            (1, Err(StoreError::Conflict { key })) => {
+                assert_eq!(key, "/g/race");
+                assert!(own.is_none(), "a failed transaction wrote /g/own/{t}");
+            }
+            (k, Ok(rev)) if k != 0 => {
+                assert!(revisions.insert(rev), "revision {rev} given twice");
+                assert_eq!(own.expect("written").mod_revision, rev);
+                if k == 1 {
+                    racers_won.push(t);
+                }
+            }
+            (_, res) => panic!("transaction {t}: unexpected {res:?}"),
+        }
+    }
+    assert_eq!(
+        racers_won.len(),
+        1,
+        "exactly one create wins: {racers_won:?}"
+    );
+    let race = s.get("/g/race").await.expect("get").expect("present");
+    assert_eq!(race.value, vec![racers_won[0]]);
+    assert_eq!(
+        revisions.len(),
+        17,
+        "16 plain transactions and one winner of the race"
+    );
 }
 
 async fn leases_expire_and_can_be_kept(s: &dyn Store) {

@@ -2,7 +2,10 @@
 //!
 //! redb gives ACID transactions with one writer; revisions, the event log that watches replay, and
 //! leases are built on top here. Every commit is durable before the call returns, so anything a caller
-//! was told succeeded survives a crash. Lease deadlines are kept in memory and restart from their full
+//! was told succeeded survives a crash. Transactions that arrive while a commit is under way wait
+//! and are then committed together (group commit): each keeps its own revision and its own
+//! all-or-nothing outcome, and they share one sync to disk, which is what bounds a disk's commits
+//! per second. Lease deadlines are kept in memory and restart from their full
 //! TTL when the store is opened again, as etcd does after a leader change.
 
 use std::collections::HashMap;
@@ -30,6 +33,17 @@ const LEASE_KEYS: MultimapTableDefinition<u64, &str> = MultimapTableDefinition::
 /// How many revisions of history watches can replay.
 const HISTORY: u64 = 10_000;
 
+/// A transaction waiting in the queue, and where its outcome goes.
+struct Queued {
+    ops: Vec<Op>,
+    outcome: Arc<Mutex<Option<Result<Revision, StoreError>>>>,
+}
+
+/// Locks `m`; a panic elsewhere while it was held leaves nothing half done that matters here.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The embedded store. Cloning gives another handle to the same database.
 #[derive(Clone)]
 pub struct RedbStore {
@@ -41,6 +55,8 @@ struct Inner {
     path: PathBuf,
     /// Held across commit and publish, so watchers see batches in revision order.
     writer: Mutex<()>,
+    /// Transactions waiting for a commit: whoever holds `writer` next commits all of them.
+    queue: Mutex<Vec<Queued>>,
     events: broadcast::Sender<Arc<(Revision, Vec<Event>)>>,
     /// Lease id -> (ttl, deadline).
     leases: Mutex<HashMap<LeaseId, (Duration, Instant)>>,
@@ -76,6 +92,7 @@ impl RedbStore {
             db,
             path: path.to_path_buf(),
             writer: Mutex::new(()),
+            queue: Mutex::new(Vec::new()),
             events,
             leases: Mutex::new(leases),
         });
@@ -218,74 +235,142 @@ impl Inner {
     }
 
     /// Commits `ops` as one revision and publishes the events. Preconditions are checked first.
+    /// The call queues `ops`; the first caller to get the writer commits everything queued by then.
     fn write(&self, ops: Vec<Op>) -> Result<Revision, StoreError> {
-        let _guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let txn = self.db.begin_write().be(&self.path)?;
-        let reads_only = ops.iter().all(|o| matches!(o, Op::Check { .. }));
-        let (rev, events) = self.apply(&txn, ops)?;
-        if reads_only {
-            // Checks alone change nothing: no new revision (as in etcd), so every revision has
-            // events and a watcher knows when it has seen them all.
-            txn.abort().be(&self.path)?;
-            return Ok(rev - 1);
+        let outcome = Arc::new(Mutex::new(None));
+        lock(&self.queue).push(Queued {
+            ops,
+            outcome: outcome.clone(),
+        });
+        let _guard = lock(&self.writer);
+        // Committed by the caller that held the writer before us?
+        if let Some(done) = lock(&outcome).take() {
+            return done;
         }
-        txn.commit().be(&self.path)?;
-        // Nobody listening is fine.
-        let _ = self.events.send(Arc::new((rev, events)));
-        Ok(rev)
+        let batch = std::mem::take(&mut *lock(&self.queue));
+        self.commit(batch);
+        let done = lock(&outcome).take();
+        done.unwrap_or_else(|| Err(self.backend("the transaction was not committed")))
     }
 
+    /// Commits every transaction of `batch` in one redb transaction, each with its own revision (a
+    /// failed precondition fails that one alone), publishes their events in revision order, and
+    /// hands each caller its outcome. A backend error fails them all: nothing was committed.
+    fn commit(&self, batch: Vec<Queued>) {
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut published = Vec::new();
+        let committed = (|| {
+            let txn = self.db.begin_write().be(&self.path)?;
+            for q in batch {
+                match self.apply(&txn, q.ops) {
+                    Ok((rev, events)) => {
+                        outcomes.push((q.outcome, Ok(rev)));
+                        if !events.is_empty() {
+                            published.push((rev, events));
+                        }
+                    }
+                    Err(e @ StoreError::Backend { .. }) => {
+                        outcomes.push((q.outcome, Err(self.backend(&e.to_string()))));
+                        return Err(e);
+                    }
+                    Err(e) => outcomes.push((q.outcome, Err(e))),
+                }
+            }
+            if published.is_empty() {
+                // Checks alone change nothing.
+                return txn.abort().be(&self.path);
+            }
+            txn.commit().be(&self.path)
+        })();
+        if let Err(e) = &committed {
+            for (outcome, _) in &mut outcomes {
+                *lock(outcome) = Some(Err(self.backend(&e.to_string())));
+            }
+            return;
+        }
+        // Nobody listening is fine.
+        for batch in published {
+            let _ = self.events.send(Arc::new(batch));
+        }
+        for (outcome, result) in outcomes {
+            *lock(&outcome) = Some(result);
+        }
+    }
+
+    fn backend(&self, message: &str) -> StoreError {
+        StoreError::Backend {
+            path: self.path.display().to_string(),
+            message: message.to_string(),
+        }
+    }
+
+    /// Applies `ops` as the next revision, or fails with nothing written: every precondition is
+    /// checked (against the state before `ops`) before anything is written, so a failed transaction
+    /// leaves nothing behind in the batch it shares. Checks alone get no revision (as in etcd), so
+    /// every revision has events and a watcher knows when it has seen them all: they return the
+    /// current one and no events.
     fn apply(
         &self,
         txn: &WriteTransaction,
         ops: Vec<Op>,
     ) -> Result<(Revision, Vec<Event>), StoreError> {
         let mut meta = txn.open_table(META).be(&self.path)?;
-        let rev = meta
+        let current = meta
             .get("revision")
             .be(&self.path)?
             .map(|v| v.value())
-            .unwrap_or(1)
-            + 1;
+            .unwrap_or(1);
         let mut kv_table = txn.open_table(KV).be(&self.path)?;
+        for op in &ops {
+            let (key, when) = match op {
+                Op::Put { key, when, .. } | Op::Delete { key, when } | Op::Check { key, when } => {
+                    (key, *when)
+                }
+            };
+            let mod_revision = kv_table
+                .get(key.as_str())
+                .be(&self.path)?
+                .map(|v| decode_kv(key, v.value()).mod_revision);
+            let holds = match (when, mod_revision) {
+                (Precondition::Any, _) => true,
+                (Precondition::Absent, c) => c.is_none(),
+                (Precondition::ModRevision(r), Some(c)) => c == r,
+                (Precondition::ModRevision(_), None) => false,
+            };
+            if !holds {
+                return Err(StoreError::Conflict { key: key.clone() });
+            }
+            match op {
+                Op::Delete { .. } if mod_revision.is_none() => {
+                    return Err(StoreError::NotFound { key: key.clone() });
+                }
+                Op::Put { lease: Some(l), .. } if !lock(&self.leases).contains_key(l) => {
+                    return Err(StoreError::LeaseNotFound(*l));
+                }
+                _ => {}
+            }
+        }
+        if ops.iter().all(|o| matches!(o, Op::Check { .. })) {
+            return Ok((current, Vec::new()));
+        }
+        let rev = current + 1;
         let mut lease_keys = txn.open_multimap_table(LEASE_KEYS).be(&self.path)?;
         let mut events = Vec::with_capacity(ops.len());
         for op in ops {
-            let (key, when) = match &op {
-                Op::Put { key, when, .. } | Op::Delete { key, when } | Op::Check { key, when } => {
-                    (key.clone(), *when)
-                }
+            let key = match &op {
+                Op::Put { key, .. } | Op::Delete { key, .. } => key.clone(),
+                Op::Check { .. } => continue,
             };
             let current = kv_table
                 .get(key.as_str())
                 .be(&self.path)?
                 .map(|v| decode_kv(&key, v.value()));
-            let holds = match (when, &current) {
-                (Precondition::Any, _) => true,
-                (Precondition::Absent, c) => c.is_none(),
-                (Precondition::ModRevision(r), Some(c)) => c.mod_revision == r,
-                (Precondition::ModRevision(_), None) => false,
-            };
-            if !holds {
-                return Err(StoreError::Conflict { key });
-            }
-            if matches!(op, Op::Check { .. }) {
-                continue;
-            }
             if let Some(old_lease) = current.as_ref().and_then(|c| c.lease) {
                 lease_keys.remove(old_lease, key.as_str()).be(&self.path)?;
             }
             match op {
                 Op::Put { value, lease, .. } => {
                     if let Some(l) = lease {
-                        let known = self
-                            .leases
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .contains_key(&l);
-                        if !known {
-                            return Err(StoreError::LeaseNotFound(l));
-                        }
                         lease_keys.insert(l, key.as_str()).be(&self.path)?;
                     }
                     let kv = KeyValue {
@@ -307,9 +392,8 @@ impl Inner {
                 }
                 Op::Check { .. } => {}
                 Op::Delete { .. } => {
-                    let Some(c) = current else {
-                        return Err(StoreError::NotFound { key });
-                    };
+                    // Gone already: an earlier op of the same transaction deleted it.
+                    let Some(c) = current else { continue };
                     kv_table.remove(key.as_str()).be(&self.path)?;
                     events.push(Event {
                         kind: EventKind::Delete,
