@@ -10,7 +10,7 @@ use corral_api::{
 use corral_store::{get_json, list_json, Op, Precondition, StoreError};
 use serde::{Deserialize, Serialize};
 
-use crate::{ensure_project, placement, ApiError, ApiJson, ApiPath, Ctx};
+use crate::{ensure_project, placement, ApiError, ApiJson, ApiPath, ApiQuery, Ctx, PageQuery};
 
 fn host_not_found(name: &str) -> ApiError {
     ApiError::NotFound(format!(
@@ -18,15 +18,25 @@ fn host_not_found(name: &str) -> ApiError {
     ))
 }
 
-#[utoipa::path(get, path = "/api/v1/hosts", tag = "hosts",
-    responses((status = 200, body = [HostInfo])), security(("bearer" = [])))]
-pub async fn list(State(ctx): State<Ctx>) -> Result<Json<Vec<HostInfo>>, ApiError> {
-    Ok(Json(infos(&ctx).await?))
+#[utoipa::path(get, path = "/api/v1/hosts", tag = "hosts", params(PageQuery),
+    responses((status = 200, description = "in name order", body = [HostInfo]), (status = 400, body = corral_api::ApiErrorBody)),
+    security(("bearer" = [])))]
+pub async fn list(
+    State(ctx): State<Ctx>,
+    ApiQuery(q): ApiQuery<PageQuery>,
+) -> Result<Json<Vec<HostInfo>>, ApiError> {
+    let limit = q.limit()?;
+    Ok(Json(infos(&ctx, |h| q.after_start(h), limit).await?))
 }
 
-/// Every host as the API shows it, with what HA's failure detector sees of it.
-async fn infos(ctx: &Ctx) -> Result<Vec<HostInfo>, ApiError> {
-    let mut infos = placement::view(ctx).await?.host_infos();
+/// The hosts `select` takes (at most `limit`) as the API shows them, with what HA's failure
+/// detector sees of each.
+async fn infos(
+    ctx: &Ctx,
+    select: impl Fn(&str) -> bool,
+    limit: usize,
+) -> Result<Vec<HostInfo>, ApiError> {
+    let mut infos = placement::view(ctx).await?.host_infos(select, limit);
     for i in &mut infos {
         i.ha = ctx.ha.describe(&i.host.name);
     }
@@ -39,10 +49,9 @@ pub async fn get(
     State(ctx): State<Ctx>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<HostInfo>, ApiError> {
-    infos(&ctx)
+    infos(&ctx, |h| h == name, 1)
         .await?
-        .into_iter()
-        .find(|h| h.host.name == name)
+        .pop()
         .map(Json)
         .ok_or_else(|| host_not_found(&name))
 }
@@ -56,7 +65,7 @@ pub async fn remove(
     ApiPath(name): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     let view = placement::view(&ctx).await?;
-    let Some(info) = view.host_infos().into_iter().find(|h| h.host.name == name) else {
+    let Some(info) = view.host_infos(|h| h == name, 1).pop() else {
         return Err(host_not_found(&name));
     };
     if !info.vms.is_empty() {

@@ -30,6 +30,37 @@ use utoipa::OpenApi;
 
 pub use error::{ApiError, ApiJson, ApiPath, ApiQuery};
 
+/// A page of a list (VMs, hosts): items in name order, after the one named `after`, at most `limit`.
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+pub struct PageQuery {
+    /// At most this many items, 1 to 1000 (default: all).
+    #[serde(default)]
+    pub limit: Option<usize>,
+    /// Only items whose names sort after this one: the last name of the previous page.
+    #[serde(default)]
+    pub after: Option<String>,
+}
+
+/// The most items one page holds.
+pub const MAX_PAGE: usize = 1000;
+
+impl PageQuery {
+    /// How many items to return; a limit out of range is a 400 that says how to page.
+    pub fn limit(&self) -> Result<usize, ApiError> {
+        match self.limit {
+            Some(l) if l == 0 || l > MAX_PAGE => Err(ApiError::BadRequest(format!(
+                "limit must be 1 to {MAX_PAGE}: page through more with `after` (the last name of a page)"
+            ))),
+            l => Ok(l.unwrap_or(usize::MAX)),
+        }
+    }
+
+    /// Whether an item named `name` comes after the page's start.
+    pub fn after_start(&self, name: &str) -> bool {
+        self.after.as_deref().is_none_or(|a| name > a)
+    }
+}
+
 /// What every handler needs.
 #[derive(Clone)]
 pub struct Ctx {

@@ -155,23 +155,35 @@ impl ClusterView {
         }
     }
 
-    /// The API's view of every host: state, allocation, VMs.
-    pub fn host_infos(&self) -> Vec<HostInfo> {
+    /// The API's view of the hosts `select` takes (at most `limit`, in name order): state,
+    /// allocation, VMs.
+    pub fn host_infos(&self, select: impl Fn(&str) -> bool, limit: usize) -> Vec<HostInfo> {
         let now = Utc::now();
+        let chosen: Vec<&HostEntry> = self
+            .hosts
+            .iter()
+            .filter(|h| select(&h.name))
+            .take(limit)
+            .collect();
+        let names: HashSet<&str> = chosen.iter().map(|h| &*h.name).collect();
         // One pass over the VMs, not one per host.
         let mut by_host: HashMap<&str, Vec<&Vm>> = HashMap::new();
         for v in &self.vms {
-            if let Some(h) = v.status.host.as_deref() {
+            if let Some(h) = v.status.host.as_deref().filter(|h| names.contains(h)) {
                 by_host.entry(h).or_default().push(v);
             }
         }
-        for m in &self.migrations {
+        for m in self
+            .migrations
+            .iter()
+            .filter(|m| names.contains(m.target.as_str()))
+        {
             if let Some(v) = self.vms.iter().find(|v| v.meta.uid == m.vm_uid) {
                 by_host.entry(m.target.as_str()).or_default().push(v);
             }
         }
-        self.hosts
-            .iter()
+        chosen
+            .into_iter()
             .map(|e| {
                 let h = &*e.value;
                 let (state, since) = self.state_of(h, now);

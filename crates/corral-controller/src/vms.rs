@@ -13,7 +13,9 @@ use corral_api::{
 use corral_store::{get_json, list_json, Op, Precondition, StoreError, Versioned};
 use serde::Deserialize;
 
-use crate::{ensure_project, placement, tasks, ApiError, ApiJson, ApiPath, ApiQuery, Ctx};
+use crate::{
+    ensure_project, placement, tasks, ApiError, ApiJson, ApiPath, ApiQuery, Ctx, PageQuery,
+};
 
 fn vm_not_found(project: &str, name: &str) -> ApiError {
     ApiError::NotFound(format!(
@@ -29,41 +31,23 @@ async fn load(ctx: &Ctx, project: &str, name: &str) -> Result<Vm, ApiError> {
         .ok_or_else(|| vm_not_found(project, name))
 }
 
-/// A page of `GET .../vms`: VMs in name order, after the one named `after`, at most `limit`.
-#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
-pub struct ListQuery {
-    /// At most this many VMs, 1 to 1000 (default: all).
-    #[serde(default)]
-    pub limit: Option<usize>,
-    /// Only VMs whose names sort after this one: the last name of the previous page.
-    #[serde(default)]
-    pub after: Option<String>,
-}
-
-/// The most VMs one page holds.
-pub const MAX_PAGE: usize = 1000;
-
 #[utoipa::path(get, path = "/api/v1/projects/{project}/vms", tag = "vms",
-    params(("project" = String, Path), ListQuery),
+    params(("project" = String, Path), PageQuery),
     responses((status = 200, description = "in name order", body = [Vm]), (status = 400, body = corral_api::ApiErrorBody)),
     security(("bearer" = [])))]
 pub async fn list(
     State(ctx): State<Ctx>,
     ApiPath(project): ApiPath<String>,
-    ApiQuery(q): ApiQuery<ListQuery>,
+    ApiQuery(q): ApiQuery<PageQuery>,
 ) -> Result<Json<Vec<Vm>>, ApiError> {
-    if q.limit.is_some_and(|l| l == 0 || l > MAX_PAGE) {
-        return Err(ApiError::BadRequest(format!(
-            "limit must be 1 to {MAX_PAGE}: page through more with `after` (the last name of a page)"
-        )));
-    }
+    let limit = q.limit()?;
     ensure_project(&ctx, &project).await?;
     let (datastores, _) = list_json::<Datastore>(&*ctx.store, keys::DATASTORES).await?;
     let prefix = keys::vms(&project);
     let o = ctx.cache.read(&*ctx.store).await?;
     let vms = o
         .vms_in(&prefix, q.after.as_deref())
-        .take(q.limit.unwrap_or(usize::MAX))
+        .take(limit)
         .map(|e| {
             let mut vm = (*e.value).clone();
             vm.ha = Some(crate::ha::protection(&vm, &datastores));

@@ -257,6 +257,13 @@ fn main() {
         })
         .collect();
     report.push(summary("list (a page of 100)", pages));
+    let host_pages: Vec<f64> = (0..300)
+        .map(|_| {
+            let after = format!("sim-{}", rand(hosts) + 1);
+            api.call(&format!("/hosts?limit=100&after={after}"), None).0
+        })
+        .collect();
+    report.push(summary("list hosts (a page of 100)", host_pages));
     let host_lists: Vec<f64> = (0..5).map(|_| api.call("/hosts", None).0).collect();
     report.push(summary(&format!("list hosts (all {hosts})"), host_lists));
     let store = std::fs::metadata(lab.data_dir().join("store.redb")).map_or(0, |m| m.len());

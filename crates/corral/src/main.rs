@@ -490,19 +490,24 @@ enum TaskCmd {
     },
 }
 
-/// Every VM of the project, a page at a time.
-fn all_vms(c: &Client, p: &str) -> Result<Vec<Vm>> {
-    let mut vms: Vec<Vm> = Vec::new();
+/// Everything a list endpoint (`path`, VMs or hosts) holds, a page at a time; `name` gives the
+/// name a page ends with.
+fn all_pages<T: serde::de::DeserializeOwned>(
+    c: &Client,
+    path: &str,
+    name: impl Fn(&T) -> &str,
+) -> Result<Vec<T>> {
+    let mut all: Vec<T> = Vec::new();
     loop {
-        let after = vms
+        let after = all
             .last()
-            .map(|v| format!("&after={}", v.meta.name))
+            .map(|v| format!("&after={}", name(v)))
             .unwrap_or_default();
-        let page: Vec<Vm> = c.get(&format!("{p}/vms?limit=1000{after}"))?;
+        let page: Vec<T> = c.get(&format!("{path}?limit=1000{after}"))?;
         let full = page.len() == 1000;
-        vms.extend(page);
+        all.extend(page);
         if !full {
-            return Ok(vms);
+            return Ok(all);
         }
     }
 }
@@ -604,7 +609,10 @@ fn client_command(g: &Global, cmd: Command) -> Result<()> {
                 let task: Task = c.post(&format!("{p}/vms"), &req)?;
                 finish_vm(task, &name)
             }
-            VmCmd::List => output::vms(fmt, &all_vms(&c, &p)?, false),
+            VmCmd::List => {
+                let vms = all_pages(&c, &format!("{p}/vms"), |v: &Vm| &v.meta.name)?;
+                output::vms(fmt, &vms, false)
+            }
             VmCmd::Show { name } => {
                 output::vms(fmt, &[c.get::<Vm>(&format!("{p}/vms/{name}"))?], true)
             }
@@ -647,7 +655,10 @@ fn client_command(g: &Global, cmd: Command) -> Result<()> {
             VmCmd::Console { name, follow } => console(&c, &p, &name, follow, fmt),
         },
         Command::Host(cmd) => match cmd {
-            HostCmd::List => output::hosts(fmt, &c.get::<Vec<HostInfo>>("/hosts")?, false),
+            HostCmd::List => {
+                let hosts = all_pages(&c, "/hosts", |h: &HostInfo| &h.host.name)?;
+                output::hosts(fmt, &hosts, false)
+            }
             HostCmd::Show { name } => {
                 output::hosts(fmt, &[c.get::<HostInfo>(&format!("/hosts/{name}"))?], true)
             }

@@ -113,9 +113,9 @@ fn simulated_hosts_join_over_tls_run_and_migrate_vms() {
 }
 
 #[test]
-fn vm_lists_come_in_pages_in_name_order_and_bad_limits_are_refused() {
-    let lab = Lab::controller_with(&["--sim-hosts", "2", "--sim-boot-ms", "0"], &[]);
-    lab.wait_connected(&["sim-1", "sim-2"]);
+fn vm_and_host_lists_come_in_pages_in_name_order_and_bad_limits_are_refused() {
+    let lab = Lab::controller_with(&["--sim-hosts", "3", "--sim-boot-ms", "0"], &[]);
+    lab.wait_connected(&["sim-1", "sim-2", "sim-3"]);
     lab.tiny_image_and_shared_datastore();
     for name in ["e", "b", "d", "a", "c"] {
         create(&lab, name, "1", "256M", &[]);
@@ -136,18 +136,50 @@ fn vm_lists_come_in_pages_in_name_order_and_bad_limits_are_refused() {
     assert_eq!(names(&page), ["e"]);
     let (_, all) = lab.api_get(base);
     assert_eq!(names(&all), ["a", "b", "c", "d", "e"]);
+    // Hosts page the same way, each with the VMs placed there.
+    let hosts = "/api/v1/hosts";
+    let host_names = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .expect("a list")
+            .iter()
+            .map(|h| h["name"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    let placed = |v: &Value| -> usize {
+        v.as_array()
+            .expect("a list")
+            .iter()
+            .map(|h| h["vms"].as_array().map_or(0, Vec::len))
+            .sum()
+    };
+    let (status, first) = lab.api_get(&format!("{hosts}?limit=2"));
+    assert_eq!(
+        (status, host_names(&first)),
+        (200, vec!["sim-1".into(), "sim-2".into()])
+    );
+    let (_, rest) = lab.api_get(&format!("{hosts}?limit=2&after=sim-2"));
+    assert_eq!(host_names(&rest), ["sim-3"]);
+    assert_eq!(placed(&first) + placed(&rest), 5, "{first} {rest}");
+    let (status, one) = lab.api_get(&format!("{hosts}/sim-3"));
+    assert_eq!((status, one["name"].as_str()), (200, Some("sim-3")));
     for bad in ["limit=0", "limit=1001", "limit=x"] {
-        let (status, body) = lab.api_get(&format!("{base}?{bad}"));
-        assert_eq!(status, 400, "{bad}: {body}");
-        assert!(
-            body["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("limit")),
-            "{bad}: {body}"
-        );
+        for list in [base, hosts] {
+            let (status, body) = lab.api_get(&format!("{list}?{bad}"));
+            assert_eq!(status, 400, "{list}?{bad}: {body}");
+            assert!(
+                body["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("limit")),
+                "{list}?{bad}: {body}"
+            );
+        }
     }
     // The CLI pages through them all.
     assert_eq!(lab.json(&["vm", "list"]).as_array().map(Vec::len), Some(5));
+    assert_eq!(
+        lab.json(&["host", "list"]).as_array().map(Vec::len),
+        Some(3)
+    );
 }
 
 #[test]
