@@ -250,7 +250,8 @@ impl ClusterView {
     }
 
     /// Takes in a VM as just written (placed, or moved to another host), so the decisions that
-    /// follow in the same round count it where it is now.
+    /// follow in the same round count it where it is now. Needs the VMs ([`view`]): a
+    /// [`placement_view`] places one VM and is thrown away.
     pub fn record(&mut self, vm: Vm) {
         let Some(v) = self.vms.iter_mut().find(|v| v.meta.uid == vm.meta.uid) else {
             return;

@@ -33,6 +33,8 @@ where
     let (_g, s) = factory().await;
     concurrent_transactions_stand_alone(s).await;
     let (_g, s) = factory().await;
+    ops_see_the_ops_before_them(&*s).await;
+    let (_g, s) = factory().await;
     leases_expire_and_can_be_kept(&*s).await;
 }
 
@@ -293,6 +295,69 @@ async fn watch_orders_concurrent_writers(s: Arc<dyn Store>) {
         );
         last = e.kv.mod_revision;
     }
+}
+
+/// Within a transaction, each op's precondition holds against what the ops before it left: a
+/// key just written is no longer at its old revision, a key just deleted is absent.
+async fn ops_see_the_ops_before_them(s: &dyn Store) {
+    let old = s
+        .put("/s/k", b"1".to_vec(), Precondition::Absent)
+        .await
+        .expect("put");
+    let put = |when| Op::Put {
+        key: "/s/k".into(),
+        value: b"2".to_vec(),
+        when,
+        lease: None,
+    };
+    let again = s
+        .txn(vec![
+            put(Precondition::ModRevision(old)),
+            Op::Check {
+                key: "/s/k".into(),
+                when: Precondition::ModRevision(old),
+            },
+        ])
+        .await;
+    assert!(
+        matches!(again, Err(StoreError::Conflict { .. })),
+        "a second op guarded by the revision the first replaced: {again:?}"
+    );
+    assert_eq!(
+        s.get("/s/k")
+            .await
+            .expect("get")
+            .expect("kept")
+            .mod_revision,
+        old
+    );
+    let deleted = Op::Delete {
+        key: "/s/k".into(),
+        when: Precondition::ModRevision(old),
+    };
+    let rev = s
+        .txn(vec![deleted.clone(), put(Precondition::Absent)])
+        .await
+        .expect("delete, then create again");
+    let kv = s.get("/s/k").await.expect("get").expect("created again");
+    assert_eq!((kv.mod_revision, kv.value), (rev, b"2".to_vec()));
+    let twice = s
+        .txn(vec![
+            Op::Delete {
+                key: "/s/k".into(),
+                when: Precondition::Any,
+            },
+            Op::Delete {
+                key: "/s/k".into(),
+                when: Precondition::Any,
+            },
+        ])
+        .await;
+    assert!(
+        matches!(twice, Err(StoreError::NotFound { .. })),
+        "deleting a key twice: {twice:?}"
+    );
+    assert!(s.get("/s/k").await.expect("get").is_some());
 }
 
 /// Many transactions at once (a backend may commit them together): exactly one of the racing

@@ -257,23 +257,21 @@ impl Inner {
     /// failed precondition fails that one alone), publishes their events in revision order, and
     /// hands each caller its outcome. A backend error fails them all: nothing was committed.
     fn commit(&self, batch: Vec<Queued>) {
-        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut results = Vec::with_capacity(batch.len());
         let mut published = Vec::new();
+        let slots: Vec<_> = batch.iter().map(|q| q.outcome.clone()).collect();
         let committed = (|| {
             let txn = self.db.begin_write().be(&self.path)?;
             for q in batch {
                 match self.apply(&txn, q.ops) {
                     Ok((rev, events)) => {
-                        outcomes.push((q.outcome, Ok(rev)));
+                        results.push(Ok(rev));
                         if !events.is_empty() {
                             published.push((rev, events));
                         }
                     }
-                    Err(e @ StoreError::Backend { .. }) => {
-                        outcomes.push((q.outcome, Err(self.backend(&e.to_string()))));
-                        return Err(e);
-                    }
-                    Err(e) => outcomes.push((q.outcome, Err(e))),
+                    Err(e @ StoreError::Backend { .. }) => return Err(e),
+                    Err(e) => results.push(Err(e)),
                 }
             }
             if published.is_empty() {
@@ -282,9 +280,13 @@ impl Inner {
             }
             txn.commit().be(&self.path)
         })();
-        if let Err(e) = &committed {
-            for (outcome, _) in &mut outcomes {
-                *lock(outcome) = Some(Err(self.backend(&e.to_string())));
+        if let Err(e) = committed {
+            let message = match e {
+                StoreError::Backend { message, .. } => message,
+                other => other.to_string(),
+            };
+            for slot in &slots {
+                *lock(slot) = Some(Err(self.backend(&message)));
             }
             return;
         }
@@ -292,8 +294,8 @@ impl Inner {
         for batch in published {
             let _ = self.events.send(Arc::new(batch));
         }
-        for (outcome, result) in outcomes {
-            *lock(&outcome) = Some(result);
+        for (slot, result) in slots.iter().zip(results) {
+            *lock(slot) = Some(result);
         }
     }
 
@@ -305,10 +307,10 @@ impl Inner {
     }
 
     /// Applies `ops` as the next revision, or fails with nothing written: every precondition is
-    /// checked (against the state before `ops`) before anything is written, so a failed transaction
-    /// leaves nothing behind in the batch it shares. Checks alone get no revision (as in etcd), so
-    /// every revision has events and a watcher knows when it has seen them all: they return the
-    /// current one and no events.
+    /// checked (each against the state the ops before it leave) before anything is written, so a
+    /// failed transaction leaves nothing behind in the batch it shares. Checks alone get no
+    /// revision (as in etcd), so every revision has events and a watcher knows when it has seen
+    /// them all: they return the current one and no events.
     fn apply(
         &self,
         txn: &WriteTransaction,
@@ -321,16 +323,23 @@ impl Inner {
             .map(|v| v.value())
             .unwrap_or(1);
         let mut kv_table = txn.open_table(KV).be(&self.path)?;
+        let rev = current + 1;
+        // What the ops ahead in this transaction made of a key (its revision, or gone): each op
+        // is checked against the state the ops before it leave, as when they are applied.
+        let mut ahead: HashMap<&str, Option<Revision>> = HashMap::new();
         for op in &ops {
             let (key, when) = match op {
                 Op::Put { key, when, .. } | Op::Delete { key, when } | Op::Check { key, when } => {
                     (key, *when)
                 }
             };
-            let mod_revision = kv_table
-                .get(key.as_str())
-                .be(&self.path)?
-                .map(|v| decode_kv(key, v.value()).mod_revision);
+            let mod_revision = match ahead.get(key.as_str()) {
+                Some(r) => *r,
+                None => kv_table
+                    .get(key.as_str())
+                    .be(&self.path)?
+                    .map(|v| decode_kv(key, v.value()).mod_revision),
+            };
             let holds = match (when, mod_revision) {
                 (Precondition::Any, _) => true,
                 (Precondition::Absent, c) => c.is_none(),
@@ -347,13 +356,18 @@ impl Inner {
                 Op::Put { lease: Some(l), .. } if !lock(&self.leases).contains_key(l) => {
                     return Err(StoreError::LeaseNotFound(*l));
                 }
-                _ => {}
+                Op::Put { .. } => {
+                    ahead.insert(key, Some(rev));
+                }
+                Op::Delete { .. } => {
+                    ahead.insert(key, None);
+                }
+                Op::Check { .. } => {}
             }
         }
         if ops.iter().all(|o| matches!(o, Op::Check { .. })) {
             return Ok((current, Vec::new()));
         }
-        let rev = current + 1;
         let mut lease_keys = txn.open_multimap_table(LEASE_KEYS).be(&self.path)?;
         let mut events = Vec::with_capacity(ops.len());
         for op in ops {
@@ -392,7 +406,7 @@ impl Inner {
                 }
                 Op::Check { .. } => {}
                 Op::Delete { .. } => {
-                    // Gone already: an earlier op of the same transaction deleted it.
+                    // Checked above: present when its turn comes.
                     let Some(c) = current else { continue };
                     kv_table.remove(key.as_str()).be(&self.path)?;
                     events.push(Event {
