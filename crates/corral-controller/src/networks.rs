@@ -219,11 +219,22 @@ pub async fn attach(
     if requests.is_empty() {
         return Ok((Vec::new(), Vec::new()));
     }
-    let (vms, _) = list_json::<Vm>(&*ctx.store, &keys::vms(project)).await?;
-    let live: HashMap<uuid::Uuid, &str> = vms
-        .iter()
-        .map(|v| (v.meta.uid, v.meta.name.as_str()))
-        .collect();
+    // The project's VMs (their uids hold addresses) and the MACs in use per network, from the
+    // controller's cache: a pass in memory, not a read and parse of every VM in the store.
+    let (live, mut macs_in_use) = {
+        let o = ctx.cache.read(&*ctx.store).await?;
+        let mut live: HashSet<uuid::Uuid> = HashSet::new();
+        let mut macs: HashMap<String, HashSet<String>> = HashMap::new();
+        for e in o.vms_in(&keys::vms(project), None) {
+            live.insert(e.value.meta.uid);
+            for n in &e.value.spec.nics {
+                macs.entry(n.network.clone())
+                    .or_default()
+                    .insert(n.mac.clone());
+            }
+        }
+        (live, macs)
+    };
     let mut nets: HashMap<String, Versioned<Network>> = HashMap::new();
     let mut nics = Vec::new();
     let mut ops = Vec::new();
@@ -249,7 +260,7 @@ pub async fn attach(
                 continue;
             };
             match serde_json::from_slice::<Reservation>(&kv.value) {
-                Ok(r) if live.contains_key(&r.uid) => {
+                Ok(r) if live.contains(&r.uid) => {
                     held.insert(ip, r.vm);
                 }
                 _ => {
@@ -286,13 +297,8 @@ pub async fn attach(
                     ))
                 })?,
         };
-        let macs: HashSet<String> = vms
-            .iter()
-            .flat_map(|v| v.spec.nics.iter())
-            .chain(nics.iter())
-            .filter(|n| n.network == req.network)
-            .map(|n| n.mac.clone())
-            .collect();
+        // In use on the network: by other VMs, and by the NICs chosen so far.
+        let macs = macs_in_use.entry(req.network.clone()).or_default();
         let mac = match &req.mac {
             Some(m) => {
                 let m = parse_mac(m)?;
@@ -320,6 +326,7 @@ pub async fn attach(
                 .map_or(Precondition::Absent, |r| Precondition::ModRevision(*r)),
             lease: None,
         });
+        macs.insert(mac.clone());
         nics.push(Nic {
             network: req.network.clone(),
             mac,
