@@ -119,7 +119,7 @@ impl Monitor {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// A call from the host's agent arrived (any call: a host that writes is alive).
+    /// A write from the host's agent arrived: a host that writes is alive.
     pub(crate) fn seen(&self, host: &str) {
         mark(&mut self.lock().seen, host, Instant::now());
     }
