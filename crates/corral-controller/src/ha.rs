@@ -137,7 +137,8 @@ impl Monitor {
         self.quiet().is_some_and(|q| !q.contains(host))
     }
 
-    /// When the host's agent was last heard from (any call), if since this controller started.
+    /// When the host's agent was last heard from (a report or a write), if since this controller
+    /// started.
     pub(crate) fn last_seen(&self, host: &str) -> Option<chrono::DateTime<chrono::Utc>> {
         let at = *self.lock().seen.get(host)?;
         Some(chrono::Utc::now() - chrono::Duration::from_std(at.elapsed()).ok()?)
