@@ -245,6 +245,8 @@ fn unit(seed: u64) -> f64 {
 impl Fleet {
     /// A fleet of `hosts` (at least one), all like `spec`.
     pub fn new(spec: SimSpec, hosts: Vec<SimHost>) -> Arc<Self> {
+        // The first host's certificate reads for all (tests/sim.rs kills that host to check that
+        // reads do not keep a dead host alive).
         let reader = hosts
             .first()
             .map(|h| h.store.clone())

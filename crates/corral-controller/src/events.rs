@@ -60,6 +60,7 @@ pub(crate) async fn prune(store: &dyn Store) -> Result<(), StoreError> {
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct EventsQuery {
     /// Only events after the one with this id (for following).
     #[serde(default)]

@@ -2,7 +2,7 @@
 //!
 //! Three independent signals decide that a host failed (as vSphere HA uses network and datastore
 //! heartbeats):
-//! 1. the host's own reports (any authenticated call of its agent counts), every
+//! 1. the host's own reports (and writes of its agent; reads do not count), every
 //!    [`timing::RENEW_EVERY`]; silent for [`timing::SILENT_AFTER`]: suspected;
 //! 2. its peers' gossip: a host that a responding peer still sees alive has only lost the
 //!    controller, and nothing restarts;

@@ -32,9 +32,11 @@ pub use error::{ApiError, ApiJson, ApiPath, ApiQuery};
 
 /// A page of a list (VMs, hosts): items in name order, after the one named `after`, at most `limit`.
 #[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct PageQuery {
     /// At most this many items, 1 to 1000 (default: all).
     #[serde(default)]
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
     /// Only items whose names sort after this one: the last name of the previous page.
     #[serde(default)]

@@ -263,7 +263,18 @@ pub async fn attach(
                 Ok(r) if live.contains(&r.uid) => {
                     held.insert(ip, r.vm);
                 }
-                _ => {
+                Ok(r) => {
+                    // Not a VM the cache holds: stale, unless the store still has that VM (a
+                    // record the cache could not parse): then fail (the read says why) rather
+                    // than hand its address out twice. Rare: only stale reservations get here.
+                    let owner = get_json::<Vm>(&*ctx.store, &keys::vm(project, &r.vm)).await?;
+                    if owner.is_some_and(|o| o.value.meta.uid == r.uid) {
+                        held.insert(ip, r.vm);
+                    } else {
+                        stale.insert(ip, kv.mod_revision);
+                    }
+                }
+                Err(_) => {
                     stale.insert(ip, kv.mod_revision);
                 }
             }

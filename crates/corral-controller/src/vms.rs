@@ -411,6 +411,7 @@ pub async fn move_storage(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct DeleteQuery {
     /// Delete even if the VM runs (it is powered off first).
     #[serde(default)]
@@ -443,6 +444,7 @@ pub async fn delete(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ConsoleQuery {
     /// Byte offset to read from (0: the start of the log of the current power-on).
     #[serde(default)]

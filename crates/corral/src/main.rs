@@ -503,8 +503,11 @@ fn all_pages<T: serde::de::DeserializeOwned>(
             .last()
             .map(|v| format!("&after={}", name(v)))
             .unwrap_or_default();
-        let page: Vec<T> = c.get(&format!("{path}?limit=1000{after}"))?;
-        let full = page.len() == 1000;
+        let page: Vec<T> = c.get(&format!(
+            "{path}?limit={}{after}",
+            corral_controller::MAX_PAGE
+        ))?;
+        let full = page.len() == corral_controller::MAX_PAGE;
         all.extend(page);
         if !full {
             return Ok(all);
