@@ -261,13 +261,14 @@ impl ClusterView {
             .groups
             .iter()
             .any(|g| g.meta.project == vm.meta.project && g.members.contains(&vm.meta.name));
-        for (host, sign) in [
-            (v.status.host.as_deref(), -1),
-            (vm.status.host.as_deref(), 1),
-        ] {
-            let Some(host) = host else { continue };
+        // The old share comes off as it was (the spec may have changed), the new one goes on.
+        let old = v.clone();
+        for (was, sign) in [(&*old, -1), (&vm, 1)] {
+            let Some(host) = was.status.host.as_deref() else {
+                continue;
+            };
             if let Some(h) = self.hosts.iter_mut().find(|h| &*h.name == host) {
-                h.alloc.add(&vm, sign);
+                h.alloc.add(was, sign);
             }
             if member {
                 let names = self.named.entry(host.to_string()).or_default();
