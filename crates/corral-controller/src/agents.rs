@@ -143,7 +143,8 @@ async fn join(
             memory_bytes: 0,
             accel: corral_api::Accel::Tcg,
             hypervisor: String::new(),
-            last_heartbeat: DateTime::<Utc>::UNIX_EPOCH,
+            // Joining is the host's first word: it counts as heard from until its agent reports.
+            last_heartbeat: Utc::now(),
             gossip: None,
             address: None,
             power_control: false,
@@ -180,6 +181,7 @@ async fn join(
         }
         Err(e) => return Err(e.into()),
     }
+    a.ctx.ha.seen(&req.host);
     tracing::info!(host = %req.host, "host joined");
     Ok(Json(JoinResponse {
         cert_pem: identity.cert_pem,
