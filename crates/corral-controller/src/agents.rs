@@ -143,8 +143,8 @@ async fn join(
             memory_bytes: 0,
             accel: corral_api::Accel::Tcg,
             hypervisor: String::new(),
-            // Joining is the host's first word: it counts as heard from until its agent reports.
-            last_heartbeat: Utc::now(),
+            // Not yet: its agent records it (and the host's capacity) once it runs.
+            last_heartbeat: DateTime::<Utc>::UNIX_EPOCH,
             gossip: None,
             address: None,
             power_control: false,

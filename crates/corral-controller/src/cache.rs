@@ -8,7 +8,7 @@
 //! VM it just created, the host an agent just registered), exactly as a read from the store would.
 //! Writes still go to the store, guarded by revisions; the copy never decides anything alone.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
@@ -81,6 +81,9 @@ pub struct Objects {
     pub groups: BTreeMap<String, Entry<VmGroup>>,
     pub migrations: BTreeMap<String, Entry<Migration>>,
     pub settings: Option<ClusterSettings>,
+    /// Per host name, the keys of the VMs placed there (with or without a host record), so that a
+    /// host's page or a joining host costs its own VMs, not a pass over all of them.
+    pub placed: HashMap<String, BTreeSet<String>>,
 }
 
 fn parse<T: DeserializeOwned>(kv: &KeyValue) -> Option<Entry<T>> {
@@ -127,6 +130,17 @@ impl Objects {
                     if let Some(h) = self.hosts.get_mut(&keys::host(host)) {
                         h.alloc.add(vm, sign);
                     }
+                    if sign > 0 {
+                        self.placed
+                            .entry(host.clone())
+                            .or_default()
+                            .insert(kv.key.clone());
+                    } else if let Some(on) = self.placed.get_mut(host) {
+                        on.remove(k);
+                        if on.is_empty() {
+                            self.placed.remove(host);
+                        }
+                    }
                 }
             }
         } else if k.starts_with(keys::HOSTS) {
@@ -139,10 +153,8 @@ impl Objects {
                     None => {
                         // A new host (or one back): whatever already names it counts.
                         let mut alloc = Alloc::default();
-                        for v in self.vms.values() {
-                            if v.value.status.host.as_deref() == Some(&e.value.name) {
-                                alloc.add(&v.value, 1);
-                            }
+                        for v in self.placed_on(&e.value.name) {
+                            alloc.add(&v.value, 1);
                         }
                         let name = Arc::from(e.value.name.as_str());
                         self.hosts.insert(
@@ -170,6 +182,15 @@ impl Objects {
                 EventKind::Delete => None,
             };
         }
+    }
+
+    /// The VMs placed on `host`, in key order.
+    pub fn placed_on<'a>(&'a self, host: &str) -> impl Iterator<Item = &'a Entry<Vm>> + 'a {
+        self.placed
+            .get(host)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.vms.get(k))
     }
 
     /// The VMs whose keys start with `prefix` (a project's), in key order, after the VM named `after`.
@@ -309,6 +330,15 @@ mod tests {
         }
     }
 
+    fn host_record(name: &str) -> Vec<u8> {
+        let host: Host = serde_json::from_value(serde_json::json!({
+            "name": name, "status": {"cpus": 4, "memory_bytes": 1u64 << 34, "accel": "tcg",
+                "hypervisor": "sim", "last_heartbeat": "2026-01-01T00:00:00Z"}
+        }))
+        .expect("host");
+        serde_json::to_vec(&host).expect("json")
+    }
+
     #[tokio::test]
     async fn reads_see_every_earlier_write_and_pages_stay_in_their_project() {
         let dir = tempfile::tempdir().expect("dir");
@@ -351,14 +381,8 @@ mod tests {
 
         // What each host was given follows the VMs as they are placed, move and go.
         for name in ["h1", "h2"] {
-            let host: Host = serde_json::from_value(serde_json::json!({
-                "name": name, "status": {"cpus": 4, "memory_bytes": 1u64 << 34, "accel": "tcg",
-                    "hypervisor": "sim", "last_heartbeat": "2026-01-01T00:00:00Z"}
-            }))
-            .expect("host");
-            let bytes = serde_json::to_vec(&host).expect("json");
             store
-                .put(&keys::host(name), bytes, Precondition::Absent)
+                .put(&keys::host(name), host_record(name), Precondition::Absent)
                 .await
                 .expect("put");
         }
@@ -380,12 +404,39 @@ mod tests {
                 }
             );
             assert_eq!(on(if host == "h1" { "h2" } else { "h1" }), Alloc::default());
+            let names = |h: &str| -> Vec<String> {
+                o.placed_on(h).map(|e| e.value.meta.name.clone()).collect()
+            };
+            assert_eq!(names(host), ["x1"]);
+            assert!(names(if host == "h1" { "h2" } else { "h1" }).is_empty());
         }
         store
             .delete(&keys::vm("a", "x1"), Precondition::Any)
             .await
             .expect("delete");
+        {
+            let o = cache.read(&*store).await.expect("read");
+            assert_eq!(o.hosts[&keys::host("h2")].alloc, Alloc::default());
+            assert!(o.placed.is_empty(), "{:?}", o.placed);
+        }
+
+        // A VM that names a host before the host's record exists counts once the record comes.
+        let mut early = vm("b", "x0");
+        early.status.host = Some("h3".into());
+        store
+            .put(
+                &keys::vm("b", "x0"),
+                serde_json::to_vec(&early).expect("json"),
+                Precondition::Any,
+            )
+            .await
+            .expect("put");
+        store
+            .put(&keys::host("h3"), host_record("h3"), Precondition::Absent)
+            .await
+            .expect("put");
         let o = cache.read(&*store).await.expect("read");
-        assert_eq!(o.hosts[&keys::host("h2")].alloc, Alloc::default());
+        assert_eq!(o.hosts[&keys::host("h3")].alloc.cpus, 1);
+        assert_eq!(o.placed_on("h3").count(), 1);
     }
 }

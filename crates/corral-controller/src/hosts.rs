@@ -36,7 +36,10 @@ async fn infos(
     select: impl Fn(&str) -> bool,
     limit: usize,
 ) -> Result<Vec<HostInfo>, ApiError> {
-    let mut infos = placement::view(ctx).await?.host_infos(select, limit);
+    let mut infos = {
+        let o = ctx.cache.read(&*ctx.store).await?;
+        placement::ClusterView::new(&o, ctx).host_infos(&o, select, limit)
+    };
     for i in &mut infos {
         i.ha = ctx.ha.describe(&i.host.name);
     }
@@ -64,9 +67,13 @@ pub async fn remove(
     State(ctx): State<Ctx>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
-    let view = placement::view(&ctx).await?;
-    let Some(info) = view.host_infos(|h| h == name, 1).pop() else {
-        return Err(host_not_found(&name));
+    let (info, rev) = {
+        let o = ctx.cache.read(&*ctx.store).await?;
+        let view = placement::ClusterView::new(&o, &ctx);
+        let Some(info) = view.host_infos(&o, |h| h == name, 1).pop() else {
+            return Err(host_not_found(&name));
+        };
+        (info, view.host_revision(&name))
     };
     if !info.vms.is_empty() {
         return Err(ApiError::Conflict(format!(
@@ -74,7 +81,6 @@ pub async fn remove(
             info.vms.join(", ")
         )));
     }
-    let rev = view.host_revision(&name);
     // The host record and every certificate issued to the host go in one transaction; a VM placed
     // there meanwhile conflicts with the host's revision.
     let mut ops = vec![Op::Delete {

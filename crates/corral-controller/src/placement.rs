@@ -57,6 +57,11 @@ pub fn host_state(h: &Host, now: DateTime<Utc>, heard: bool) -> (HostState, Opti
         return (HostState::Standby, None);
     }
     let last = h.status.last_heartbeat;
+    // Joined, but its agent has not recorded itself yet: neither its capacity nor that its agent
+    // runs is known (HA's reports alone, which may come first, do not make it usable).
+    if last == DateTime::<Utc>::UNIX_EPOCH {
+        return (HostState::NotResponding, None);
+    }
     let silent = !heard && (now - last).to_std().unwrap_or_default() > HEARTBEAT_TIMEOUT;
     if silent {
         (HostState::NotResponding, Some(last))
@@ -95,7 +100,7 @@ pub fn qualified(project: &str, name: &str) -> String {
 impl ClusterView {
     /// Everything but the VMs, from the cache. Costs a pass over the hosts, the group members and
     /// the migrations, none over the VMs.
-    fn new(o: &Objects, ctx: &Ctx) -> ClusterView {
+    pub fn new(o: &Objects, ctx: &Ctx) -> ClusterView {
         let migrations: Vec<Migration> = o
             .migrations
             .values()
@@ -156,8 +161,14 @@ impl ClusterView {
     }
 
     /// The API's view of the hosts `select` takes (at most `limit`, in name order): state,
-    /// allocation, VMs.
-    pub fn host_infos(&self, select: impl Fn(&str) -> bool, limit: usize) -> Vec<HostInfo> {
+    /// allocation, VMs. The VMs come from the cache's per-host index (`o`, the copy this view was
+    /// made from): a page of hosts costs its own VMs, not a pass over every VM.
+    pub fn host_infos(
+        &self,
+        o: &Objects,
+        select: impl Fn(&str) -> bool,
+        limit: usize,
+    ) -> Vec<HostInfo> {
         let now = Utc::now();
         let chosen: Vec<&HostEntry> = self
             .hosts
@@ -165,21 +176,21 @@ impl ClusterView {
             .filter(|h| select(&h.name))
             .take(limit)
             .collect();
-        let names: HashSet<&str> = chosen.iter().map(|h| &*h.name).collect();
-        // One pass over the VMs, not one per host.
-        let mut by_host: HashMap<&str, Vec<&Vm>> = HashMap::new();
-        for v in &self.vms {
-            if let Some(h) = v.status.host.as_deref().filter(|h| names.contains(h)) {
-                by_host.entry(h).or_default().push(v);
-            }
-        }
-        for m in self
-            .migrations
+        let mut by_host: HashMap<&str, Vec<&Vm>> = chosen
             .iter()
-            .filter(|m| names.contains(m.target.as_str()))
-        {
-            if let Some(v) = self.vms.iter().find(|v| v.meta.uid == m.vm_uid) {
-                by_host.entry(m.target.as_str()).or_default().push(v);
+            .map(|h| (&*h.name, o.placed_on(&h.name).map(|e| &*e.value).collect()))
+            .collect();
+        // A VM migrating to a host shows there too.
+        for m in &self.migrations {
+            let Some(on) = by_host.get_mut(m.target.as_str()) else {
+                continue;
+            };
+            if let Some(v) = o
+                .vms
+                .get(&keys::vm(&m.project, &m.vm))
+                .filter(|e| e.value.meta.uid == m.vm_uid)
+            {
+                on.push(&v.value);
             }
         }
         chosen

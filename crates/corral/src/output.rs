@@ -4,8 +4,8 @@
 use anyhow::Result;
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
 use corral_api::{
-    format_bytes, ClusterEvent, ClusterSettings, Datastore, DrsPlan, HostInfo, Image, Migration,
-    Network, SecurityGroup, Segment, Task, Vm, VmGroup,
+    format_bytes, ClusterEvent, ClusterSettings, Datastore, DrsPlan, HostInfo, HostState, Image,
+    Migration, Network, SecurityGroup, Segment, Task, Vm, VmGroup,
 };
 use serde::Serialize;
 
@@ -178,9 +178,13 @@ pub fn hosts(fmt: Format, hosts: &[HostInfo], single: bool) -> Result<()> {
         hosts
             .iter()
             .map(|h| {
-                let state = match h.not_responding_since {
-                    Some(t) => format!("not responding since {}", t.format("%H:%M:%S")),
-                    None => format!("{:?}", h.state).to_lowercase(),
+                let state = match (h.state, h.not_responding_since) {
+                    (_, Some(t)) => format!("not responding since {}", t.format("%H:%M:%S")),
+                    // Joined, but its agent has not recorded the host yet.
+                    (HostState::NotResponding, None) => {
+                        "not responding (not heard from yet)".into()
+                    }
+                    (s, None) => format!("{s:?}").to_lowercase(),
                 };
                 vec![
                     h.host.name.clone(),

@@ -316,19 +316,26 @@ fn join_tokens_are_single_use_and_names_unique_and_strangers_are_refused() {
             .expect("call");
         assert_eq!(res.status(), 401, "{path}");
     }
-    // A host that has just joined counts as heard from (the join is its first write) until its
-    // agent has had time to report: it is not shown not_responding while its agent starts.
+    // A host that has joined but whose agent has not recorded it yet is not connected (its
+    // capacity is unknown), stays so across the failure detector's ticks, and gets no VM.
     let token = lab.cli(&["host", "join-token"]).trim().to_string();
     let joined = insecure
         .post(format!("{}/agent/v1/join", lab.agent_url()))
         .send_json(json!({ "token": token, "host": "host-q" }))
         .expect("join");
     assert_eq!(joined.status(), 200);
-    for _ in 0..10 {
+    for _ in 0..5 {
         let q = lab.json(&["host", "show", "host-q"]);
-        assert_eq!(q["state"], "connected", "{q}");
+        assert_eq!(q["state"], "not_responding", "{q}");
+        assert!(q["not_responding_since"].is_null(), "{q}");
         std::thread::sleep(Duration::from_millis(200));
     }
+    let shown = lab.cli(&["host", "show", "host-q"]);
+    assert!(
+        shown.contains("not responding (not heard from yet)"),
+        "{shown}"
+    );
+    lab.cli(&["host", "remove", "host-q"]);
     // With a certificate from another CA: the TLS handshake fails.
     let other = tempfile::tempdir().expect("dir");
     let rogue_ca = corral_pki::Ca::load_or_create(other.path()).expect("ca");
