@@ -36,14 +36,28 @@ async fn infos(
     select: impl Fn(&str) -> bool,
     limit: usize,
 ) -> Result<Vec<HostInfo>, ApiError> {
-    let mut infos = {
-        let o = ctx.cache.read(&*ctx.store).await?;
-        placement::ClusterView::new(&o, ctx).host_infos(&o, select, limit)
-    };
+    let (_, mut infos) = view_of(ctx, select, limit).await?;
     for i in &mut infos {
         i.ha = ctx.ha.describe(&i.host.name);
     }
     Ok(infos)
+}
+
+/// The hosts `select` takes (at most `limit`) and the view they were read from; the cache's lock
+/// is held only while the hosts' VMs are picked out.
+async fn view_of(
+    ctx: &Ctx,
+    select: impl Fn(&str) -> bool,
+    limit: usize,
+) -> Result<(placement::ClusterView, Vec<HostInfo>), ApiError> {
+    let (view, chosen) = {
+        let o = ctx.cache.read(&*ctx.store).await?;
+        let view = placement::ClusterView::new(&o, ctx);
+        let chosen = view.hosts_with_vms(&o, select, limit);
+        (view, chosen)
+    };
+    let infos = view.host_infos(chosen);
+    Ok((view, infos))
 }
 
 #[utoipa::path(get, path = "/api/v1/hosts/{name}", tag = "hosts", params(("name" = String, Path)),
@@ -67,14 +81,11 @@ pub async fn remove(
     State(ctx): State<Ctx>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
-    let (info, rev) = {
-        let o = ctx.cache.read(&*ctx.store).await?;
-        let view = placement::ClusterView::new(&o, &ctx);
-        let Some(info) = view.host_infos(&o, |h| h == name, 1).pop() else {
-            return Err(host_not_found(&name));
-        };
-        (info, view.host_revision(&name))
+    let (view, mut infos) = view_of(&ctx, |h| h == name, 1).await?;
+    let Some(info) = infos.pop() else {
+        return Err(host_not_found(&name));
     };
+    let rev = view.host_revision(&name);
     if !info.vms.is_empty() {
         return Err(ApiError::Conflict(format!(
             "host {name} still has VMs {}: move them (`corral host maintenance enter {name}`) or delete them first",

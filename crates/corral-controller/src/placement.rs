@@ -160,29 +160,31 @@ impl ClusterView {
         }
     }
 
-    /// The API's view of the hosts `select` takes (at most `limit`, in name order): state,
-    /// allocation, VMs. The VMs come from the cache's per-host index (`o`, the copy this view was
-    /// made from): a page of hosts costs its own VMs, not a pass over every VM.
-    pub fn host_infos(
+    /// The hosts `select` takes (at most `limit`, in name order), each with the VMs placed or
+    /// arriving there, from the cache's per-host index (`o`, the copy this view was made from): a
+    /// page of hosts costs its own VMs, not a pass over every VM. Only takes shares of the VMs, so
+    /// the copy's lock is held briefly; [`ClusterView::host_infos`] does the rest without it.
+    pub fn hosts_with_vms(
         &self,
         o: &Objects,
         select: impl Fn(&str) -> bool,
         limit: usize,
-    ) -> Vec<HostInfo> {
-        let now = Utc::now();
-        let chosen: Vec<&HostEntry> = self
+    ) -> Vec<(HostEntry, Vec<Arc<Vm>>)> {
+        let mut chosen: Vec<(HostEntry, Vec<Arc<Vm>>)> = self
             .hosts
             .iter()
             .filter(|h| select(&h.name))
             .take(limit)
-            .collect();
-        let mut by_host: HashMap<&str, Vec<&Vm>> = chosen
-            .iter()
-            .map(|h| (&*h.name, o.placed_on(&h.name).map(|e| &*e.value).collect()))
+            .map(|h| {
+                (
+                    h.clone(),
+                    o.placed_on(&h.name).map(|e| e.value.clone()).collect(),
+                )
+            })
             .collect();
         // A VM migrating to a host shows there too.
         for m in &self.migrations {
-            let Some(on) = by_host.get_mut(m.target.as_str()) else {
+            let Some((_, on)) = chosen.iter_mut().find(|(h, _)| *h.name == m.target) else {
                 continue;
             };
             if let Some(v) = o
@@ -190,15 +192,20 @@ impl ClusterView {
                 .get(&keys::vm(&m.project, &m.vm))
                 .filter(|e| e.value.meta.uid == m.vm_uid)
             {
-                on.push(&v.value);
+                on.push(v.value.clone());
             }
         }
         chosen
+    }
+
+    /// The API's view of hosts taken with [`ClusterView::hosts_with_vms`]: state, allocation, VMs.
+    pub fn host_infos(&self, chosen: Vec<(HostEntry, Vec<Arc<Vm>>)>) -> Vec<HostInfo> {
+        let now = Utc::now();
+        chosen
             .into_iter()
-            .map(|e| {
+            .map(|(e, placed)| {
                 let h = &*e.value;
                 let (state, since) = self.state_of(h, now);
-                let placed = by_host.remove(h.name.as_str()).unwrap_or_default();
                 // The last time the host was heard from, by report or by record.
                 let mut host = h.clone();
                 if let Some(seen) = self.monitor.as_ref().and_then(|m| m.last_seen(&h.name)) {

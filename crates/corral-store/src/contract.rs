@@ -478,6 +478,10 @@ async fn leases_expire_and_can_be_kept(s: &dyn Store) {
     let del = w.recv().await.expect("open").expect("ok");
     assert_eq!((put.kind, del.kind), (EventKind::Put, EventKind::Delete));
     s.revoke_lease(kept).await.expect("revoke");
+    // The revoke's delete is the latest revision, and the store says so.
+    let (_, listed) = s.list("/hb/").await.expect("list");
+    assert_eq!(s.current_revision().await.expect("rev"), listed);
+    assert!(listed > del.kv.mod_revision);
     assert!(
         s.get("/hb/kept").await.expect("get").is_none(),
         "revoke deletes at once"

@@ -276,6 +276,17 @@ fn main() {
         rss_mib(pid),
         store as f64 / (1 << 20) as f64
     ));
+    // Stalls have a cause the controller logs: a cache that fell behind reloads everything.
+    let log = lab.log();
+    let warnings: Vec<&str> = log.lines().filter(|l| l.contains("WARN")).collect();
+    report.push(format!(
+        "controller log: {} warnings, {} cache reloads{}",
+        warnings.len(),
+        log.matches("loading again").count(),
+        warnings
+            .first()
+            .map_or(String::new(), |w| format!("; first: {w}"))
+    ));
     println!("\n--- results ({hosts} hosts, {vms} VMs, {clients} clients) ---");
     for line in report {
         println!("{line}");
