@@ -33,6 +33,9 @@ const LEASE_KEYS: MultimapTableDefinition<u64, &str> = MultimapTableDefinition::
 
 /// How many revisions of history watches can replay.
 const HISTORY: u64 = 10_000;
+/// A commit slower than this is logged (etcd warns of applies slower than 100 ms; this store often
+/// shares two cores with everything else).
+const SLOW_COMMIT: Duration = Duration::from_millis(500);
 
 /// A transaction waiting in the queue, and where its outcome goes.
 struct Queued {
@@ -258,7 +261,19 @@ impl Inner {
             return done;
         }
         let batch = std::mem::take(&mut *lock(&self.queue));
+        let (n, started) = (batch.len(), Instant::now());
         self.commit(batch);
+        // Every write, and so the API, waits on a commit: a slow disk should not go unnoticed.
+        let took = started.elapsed();
+        if took > SLOW_COMMIT {
+            tracing::warn!(
+                path = %self.path.display(),
+                transactions = n,
+                ms = took.as_millis() as u64,
+                "a commit took longer than {} ms: the disk under the store is slow or busy (writes wait on every commit)",
+                SLOW_COMMIT.as_millis()
+            );
+        }
         let done = lock(&outcome).take();
         done.unwrap_or_else(|| Err(self.backend("the transaction was not committed")))
     }

@@ -280,8 +280,9 @@ fn main() {
     let log = lab.log();
     let warnings: Vec<&str> = log.lines().filter(|l| l.contains("WARN")).collect();
     report.push(format!(
-        "controller log: {} warnings, {} cache reloads{}",
+        "controller log: {} warnings, {} slow commits, {} cache reloads{}",
         warnings.len(),
+        log.matches("a commit took longer").count(),
         log.matches("loading again").count(),
         warnings
             .first()
