@@ -682,7 +682,10 @@ impl Agent {
             loop {
                 tick.tick().await;
                 if let Err(e) = me.heartbeat().await {
-                    tracing::warn!(error = %e, "heartbeat failed");
+                    // Soon, not a whole period later: until its first one lands, the host is
+                    // shown as not registered and gets no VM.
+                    tracing::warn!(error = %e, "heartbeat failed; trying again in 2 s");
+                    tick.reset_after(Duration::from_secs(2));
                 }
             }
         });

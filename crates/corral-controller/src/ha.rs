@@ -396,6 +396,13 @@ async fn watch(ctx: &Ctx, tick: u64) -> Result<(), ApiError> {
                 }
             }
         }
+        // A removed host (or one in standby) is judged no more: its last state, failed perhaps,
+        // must not keep HA looking for VMs to restart. Every host above has a state, so more
+        // states than hosts means some are stale.
+        if inner.states.len() > hosts.len() {
+            let names: HashSet<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
+            inner.states.retain(|h, _| names.contains(h.as_str()));
+        }
         *ctx.ha
             .quiet
             .lock()

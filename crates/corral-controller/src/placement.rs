@@ -206,9 +206,15 @@ impl ClusterView {
             .map(|(e, placed)| {
                 let h = &*e.value;
                 let (state, since) = self.state_of(h, now);
-                // The last time the host was heard from, by report or by record.
+                // The last time the host was heard from, by report or by record (none before its
+                // agent has registered it).
                 let mut host = h.clone();
-                if let Some(seen) = self.monitor.as_ref().and_then(|m| m.last_seen(&h.name)) {
+                if let Some(seen) = self
+                    .monitor
+                    .as_ref()
+                    .filter(|_| h.status.last_heartbeat != DateTime::<Utc>::UNIX_EPOCH)
+                    .and_then(|m| m.last_seen(&h.name))
+                {
                     host.status.last_heartbeat = host.status.last_heartbeat.max(seen);
                 }
                 HostInfo {

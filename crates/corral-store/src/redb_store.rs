@@ -315,6 +315,9 @@ impl Inner {
             }
             return;
         }
+        // Set after the commit (a failed one must not be announced) and before any caller hears
+        // of it: an acknowledged write is always within the current revision. (A reader of the
+        // database may see a commit for the few microseconds before this line.)
         if let Some((rev, _)) = published.last() {
             self.revision.store(*rev, Ordering::SeqCst);
         }

@@ -182,7 +182,7 @@ pub fn hosts(fmt: Format, hosts: &[HostInfo], single: bool) -> Result<()> {
                     (_, Some(t)) => format!("not responding since {}", t.format("%H:%M:%S")),
                     // Joined, but its agent has not recorded the host yet.
                     (HostState::NotResponding, None) => {
-                        "not responding (not heard from yet)".into()
+                        "not responding (its agent has not registered yet)".into()
                     }
                     (s, None) => format!("{s:?}").to_lowercase(),
                 };
@@ -205,7 +205,11 @@ pub fn hosts(fmt: Format, hosts: &[HostInfo], single: bool) -> Result<()> {
                         h.vms.len().to_string()
                     },
                     h.host.status.accel.to_string(),
-                    h.host.status.last_heartbeat.to_rfc3339(),
+                    if h.host.status.last_heartbeat.timestamp() == 0 {
+                        "never".into()
+                    } else {
+                        h.host.status.last_heartbeat.to_rfc3339()
+                    },
                 ]
             })
             .collect(),

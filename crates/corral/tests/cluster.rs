@@ -316,7 +316,7 @@ fn join_tokens_are_single_use_and_names_unique_and_strangers_are_refused() {
             .expect("call");
         assert_eq!(res.status(), 401, "{path}");
     }
-    // A host that has joined but whose agent has not recorded it yet is not connected (its
+    // A host that has joined but whose agent has not registered it yet is not connected (its
     // capacity is unknown), stays so across the failure detector's ticks, and gets no VM.
     let token = lab.cli(&["host", "join-token"]).trim().to_string();
     let joined = insecure
@@ -332,9 +332,17 @@ fn join_tokens_are_single_use_and_names_unique_and_strangers_are_refused() {
     }
     let shown = lab.cli(&["host", "show", "host-q"]);
     assert!(
-        shown.contains("not responding (not heard from yet)"),
+        shown.contains("not responding (its agent has not registered yet)"),
         "{shown}"
     );
+    lab.cli(&[
+        "vm", "create", "early", "--image", "jeos", "--memory", "64M", "--host", "host-q",
+    ]);
+    let early = lab.vm("early");
+    assert!(early["status"]["host"].is_null(), "{early}");
+    let why = common::scheduled_reason(&early);
+    assert!(why.contains("not responding"), "{why}");
+    lab.delete_vm("early", &[]);
     lab.cli(&["host", "remove", "host-q"]);
     // With a certificate from another CA: the TLS handshake fails.
     let other = tempfile::tempdir().expect("dir");
