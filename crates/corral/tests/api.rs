@@ -285,7 +285,16 @@ fn a_hard_kill_loses_nothing_that_was_acknowledged() {
             }
         })
     };
-    std::thread::sleep(Duration::from_millis(2500));
+    // Kill once a few creates were acknowledged (however slow the machine), mid-way to the next.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while acknowledged.lock().expect("lock").len() < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no create acknowledged in 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(150));
     lab.crash();
     writer.join().expect("writer");
     let acked = acknowledged.lock().expect("lock").clone();

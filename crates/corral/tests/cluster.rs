@@ -140,6 +140,7 @@ fn join_tokens_are_single_use_and_names_unique_and_strangers_are_refused() {
         assert!(Instant::now() < deadline, "host-b did not join");
         std::thread::sleep(Duration::from_millis(100));
     }
+    lab.wait_connected(&["host-b"]);
     let reused = run("host-c", &token, "reused");
     assert!(
         String::from_utf8_lossy(&reused.stderr).contains("already used"),

@@ -116,13 +116,19 @@ fn drs_moves_load_off_a_busy_host_and_then_rests() {
     let err = String::from_utf8_lossy(&lab.corral(&["drs", "apply", id]).stderr).into_owned();
     assert!(err.contains("not the latest plan"), "{err}");
 
-    // Balanced now: moving any other guest would only swap the loads.
-    std::thread::sleep(Duration::from_secs(12));
-    let again = lab.json(&["drs", "plan"]);
-    assert_eq!(
-        again["moves"].as_array().map(Vec::len),
-        Some(0),
-        "after the move DRS rests: {again}"
-    );
+    // Balanced now: moving any other guest would only swap the loads. Measured usage settles
+    // over a few samples (slower on a loaded machine): DRS must come to rest within 60 s.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let again = loop {
+        std::thread::sleep(Duration::from_secs(6));
+        let plan = lab.json(&["drs", "plan"]);
+        if plan["moves"].as_array().map(Vec::len) == Some(0) {
+            break plan;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after the move DRS rests: {plan}"
+        );
+    };
     assert!(!again["note"].as_str().unwrap_or("").is_empty(), "{again}");
 }

@@ -303,8 +303,12 @@ fn guests_reach_their_network_across_hosts_and_nothing_else() {
         !links(&lab, "host-3", "crbx").is_empty(),
         "host-3 now carries net-a"
     );
-    // Wait for the 100 pings (20 s), then read the summary line.
-    std::thread::sleep(Duration::from_secs(20));
+    // Wait for the 100 pings (20 s, more on a loaded machine), then read the summary line.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while guest_value(&lab, "a1", "DONE", "grep -q transmitted /tmp/ping; v=$?") != "0" {
+        assert!(Instant::now() < deadline, "ping did not finish in 90 s");
+        std::thread::sleep(Duration::from_secs(2));
+    }
     let stats = guest_value(
         &lab,
         "a1",
