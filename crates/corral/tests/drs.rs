@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::netlab::{type_line, wait_booted, TestLab};
+use common::netlab::{start_in_guest, wait_booted, TestLab};
 use serde_json::Value;
 
 fn vm(lab: &TestLab, name: &str) -> Value {
@@ -37,7 +37,12 @@ fn drs_moves_load_off_a_busy_host_and_then_rests() {
     wait_booted(&lab, &names);
     for name in names {
         assert_eq!(vm(&lab, name)["status"]["host"], "host-1");
-        type_line(&lab, name, "(while :; do :; done) >/dev/null 2>&1 &");
+        start_in_guest(
+            &lab,
+            name,
+            "(touch /tmp/spin; while :; do :; done) >/dev/null 2>&1 &",
+            "test -e /tmp/spin; v=$?",
+        );
     }
     // Their host measures what they use.
     let deadline = Instant::now() + Duration::from_secs(180);

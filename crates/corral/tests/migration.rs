@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::netlab::{guest_value, type_line, wait_booted, TestLab};
+use common::netlab::{guest_value, start_in_guest, wait_booted, TestLab};
 use serde_json::Value;
 
 fn vm(lab: &TestLab, name: &str) -> Value {
@@ -128,10 +128,11 @@ fn running_guests_move_between_hosts_and_failed_moves_leave_them_on_their_source
     // A loop that counts in memory (tmpfs) as fast as the guest goes, and a file written through
     // to the disk. (Heavier dirtying, e.g. rewriting megabytes per iteration, trips a memory
     // corruption of QEMU 7.2's TCG across multi-pass migrations: see docs/BENCHMARKS.md.)
-    type_line(
+    start_in_guest(
         &lab,
         "busy",
         "(i=0; while :; do i=$((i+1)); echo $i > /tmp/c; mv /tmp/c /tmp/count; done) >/dev/null 2>&1 &",
+        "test -s /tmp/count; v=$?",
     );
     guest_value(
         &lab,

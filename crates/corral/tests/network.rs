@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::netlab::{guest_value, type_line, TestLab};
+use common::netlab::{guest_value, start_in_guest, TestLab};
 use serde_json::Value;
 
 fn vm(lab: &TestLab, name: &str, project: &str) -> Value {
@@ -209,10 +209,11 @@ fn guests_reach_their_network_across_hosts_and_nothing_else() {
     );
 
     // Security group web: tcp 8080 from anywhere, nothing else from outside the group.
-    type_line(
+    start_in_guest(
         &lab,
         "w1",
         "nc -ll -p 8080 -e echo open8080 & nc -ll -p 8081 -e echo open8081 &",
+        "nc -w 2 127.0.0.1 8080 > /tmp/o; read a < /tmp/o; test $a = open8080; v=$?",
     );
     let local = guest_value(
         &lab,
@@ -289,10 +290,11 @@ fn guests_reach_their_network_across_hosts_and_nothing_else() {
     // A live migration keeps MAC, address and the conversation: a1 pings a2 five times a second
     // while a2 moves from host-2 to host-3.
     let before = vm(&lab, "a2", "default")["spec"]["nics"][0].clone();
-    type_line(
+    start_in_guest(
         &lab,
         "a1",
         &format!("ping -i 0.2 -c 100 {a2} > /tmp/ping 2>&1 &"),
+        "test -s /tmp/ping; v=$?",
     );
     std::thread::sleep(Duration::from_secs(3));
     lab.ok(&["vm", "migrate", "a2", "--to", "host-3"]);

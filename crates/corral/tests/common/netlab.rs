@@ -11,6 +11,45 @@ use serde_json::Value;
 pub struct TestLab {
     pub dir: tempfile::TempDir,
     pub name: String,
+    /// The file that holds this lab's number for it (see [`reserve`]).
+    reservation: std::path::PathBuf,
+}
+
+/// Takes a lab number (name `tN`, network 10.77.N.0/24) that no other test lab on this machine
+/// holds: `/tmp/corral-test-lab-N`, created exclusively, with this process's id; one left by a
+/// process that is gone is taken over. A random start keeps parallel runs apart.
+fn reserve() -> (u32, std::path::PathBuf) {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let start = std::process::id() ^ nanos;
+    for i in 0..400 {
+        let n = start.wrapping_add(i / 2) % 200 + 20;
+        let path = std::path::PathBuf::from(format!("/tmp/corral-test-lab-{n}"));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(mut f) => {
+                write!(f, "{}", std::process::id()).expect("reservation");
+                return (n, path);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                let alive = holder
+                    .trim()
+                    .parse::<u32>()
+                    .is_ok_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+                // Written a moment ago (pid not yet in it), or held: try the next number.
+                if !alive && !holder.trim().is_empty() {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+            Err(e) => panic!("cannot reserve a lab number in /tmp: {e}"),
+        }
+    }
+    panic!("no free lab number: remove stale /tmp/corral-test-lab-* files of labs that are down");
 }
 
 impl TestLab {
@@ -25,10 +64,7 @@ impl TestLab {
             .tempdir_in("/tmp")
             .expect("dir");
         // A name and network of its own, so labs of parallel runs do not meet.
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let n = (std::process::id() ^ nanos) % 200 + 20;
+        let (n, reservation) = reserve();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .expect("bind")
             .local_addr()
@@ -37,6 +73,7 @@ impl TestLab {
         let lab = TestLab {
             dir,
             name: format!("t{n}"),
+            reservation,
         };
         let hosts = hosts.to_string();
         let net = n.to_string();
@@ -118,6 +155,7 @@ impl TestLab {
 impl Drop for TestLab {
     fn drop(&mut self) {
         let _ = self.corral(&["lab", "down"]);
+        let _ = std::fs::remove_file(&self.reservation);
     }
 }
 
@@ -146,6 +184,23 @@ pub fn type_line(lab: &TestLab, name: &str, line: &str) {
         s.write_all(chunk).expect("type");
         std::thread::sleep(Duration::from_millis(40));
     }
+}
+
+/// Starts `line` (a command put in the background) on the guest's console and waits until `check`
+/// (a [`guest_value`] command) answers 0: a character the UART drops can garble a typed line, which
+/// is then typed again rather than found missing minutes later.
+pub fn start_in_guest(lab: &TestLab, name: &str, line: &str, check: &str) {
+    for _ in 0..3 {
+        type_line(lab, name, line);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if guest_value(lab, name, "STARTED", check) == "0" {
+                return;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+    panic!("{name} did not start {line:?} (checked with {check:?})");
 }
 
 /// Runs `command` on the guest's serial console, which leaves its answer in the shell variable `v`,
