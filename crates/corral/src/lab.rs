@@ -214,6 +214,11 @@ fn kill(pid: u32) {
             .arg("-KILL")
             .arg(pid.to_string())
             .status();
+        // Gone before `lab down` says it is done (a killed process lets go of its files last).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while alive(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 

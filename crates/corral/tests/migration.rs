@@ -210,7 +210,7 @@ fn running_guests_move_between_hosts_and_failed_moves_leave_them_on_their_source
     assert!(m["result"]["disk_bytes"].as_u64() > Some(0), "{m}");
 
     // Slow migrations, to cancel one and to kill the target of another midway.
-    lab.ok(&["cluster", "set", "--migration-bandwidth", "4M"]);
+    lab.ok(&["cluster", "set", "--migration-bandwidth", "1M"]);
     let up0 = uptime(&lab, "idle");
     let task = lab.json(&["vm", "migrate", "idle", "--to", &home, "--no-wait"]);
     let id = task["id"].as_str().expect("task id").to_string();
