@@ -45,6 +45,8 @@ pub struct HostStatus {
     pub accel: Accel,
     /// What `qemu-system-x86_64 --version` printed.
     pub hypervisor: String,
+    /// When the agent last wrote this record; the Unix epoch until its first write (the host has
+    /// joined but its agent has not registered it: see [`HostStatus::registered`]).
     pub last_heartbeat: DateTime<Utc>,
     /// Where the host's agent listens for its peers' membership gossip (SWIM, UDP).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -61,6 +63,28 @@ pub struct HostStatus {
     /// The host went to standby at DPM's request: it is powered down, silent on purpose.
     #[serde(default)]
     pub standby: bool,
+}
+
+impl HostStatus {
+    /// What a host that has joined has, until its agent registers it with its first write.
+    pub fn unregistered() -> HostStatus {
+        HostStatus {
+            cpus: 0,
+            memory_bytes: 0,
+            accel: Accel::Tcg,
+            hypervisor: String::new(),
+            last_heartbeat: DateTime::<Utc>::UNIX_EPOCH,
+            gossip: None,
+            address: None,
+            power_control: false,
+            standby: false,
+        }
+    }
+
+    /// Whether the host's agent has written its record (and so its capacity) at least once.
+    pub fn registered(&self) -> bool {
+        self.last_heartbeat != DateTime::<Utc>::UNIX_EPOCH
+    }
 }
 
 /// Whether a host takes part in the cluster.

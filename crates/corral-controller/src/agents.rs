@@ -138,18 +138,8 @@ async fn join(
         name: req.host.clone(),
         maintenance: false,
         standby: false,
-        status: HostStatus {
-            cpus: 0,
-            memory_bytes: 0,
-            accel: corral_api::Accel::Tcg,
-            hypervisor: String::new(),
-            // Not yet: its agent records it (and the host's capacity) once it runs.
-            last_heartbeat: DateTime::<Utc>::UNIX_EPOCH,
-            gossip: None,
-            address: None,
-            power_control: false,
-            standby: false,
-        },
+        // Its agent registers it (and the host's capacity) once it runs.
+        status: HostStatus::unregistered(),
     };
     // One transaction: the token is used up, the name is taken, the certificate is known.
     let ops = vec![

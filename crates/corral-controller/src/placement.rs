@@ -56,12 +56,12 @@ pub fn host_state(h: &Host, now: DateTime<Utc>, heard: bool) -> (HostState, Opti
     if h.standby || h.status.standby {
         return (HostState::Standby, None);
     }
-    let last = h.status.last_heartbeat;
-    // Joined, but its agent has not recorded itself yet: neither its capacity nor that its agent
+    // Joined, but its agent has not registered it yet: neither its capacity nor that its agent
     // runs is known (HA's reports alone, which may come first, do not make it usable).
-    if last == DateTime::<Utc>::UNIX_EPOCH {
+    if !h.status.registered() {
         return (HostState::NotResponding, None);
     }
+    let last = h.status.last_heartbeat;
     let silent = !heard && (now - last).to_std().unwrap_or_default() > HEARTBEAT_TIMEOUT;
     if silent {
         (HostState::NotResponding, Some(last))
@@ -212,7 +212,7 @@ impl ClusterView {
                 if let Some(seen) = self
                     .monitor
                     .as_ref()
-                    .filter(|_| h.status.last_heartbeat != DateTime::<Utc>::UNIX_EPOCH)
+                    .filter(|_| h.status.registered())
                     .and_then(|m| m.last_seen(&h.name))
                 {
                     host.status.last_heartbeat = host.status.last_heartbeat.max(seen);

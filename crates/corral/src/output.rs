@@ -205,7 +205,7 @@ pub fn hosts(fmt: Format, hosts: &[HostInfo], single: bool) -> Result<()> {
                         h.vms.len().to_string()
                     },
                     h.host.status.accel.to_string(),
-                    if h.host.status.last_heartbeat.timestamp() == 0 {
+                    if !h.host.status.registered() {
                         "never".into()
                     } else {
                         h.host.status.last_heartbeat.to_rfc3339()
