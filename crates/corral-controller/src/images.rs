@@ -6,7 +6,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use corral_api::{
     keys, validate_name, BuildJeosRequest, Image, ImagePhase, ImageSource, ImageSpec, ImageStatus,
-    ObjectMeta, Task, TaskGoal, Vm,
+    ObjectMeta, Task, TaskGoal,
 };
 use corral_store::{get_json, list_json, update_json, Op, Precondition, StoreError};
 use http_body_util::BodyExt;
@@ -61,11 +61,10 @@ pub async fn get(
 
 /// VMs of the project whose disk is a clone of the image.
 async fn users(ctx: &Ctx, project: &str, image: &str) -> Result<Vec<String>, ApiError> {
-    let (vms, _) = list_json::<Vm>(&*ctx.store, &keys::vms(project)).await?;
-    Ok(vms
-        .into_iter()
-        .filter(|v| v.spec.image == image)
-        .map(|v| v.meta.name)
+    let o = ctx.cache.read(&*ctx.store).await?;
+    Ok(o.vms_in(&keys::vms(project), None)
+        .filter(|e| e.value.spec.image == image)
+        .map(|e| e.value.meta.name.clone())
         .collect())
 }
 

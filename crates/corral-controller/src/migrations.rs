@@ -307,14 +307,23 @@ fn evacuable(v: &Vm, host: &str) -> bool {
 }
 
 /// Judges an evacuation from the VMs it still has to move off the host. Pure.
-pub fn evaluate_evacuation(host: &Host, vms: &[Vm], migrations: &[Migration]) -> Verdict {
+/// `vms`: those placed on the host (others are ignored); `migrations`: all of them.
+pub fn evaluate_evacuation<'a>(
+    host: &Host,
+    vms: &[&Vm],
+    migrations: impl Iterator<Item = &'a Migration>,
+) -> Verdict {
     if !host.maintenance {
         return Verdict::Failed(format!(
             "{} left maintenance before it was empty",
             host.name
         ));
     }
-    let left: Vec<&Vm> = vms.iter().filter(|v| evacuable(v, &host.name)).collect();
+    let left: Vec<&Vm> = vms
+        .iter()
+        .copied()
+        .filter(|v| evacuable(v, &host.name))
+        .collect();
     if left.is_empty() {
         let staying: Vec<&str> = vms
             .iter()
@@ -332,7 +341,6 @@ pub fn evaluate_evacuation(host: &Host, vms: &[Vm], migrations: &[Migration]) ->
         });
     }
     let moving = migrations
-        .iter()
         .filter(|m| m.source == host.name && !m.phase.is_finished())
         .count();
     let names: Vec<&str> = left.iter().map(|v| v.meta.name.as_str()).collect();

@@ -40,20 +40,19 @@ fn to_bytes<T: Serialize>(v: &T) -> Result<Vec<u8>, ApiError> {
 }
 
 /// The NICs of `vms` on network `name`.
-fn attached(vms: &[Vm], name: &str) -> Vec<AttachedNic> {
-    vms.iter()
-        .flat_map(|vm| {
-            vm.spec
-                .nics
-                .iter()
-                .filter(move |n| n.network == name)
-                .map(|n| AttachedNic {
-                    vm: vm.meta.name.clone(),
-                    mac: n.mac.clone(),
-                    ip: n.ip.clone(),
-                })
-        })
-        .collect()
+fn attached<'a>(vms: impl Iterator<Item = &'a Vm>, name: &str) -> Vec<AttachedNic> {
+    vms.flat_map(|vm| {
+        vm.spec
+            .nics
+            .iter()
+            .filter(move |n| n.network == name)
+            .map(|n| AttachedNic {
+                vm: vm.meta.name.clone(),
+                mac: n.mac.clone(),
+                ip: n.ip.clone(),
+            })
+    })
+    .collect()
 }
 
 #[utoipa::path(get, path = "/api/v1/projects/{project}/networks", tag = "networks",
@@ -80,8 +79,9 @@ pub async fn get(
         .await?
         .ok_or_else(|| network_not_found(&project, &name))?
         .value;
-    let (vms, _) = list_json::<Vm>(&*ctx.store, &keys::vms(&project)).await?;
-    net.attached = Some(attached(&vms, &name));
+    let o = ctx.cache.read(&*ctx.store).await?;
+    let vms = keys::vms(&project);
+    net.attached = Some(attached(o.vms_in(&vms, None).map(|e| &*e.value), &name));
     Ok(Json(net))
 }
 
@@ -173,8 +173,14 @@ pub async fn delete(
     let net = get_json::<Network>(&*ctx.store, &key)
         .await?
         .ok_or_else(|| network_not_found(&project, &name))?;
-    let (vms, _) = list_json::<Vm>(&*ctx.store, &keys::vms(&project)).await?;
-    let users: Vec<String> = attached(&vms, &name).into_iter().map(|a| a.vm).collect();
+    let users: Vec<String> = {
+        let o = ctx.cache.read(&*ctx.store).await?;
+        let vms = keys::vms(&project);
+        attached(o.vms_in(&vms, None).map(|e| &*e.value), &name)
+            .into_iter()
+            .map(|a| a.vm)
+            .collect()
+    };
     if !users.is_empty() {
         return Err(ApiError::Conflict(format!(
             "network {name} is in use by VMs {}: delete them first",
@@ -541,12 +547,13 @@ pub async fn delete_group(
     let group = get_json::<SecurityGroup>(&*ctx.store, &keys::security_group(&project, &name))
         .await?
         .ok_or_else(|| group_not_found(&project, &name))?;
-    let (vms, _) = list_json::<Vm>(&*ctx.store, &keys::vms(&project)).await?;
-    let users: Vec<&str> = vms
-        .iter()
-        .filter(|v| v.spec.security_groups.contains(&name))
-        .map(|v| v.meta.name.as_str())
-        .collect();
+    let users: Vec<String> = {
+        let o = ctx.cache.read(&*ctx.store).await?;
+        o.vms_in(&keys::vms(&project), None)
+            .filter(|e| e.value.spec.security_groups.contains(&name))
+            .map(|e| e.value.meta.name.clone())
+            .collect()
+    };
     if !users.is_empty() {
         return Err(ApiError::Conflict(format!(
             "security group {name} applies to VMs {}: delete them first",

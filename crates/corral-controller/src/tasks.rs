@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use corral_api::{
-    keys, Host, Image, ImagePhase, Migration, PowerState, Task, TaskGoal, TaskState, Vm, VmPhase,
+    keys, Image, ImagePhase, Migration, PowerState, Task, TaskGoal, TaskState, Vm, VmPhase,
 };
 use corral_store::{get_json, list_json, update_json, Op, Precondition, StoreError};
 
@@ -227,7 +227,7 @@ fn watched(task: &Task) -> Vec<String> {
 }
 
 /// Reads what the task depends on and judges it.
-async fn judge(ctx: &Ctx, task: &Task) -> Result<Verdict, StoreError> {
+async fn judge(ctx: &Ctx, task: &Task) -> Result<Verdict, ApiError> {
     Ok(match &task.goal {
         TaskGoal::VmMigrate { id } => {
             let key = keys::migration(&task.project, task.target_name());
@@ -240,13 +240,14 @@ async fn judge(ctx: &Ctx, task: &Task) -> Result<Verdict, StoreError> {
             )
         }
         TaskGoal::HostEvacuate { host } => {
-            match get_json::<Host>(&*ctx.store, &keys::host(host)).await? {
+            // From the cache: the host's own VMs, not every VM of the cluster, at each check.
+            let o = ctx.cache.read(&*ctx.store).await?;
+            match o.hosts.get(&keys::host(host)) {
                 None => Verdict::Failed(format!("host {host} was removed")),
                 Some(h) => {
-                    let (vms, _) = list_json::<Vm>(&*ctx.store, keys::VMS).await?;
-                    let (migrations, _) =
-                        list_json::<Migration>(&*ctx.store, keys::MIGRATIONS).await?;
-                    crate::migrations::evaluate_evacuation(&h.value, &vms, &migrations)
+                    let vms: Vec<&Vm> = o.placed_on(host).map(|e| &*e.value).collect();
+                    let migrations = o.migrations.values().map(|e| &*e.value);
+                    crate::migrations::evaluate_evacuation(&h.value, &vms, migrations)
                 }
             }
         }
