@@ -310,6 +310,21 @@ impl Cache {
         }
         Ok(self.objects.read().unwrap_or_else(|e| e.into_inner()))
     }
+
+    /// The names of `project`'s VMs that `pred` takes, in name order (what a delete that must not
+    /// leave a VM without its image, network or group names).
+    pub async fn vms_where(
+        &self,
+        store: &dyn Store,
+        project: &str,
+        pred: impl Fn(&Vm) -> bool,
+    ) -> Result<Vec<String>, ApiError> {
+        let o = self.read(store).await?;
+        Ok(o.vms_in(&keys::vms(project), None)
+            .filter(|e| pred(&e.value))
+            .map(|e| e.value.meta.name.clone())
+            .collect())
+    }
 }
 
 #[cfg(test)]

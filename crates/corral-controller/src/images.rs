@@ -61,11 +61,9 @@ pub async fn get(
 
 /// VMs of the project whose disk is a clone of the image.
 async fn users(ctx: &Ctx, project: &str, image: &str) -> Result<Vec<String>, ApiError> {
-    let o = ctx.cache.read(&*ctx.store).await?;
-    Ok(o.vms_in(&keys::vms(project), None)
-        .filter(|e| e.value.spec.image == image)
-        .map(|e| e.value.meta.name.clone())
-        .collect())
+    ctx.cache
+        .vms_where(&*ctx.store, project, |v| v.spec.image == image)
+        .await
 }
 
 #[utoipa::path(post, path = "/api/v1/projects/{project}/images/build-jeos", tag = "images",

@@ -173,14 +173,12 @@ pub async fn delete(
     let net = get_json::<Network>(&*ctx.store, &key)
         .await?
         .ok_or_else(|| network_not_found(&project, &name))?;
-    let users: Vec<String> = {
-        let o = ctx.cache.read(&*ctx.store).await?;
-        let vms = keys::vms(&project);
-        attached(o.vms_in(&vms, None).map(|e| &*e.value), &name)
-            .into_iter()
-            .map(|a| a.vm)
-            .collect()
-    };
+    let users = ctx
+        .cache
+        .vms_where(&*ctx.store, &project, |v| {
+            v.spec.nics.iter().any(|n| n.network == name)
+        })
+        .await?;
     if !users.is_empty() {
         return Err(ApiError::Conflict(format!(
             "network {name} is in use by VMs {}: delete them first",
@@ -547,13 +545,12 @@ pub async fn delete_group(
     let group = get_json::<SecurityGroup>(&*ctx.store, &keys::security_group(&project, &name))
         .await?
         .ok_or_else(|| group_not_found(&project, &name))?;
-    let users: Vec<String> = {
-        let o = ctx.cache.read(&*ctx.store).await?;
-        o.vms_in(&keys::vms(&project), None)
-            .filter(|e| e.value.spec.security_groups.contains(&name))
-            .map(|e| e.value.meta.name.clone())
-            .collect()
-    };
+    let users = ctx
+        .cache
+        .vms_where(&*ctx.store, &project, |v| {
+            v.spec.security_groups.contains(&name)
+        })
+        .await?;
     if !users.is_empty() {
         return Err(ApiError::Conflict(format!(
             "security group {name} applies to VMs {}: delete them first",
