@@ -5,6 +5,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+# The API document must be one that standard tools (validators, client generators) take.
+python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore openapi-spec-validator
+python3 -m openapi_spec_validator docs/openapi.json
+# The controller drives no hypervisor (docs/ARCHITECTURE.md): it links no agent, QEMU driver, host
+# networking or image builder, not even for its tests.
+if cargo tree -p corral-controller --prefix none | grep -E '^corral-(agent|hypervisor|network|jeos) '; then
+  echo "test: corral-controller links the crates above; it must reach hosts only through the host protocol" >&2
+  exit 1
+fi
 if ! command -v cargo-nextest >/dev/null; then
   cargo install cargo-nextest --locked
 fi

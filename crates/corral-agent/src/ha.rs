@@ -24,7 +24,7 @@ use corral_hypervisor::Driver;
 use corral_store::{list_json, Store};
 
 use crate::layout;
-use crate::remote::{HaReply, HaReport};
+use corral_api::host_protocol::{HaReply, HaReport};
 
 /// How an agent reaches the controller's failure detector.
 #[async_trait]

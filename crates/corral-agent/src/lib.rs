@@ -10,7 +10,6 @@
 mod gossip;
 pub mod ha;
 pub mod images;
-pub mod layout;
 mod migrate;
 mod network;
 mod reconcile;
@@ -19,7 +18,7 @@ pub mod sim;
 mod storage;
 mod usage;
 
-pub use migrate::RESUMING;
+pub use corral_api::layout;
 pub use reconcile::{Agent, AgentConfig};
 
 #[derive(Debug, thiserror::Error)]

@@ -16,20 +16,19 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use corral_api::{
-    keys, ClusterSettings, Migration, MigrationPhase, MigrationProgress, MigrationResult,
-    PowerState, Vm, VmEvent, VmPhase,
+    keys, ClusterSettings, Host, Migration, MigrationEndpoints, MigrationPhase, MigrationProgress,
+    MigrationResult, PowerState, Vm, VmEvent, VmPhase,
 };
 use corral_hypervisor::{Driver, RunState, Transfer, TransferStatus, Tuning};
 use corral_store::{get_json, update_json, Op, Precondition, Store, StoreError, Versioned};
 
 use crate::reconcile::{
-    clone_disk, image_of, launch_spec, new_disk_path, private_dir, remove_vm_files, AgentConfig,
-    Outcome,
+    clone_disk, disk_path, image_of, launch_spec, new_disk_path, private_dir, remove_vm_files,
+    AgentConfig, Outcome,
 };
 use crate::{layout, AgentError};
 
-/// The reason of a VM's `Running` condition between the handover and the target resuming it.
-pub const RESUMING: &str = "Resuming";
+use corral_api::host_protocol::RESUMING;
 
 /// How long the source waits for the target to prepare.
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -59,6 +58,21 @@ async fn tuning(store: &dyn Store) -> Result<Tuning, AgentError> {
         downtime_limit_ms: settings.migration_downtime_limit_ms,
         auto_converge: settings.migration_auto_converge,
     })
+}
+
+/// Where the source sends `m`: the target's registered fabric address (from its host record) and
+/// the ports it recorded; the refusal's sentence when that is not a usable address.
+async fn endpoints(
+    store: &dyn Store,
+    m: &Migration,
+) -> Result<Result<MigrationEndpoints, String>, AgentError> {
+    let Some(target) = get_json::<Host>(store, &keys::host(&m.target)).await? else {
+        return Ok(Err(format!(
+            "host {} is no longer in the cluster",
+            m.target
+        )));
+    };
+    Ok(m.stream_to(&target.value))
 }
 
 /// The unfinished migration of `vm` whose source is this host, if any.
@@ -266,7 +280,7 @@ pub(crate) async fn run_source(
         }
         if sent(&transfer, &observed.state) {
             // Whatever else happened meanwhile, the state is on the target now: hand over.
-            return hand_over(store, driver, vm_key, mig_key, m.id, dir, &transfer).await;
+            return hand_over(store, driver, cfg, vm_key, mig_key, m.id, dir, &transfer).await;
         }
         let id = m.id;
         let give_up = |phase: MigrationPhase, why: String| async move {
@@ -275,7 +289,7 @@ pub(crate) async fn run_source(
             let t = driver.transfer(dir).await?;
             let state = driver.observe(dir).await?.map(|o| o.state);
             if state.is_some_and(|s| sent(&t, &s)) {
-                return hand_over(store, driver, vm_key, mig_key, id, dir, &t).await;
+                return hand_over(store, driver, cfg, vm_key, mig_key, id, dir, &t).await;
             }
             end(store, mig_key, vm_key, &cfg.host, phase, &why).await?;
             Ok::<_, AgentError>(Outcome::Requeue(Duration::ZERO))
@@ -295,15 +309,14 @@ pub(crate) async fn run_source(
                 }
             }
             MigrationPhase::TargetReady => {
-                let started = match (&m.disk_uri, m.shared_storage) {
-                    (_, true) => {
-                        let uri = m.target_uri.as_deref().unwrap_or("");
-                        driver.send(dir, uri, &tuning(store).await?).await
-                    }
-                    (Some(uri), false) => driver.mirror_disk(dir, uri).await,
-                    (None, false) => Err(corral_hypervisor::DriverError::Unavailable(
-                        "the target did not export a disk to mirror into".into(),
-                    )),
+                // Where to, from the target's own record: never a URI a host wrote.
+                let to = match endpoints(store, &m).await? {
+                    Ok(to) => to,
+                    Err(why) => return give_up(MigrationPhase::Failed, why).await,
+                };
+                let started = match to.disk {
+                    None => driver.send(dir, to.stream, &tuning(store).await?).await,
+                    Some(disk) => driver.mirror_disk(dir, disk).await,
                 };
                 if let Err(e) = started {
                     return give_up(MigrationPhase::Failed, e.to_string()).await;
@@ -342,8 +355,11 @@ pub(crate) async fn run_source(
                     TransferStatus::None => {
                         // The disk is in sync: now the memory.
                         if transfer.disk.as_ref().is_some_and(|d| d.ready) {
-                            let uri = m.target_uri.as_deref().unwrap_or("");
-                            if let Err(e) = driver.send(dir, uri, &tuning(store).await?).await {
+                            let to = match endpoints(store, &m).await? {
+                                Ok(to) => to.stream,
+                                Err(why) => return give_up(MigrationPhase::Failed, why).await,
+                            };
+                            if let Err(e) = driver.send(dir, to, &tuning(store).await?).await {
                                 return give_up(MigrationPhase::Failed, e.to_string()).await;
                             }
                             memory_started = true;
@@ -415,6 +431,7 @@ pub(crate) async fn run_source(
 async fn hand_over(
     store: &dyn Store,
     driver: &dyn Driver,
+    cfg: &AgentConfig,
     vm_key: &str,
     mig_key: &str,
     id: uuid::Uuid,
@@ -468,7 +485,10 @@ async fn hand_over(
             .disk
             .as_ref()
             .map_or(m.progress.disk_total_bytes, |d| d.total);
-        let source_disk = v.status.disk.as_ref().map(|d| PathBuf::from(&d.path));
+        let source_disk = match &v.status.disk {
+            Some(_) => Some(disk_path(store, cfg, &v).await.map_err(AgentError::Other)?),
+            None => None,
+        };
         let result = MigrationResult {
             downtime_ms: transfer.downtime_ms.unwrap_or(0),
             total_ms,
@@ -666,12 +686,11 @@ async fn prepare(
     dir: &Path,
 ) -> Result<Migration, String> {
     private_dir(dir)?;
-    let source_disk = vm
-        .status
-        .disk
-        .as_ref()
-        .map(|d| PathBuf::from(&d.path))
-        .ok_or("the VM has no disk yet")?;
+    if vm.status.disk.is_none() {
+        return Err("the VM has no disk yet".into());
+    }
+    // Derived here from the datastore and the VM's uid, never from the source's status.
+    let source_disk = disk_path(store, cfg, vm).await?;
     let (disk, cloned) = if m.shared_storage {
         if !source_disk.exists() {
             return Err(format!(
@@ -719,8 +738,8 @@ async fn prepare(
     };
     Ok(Migration {
         phase: MigrationPhase::TargetReady,
-        target_uri: Some(incoming.uri),
-        disk_uri: incoming.disk_uri,
+        target_port: Some(incoming.port),
+        disk_port: incoming.disk_port,
         target_pid: Some(incoming.pid),
         target_run_dir: Some(dir.display().to_string()),
         target_disk: Some(disk.display().to_string()),

@@ -62,30 +62,53 @@ pub(crate) struct WorkerState {
     reset_done: u64,
 }
 
-/// Where a VM's disk lives: where it was made, once it was; else where [`new_disk_path`] says.
-async fn disk_path(store: &dyn Store, cfg: &AgentConfig, vm: &Vm) -> Result<PathBuf, String> {
-    if let Some(d) = &vm.status.disk {
-        return Ok(PathBuf::from(&d.path));
-    }
-    new_disk_path(store, cfg, vm).await
+/// Where a VM's disk lives now: on the datastore its status says the disk was made on (a storage
+/// move may be under way), else on the spec's. Derived like every disk path, never read from a
+/// path some host wrote into the status (see [`disk_on`]).
+pub(crate) async fn disk_path(
+    store: &dyn Store,
+    cfg: &AgentConfig,
+    vm: &Vm,
+) -> Result<PathBuf, String> {
+    let datastore = vm
+        .status
+        .disk
+        .as_ref()
+        .map(|d| d.datastore.as_str())
+        .filter(|d| !d.is_empty())
+        .unwrap_or(&vm.spec.datastore);
+    disk_on(store, cfg, datastore, vm.meta.uid).await
 }
 
-/// Where this host makes a disk for the VM: in its datastore's directory for the VM, or in the run
-/// directory for the `local` datastore.
+/// Where this host makes a disk for the VM: on the datastore of its spec.
 pub(crate) async fn new_disk_path(
     store: &dyn Store,
     cfg: &AgentConfig,
     vm: &Vm,
 ) -> Result<PathBuf, String> {
-    if vm.spec.datastore == LOCAL_DATASTORE {
-        return Ok(layout::vm_dir(&cfg.data_dir, vm.meta.uid).join(layout::DISK_FILE));
+    disk_on(store, cfg, &vm.spec.datastore, vm.meta.uid).await
+}
+
+/// The disk of the VM `uid` on `datastore`: in the datastore's directory for the VM (its path was
+/// validated when an operator created it), or in the run directory for the `local` datastore.
+/// Every host derives it the same way, so what one host writes can never point another at a file.
+pub(crate) async fn disk_on(
+    store: &dyn Store,
+    cfg: &AgentConfig,
+    datastore: &str,
+    uid: uuid::Uuid,
+) -> Result<PathBuf, String> {
+    if datastore == LOCAL_DATASTORE {
+        return Ok(layout::vm_dir(&cfg.data_dir, uid).join(layout::DISK_FILE));
     }
-    match get_json::<Datastore>(store, &keys::datastore(&vm.spec.datastore)).await {
-        Ok(Some(ds)) => Ok(
-            layout::datastore_vm_dir(Path::new(&ds.value.path), vm.meta.uid)
-                .join(layout::DISK_FILE),
-        ),
-        Ok(None) => Err(format!("datastore {} does not exist", vm.spec.datastore)),
+    corral_api::validate_name("datastore", datastore).map_err(|e| e.to_string())?;
+    match get_json::<Datastore>(store, &keys::datastore(datastore)).await {
+        Ok(Some(ds)) => {
+            let path = Path::new(&ds.value.path);
+            corral_api::validate_datastore_path(&ds.value.path).map_err(|e| e.to_string())?;
+            Ok(layout::datastore_vm_dir(path, uid).join(layout::DISK_FILE))
+        }
+        Ok(None) => Err(format!("datastore {datastore} does not exist")),
         Err(e) => Err(e.to_string()),
     }
 }
@@ -130,6 +153,13 @@ async fn ensure_disk(
         .run_dir
         .get_or_insert_with(|| dir.display().to_string());
     clone_disk(store, vm, disk).await?;
+    // The path shown is the one derived here, whatever an earlier host recorded.
+    if let Some(d) = vm.status.disk.as_mut() {
+        let derived = disk.display().to_string();
+        if d.path != derived {
+            d.path = derived;
+        }
+    }
     if vm.status.disk.is_none() {
         let backing = corral_hypervisor::disk::info(disk)
             .await
@@ -229,8 +259,15 @@ pub(crate) async fn reconcile(
             }
         }
         driver.kill(&dir).await?;
-        let disk = vm.status.disk.as_ref().map(|d| Path::new(&d.path));
-        remove_vm_files(&dir, disk)?;
+        let disk = match &vm.status.disk {
+            Some(_) => Some(
+                disk_path(store, cfg, &vm)
+                    .await
+                    .map_err(AgentError::Other)?,
+            ),
+            None => None,
+        };
+        remove_vm_files(&dir, disk.as_deref())?;
         return match store.delete(key, Precondition::ModRevision(rev)).await {
             Ok(_) | Err(StoreError::NotFound { .. }) => Ok(Outcome::Gone),
             Err(StoreError::Conflict { .. }) => Ok(Outcome::Requeue(Duration::ZERO)),
@@ -402,7 +439,7 @@ pub(crate) async fn reconcile(
             let handed_over = vm
                 .status
                 .condition("Running")
-                .filter(|c| c.reason == crate::migrate::RESUMING)
+                .filter(|c| c.reason == corral_api::host_protocol::RESUMING)
                 .map(|c| c.message.clone());
             if let Some(msg) = handed_over {
                 vm.status.set_condition("Running", true, "Migrated", &msg);
@@ -577,6 +614,7 @@ pub(crate) async fn write_heartbeat(
             name: host.to_string(),
             maintenance: false,
             standby: false,
+            approved: None,
             status: status.clone(),
         };
         let bytes = serde_json::to_vec(&record).map_err(StoreError::from)?;
@@ -631,6 +669,7 @@ impl Agent {
             address: Some(self.cfg.address),
             power_control: false,
             standby: false,
+            capacity_refused: None,
         };
         write_heartbeat(&*self.store, &self.cfg.host, status)
             .await

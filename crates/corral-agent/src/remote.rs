@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use corral_api::host_protocol::{HaReply, HaReport, JoinRequest, JoinResponse};
 use corral_api::ApiErrorBody;
 use corral_pki::Identity;
-use corral_store::{Event, KeyValue, LeaseId, Op, Revision, Store, StoreError, WatchStream};
+use corral_store::{KeyValue, LeaseId, Op, Revision, Store, StoreError, WatchPage, WatchStream};
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 use ureq::tls::{Certificate, ClientCert, PrivateKey, RootCerts, TlsConfig};
 
 /// What the agent keeps after joining, in `DATA_DIR/agent/`.
@@ -55,47 +55,6 @@ impl Credentials {
         w("host.key", &self.identity.key_pem)?;
         w("host.crt", &self.identity.cert_pem)
     }
-}
-
-/// Body of `POST /agent/v1/join`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct JoinRequest {
-    pub token: String,
-    pub host: String,
-}
-
-/// What a joining host gets: its certificate and key, and the CA to trust.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct JoinResponse {
-    pub cert_pem: String,
-    pub key_pem: String,
-    pub ca_pem: String,
-}
-
-/// Body of `POST /agent/v1/ha`: a host's report to the failure detector, every
-/// [`corral_api::timing::RENEW_EVERY`].
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct HaReport {
-    /// Peers this host's gossip sees alive.
-    pub peers_alive: Vec<String>,
-    /// Where the host's gossip listens.
-    pub gossip: Option<std::net::SocketAddr>,
-}
-
-/// The controller's answer to an [`HaReport`].
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct HaReply {
-    pub isolation_response: corral_api::IsolationResponse,
-    /// Every other host and where its gossip listens.
-    pub peers: Vec<(String, std::net::SocketAddr)>,
-}
-
-/// A page of a long-polled watch (`GET /agent/v1/watch`).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct WatchPage {
-    pub events: Vec<Event>,
-    /// The revision to watch from next.
-    pub next: Revision,
 }
 
 fn agent_with(tls: TlsConfig, timeout: Duration) -> ureq::Agent {

@@ -34,11 +34,13 @@ use corral_api::{
 use corral_store::{get_json, update_json, EventKind, Precondition, Store, StoreError, Versioned};
 
 use crate::ha::HaLink;
-use crate::remote::HaReport;
 use crate::AgentError;
+use corral_api::host_protocol::HaReport;
 
 /// What the hypervisor field of a simulated host says.
 pub const HYPERVISOR: &str = "corral-sim (simulated host)";
+/// The port a simulated migration target "listens" on (and the next one for its disk export).
+const SIM_MIGRATION_PORT: u16 = 49152;
 
 /// How a VM's CPU demand moves over time, as a fraction of its vCPUs.
 #[derive(Clone, Debug, PartialEq)]
@@ -337,6 +339,7 @@ impl Fleet {
             address: Some(self.spec.address),
             power_control: true,
             standby,
+            capacity_refused: None,
         }
     }
 
@@ -617,10 +620,16 @@ impl Fleet {
                 Err(e) => Err(e.into()),
             };
         }
+        // The disk first, as a real agent makes its linked clone before anything else (a create
+        // without a start waits for exactly this).
+        if !vm.status.condition("DiskReady").is_some_and(|c| c.status) {
+            let msg = format!("linked clone of image {} (simulated)", vm.spec.image);
+            vm.status.set_condition("DiskReady", true, "Cloned", &msg);
+        }
         let resuming = vm
             .status
             .condition("Running")
-            .filter(|c| c.reason == crate::RESUMING)
+            .filter(|c| c.reason == corral_api::host_protocol::RESUMING)
             .map(|c| c.message.clone());
         match (vm.spec.power, vm.status.phase) {
             (PowerState::Running, VmPhase::Running) => {
@@ -711,7 +720,9 @@ impl Fleet {
                     return Ok(Next::Done);
                 }
                 m.phase = MigrationPhase::TargetReady;
-                m.target_uri = Some(format!("sim:{}", target.name));
+                // Simulated hosts listen nowhere: ports, as a real target records them.
+                m.target_port = Some(SIM_MIGRATION_PORT);
+                m.disk_port = (!m.shared_storage).then_some(SIM_MIGRATION_PORT + 1);
                 m.updated_at = Utc::now();
                 let bytes = serde_json::to_vec(&m).map_err(StoreError::from)?;
                 match target

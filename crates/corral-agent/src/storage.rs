@@ -9,7 +9,7 @@ use corral_api::{DiskStatus, Vm};
 use corral_hypervisor::Driver;
 use corral_store::{get_json, Store};
 
-use crate::reconcile::{new_disk_path, private_dir, AgentConfig};
+use crate::reconcile::{disk_path, new_disk_path, private_dir, AgentConfig};
 
 /// A copy that is not in sync after this long is given up.
 const COPY_TIMEOUT: Duration = Duration::from_secs(1800);
@@ -27,13 +27,14 @@ pub(crate) async fn move_disk(
     live: bool,
 ) -> Result<DiskStatus, String> {
     let old = vm.status.disk.clone().ok_or("the VM has no disk yet")?;
+    let old_path = disk_path(store, cfg, vm).await?;
     let dest = new_disk_path(store, cfg, vm).await?;
     let moved = DiskStatus {
         path: dest.display().to_string(),
         datastore: vm.spec.datastore.clone(),
         ..old.clone()
     };
-    if dest == Path::new(&old.path) {
+    if dest == old_path {
         return Ok(moved);
     }
     if let Some(parent) = dest.parent() {
@@ -44,11 +45,11 @@ pub(crate) async fn move_disk(
         copy_running(store, driver, vm_key, vm, run_dir, &dest).await
     } else {
         let part = dest.with_extension("qcow2.part");
-        std::fs::copy(&old.path, &part)
+        std::fs::copy(&old_path, &part)
             .and_then(|_| std::fs::rename(&part, &dest))
             .map_err(|e| {
                 (
-                    format!("copying {} to {}: {e}", old.path, dest.display()),
+                    format!("copying {} to {}: {e}", old_path.display(), dest.display()),
                     false,
                 )
             })
@@ -60,7 +61,7 @@ pub(crate) async fn move_disk(
         }
         return Err(e);
     }
-    remove_old_disk(Path::new(&old.path), run_dir);
+    remove_old_disk(&old_path, run_dir);
     Ok(moved)
 }
 

@@ -41,19 +41,25 @@ impl CreateDatastoreRequest {
                 "the datastore name local is built in (each host's data dir): pick another name",
             ));
         }
-        let p = &self.path;
-        let plain = p.starts_with('/')
-            && p.len() <= 200
-            && !p.contains(',')
-            && !p.chars().any(char::is_control)
-            && !p.split('/').any(|c| c == ".." || c == ".");
-        if !plain {
-            return Err(ValidationError::new(format!(
-                "datastore path {p:?} is not usable: give an absolute path without '.', '..', commas or control characters (e.g. /srv/corral)"
-            )));
-        }
-        Ok(())
+        validate_datastore_path(&self.path)
     }
+}
+
+/// A datastore path reaches QEMU's command line and the hosts' file systems, so it must be
+/// absolute, plain and free of characters QEMU options cannot carry. Hosts check it again before
+/// they derive a disk path from it.
+pub fn validate_datastore_path(p: &str) -> Result<(), ValidationError> {
+    let plain = p.starts_with('/')
+        && p.len() <= 200
+        && !p.contains(',')
+        && !p.chars().any(char::is_control)
+        && !p.split('/').any(|c| c == ".." || c == ".");
+    if !plain {
+        return Err(ValidationError::new(format!(
+            "datastore path {p:?} is not usable: give an absolute path without '.', '..', commas or control characters (e.g. /srv/corral)"
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -32,7 +32,81 @@ pub struct Host {
     /// wake. Only hosts whose agent can power the machine act on it (`status.power_control`).
     #[serde(default)]
     pub standby: bool,
+    /// The capacity an operator trusts this host with: what its agent reported when it first
+    /// registered, or what `PUT /api/v1/hosts/{name}/capacity` set. A joined host's later reports
+    /// beyond it are not believed (see [`HostStatus::capacity_refused`]). `None` for the host
+    /// of an all-in-one datacenter, whose agent runs inside the controller's process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approved: Option<Capacity>,
     pub status: HostStatus,
+}
+
+/// CPUs and memory of a machine; also the body of `PUT /api/v1/hosts/{name}/capacity`, which
+/// approves a host's new capacity (after adding CPUs or memory) so its reports are believed up
+/// to it.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct Capacity {
+    #[schema(minimum = 1, maximum = 8192)]
+    pub cpus: u32,
+    #[schema(minimum = 1, maximum = 70368744177664_u64)]
+    pub memory_bytes: u64,
+}
+
+impl Capacity {
+    /// More logical CPUs than any machine has today (the largest have a few thousand).
+    pub const MAX_CPUS: u32 = 8192;
+    /// 64 TiB: more memory than any machine has today.
+    pub const MAX_MEMORY_BYTES: u64 = 64 << 40;
+
+    /// Refuses a capacity no machine has, with a sentence.
+    pub fn check(&self) -> Result<(), String> {
+        if self.cpus == 0 || self.cpus > Self::MAX_CPUS {
+            return Err(format!(
+                "{} CPUs is not a machine's capacity: 1 to {} CPUs are accepted",
+                self.cpus,
+                Self::MAX_CPUS
+            ));
+        }
+        if self.memory_bytes < 1 << 20 || self.memory_bytes > Self::MAX_MEMORY_BYTES {
+            return Err(format!(
+                "{} of memory is not a machine's capacity: 1 MiB to {} are accepted",
+                crate::format_bytes(self.memory_bytes),
+                crate::format_bytes(Self::MAX_MEMORY_BYTES)
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether `self` claims more of either than `approved`.
+    pub fn exceeds(&self, approved: &Capacity) -> bool {
+        self.cpus > approved.cpus || self.memory_bytes > approved.memory_bytes
+    }
+}
+
+impl std::fmt::Display for Capacity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} CPUs and {}",
+            self.cpus,
+            crate::format_bytes(self.memory_bytes)
+        )
+    }
+}
+
+/// Refuses an address no one host can be reached at (unspecified, multicast, broadcast), with a
+/// sentence. Loopback is a host's address when it shares the controller's machine (the lab's
+/// simulated hosts, tests).
+pub fn check_fabric_address(ip: std::net::IpAddr) -> Result<(), String> {
+    let bad = ip.is_unspecified()
+        || ip.is_multicast()
+        || matches!(ip, std::net::IpAddr::V4(a) if a.is_broadcast());
+    if bad {
+        return Err(format!(
+            "{ip} is not an address other hosts can reach it at on the fabric"
+        ));
+    }
+    Ok(())
 }
 
 /// What a host's agent reports with every heartbeat.
@@ -63,6 +137,11 @@ pub struct HostStatus {
     /// The host went to standby at DPM's request: it is powered down, silent on purpose.
     #[serde(default)]
     pub standby: bool,
+    /// Set by the controller when the host's agent reported more CPUs or memory than the
+    /// operator approved (`Host::approved`): what it claimed. `cpus` and `memory_bytes` then
+    /// hold the approved capacity, so the scheduler never places on the claim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity_refused: Option<String>,
 }
 
 impl HostStatus {
@@ -78,6 +157,15 @@ impl HostStatus {
             address: None,
             power_control: false,
             standby: false,
+            capacity_refused: None,
+        }
+    }
+
+    /// The capacity the host's agent reports.
+    pub fn capacity(&self) -> Capacity {
+        Capacity {
+            cpus: self.cpus,
+            memory_bytes: self.memory_bytes,
         }
     }
 

@@ -11,7 +11,9 @@ mod error;
 mod group;
 mod ha;
 mod host;
+pub mod host_protocol;
 mod image;
+pub mod layout;
 mod meta;
 mod migration;
 mod network;
@@ -19,7 +21,7 @@ mod size;
 mod task;
 mod vm;
 
-pub use datastore::{CreateDatastoreRequest, Datastore, LOCAL_DATASTORE};
+pub use datastore::{validate_datastore_path, CreateDatastoreRequest, Datastore, LOCAL_DATASTORE};
 pub use drs::{
     drs_threshold, ApplyDrsRequest, ApplyDrsResponse, DrsMode, DrsMove, DrsPlan, HostLoad,
     PowerAction, PowerManagement, VmUsage, DPM_MAX_LOAD, DPM_WAKE_LOAD, DRS_HOLD_SECS,
@@ -29,13 +31,14 @@ pub use error::{ApiErrorBody, ValidationError};
 pub use group::{CreateGroupRequest, GroupRule, GroupStrength, VmGroup};
 pub use ha::{timing, ClusterEvent, HaPolicy, HaPriority, HaProtection, IsolationResponse};
 pub use host::{
-    Accel, ClusterSettings, Host, HostInfo, HostState, HostStatus, MaintenanceResponse,
-    PlacementPolicy,
+    check_fabric_address, Accel, Capacity, ClusterSettings, Host, HostInfo, HostState, HostStatus,
+    MaintenanceResponse, PlacementPolicy,
 };
 pub use image::{DirectBoot, DiskFormat, Image, ImagePhase, ImageSource, ImageSpec, ImageStatus};
 pub use meta::{validate_name, ObjectMeta, DEFAULT_PROJECT};
 pub use migration::{
-    MigrateVmRequest, Migration, MigrationPhase, MigrationProgress, MigrationResult, VmEvent,
+    MigrateVmRequest, Migration, MigrationEndpoints, MigrationPhase, MigrationProgress,
+    MigrationResult, VmEvent,
 };
 pub use network::{
     generated_mac, parse_mac, parse_peer, AttachedNic, Cidr, CreateNetworkRequest,
@@ -102,6 +105,9 @@ pub mod keys {
     pub const IPS: &str = "/corral/ips/";
     /// Segment ids in use: `/corral/segments/vni-N` and `/corral/segments/vlan-N`.
     pub const SEGMENTS: &str = "/corral/segments/";
+    /// Rewritten by every network create: creates that read the networks at the same time
+    /// conflict on it, so overlap checks and VXLAN ids are decided on what is really there.
+    pub const NETWORKS_CHANGED: &str = "/corral/networks-changed";
 
     pub fn project(name: &str) -> String {
         format!("{PROJECTS}{name}")

@@ -6,6 +6,8 @@
 //! and hands the VM over to the target in the same store transaction that marks the migration
 //! completed. Until then the VM belongs to its source, so any failure leaves it running there.
 
+use std::net::SocketAddr;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -17,7 +19,7 @@ use uuid::Uuid;
 pub enum MigrationPhase {
     /// The target host prepares a QEMU that waits for the VM.
     Preparing,
-    /// The target waits at `target_uri` (and `disk_uri`).
+    /// The target waits on `target_port` (and serves the disk on `disk_port`) of its fabric address.
     TargetReady,
     /// The source copies the disk, then memory and device state.
     Transferring,
@@ -96,12 +98,17 @@ pub struct Migration {
     /// Someone asked to stop it; the source cancels at its next step.
     #[serde(default)]
     pub cancel_requested: bool,
-    /// Where the target's QEMU listens for the migration stream, e.g. "tcp:10.0.0.12:49152".
+    /// The TCP port on the target's registered fabric address where its QEMU waits for the
+    /// migration stream. Only a port: the source builds the address from the target's host record
+    /// (see [`Migration::stream_to`]), so a target cannot point the source anywhere else.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub target_uri: Option<String>,
-    /// Where the target serves the VM's new disk over NBD (shared-nothing migrations).
+    #[schema(minimum = 1)]
+    pub target_port: Option<u16>,
+    /// The TCP port on the target's fabric address where it serves the VM's new disk over NBD
+    /// (shared-nothing migrations).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub disk_uri: Option<String>,
+    #[schema(minimum = 1)]
+    pub disk_port: Option<u16>,
     /// The target's QEMU, its run directory and the VM's disk there, once prepared.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_pid: Option<u32>,
@@ -119,7 +126,54 @@ pub struct Migration {
     pub updated_at: DateTime<Utc>,
 }
 
+/// Where a migration's streams go, built from the target's record, never from a string a host wrote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MigrationEndpoints {
+    /// Memory and device state.
+    pub stream: SocketAddr,
+    /// The NBD export of the new disk (shared-nothing moves).
+    pub disk: Option<SocketAddr>,
+}
+
 impl Migration {
+    /// Where the source sends this migration: the target's registered fabric address with the
+    /// ports the target recorded. Refused (with a sentence) when the target has no usable address
+    /// or did not record what this kind of move needs.
+    pub fn stream_to(&self, target: &crate::Host) -> Result<MigrationEndpoints, String> {
+        if target.name != self.target {
+            return Err(format!(
+                "host {} is not the target of this migration ({} is)",
+                target.name, self.target
+            ));
+        }
+        let ip = target.status.address.ok_or_else(|| {
+            format!(
+                "host {} has registered no fabric address to migrate to",
+                self.target
+            )
+        })?;
+        crate::check_fabric_address(ip).map_err(|e| format!("host {}: {e}", self.target))?;
+        let port = |p: Option<u16>, what: &str| match p {
+            Some(p) if p > 0 => Ok(SocketAddr::new(ip, p)),
+            _ => Err(format!(
+                "host {} recorded no port for the {what}",
+                self.target
+            )),
+        };
+        let stream = port(self.target_port, "migration stream")?;
+        let disk = match (self.shared_storage, self.disk_port) {
+            (true, None) => None,
+            (true, Some(_)) => {
+                return Err(format!(
+                    "host {} exported a disk for a move on shared storage",
+                    self.target
+                ))
+            }
+            (false, p) => Some(port(p, "disk export")?),
+        };
+        Ok(MigrationEndpoints { stream, disk })
+    }
+
     /// The fields only the controller sets; hosts may change everything else.
     pub fn identity(
         &self,
@@ -225,5 +279,88 @@ impl VmEvent {
             reason: reason.to_string(),
             message: message.into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Host, HostStatus};
+
+    fn migration(shared_storage: bool) -> Migration {
+        let now = Utc::now();
+        Migration {
+            id: Uuid::new_v4(),
+            project: "default".into(),
+            vm: "web".into(),
+            vm_uid: Uuid::new_v4(),
+            source: "h1".into(),
+            target: "h2".into(),
+            shared_storage,
+            reason: "requested".into(),
+            phase: MigrationPhase::TargetReady,
+            cancel_requested: false,
+            target_port: Some(49152),
+            disk_port: (!shared_storage).then_some(49153),
+            target_pid: None,
+            target_run_dir: None,
+            target_disk: None,
+            progress: MigrationProgress::default(),
+            result: None,
+            error: None,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    fn host(name: &str, address: Option<&str>) -> Host {
+        Host {
+            name: name.into(),
+            maintenance: false,
+            standby: false,
+            approved: None,
+            status: HostStatus {
+                address: address.map(|a| a.parse().expect("ip")),
+                ..HostStatus::unregistered()
+            },
+        }
+    }
+
+    #[test]
+    fn streams_go_to_the_targets_registered_address_only() {
+        let shared = migration(true);
+        let to = shared
+            .stream_to(&host("h2", Some("10.0.0.12")))
+            .expect("endpoints");
+        assert_eq!(to.stream, "10.0.0.12:49152".parse().expect("addr"));
+        assert_eq!(to.disk, None);
+        let unshared = migration(false)
+            .stream_to(&host("h2", Some("fd00::12")))
+            .expect("endpoints");
+        assert_eq!(
+            unshared.disk,
+            Some("[fd00::12]:49153".parse().expect("addr"))
+        );
+
+        let refused = |m: &Migration, h: &Host, says: &str| {
+            let err = m.stream_to(h).expect_err(says);
+            assert!(err.contains(says), "{err}");
+        };
+        refused(&shared, &host("h3", Some("10.0.0.13")), "not the target");
+        refused(&shared, &host("h2", None), "no fabric address");
+        refused(&shared, &host("h2", Some("0.0.0.0")), "not an address");
+        refused(&shared, &host("h2", Some("239.1.1.1")), "not an address");
+        let mut no_port = shared.clone();
+        no_port.target_port = None;
+        refused(&no_port, &host("h2", Some("10.0.0.12")), "no port");
+        let mut zero = shared.clone();
+        zero.target_port = Some(0);
+        refused(&zero, &host("h2", Some("10.0.0.12")), "no port");
+        let mut exported = shared.clone();
+        exported.disk_port = Some(1);
+        refused(&exported, &host("h2", Some("10.0.0.12")), "shared storage");
+        let mut no_disk = migration(false);
+        no_disk.disk_port = None;
+        refused(&no_disk, &host("h2", Some("10.0.0.12")), "disk export");
     }
 }

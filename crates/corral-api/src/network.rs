@@ -38,6 +38,13 @@ impl Cidr {
         };
         let (ip, prefix) = s.split_once('/').ok_or_else(bad)?;
         let base: Ipv4Addr = ip.parse().map_err(|_| bad())?;
+        // Digits only, no leading zero: the string is stored and handed to dnsmasq and nft.
+        let canonical = !prefix.is_empty()
+            && prefix.bytes().all(|b| b.is_ascii_digit())
+            && !(prefix.len() > 1 && prefix.starts_with('0'));
+        if !canonical {
+            return Err(bad());
+        }
         let prefix: u8 = prefix.parse().map_err(|_| bad())?;
         if !(8..=29).contains(&prefix) {
             return Err(bad());
@@ -265,6 +272,10 @@ pub fn parse_peer(s: &str) -> Result<String, ValidationError> {
     };
     let (ip, prefix) = s.split_once('/').unwrap_or((s, "32"));
     let ip: Ipv4Addr = ip.parse().map_err(|_| bad())?;
+    // Digits only: Rust's parser also takes "+8".
+    if prefix.is_empty() || !prefix.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
     let prefix: u8 = prefix.parse().map_err(|_| bad())?;
     if prefix > 32 {
         return Err(bad());
@@ -438,6 +449,12 @@ impl SecurityRule {
     }
 
     pub fn validate(&self) -> Result<(), ValidationError> {
+        self.normalized().map(drop)
+    }
+
+    /// The rule as it is stored and applied: checked, with its CIDR in canonical form
+    /// ("10.0.0.0/08" and "10.0.0.0/+8" become "10.0.0.0/8", which nftables takes).
+    pub fn normalized(&self) -> Result<SecurityRule, ValidationError> {
         if let Some(PortRange { first: a, last: b }) = self.ports {
             if a == 0 || a > b {
                 return Err(ValidationError::new(format!(
@@ -450,18 +467,22 @@ impl SecurityRule {
                 ));
             }
         }
-        match (&self.cidr, &self.group) {
-            (Some(c), None) => {
-                parse_peer(c)?;
+        let cidr = match (&self.cidr, &self.group) {
+            (Some(c), None) => Some(parse_peer(c)?),
+            (None, Some(g)) => {
+                validate_name("security group", g)?;
+                None
             }
-            (None, Some(g)) => validate_name("security group", g)?,
             _ => {
                 return Err(ValidationError::new(
                     "a rule names its peer as either a CIDR or a group",
                 ))
             }
-        }
-        Ok(())
+        };
+        Ok(SecurityRule {
+            cidr,
+            ..self.clone()
+        })
     }
 }
 
@@ -571,6 +592,21 @@ mod tests {
         assert!(c.overlaps(&Cidr::parse("10.10.0.0/16").unwrap()));
         assert!(!c.overlaps(&Cidr::parse("10.11.0.0/24").unwrap()));
         assert_eq!(parse_peer("192.0.2.7").unwrap(), "192.0.2.7/32");
+        assert_eq!(parse_peer("10.0.0.0/08").unwrap(), "10.0.0.0/8");
+        for bad in ["10.0.0.0/+8", "10.0.0.0/-8", "10.0.0.0/", "10.0.0.0/33"] {
+            assert!(parse_peer(bad).is_err(), "{bad}");
+        }
+        let rule = SecurityRule::parse("in tcp 8080 from 10.0.0.0/08").unwrap();
+        assert_eq!(rule.cidr.as_deref(), Some("10.0.0.0/8"));
+        let sent = SecurityRule {
+            cidr: Some("10.0.0.0/008".into()),
+            ..rule
+        };
+        assert_eq!(
+            sent.normalized().unwrap().cidr.as_deref(),
+            Some("10.0.0.0/8"),
+            "what the API stores, whatever a client sent"
+        );
         assert_eq!(c.gateway(), Ipv4Addr::new(10, 10, 0, 1));
         assert_eq!(c.netmask(), Ipv4Addr::new(255, 255, 255, 0));
         assert_eq!(c.vm_addresses().count(), 253);
@@ -585,6 +621,9 @@ mod tests {
             "10.10.0.0/7",
             "x/24",
             "10.10.0.0/abc",
+            "10.10.0.0/+24",
+            "10.10.0.0/024",
+            "10.10.0.0/",
         ] {
             assert!(Cidr::parse(bad).unwrap_err().0.contains("CIDR"), "{bad}");
         }

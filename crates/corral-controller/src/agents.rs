@@ -16,11 +16,11 @@ use axum::extract::{Extension, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
-use corral_agent::remote::{JoinRequest, JoinResponse, WatchPage};
+use corral_api::host_protocol::{HaReply, HaReport, JoinRequest, JoinResponse};
 use corral_api::{keys, validate_name, Host, HostStatus, Migration, MigrationPhase, Vm};
 use corral_pki::{Ca, Identity};
 
-use corral_store::{get_json, KeyValue, Op, Precondition, Revision, StoreError};
+use corral_store::{get_json, KeyValue, Op, Precondition, Revision, StoreError, WatchPage};
 use serde::{Deserialize, Serialize};
 use tower::ServiceExt;
 
@@ -138,6 +138,8 @@ async fn join(
         name: req.host.clone(),
         maintenance: false,
         standby: false,
+        // Its agent's first registration sets the capacity the operator trusts it with.
+        approved: None,
         // Its agent registers it (and the host's capacity) once it runs.
         status: HostStatus::unregistered(),
     };
@@ -256,8 +258,8 @@ async fn kv_list(
 async fn ha_report(
     State(a): State<AgentCtx>,
     Extension(peer): Extension<Peer>,
-    ApiJson(r): ApiJson<corral_agent::remote::HaReport>,
-) -> Result<Json<corral_agent::remote::HaReply>, ApiError> {
+    ApiJson(r): ApiJson<HaReport>,
+) -> Result<Json<HaReply>, ApiError> {
     let host = host_of(&a, &peer).await?;
     Ok(Json(crate::ha::report(&a.ctx, &host, r)))
 }
@@ -294,8 +296,11 @@ async fn authorize(a: &AgentCtx, host: &str, op: Op, txn: &[Op]) -> Result<Vec<O
             };
         }
         Op::Put {
-            key, value, lease, ..
-        } => (key.clone(), Some(value.clone()), *lease),
+            key,
+            value,
+            lease,
+            when,
+        } => (key.clone(), Some((value.clone(), *when)), *lease),
         Op::Delete { key, .. } => (key.clone(), None, None),
     };
     if lease.is_some() {
@@ -309,24 +314,19 @@ async fn authorize(a: &AgentCtx, host: &str, op: Op, txn: &[Op]) -> Result<Vec<O
         }),
     };
     if key == keys::host(host) {
-        let (Some(stored), Some(new)) = (current.as_ref(), new) else {
+        let (Some(stored), Some((new, when))) = (current.as_ref(), new) else {
             return Err(refuse(
                 host,
                 &key,
                 "a host record is created by joining and never deleted by its host",
             ));
         };
-        let mut record: Host = serde_json::from_slice(&stored.value).map_err(StoreError::from)?;
+        let stored: Host = serde_json::from_slice(&stored.value).map_err(StoreError::from)?;
         let sent: Host = serde_json::from_slice(&new)
             .map_err(|e| ApiError::BadRequest(format!("not a host record: {e}")))?;
-        record.status = HostStatus {
-            last_heartbeat: Utc::now(),
-            ..sent.status
-        };
+        let record =
+            host_write(stored, sent.status, Utc::now()).map_err(|why| refuse(host, &key, &why))?;
         let value = serde_json::to_vec(&record).map_err(StoreError::from)?;
-        let Op::Put { when, .. } = op else {
-            unreachable!("a put")
-        };
         return Ok(vec![
             guard,
             Op::Put {
@@ -338,7 +338,7 @@ async fn authorize(a: &AgentCtx, host: &str, op: Op, txn: &[Op]) -> Result<Vec<O
         ]);
     }
     if key.starts_with(keys::MIGRATIONS) {
-        let (Some(stored), Some(new)) = (current.as_ref(), new) else {
+        let (Some(stored), Some((new, when))) = (current.as_ref(), new) else {
             return Err(refuse(
                 host,
                 &key,
@@ -363,7 +363,17 @@ async fn authorize(a: &AgentCtx, host: &str, op: Op, txn: &[Op]) -> Result<Vec<O
                 "a migration completes only together with the handover of its VM",
             ));
         }
-        return Ok(vec![guard, op]);
+        // Stored as parsed: fields the record does not have never reach the other host.
+        let value = serde_json::to_vec(&sent).map_err(StoreError::from)?;
+        return Ok(vec![
+            guard,
+            Op::Put {
+                key,
+                value,
+                when,
+                lease: None,
+            },
+        ]);
     }
     if !key.starts_with(keys::VMS) {
         return Err(forbidden(host, &key));
@@ -378,9 +388,16 @@ async fn authorize(a: &AgentCtx, host: &str, op: Op, txn: &[Op]) -> Result<Vec<O
     match new {
         None if stored.meta.deletion_requested_at.is_some() => Ok(vec![guard, op]),
         None => Err(refuse(host, &key, "nobody asked to delete the VM")),
-        Some(new) => {
+        Some((new, when)) => {
             let sent: Vm = serde_json::from_slice(&new)
                 .map_err(|e| ApiError::BadRequest(format!("not a VM: {e}")))?;
+            // Stored as parsed: fields a VM does not have never reach another host.
+            let put = Op::Put {
+                key: key.clone(),
+                value: serde_json::to_vec(&sent).map_err(StoreError::from)?,
+                when,
+                lease: None,
+            };
             let mut expected = stored.clone();
             if sent.spec.power != stored.spec.power {
                 // The one change of intent a host reports: its guest powered itself off.
@@ -405,7 +422,7 @@ async fn authorize(a: &AgentCtx, host: &str, op: Op, txn: &[Op]) -> Result<Vec<O
                 ));
             }
             if sent.status.host.as_deref() == Some(host) {
-                return Ok(vec![guard, op]);
+                return Ok(vec![guard, put]);
             }
             // A handover: only to the target of this VM's migration, in the transaction that
             // completes it.
@@ -436,7 +453,7 @@ async fn authorize(a: &AgentCtx, host: &str, op: Op, txn: &[Op]) -> Result<Vec<O
                         key: mig_key,
                         when: Precondition::ModRevision(m.revision),
                     },
-                    op,
+                    put,
                 ]),
                 _ => Err(refuse(
                     host,
@@ -446,6 +463,44 @@ async fn authorize(a: &AgentCtx, host: &str, op: Op, txn: &[Op]) -> Result<Vec<O
             }
         }
     }
+}
+
+/// The host record after its own agent reported `sent`: only the status changes; the heartbeat
+/// time is the controller's clock; the first registration's capacity becomes the approved one,
+/// and a later claim beyond the approved capacity is not believed (the record keeps the approved
+/// figures and says what was claimed). A capacity no machine has, or an address no host can have,
+/// is refused with a sentence.
+fn host_write(mut stored: Host, sent: HostStatus, now: DateTime<Utc>) -> Result<Host, String> {
+    let claimed = sent.capacity();
+    claimed.check()?;
+    if let Some(ip) = sent.address {
+        corral_api::check_fabric_address(ip)?;
+    }
+    let approved = *stored.approved.get_or_insert(claimed);
+    let (believed, refused) = if claimed.exceeds(&approved) {
+        let why = format!(
+            "the agent reported {claimed}, more than the {approved} approved for this host: \
+             approve the new capacity through PUT /api/v1/hosts/{}/capacity",
+            stored.name
+        );
+        let believed = corral_api::Capacity {
+            cpus: claimed.cpus.min(approved.cpus),
+            memory_bytes: claimed.memory_bytes.min(approved.memory_bytes),
+        };
+        (believed, Some(why))
+    } else {
+        (claimed, None)
+    };
+    Ok(Host {
+        status: HostStatus {
+            cpus: believed.cpus,
+            memory_bytes: believed.memory_bytes,
+            last_heartbeat: now,
+            capacity_refused: refused,
+            ..sent
+        },
+        ..stored
+    })
 }
 
 /// Whether `host` may turn the migration record `stored` into `sent`. The controller's fields never
@@ -462,15 +517,24 @@ fn migration_step(stored: &Migration, sent: &Migration, host: &str) -> Result<()
     }
     let is_source = stored.source == host;
     let is_target = stored.target == host;
-    let target_fields_kept = sent.target_uri == stored.target_uri
-        && sent.disk_uri == stored.disk_uri
+    let target_fields_kept = sent.target_port == stored.target_port
+        && sent.disk_port == stored.disk_port
         && sent.target_pid == stored.target_pid
         && sent.target_run_dir == stored.target_run_dir
         && sent.target_disk == stored.target_disk;
     let ok = match (stored.phase, sent.phase) {
         (_, P::Failed) => is_source || is_target,
         (_, P::Cancelled) => is_source,
-        (P::Preparing, P::TargetReady) => is_target,
+        (P::Preparing, P::TargetReady) => {
+            // The ports of what this kind of move needs, and nothing else: the source builds
+            // the addresses from the target's record (`Migration::stream_to`).
+            let ports = sent.target_port.is_some_and(|p| p > 0)
+                && sent.disk_port.is_some_and(|p| p > 0) != stored.shared_storage;
+            if is_target && !ports {
+                return Err("a target that is ready records the port of its migration stream, and of its disk export exactly when the storage is not shared");
+            }
+            is_target
+        }
         (P::TargetReady | P::Transferring, P::Transferring) => is_source && target_fields_kept,
         // Only together with the handover of the VM (checked on the VM's write).
         (P::Transferring, P::Completed) => is_source && target_fields_kept,
@@ -658,8 +722,8 @@ mod tests {
             reason: "requested".into(),
             phase,
             cancel_requested: false,
-            target_uri: None,
-            disk_uri: None,
+            target_port: None,
+            disk_port: None,
             target_pid: None,
             target_run_dir: None,
             target_disk: None,
@@ -675,12 +739,124 @@ mod tests {
         Migration { phase, ..m.clone() }
     }
 
+    fn joined(name: &str) -> Host {
+        Host {
+            name: name.into(),
+            maintenance: false,
+            standby: false,
+            approved: None,
+            status: HostStatus::unregistered(),
+        }
+    }
+
+    fn report(cpus: u32, memory_bytes: u64) -> HostStatus {
+        HostStatus {
+            cpus,
+            memory_bytes,
+            hypervisor: "QEMU".into(),
+            address: Some("10.0.0.12".parse().expect("ip")),
+            // A host cannot set the time it was heard from.
+            last_heartbeat: DateTime::<Utc>::MAX_UTC,
+            ..HostStatus::unregistered()
+        }
+    }
+
+    #[test]
+    fn a_hosts_first_registration_is_its_approved_capacity_and_later_claims_beyond_it_are_not_believed(
+    ) {
+        let now = Utc::now();
+        let first = host_write(joined("h1"), report(8, 16 << 30), now).expect("registers");
+        assert_eq!(first.status.last_heartbeat, now, "the controller's clock");
+        assert_eq!(
+            first.approved,
+            Some(corral_api::Capacity {
+                cpus: 8,
+                memory_bytes: 16 << 30
+            })
+        );
+        assert_eq!(first.status.capacity_refused, None);
+
+        // Smaller is believed at once (a failed DIMM); more is not.
+        let less = host_write(first.clone(), report(4, 8 << 30), now).expect("write");
+        assert_eq!((less.status.cpus, less.status.capacity_refused), (4, None));
+        let claim = host_write(first.clone(), report(100_000, 1 << 60), now);
+        let err = claim.expect_err("100,000 CPUs is no machine");
+        assert!(
+            err.contains("100000 CPUs is not a machine's capacity"),
+            "{err}"
+        );
+        let more = host_write(first.clone(), report(64, 16 << 30), now).expect("write");
+        assert_eq!(
+            (more.status.cpus, more.status.memory_bytes),
+            (8, 16 << 30),
+            "the scheduler sees the approved capacity"
+        );
+        let why = more.status.capacity_refused.clone().expect("flagged");
+        assert!(
+            why.contains("reported 64 CPUs") && why.contains("/api/v1/hosts/h1/capacity"),
+            "{why}"
+        );
+
+        // Once an operator approves more, it is believed.
+        let mut approved = more;
+        approved.approved = Some(corral_api::Capacity {
+            cpus: 64,
+            memory_bytes: 16 << 30,
+        });
+        let believed = host_write(approved, report(64, 16 << 30), now).expect("write");
+        assert_eq!(
+            (believed.status.cpus, believed.status.capacity_refused),
+            (64, None)
+        );
+
+        // Nothing but the status changes, and no address no host can have.
+        let mut operator = first.clone();
+        operator.maintenance = true;
+        let kept = host_write(operator, report(8, 16 << 30), now).expect("write");
+        assert!(kept.maintenance);
+        for bad in ["0.0.0.0", "224.0.0.1", "255.255.255.255", "::"] {
+            let mut r = report(8, 16 << 30);
+            r.address = Some(bad.parse().expect("ip"));
+            let err = host_write(first.clone(), r, now).expect_err(bad);
+            assert!(err.contains("not an address"), "{err}");
+        }
+        assert!(host_write(joined("h1"), report(0, 16 << 30), now).is_err());
+        assert!(host_write(joined("h1"), report(8, 0), now).is_err());
+    }
+
+    #[test]
+    fn a_ready_target_records_ports_only_as_the_move_needs() {
+        use MigrationPhase as P;
+        let preparing = record(P::Preparing);
+        let mut no_port = to(&preparing, P::TargetReady);
+        no_port.target_port = None;
+        let err = migration_step(&preparing, &no_port, "h2").expect_err("no port");
+        assert!(err.contains("records the port"), "{err}");
+        let mut with_disk = to(&preparing, P::TargetReady);
+        with_disk.target_port = Some(4000);
+        with_disk.disk_port = Some(4001);
+        assert!(
+            migration_step(&preparing, &with_disk, "h2").is_err(),
+            "no disk export on shared storage"
+        );
+        let mut unshared = preparing.clone();
+        unshared.shared_storage = false;
+        let mut memory_only = to(&unshared, P::TargetReady);
+        memory_only.target_port = Some(4000);
+        assert!(
+            migration_step(&unshared, &memory_only, "h2").is_err(),
+            "a shared-nothing move needs the disk export"
+        );
+        memory_only.disk_port = Some(4001);
+        assert!(migration_step(&unshared, &memory_only, "h2").is_ok());
+    }
+
     #[test]
     fn each_side_takes_only_its_own_steps_of_a_migration() {
         use MigrationPhase as P;
         let preparing = record(P::Preparing);
         let mut ready = to(&preparing, P::TargetReady);
-        ready.target_uri = Some("tcp:10.0.0.2:4000".into());
+        ready.target_port = Some(4000);
         assert!(migration_step(&preparing, &ready, "h2").is_ok());
         assert!(
             migration_step(&preparing, &ready, "h1").is_err(),
@@ -699,7 +875,7 @@ mod tests {
             "the target does not send"
         );
         let mut redirected = sending.clone();
-        redirected.target_uri = Some("tcp:10.6.6.6:4000".into());
+        redirected.target_port = Some(4001);
         assert!(
             migration_step(&ready, &redirected, "h1").is_err(),
             "the source cannot redirect"

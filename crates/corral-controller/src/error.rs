@@ -18,6 +18,9 @@ pub enum ApiError {
     Gone(String),
     #[error("{0}")]
     Conflict(String),
+    /// The request body is larger than the server takes.
+    #[error("{0}")]
+    TooLarge(String),
     #[error("{0}")]
     Internal(String),
     /// The controller cannot answer right now; trying again later may work.
@@ -26,6 +29,13 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    pub(crate) fn too_large_json() -> ApiError {
+        ApiError::TooLarge(format!(
+            "the request body is larger than the {} a JSON request may have",
+            corral_api::format_bytes(crate::MAX_JSON_BODY as u64)
+        ))
+    }
+
     fn parts(&self) -> (StatusCode, &'static str) {
         match self {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
@@ -34,6 +44,7 @@ impl ApiError {
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Gone(_) => (StatusCode::GONE, "gone"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         }
@@ -85,6 +96,9 @@ pub struct ApiQuery<T>(pub T);
 
 impl From<axum::extract::rejection::JsonRejection> for ApiError {
     fn from(r: axum::extract::rejection::JsonRejection) -> Self {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return ApiError::too_large_json();
+        }
         ApiError::BadRequest(format!(
             "the request body is not valid: {}; send JSON with Content-Type: application/json as documented in /api/v1/openapi.json",
             r.body_text()

@@ -4,8 +4,9 @@
 //! heartbeats):
 //! 1. the host's own reports (and writes of its agent; reads do not count), every
 //!    [`timing::RENEW_EVERY`]; silent for [`timing::SILENT_AFTER`]: suspected;
-//! 2. its peers' gossip: a host that a responding peer still sees alive has only lost the
-//!    controller, and nothing restarts;
+//! 2. its peers' gossip: a host that a responding peer still sees alive (and that renews its
+//!    lease) has only lost the controller; a peer's word alone never keeps a host from failing
+//!    over, since any host could claim any peer alive (see [`judge`]);
 //! 3. its storage lease on each shared datastore (`PATH/.corral-ha/HOST`), which the controller
 //!    watches change: a protected VM is restarted elsewhere only once the lease on its datastore
 //!    has been seen unchanged for [`timing::LEASE_EXPIRES_AFTER`], by when its host has killed it
@@ -22,7 +23,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use corral_agent::remote::{HaReply, HaReport};
+use corral_api::host_protocol::{HaReply, HaReport};
 use corral_api::{
     keys, timing, Datastore, HaPolicy, HaProtection, Host, IsolationResponse, PowerState, Vm,
     VmEvent, VmPhase,
@@ -39,7 +40,7 @@ const TIER_TIMEOUT: Duration = Duration::from_secs(20);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum HostHa {
     Live,
-    /// Silent to the controller, but a peer sees it alive.
+    /// Silent to the controller, but a peer sees it alive and it renews a storage lease.
     Partitioned,
     /// Silent, no peer sees it, and it still renews a storage lease: its VMs keep running.
     Isolated,
@@ -61,6 +62,20 @@ impl HostHa {
                 "failed; its protected VMs are restarted elsewhere once its storage leases expire"
             }
         }
+    }
+}
+
+/// What the three signals say of a host: its own reports (or writes), a peer's gossip, its
+/// storage lease. A peer's word is never enough to keep a host from being failed: a compromised
+/// (or confused) host could claim any peer alive. It only tells a host cut off from the controller
+/// (`Partitioned`) from one cut off from everything (`Isolated`) while the lease, which the host
+/// writes itself and fences on, still shows it alive.
+fn judge(reports: bool, peer_sees: bool, renews_lease: bool) -> HostHa {
+    match (reports, renews_lease, peer_sees) {
+        (true, _, _) => HostHa::Live,
+        (false, true, true) => HostHa::Partitioned,
+        (false, true, false) => HostHa::Isolated,
+        (false, false, _) => HostHa::Failed,
     }
 }
 
@@ -238,7 +253,7 @@ fn read_leases(datastores: Vec<(String, PathBuf)>) -> LeaseFiles {
     datastores
         .into_iter()
         .map(|(name, path)| {
-            let dir = corral_agent::layout::lease_dir(&path);
+            let dir = corral_api::layout::lease_dir(&path);
             let files = match std::fs::read_dir(&dir) {
                 Ok(entries) => Some(
                     entries
@@ -367,25 +382,19 @@ async fn watch(ctx: &Ctx, tick: u64) -> Result<(), ApiError> {
             if heard.is_none_or(|e| e > placement::HEARTBEAT_TIMEOUT) {
                 quiet.insert(name.to_string());
             }
-            let state = if !silent(&inner, name) {
-                HostHa::Live
-            } else if inner.reports.iter().any(|(p, (at, alive))| {
+            let peer_sees = inner.reports.iter().any(|(p, (at, alive))| {
                 p != name
                     && !silent(&inner, p)
                     && at.elapsed() < timing::SILENT_AFTER
                     && alive.iter().any(|a| a == name)
-            }) {
-                HostHa::Partitioned
-            } else if inner.leases.iter().any(|(ds, hosts)| {
+            });
+            let renews = inner.leases.iter().any(|(ds, hosts)| {
                 inner.observable.contains_key(ds)
                     && hosts.get(name).is_some_and(|l| {
                         l.content.is_some() && l.changed.elapsed() < timing::LEASE_STALE_AFTER
                     })
-            }) {
-                HostHa::Isolated
-            } else {
-                HostHa::Failed
-            };
+            });
+            let state = judge(!silent(&inner, name), peer_sees, renews);
             // Only a change costs an allocation (this runs four times a second for every host).
             let previous = inner.states.get(name).map(|(s, _)| *s);
             if previous != Some(state) {
@@ -743,6 +752,20 @@ pub(crate) fn admission(
 mod tests {
     use super::*;
     use corral_api::{HaPriority, ObjectMeta, VmSpec, VmStatus, LOCAL_DATASTORE};
+
+    #[test]
+    fn a_peers_claim_alone_never_keeps_a_host_from_failing() {
+        // (reports to the controller, a peer sees it, it renews its lease)
+        assert_eq!(judge(true, false, false), HostHa::Live);
+        assert_eq!(judge(false, true, true), HostHa::Partitioned);
+        assert_eq!(judge(false, false, true), HostHa::Isolated);
+        assert_eq!(judge(false, false, false), HostHa::Failed);
+        assert_eq!(
+            judge(false, true, false),
+            HostHa::Failed,
+            "a silent host that no longer renews its lease has fenced itself, whatever a peer says"
+        );
+    }
 
     fn vm(name: &str, p: HaPriority, after: &[&str]) -> Vm {
         Vm {

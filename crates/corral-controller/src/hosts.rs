@@ -171,6 +171,40 @@ pub async fn maintenance(
     Ok(Json(MaintenanceResponse { host, task }))
 }
 
+#[utoipa::path(put, path = "/api/v1/hosts/{name}/capacity", tag = "hosts", params(("name" = String, Path)),
+    request_body = corral_api::Capacity,
+    responses((status = 200, description = "the host; its agent's next report (within 30 s) is believed up to the new capacity", body = HostInfo),
+        (status = 400, body = corral_api::ApiErrorBody), (status = 404, body = corral_api::ApiErrorBody)),
+    security(("bearer" = [])))]
+pub async fn set_capacity(
+    State(ctx): State<Ctx>,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(req): ApiJson<corral_api::Capacity>,
+) -> Result<Json<HostInfo>, ApiError> {
+    req.check().map_err(ApiError::BadRequest)?;
+    let key = keys::host(&name);
+    // A heartbeat may land between read and write: read again and retry.
+    loop {
+        let Some(current) = get_json::<Host>(&*ctx.store, &key).await? else {
+            return Err(host_not_found(&name));
+        };
+        let mut host = current.value;
+        host.approved = Some(req);
+        let put = Op::Put {
+            key: key.clone(),
+            value: serde_json::to_vec(&host).map_err(StoreError::from)?,
+            when: Precondition::ModRevision(current.revision),
+            lease: None,
+        };
+        match ctx.store.txn(vec![put]).await {
+            Ok(_) => break,
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    get(State(ctx), ApiPath(name)).await
+}
+
 #[utoipa::path(post, path = "/api/v1/hosts/join-tokens", tag = "hosts", request_body = crate::agents::JoinTokenRequest,
     responses((status = 201, description = "a single-use token for `corral agent --join`", body = crate::agents::JoinToken)),
     security(("bearer" = [])))]

@@ -1,4 +1,7 @@
 //! Image endpoints: build JeOS (a task), import an uploaded disk, list, delete.
+//!
+//! The files themselves are made by [`ImageFiles`], which the binary provides: building and
+//! probing disks takes the hypervisor's tools, and the controller links no hypervisor.
 
 use axum::body::Body;
 use axum::extract::State;
@@ -13,6 +16,39 @@ use http_body_util::BodyExt;
 use tokio::io::AsyncWriteExt;
 
 use crate::{ensure_project, tasks, ApiError, ApiJson, ApiPath, Ctx};
+
+/// Why image files could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// What was uploaded is not a disk image the hosts can use (the client's mistake).
+    #[error("{0}")]
+    Bad(String),
+    /// Building or storing the files failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Progress of a build: percent, and what it does now.
+pub type Progress = Box<dyn Fn(u8, &str) + Send + Sync>;
+
+/// Makes and removes the files of images, in the controller's data dir.
+#[async_trait::async_trait]
+pub trait ImageFiles: Send + Sync {
+    /// Builds JeOS as image `uid`, reporting progress (percent, what it does).
+    async fn build_jeos(
+        &self,
+        uid: uuid::Uuid,
+        progress: Progress,
+    ) -> Result<ImageStatus, ImageError>;
+    /// Checks the uploaded file `upload` and keeps it as image `uid`.
+    async fn import(
+        &self,
+        uid: uuid::Uuid,
+        upload: &std::path::Path,
+    ) -> Result<ImageStatus, ImageError>;
+    /// Removes the files of image `uid`, if any.
+    fn remove(&self, uid: uuid::Uuid);
+}
 
 /// Image names that are API paths of their own.
 fn validate_image_name(name: &str) -> Result<(), ApiError> {
@@ -184,10 +220,10 @@ pub async fn build_jeos(
                 }
             })
         };
-        let result = corral_agent::images::build_jeos(&ctx2.data_dir, uid, move |p, m| {
+        let progress: Progress = Box::new(move |p: u8, m: &str| {
             let _ = tx.send((p, m.to_string()));
-        })
-        .await;
+        });
+        let result = ctx2.image_files.build_jeos(uid, progress).await;
         let _ = reporter.await;
         let end = match &result {
             Ok(_) => Ok(()),
@@ -222,14 +258,23 @@ pub async fn build_jeos(
 #[utoipa::path(put, path = "/api/v1/projects/{project}/images/{name}", tag = "images",
     params(("project" = String, Path), ("name" = String, Path)),
     request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "the disk image: qcow2, or raw"),
-    responses((status = 201, body = Image), (status = 400, body = corral_api::ApiErrorBody), (status = 409, body = corral_api::ApiErrorBody)),
+    responses((status = 201, body = Image), (status = 400, body = corral_api::ApiErrorBody), (status = 409, body = corral_api::ApiErrorBody),
+        (status = 413, description = "the image is larger than 64 GiB", body = corral_api::ApiErrorBody)),
     security(("bearer" = [])))]
 pub async fn import(
     State(ctx): State<Ctx>,
     ApiPath((project, name)): ApiPath<(String, String)>,
+    headers: axum::http::HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<Image>), ApiError> {
     let key = keys::image(&project, &name);
+    let announced = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > MAX_IMAGE_BYTES) {
+        return Err(too_large());
+    }
     let checked = async {
         ensure_project(&ctx, &project).await?;
         validate_image_name(&name)?;
@@ -250,18 +295,16 @@ pub async fn import(
     std::fs::create_dir_all(&uploads).map_err(|e| ApiError::Internal(e.to_string()))?;
     let tmp = uploads.join(format!("{}.part", uuid::Uuid::new_v4().simple()));
     let received = receive(body, &tmp).await;
+    if let Err(e) = received {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     let image_meta = ObjectMeta::new(&project, &name);
-    let status = match received {
-        Ok(()) => corral_agent::images::import(&ctx.data_dir, image_meta.uid, &tmp).await,
-        // A broken upload is the client's problem.
-        Err(e) => Err(corral_agent::AgentError::BadImage(e)),
-    };
+    let status = ctx.image_files.import(image_meta.uid, &tmp).await;
     let _ = std::fs::remove_file(&tmp);
     let status = status.map_err(|e| match e {
-        corral_agent::AgentError::BadImage(why) => {
-            ApiError::BadRequest(format!("cannot import {name}: {why}"))
-        }
-        other => ApiError::Internal(format!("importing {name}: {other}")),
+        ImageError::Bad(why) => ApiError::BadRequest(format!("cannot import {name}: {why}")),
+        ImageError::Failed(why) => ApiError::Internal(format!("importing {name}: {why}")),
     })?;
     let image = Image {
         meta: image_meta,
@@ -274,7 +317,7 @@ pub async fn import(
     match ctx.store.put(&key, value, Precondition::Absent).await {
         Ok(_) => Ok((StatusCode::CREATED, Json(image))),
         Err(StoreError::Conflict { .. }) => {
-            corral_agent::images::remove(&ctx.data_dir, image.meta.uid);
+            ctx.image_files.remove(image.meta.uid);
             Err(ApiError::Conflict(format!(
                 "image {name} was created meanwhile: pick another name"
             )))
@@ -283,18 +326,39 @@ pub async fn import(
     }
 }
 
-async fn receive(body: Body, path: &std::path::Path) -> Result<(), String> {
+/// The largest disk image an upload may bring.
+pub const MAX_IMAGE_BYTES: u64 = 64 << 30;
+
+fn too_large() -> ApiError {
+    ApiError::TooLarge(format!(
+        "the image is larger than the {} an upload may bring",
+        corral_api::format_bytes(MAX_IMAGE_BYTES)
+    ))
+}
+
+/// Streams the upload into `path`, at most [`MAX_IMAGE_BYTES`].
+async fn receive(body: Body, path: &std::path::Path) -> Result<(), ApiError> {
     let mut file = tokio::fs::File::create(path)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     let mut body = body;
+    let mut received = 0u64;
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| format!("upload interrupted: {e}"))?;
+        let frame =
+            frame.map_err(|e| ApiError::BadRequest(format!("the upload was interrupted: {e}")))?;
         if let Some(data) = frame.data_ref() {
-            file.write_all(data).await.map_err(|e| e.to_string())?;
+            received += data.len() as u64;
+            if received > MAX_IMAGE_BYTES {
+                return Err(too_large());
+            }
+            file.write_all(data)
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
         }
     }
-    file.flush().await.map_err(|e| e.to_string())
+    file.flush()
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))
 }
 
 #[utoipa::path(delete, path = "/api/v1/projects/{project}/images/{name}", tag = "images",
@@ -349,6 +413,6 @@ pub async fn delete(
         Err(StoreError::Conflict { .. }) => return Err(changed()),
         Err(e) => return Err(e.into()),
     }
-    corral_agent::images::remove(&ctx.data_dir, image.value.meta.uid);
+    ctx.image_files.remove(image.value.meta.uid);
     Ok(StatusCode::NO_CONTENT)
 }

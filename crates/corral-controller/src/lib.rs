@@ -29,6 +29,7 @@ use corral_store::{get_json, list_json, Precondition, Store, StoreError};
 use utoipa::OpenApi;
 
 pub use error::{ApiError, ApiJson, ApiPath, ApiQuery};
+pub use images::{ImageError, ImageFiles, Progress};
 
 /// A page of a list (VMs, hosts): items in name order, after the one named `after`, at most `limit`.
 #[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
@@ -80,6 +81,8 @@ pub struct Ctx {
     drs_plan: Arc<tokio::sync::Mutex<Option<corral_api::DrsPlan>>>,
     /// What placement, HA, DRS and the lists read, kept current from the store.
     cache: Arc<cache::Cache>,
+    /// Makes and removes image files (the binary wires in the hypervisor's tools).
+    image_files: Arc<dyn ImageFiles>,
 }
 
 /// Prepares the store (the default project, the hash of the admin token) and resumes tasks.
@@ -88,6 +91,7 @@ pub struct Ctx {
 pub async fn init(
     store: Arc<dyn Store>,
     data_dir: PathBuf,
+    image_files: Arc<dyn ImageFiles>,
     admin_token: &str,
 ) -> Result<Ctx, ApiError> {
     let project = keys::project(corral_api::DEFAULT_PROJECT);
@@ -117,28 +121,14 @@ pub async fn init(
         ca: Arc::new(ca),
         ha: Default::default(),
         drs_plan: Default::default(),
+        image_files,
     };
     tasks::resume(&ctx).await?;
     placement::spawn_placer(ctx.clone());
+    tasks::spawn_janitor(ctx.clone());
     ha::spawn(ctx.clone());
     drs::spawn(ctx.clone());
     Ok(ctx)
-}
-
-/// The failure detector's link for an agent in the controller's own process (`corral up`).
-pub struct LocalHaLink {
-    pub ctx: Ctx,
-    pub host: String,
-}
-
-#[async_trait::async_trait]
-impl corral_agent::ha::HaLink for LocalHaLink {
-    async fn report(
-        &self,
-        report: corral_agent::remote::HaReport,
-    ) -> Result<corral_agent::remote::HaReply, String> {
-        Ok(ha::report(&self.ctx, &self.host, report))
-    }
 }
 
 /// A new random API token.
@@ -163,11 +153,46 @@ async fn health() -> Json<Health> {
     })
 }
 
-#[utoipa::path(get, path = "/api/v1/tasks", tag = "tasks", responses((status = 200, description = "newest first", body = [Task])), security(("bearer" = [])))]
-async fn list_tasks(State(ctx): State<Ctx>) -> Result<Json<Vec<Task>>, ApiError> {
+/// A page of the task list: newest first, after the task `after`, at most `limit`.
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct TaskPageQuery {
+    /// At most this many tasks, 1 to 1000 (default: all).
+    #[serde(default)]
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<usize>,
+    /// Only tasks older than this one: the id of the last task of the previous page.
+    #[serde(default)]
+    pub after: Option<uuid::Uuid>,
+}
+
+#[utoipa::path(get, path = "/api/v1/tasks", tag = "tasks", params(TaskPageQuery),
+    responses((status = 200, description = "newest first; finished tasks are kept for 7 days (the newest 10,000)", body = [Task]),
+        (status = 400, body = corral_api::ApiErrorBody)),
+    security(("bearer" = [])))]
+async fn list_tasks(
+    State(ctx): State<Ctx>,
+    ApiQuery(q): ApiQuery<TaskPageQuery>,
+) -> Result<Json<Vec<Task>>, ApiError> {
+    let limit = PageQuery {
+        limit: q.limit,
+        after: None,
+    }
+    .limit()?;
     let (mut tasks, _) = list_json::<Task>(&*ctx.store, keys::TASKS).await?;
-    tasks.sort_by_key(|t| std::cmp::Reverse(t.created_at));
-    Ok(Json(tasks))
+    tasks.sort_by(tasks::newest_first);
+    let start = match q.after {
+        Some(id) => match tasks.iter().position(|t| t.id == id) {
+            Some(i) => i + 1,
+            None => {
+                return Err(ApiError::BadRequest(format!(
+                    "there is no task {id} to page after (it may have expired): list from the start"
+                )))
+            }
+        },
+        None => 0,
+    };
+    Ok(Json(tasks.into_iter().skip(start).take(limit).collect()))
 }
 
 #[utoipa::path(get, path = "/api/v1/tasks/{id}", tag = "tasks", params(("id" = uuid::Uuid, Path)),
@@ -221,12 +246,74 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
+/// What every operation shares, stated once: operationIds unique across the document (the tag and
+/// the handler, e.g. `vms_list`, `hosts_list`, so generated clients do not collide), 401 on every
+/// operation that needs the token, 413 on every operation that takes a JSON body.
+struct CommonResponses;
+
+impl utoipa::Modify for CommonResponses {
+    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+        let error = |description: &str| {
+            RefOr::T(
+                ResponseBuilder::new()
+                    .description(description)
+                    .content(
+                        "application/json",
+                        ContentBuilder::new()
+                            .schema(Some(Ref::from_schema_name("ApiErrorBody")))
+                            .build(),
+                    )
+                    .build(),
+            )
+        };
+        for item in api.paths.paths.values_mut() {
+            let ops = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ];
+            for op in ops.into_iter().flatten() {
+                let tag = op
+                    .tags
+                    .as_ref()
+                    .and_then(|t| t.first())
+                    .cloned()
+                    .unwrap_or_default();
+                if let Some(id) = op.operation_id.as_mut() {
+                    if !id.starts_with(&format!("{tag}_")) {
+                        *id = format!("{tag}_{id}");
+                    }
+                }
+                let r = &mut op.responses.responses;
+                if op.security.as_ref().is_some_and(|s| !s.is_empty()) {
+                    r.entry("401".into()).or_insert_with(|| {
+                        error("no token, or not a valid one: send Authorization: Bearer TOKEN")
+                    });
+                }
+                let json_body = op
+                    .request_body
+                    .as_ref()
+                    .is_some_and(|b| b.content.contains_key("application/json"));
+                if json_body {
+                    r.entry("400".into())
+                        .or_insert_with(|| error("the body or a parameter is not valid"));
+                    r.entry("413".into())
+                        .or_insert_with(|| error("the request body is larger than 1 MiB"));
+                }
+            }
+        }
+    }
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Corral API", description = "Corral, an open virtual datacenter OS: VMs, images, hosts, networks and tasks."),
     paths(
         health, list_tasks, get_task, cancel_task, events::list,
-        hosts::list, hosts::get, hosts::remove, hosts::maintenance, hosts::join_token, hosts::get_cluster, hosts::put_cluster,
+        hosts::list, hosts::get, hosts::remove, hosts::maintenance, hosts::set_capacity, hosts::join_token, hosts::get_cluster, hosts::put_cluster,
         hosts::list_groups, hosts::get_group, hosts::create_group, hosts::delete_group,
         hosts::list_datastores, hosts::get_datastore, hosts::create_datastore, hosts::delete_datastore,
         vms::list, vms::get, vms::create, vms::start, vms::stop, vms::reboot, vms::delete, vms::console,
@@ -237,7 +324,7 @@ impl utoipa::Modify for BearerAuth {
         drs::get_plan, drs::apply,
         images::list, images::get, images::build_jeos, images::import, images::delete,
     ),
-    modifiers(&BearerAuth)
+    modifiers(&BearerAuth, &CommonResponses)
 )]
 struct ApiDoc;
 
@@ -258,6 +345,7 @@ pub fn router(ctx: Ctx) -> Router {
             get(hosts::get).delete(hosts::remove),
         )
         .route("/api/v1/hosts/{name}/maintenance", put(hosts::maintenance))
+        .route("/api/v1/hosts/{name}/capacity", put(hosts::set_capacity))
         .route(
             "/api/v1/cluster",
             get(hosts::get_cluster).put(hosts::put_cluster),
@@ -333,6 +421,7 @@ pub fn router(ctx: Ctx) -> Router {
                 .delete(images::delete)
                 .layer(axum::extract::DefaultBodyLimit::disable()),
         )
+        .route_layer(axum::middleware::from_fn(refuse_large_bodies))
         .route_layer(axum::middleware::from_fn_with_state(
             ctx.clone(),
             auth::require_token,
@@ -340,5 +429,33 @@ pub fn router(ctx: Ctx) -> Router {
     Router::new()
         .route("/api/v1/health", get(health))
         .merge(authed)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_JSON_BODY))
         .with_state(ctx)
 }
+
+/// Refuses a request whose announced body is over [`MAX_JSON_BODY`] at once, before reading it
+/// (an image upload has its own limit, checked by its handler). A body sent without a length is
+/// cut off at the limit as it arrives.
+async fn refuse_large_bodies(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    // PUT /api/v1/projects/{project}/images/{name}
+    let segments: Vec<&str> = req.uri().path().trim_matches('/').split('/').collect();
+    let upload = req.method() == axum::http::Method::PUT
+        && matches!(segments[..], ["api", "v1", "projects", _, "images", _]);
+    let announced = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if !upload && announced.is_some_and(|n| n > MAX_JSON_BODY as u64) {
+        return ApiError::too_large_json().into_response();
+    }
+    next.run(req).await
+}
+
+/// The largest JSON request body the API takes (image uploads have their own limit:
+/// `images::MAX_IMAGE_BYTES`).
+pub const MAX_JSON_BODY: usize = 1 << 20;

@@ -144,8 +144,8 @@ pub async fn start(
             reason: reason.to_string(),
             phase: MigrationPhase::Preparing,
             cancel_requested: false,
-            target_uri: None,
-            disk_uri: None,
+            target_port: None,
+            disk_port: None,
             target_pid: None,
             target_run_dir: None,
             target_disk: None,
@@ -202,7 +202,7 @@ pub async fn migrate(
     Ok((StatusCode::ACCEPTED, Json(task)))
 }
 
-#[utoipa::path(get, path = "/api/v1/projects/{project}/vms/{name}/migration", tag = "vms",
+#[utoipa::path(get, path = "/api/v1/projects/{project}/vms/{name}/migration", operation_id = "get_migration", tag = "vms",
     params(("project" = String, Path), ("name" = String, Path)),
     responses((status = 200, description = "the VM's current or last migration", body = Migration),
         (status = 404, body = corral_api::ApiErrorBody)),
@@ -284,7 +284,7 @@ pub fn evaluate(id: Uuid, m: Option<&Migration>, vm: Option<&Vm>) -> Verdict {
                 v.meta.uid == m.vm_uid
                     && v.status
                         .condition("Running")
-                        .is_some_and(|c| c.reason == corral_agent::RESUMING)
+                        .is_some_and(|c| c.reason == corral_api::host_protocol::RESUMING)
             });
             if resuming {
                 Verdict::Progress(99, format!("{}: resuming the guest", m.summary()))

@@ -10,7 +10,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use corral_api::{
-    generated_mac, keys, parse_mac, AttachedNic, CreateNetworkRequest, CreateProjectRequest,
+    generated_mac, keys, parse_mac, AttachedNic, Cidr, CreateNetworkRequest, CreateProjectRequest,
     CreateSecurityGroupRequest, Network, NetworkSpec, Nic, NicRequest, ObjectMeta, SecurityGroup,
     SecurityRule, Segment, SetRulesRequest, Vm, DEFAULT_SECURITY_GROUP,
 };
@@ -96,6 +96,58 @@ pub async fn create(
 ) -> Result<(StatusCode, Json<Network>), ApiError> {
     ensure_project(&ctx, &project).await?;
     let cidr = req.validate()?;
+    check_fabric(&ctx, &cidr).await?;
+    // Creates that raced on the same networks try again on what the winner wrote: a conflict
+    // is reported only when it is real (an overlap, a name, a VLAN).
+    for _ in 0..CREATE_ATTEMPTS {
+        match try_create(&ctx, &project, &req, cidr).await? {
+            Some(net) => return Ok((StatusCode::CREATED, Json(net))),
+            None => continue,
+        }
+    }
+    Err(ApiError::Unavailable(format!(
+        "network {} could not be created: {CREATE_ATTEMPTS} other network changes came in between; try again",
+        req.name
+    )))
+}
+
+/// How many times a create reads the networks again after losing a race.
+const CREATE_ATTEMPTS: usize = 200;
+
+/// A tenant network must not take the addresses of the hosts' fabric (a host would route its
+/// agent's traffic into the bridge and lose the controller) or of loopback.
+async fn check_fabric(ctx: &Ctx, cidr: &Cidr) -> Result<(), ApiError> {
+    let loopback = Cidr {
+        base: Ipv4Addr::new(127, 0, 0, 0),
+        prefix: 8,
+    };
+    if cidr.overlaps(&loopback) {
+        return Err(ApiError::BadRequest(format!(
+            "{cidr} overlaps loopback (127.0.0.0/8): pick another range"
+        )));
+    }
+    let o = ctx.cache.read(&*ctx.store).await?;
+    let on_fabric = o.hosts.values().find_map(|h| match h.value.status.address {
+        Some(std::net::IpAddr::V4(a)) if cidr.contains(a) => Some((h.name.clone(), a)),
+        _ => None,
+    });
+    if let Some((host, a)) = on_fabric {
+        return Err(ApiError::BadRequest(format!(
+            "{cidr} holds the fabric address {a} of host {host}: the hosts reach each other and the controller there, so tenant networks need another range"
+        )));
+    }
+    Ok(())
+}
+
+/// One attempt at creating the network: `None` when another network change came in between
+/// (read again and retry).
+async fn try_create(
+    ctx: &Ctx,
+    project: &str,
+    req: &CreateNetworkRequest,
+    cidr: Cidr,
+) -> Result<Option<Network>, ApiError> {
+    let changed = ctx.store.get(keys::NETWORKS_CHANGED).await?;
     // A network with a gateway is routed by its hosts: its addresses must be its own in the
     // cluster, or replies could leave by another network that uses them too.
     let (all, _) = list_json::<Network>(&*ctx.store, keys::NETWORKS).await?;
@@ -118,7 +170,7 @@ pub async fn create(
             .unwrap_or(Segment::Vxlan { vni: FIRST_VNI }),
     };
     let net = Network {
-        meta: ObjectMeta::new(&project, &req.name),
+        meta: ObjectMeta::new(project, &req.name),
         spec: NetworkSpec {
             cidr: cidr.to_string(),
             gateway: req.gateway,
@@ -126,9 +178,17 @@ pub async fn create(
         },
         attached: None,
     };
-    let key = keys::network(&project, &req.name);
+    let key = keys::network(project, &req.name);
     let seg_key = keys::segment(&segment);
     let ops = vec![
+        Op::Put {
+            key: keys::NETWORKS_CHANGED.into(),
+            value: Vec::new(),
+            when: changed.map_or(Precondition::Absent, |kv| {
+                Precondition::ModRevision(kv.mod_revision)
+            }),
+            lease: None,
+        },
         Op::Put {
             key: key.clone(),
             value: to_bytes(&net)?,
@@ -143,17 +203,19 @@ pub async fn create(
         },
     ];
     match ctx.store.txn(ops).await {
-        Ok(_) => Ok((StatusCode::CREATED, Json(net))),
+        Ok(_) => Ok(Some(net)),
+        Err(StoreError::Conflict { key: k }) if k == keys::NETWORKS_CHANGED => Ok(None),
         Err(StoreError::Conflict { key: k }) if k == key => Err(ApiError::Conflict(format!(
             "a network named {} already exists in project {project}: pick another name",
             req.name
         ))),
-        Err(StoreError::Conflict { .. }) => Err(ApiError::Conflict(match segment {
-            Segment::Vlan { id } => format!(
-                "VLAN {id} already carries another network: pick another --vlan, or leave it out for an overlay"
-            ),
-            Segment::Vxlan { .. } => "another network was created at the same moment: try again".into(),
-        })),
+        Err(StoreError::Conflict { .. }) => match segment {
+            Segment::Vlan { id } => Err(ApiError::Conflict(format!(
+                "VLAN {id} already carries another network: pick another VLAN id, or none for an overlay"
+            ))),
+            // Taken by a network made before this store kept the marker: read again.
+            Segment::Vxlan { .. } => Ok(None),
+        },
         Err(e) => Err(e.into()),
     }
 }
@@ -393,15 +455,17 @@ pub async fn check_groups(ctx: &Ctx, project: &str, names: &[String]) -> Result<
     Ok(())
 }
 
-/// Rules are valid and name only groups that exist (or the group itself).
+/// Rules are valid and name only groups that exist (or the group itself); returns them as they
+/// are stored (normalized).
 async fn check_rules(
     ctx: &Ctx,
     project: &str,
     group: &str,
     rules: &[SecurityRule],
-) -> Result<(), ApiError> {
+) -> Result<Vec<SecurityRule>, ApiError> {
+    let mut checked = Vec::with_capacity(rules.len());
     for r in rules {
-        r.validate()?;
+        let r = r.normalized()?;
         if let Some(g) = r.group.as_deref().filter(|g| *g != group) {
             if load_group(ctx, project, g).await?.is_none() {
                 return Err(ApiError::BadRequest(format!(
@@ -409,8 +473,9 @@ async fn check_rules(
                 )));
             }
         }
+        checked.push(r);
     }
-    Ok(())
+    Ok(checked)
 }
 
 #[utoipa::path(get, path = "/api/v1/projects/{project}/security-groups", tag = "networks",
@@ -457,9 +522,9 @@ pub async fn create_group(
     if req.name == DEFAULT_SECURITY_GROUP {
         return Err(exists());
     }
-    check_rules(&ctx, &project, &req.name, &req.rules).await?;
+    let checked = check_rules(&ctx, &project, &req.name, &req.rules).await?;
     let mut rules = SecurityGroup::new_rules(&req.name);
-    rules.extend(req.rules.iter().cloned());
+    rules.extend(checked);
     let group = SecurityGroup {
         meta: ObjectMeta::new(&project, &req.name),
         rules,
@@ -493,7 +558,7 @@ pub async fn set_rules(
     let current = load_group(&ctx, &project, &name)
         .await?
         .ok_or_else(|| group_not_found(&project, &name))?;
-    check_rules(&ctx, &project, &name, &req.rules).await?;
+    let checked = check_rules(&ctx, &project, &name, &req.rules).await?;
     if req
         .generation
         .is_some_and(|g| g != current.value.meta.generation)
@@ -503,7 +568,7 @@ pub async fn set_rules(
         )));
     }
     let mut group = current.value;
-    group.rules = req.rules;
+    group.rules = checked;
     group.meta.bump();
     let when = match current.revision {
         0 => Precondition::Absent,

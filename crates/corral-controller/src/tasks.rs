@@ -145,6 +145,65 @@ pub fn evaluate(goal: &TaskGoal, vm: Option<&Vm>) -> Verdict {
     }
 }
 
+/// How long a finished task is kept.
+pub const TASK_RETENTION: chrono::Duration = chrono::Duration::days(7);
+/// How many finished tasks are kept at most (the newest).
+pub const TASKS_KEPT: usize = 10_000;
+
+/// The order tasks are listed in: newest first (ties by id, so pages never overlap).
+pub fn newest_first(a: &Task, b: &Task) -> std::cmp::Ordering {
+    b.created_at.cmp(&a.created_at).then(a.id.cmp(&b.id))
+}
+
+/// The finished tasks that have expired at `now`: those that ended more than `retention` ago,
+/// and those beyond the newest `keep` finished ones. Running tasks never expire. Pure.
+pub fn expired(
+    tasks: &[Task],
+    now: chrono::DateTime<chrono::Utc>,
+    retention: chrono::Duration,
+    keep: usize,
+) -> Vec<uuid::Uuid> {
+    let mut finished: Vec<&Task> = tasks.iter().filter(|t| t.is_finished()).collect();
+    finished.sort_by(|a, b| newest_first(a, b));
+    finished
+        .iter()
+        .enumerate()
+        .filter(|(i, t)| *i >= keep || now - t.updated_at > retention)
+        .map(|(_, t)| t.id)
+        .collect()
+}
+
+/// Removes expired tasks once a minute.
+pub fn spawn_janitor(ctx: Ctx) {
+    tokio::spawn(async move {
+        loop {
+            if let Err(e) = expire(&ctx).await {
+                tracing::warn!(error = %e, "could not remove expired tasks");
+            }
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        }
+    });
+}
+
+async fn expire(ctx: &Ctx) -> Result<(), ApiError> {
+    let (tasks, _) = list_json::<Task>(&*ctx.store, keys::TASKS).await?;
+    let gone = expired(&tasks, chrono::Utc::now(), TASK_RETENTION, TASKS_KEPT);
+    for chunk in gone.chunks(500) {
+        let ops = chunk
+            .iter()
+            .map(|id| Op::Delete {
+                key: keys::task(*id),
+                when: Precondition::Any,
+            })
+            .collect();
+        match ctx.store.txn(ops).await {
+            Ok(_) | Err(StoreError::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 /// Stores a new task together with `ops`, all in one transaction, and starts following it if it
 /// is a VM task. A failed precondition in `ops` comes back as the store's `Conflict`, naming the key.
 pub async fn submit(ctx: &Ctx, task: Task, mut ops: Vec<Op>) -> Result<Task, StoreError> {
@@ -352,7 +411,39 @@ pub async fn resume(ctx: &Ctx) -> Result<(), ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use corral_api::{ObjectMeta, PowerState, VmSpec, VmStatus};
+    use corral_api::{ObjectMeta, PowerState, TaskState, VmSpec, VmStatus};
+
+    #[test]
+    fn finished_tasks_expire_after_a_week_or_beyond_the_newest_kept() {
+        let now = Utc::now();
+        let task = |age_days: i64, state: TaskState| {
+            let mut t = Task::new("default", "vm.start", "vm/a".into(), TaskGoal::VmDelete);
+            t.created_at = now - chrono::Duration::days(age_days);
+            t.updated_at = t.created_at;
+            t.state = state;
+            t
+        };
+        let tasks = vec![
+            task(0, TaskState::Succeeded),
+            task(1, TaskState::Failed),
+            task(8, TaskState::Succeeded),
+            task(30, TaskState::Running),
+            task(2, TaskState::Succeeded),
+        ];
+        let week = chrono::Duration::days(7);
+        let gone = expired(&tasks, now, week, 100);
+        assert_eq!(
+            gone,
+            vec![tasks[2].id],
+            "older than a week; running ones stay"
+        );
+        let gone = expired(&tasks, now, week, 2);
+        assert_eq!(
+            gone,
+            vec![tasks[4].id, tasks[2].id],
+            "beyond the newest two finished, oldest too"
+        );
+    }
 
     fn vm(phase: VmPhase, observed: u64) -> Vm {
         let mut status = VmStatus {

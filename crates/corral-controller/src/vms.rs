@@ -465,7 +465,7 @@ pub async fn console(
     // The log sits in the VM's run directory on its host, as the agent recorded it. Hosts of the
     // local lab share this machine's file system; relaying consoles of remote hosts is future work.
     // The directory is named by the VM's uid, so a host cannot point the console at another VM's log.
-    let own_dir = corral_agent::layout::vm_dir(&ctx.data_dir, vm.meta.uid);
+    let own_dir = corral_api::layout::vm_dir(&ctx.data_dir, vm.meta.uid);
     let run_dir = vm
         .status
         .run_dir
@@ -473,7 +473,7 @@ pub async fn console(
         .map(std::path::PathBuf::from)
         .filter(|d| d.file_name() == own_dir.file_name())
         .unwrap_or(own_dir);
-    let path = corral_hypervisor::console_log(&run_dir);
+    let path = corral_api::layout::console_log(&run_dir);
     let mut data = Vec::new();
     if let Ok(mut f) = std::fs::File::open(&path) {
         let len = f.metadata().map(|m| m.len()).unwrap_or(0);

@@ -1,11 +1,14 @@
 //! An in-memory driver for control-plane tests: it "runs" VMs instantly, records every call, and can
 //! be told to fail the next start or to have a guest power itself off.
 //!
-//! Fake drivers of agents in one process migrate VMs to each other: an incoming copy registers its
-//! URI in a process-wide table, where the source's fake finds it.
+//! Fake drivers of agents in one process migrate VMs to each other: an incoming copy registers the
+//! address it "listens" on (the host's address and a port of its own) in a process-wide table,
+//! where the source's fake finds it.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 
 use async_trait::async_trait;
@@ -13,9 +16,11 @@ use async_trait::async_trait;
 use crate::migration::{DiskCopy, Incoming, Transfer, TransferStatus, Tuning};
 use crate::{Driver, DriverError, LaunchSpec, Observed, RunState};
 
-/// Incoming copies by URI: the target driver's state and the copy's run directory.
-type Registry = HashMap<String, (Arc<Mutex<FakeState>>, PathBuf)>;
+/// Incoming copies by address: the target driver's state and the copy's run directory.
+type Registry = HashMap<SocketAddr, (Arc<Mutex<FakeState>>, PathBuf)>;
 static INCOMING: LazyLock<Mutex<Registry>> = LazyLock::new(Mutex::default);
+/// The next port an incoming copy "listens" on (a stream port and a disk port each).
+static NEXT_PORT: AtomicU16 = AtomicU16::new(20000);
 
 #[derive(Default)]
 pub struct FakeDriver {
@@ -24,7 +29,7 @@ pub struct FakeDriver {
 
 /// An outgoing migration: where to, and how many times it was looked at.
 struct Outgoing {
-    uri: String,
+    to: Option<SocketAddr>,
     transfer: Transfer,
     polls: u32,
 }
@@ -72,6 +77,23 @@ impl FakeDriver {
 
     /// Advances an outgoing migration of `run_dir` by one look: it completes on the second look
     /// if its target still waits, and fails if the target is gone.
+    /// A disk copy that is in sync at once.
+    fn start_mirror(&self, run_dir: &Path) {
+        let mut s = self.state();
+        s.calls.push(format!("mirror {}", name(run_dir)));
+        let out = s.outgoing.entry(run_dir.to_path_buf()).or_insert(Outgoing {
+            to: None,
+            transfer: Transfer::default(),
+            polls: 0,
+        });
+        out.transfer.disk = Some(DiskCopy {
+            copied: 1 << 20,
+            total: 1 << 20,
+            ready: true,
+            error: None,
+        });
+    }
+
     fn advance(&self, run_dir: &Path) -> Transfer {
         let mut s = self.state();
         let hold = s.hold_migrations;
@@ -82,7 +104,7 @@ impl FakeDriver {
             return out.transfer.clone();
         }
         out.polls += 1;
-        let target = lock(&INCOMING).get(&out.uri).cloned();
+        let target = out.to.and_then(|to| lock(&INCOMING).get(&to).cloned());
         let target_waits = |t: &Option<(Arc<Mutex<FakeState>>, PathBuf)>| {
             t.as_ref().is_some_and(|(st, dir)| {
                 Arc::ptr_eq(st, &self.inner)
@@ -200,14 +222,14 @@ impl Driver for FakeDriver {
         s.calls.push(format!("kill {}", name(run_dir)));
         s.running.remove(run_dir);
         s.outgoing.remove(run_dir);
-        lock(&INCOMING).remove(&format!("fake:{}", run_dir.display()));
+        lock(&INCOMING).retain(|_, (_, dir)| dir != run_dir);
         Ok(())
     }
     async fn start_incoming(
         &self,
         run_dir: &Path,
         _spec: &LaunchSpec,
-        _address: std::net::IpAddr,
+        address: std::net::IpAddr,
         export_disk: bool,
     ) -> Result<Incoming, DriverError> {
         let mut s = self.state();
@@ -224,33 +246,29 @@ impl Driver for FakeDriver {
                 state: RunState::Incoming,
             },
         );
-        let uri = format!("fake:{}", run_dir.display());
-        lock(&INCOMING).insert(uri.clone(), (self.inner.clone(), run_dir.to_path_buf()));
+        let port = NEXT_PORT.fetch_add(2, Ordering::Relaxed);
+        lock(&INCOMING).insert(
+            SocketAddr::new(address, port),
+            (self.inner.clone(), run_dir.to_path_buf()),
+        );
         Ok(Incoming {
             pid,
-            uri,
-            disk_uri: export_disk.then(|| format!("fake-nbd:{}", run_dir.display())),
+            port,
+            disk_port: export_disk.then_some(port + 1),
         })
     }
 
-    async fn mirror_disk(&self, run_dir: &Path, _disk_uri: &str) -> Result<(), DriverError> {
-        let mut s = self.state();
-        s.calls.push(format!("mirror {}", name(run_dir)));
-        let out = s.outgoing.entry(run_dir.to_path_buf()).or_insert(Outgoing {
-            uri: String::new(),
-            transfer: Transfer::default(),
-            polls: 0,
-        });
-        out.transfer.disk = Some(DiskCopy {
-            copied: 1 << 20,
-            total: 1 << 20,
-            ready: true,
-            error: None,
-        });
+    async fn mirror_disk(&self, run_dir: &Path, _to: SocketAddr) -> Result<(), DriverError> {
+        self.start_mirror(run_dir);
         Ok(())
     }
 
-    async fn send(&self, run_dir: &Path, uri: &str, tuning: &Tuning) -> Result<(), DriverError> {
+    async fn send(
+        &self,
+        run_dir: &Path,
+        to: SocketAddr,
+        tuning: &Tuning,
+    ) -> Result<(), DriverError> {
         let mut s = self.state();
         s.calls.push(format!(
             "send {} auto-converge={} downtime={}ms",
@@ -266,7 +284,7 @@ impl Driver for FakeDriver {
         s.outgoing.insert(
             run_dir.to_path_buf(),
             Outgoing {
-                uri: uri.to_string(),
+                to: Some(to),
                 transfer: Transfer {
                     status,
                     memory_total: 256 << 20,
@@ -307,7 +325,8 @@ impl Driver for FakeDriver {
             .calls
             .push(format!("copy-disk {}", name(run_dir)));
         std::fs::write(dest, b"fake disk").map_err(|e| DriverError::io("copying the disk", e))?;
-        self.mirror_disk(run_dir, &dest.display().to_string()).await
+        self.start_mirror(run_dir);
+        Ok(())
     }
 
     async fn switch_disk(&self, run_dir: &Path, _dest: &Path) -> Result<(), DriverError> {

@@ -13,6 +13,7 @@ pub mod migration;
 mod qemu;
 pub mod qmp;
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
@@ -123,10 +124,17 @@ pub trait Driver: Send + Sync + 'static {
         address: std::net::IpAddr,
         export_disk: bool,
     ) -> Result<Incoming, DriverError>;
-    /// Starts copying the disk into `disk_uri` while the guest runs; returns at once.
-    async fn mirror_disk(&self, run_dir: &Path, disk_uri: &str) -> Result<(), DriverError>;
-    /// Starts sending memory and device state to `uri`; returns at once.
-    async fn send(&self, run_dir: &Path, uri: &str, tuning: &Tuning) -> Result<(), DriverError>;
+    /// Starts copying the disk into the NBD export at `to` while the guest runs; returns at once.
+    /// Addresses, not URIs: the driver writes QEMU's `nbd:` and `tcp:` URIs itself, so no
+    /// other transport (`exec:`, `file:`, `unix:`) can ever reach QEMU from a migration.
+    async fn mirror_disk(&self, run_dir: &Path, to: SocketAddr) -> Result<(), DriverError>;
+    /// Starts sending memory and device state to `to` over TCP; returns at once.
+    async fn send(
+        &self,
+        run_dir: &Path,
+        to: SocketAddr,
+        tuning: &Tuning,
+    ) -> Result<(), DriverError>;
     /// How the outgoing copy stands.
     async fn transfer(&self, run_dir: &Path) -> Result<Transfer, DriverError>;
     /// Stops an outgoing copy; the guest goes on running here.
@@ -143,13 +151,67 @@ pub trait Driver: Send + Sync + 'static {
 }
 
 /// Files of a VM instance inside its run directory.
-pub fn console_log(run_dir: &Path) -> PathBuf {
-    run_dir.join("console.log")
+pub use corral_api::layout::console_log;
+
+/// The directory of a VM's QMP and serial sockets: short, and named by a hash of the run
+/// directory, so socket paths fit a unix socket address (108 bytes) however long the data dir
+/// is, and two hosts' copies of one VM (a migration between lab hosts) never share it.
+pub fn socket_dir(run_dir: &Path) -> PathBuf {
+    // SAFETY: geteuid(2) takes nothing and cannot fail.
+    #[allow(unsafe_code)]
+    let euid = unsafe { libc::geteuid() };
+    let base = if euid == 0 {
+        PathBuf::from("/run/corral")
+    } else {
+        PathBuf::from(format!("/tmp/corral-{euid}"))
+    };
+    // FNV-1a: stable across builds, so a new agent finds the sockets of the QEMUs it adopts.
+    let hash = run_dir
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    base.join(format!("{hash:016x}"))
 }
+
+/// A socket of the VM in `run_dir`: in its [`socket_dir`], or in the run directory itself for a
+/// QEMU started before sockets moved there (so it is still adopted).
+pub(crate) fn vm_socket(run_dir: &Path, name: &str) -> PathBuf {
+    let legacy = run_dir.join(name);
+    if legacy.exists() {
+        legacy
+    } else {
+        socket_dir(run_dir).join(name)
+    }
+}
+
+/// Removes the socket directories of every VM run directory under `dir` (`.../vms/UID`, of any
+/// host whose data dir is below it), which QEMUs killed from outside the driver leave behind.
+pub fn remove_socket_dirs(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let path = e.path();
+        if path.parent().and_then(Path::file_name) == Some(std::ffi::OsStr::new("vms")) {
+            let _ = std::fs::remove_dir_all(socket_dir(&path));
+        } else {
+            remove_socket_dirs(&path);
+        }
+    }
+}
+
+pub(crate) const SERIAL_SOCKET: &str = "serial.sock";
+pub(crate) const QMP_SOCKET: &str = "qmp.sock";
 
 /// The serial console socket: what a client writes there is typed on the guest's ttyS0.
 pub fn serial_socket(run_dir: &Path) -> PathBuf {
-    run_dir.join("serial.sock")
+    vm_socket(run_dir, SERIAL_SOCKET)
 }
 
 /// Sends a signal to a process (QEMU, or a helper such as dnsmasq) found by its pid file.
@@ -177,4 +239,27 @@ pub fn process_alive(pid: u32) -> bool {
     tasks
         .flatten()
         .any(|t| std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| running(&stat)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_paths_fit_however_long_the_data_dir() {
+        let long = Path::new("/home").join("a-rather-long-user-name".repeat(8));
+        let run_dir = long.join(".local/share/corral/vms/0123456789abcdef0123456789abcdef");
+        assert!(run_dir.join("serial.sock").as_os_str().len() > 107);
+        for name in [QMP_SOCKET, SERIAL_SOCKET] {
+            let sock = socket_dir(&run_dir).join(name);
+            assert!(sock.as_os_str().len() <= 107, "{}", sock.display());
+        }
+        let other = long.join("lab/hosts/host-2/data/vms/0123456789abcdef0123456789abcdef");
+        assert_ne!(
+            socket_dir(&run_dir),
+            socket_dir(&other),
+            "two hosts' copies of one VM"
+        );
+        assert_eq!(socket_dir(&run_dir), socket_dir(&run_dir), "stable");
+    }
 }

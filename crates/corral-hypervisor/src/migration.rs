@@ -4,10 +4,11 @@
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Incoming {
     pub pid: u32,
-    /// Where the migration stream goes, in QEMU's syntax (e.g. "tcp:10.0.0.12:49152").
-    pub uri: String,
-    /// Where the VM's new disk is served for the source to mirror into (shared-nothing moves).
-    pub disk_uri: Option<String>,
+    /// The TCP port on the listening address where the migration stream goes.
+    pub port: u16,
+    /// The TCP port where the VM's new disk is served over NBD for the source to mirror into
+    /// (shared-nothing moves).
+    pub disk_port: Option<u16>,
 }
 
 /// How memory is sent: QEMU's defaults (32 MiB/s before 7.2's 128 MiB/s cap, 300 ms downtime) are

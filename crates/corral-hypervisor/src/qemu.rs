@@ -1,7 +1,7 @@
 //! The QEMU driver: starts `qemu-system-x86_64` daemonized (so it outlives the agent), finds it again
 //! through the pid file and QMP socket in the run directory, and controls it over QMP.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -13,7 +13,8 @@ use tokio::process::Command;
 use crate::migration::{DiskCopy, Incoming, Transfer, TransferStatus, Tuning};
 use crate::qmp::Qmp;
 use crate::{
-    console_log, serial_socket, signal, Driver, DriverError, LaunchSpec, Observed, RunState,
+    console_log, serial_socket, signal, socket_dir, vm_socket, Driver, DriverError, LaunchSpec,
+    Observed, RunState, QMP_SOCKET, SERIAL_SOCKET,
 };
 
 const QEMU: &str = "qemu-system-x86_64";
@@ -24,7 +25,7 @@ const MAX_SOCKET_PATH: usize = 107;
 pub struct QemuDriver;
 
 fn qmp_socket(run_dir: &Path) -> PathBuf {
-    run_dir.join("qmp.sock")
+    vm_socket(run_dir, QMP_SOCKET)
 }
 
 fn pid_file(run_dir: &Path) -> PathBuf {
@@ -75,11 +76,14 @@ pub fn qemu_args(run_dir: &Path, spec: &LaunchSpec) -> Vec<String> {
         "-pidfile".into(),
         p(pid_file(run_dir)),
         "-qmp".into(),
-        format!("unix:{},server=on,wait=off", p(qmp_socket(run_dir))),
+        format!(
+            "unix:{},server=on,wait=off",
+            p(socket_dir(run_dir).join(QMP_SOCKET))
+        ),
         "-chardev".into(),
         format!(
             "socket,id=serial0,path={},server=on,wait=off,logfile={},logappend=on",
-            p(serial_socket(run_dir)),
+            p(socket_dir(run_dir).join(SERIAL_SOCKET)),
             p(console_log(run_dir))
         ),
         "-serial".into(),
@@ -147,7 +151,19 @@ async fn launch(run_dir: &Path, args: Vec<String>) -> Result<u32, DriverError> {
             run_dir.display()
         )));
     }
-    for sock in [qmp_socket(run_dir), serial_socket(run_dir)] {
+    let sockets = socket_dir(run_dir);
+    std::fs::create_dir_all(&sockets)
+        .and_then(|()| {
+            std::fs::set_permissions(
+                &sockets,
+                std::os::unix::fs::PermissionsExt::from_mode(0o700),
+            )
+        })
+        .map_err(|e| DriverError::io("creating the socket directory", e))?;
+    for name in [QMP_SOCKET, SERIAL_SOCKET] {
+        // A socket an older QEMU left in the run directory would be taken for this one's.
+        let _ = std::fs::remove_file(run_dir.join(name));
+        let sock = sockets.join(name);
         if sock.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(DriverError::PathTooLong(sock.display().to_string()));
         }
@@ -416,6 +432,7 @@ impl Driver for QemuDriver {
         ] {
             let _ = std::fs::remove_file(f);
         }
+        let _ = std::fs::remove_dir(socket_dir(run_dir));
         Ok(())
     }
     async fn start_incoming(
@@ -433,7 +450,7 @@ impl Driver for QemuDriver {
         let pid = launch(run_dir, args).await?;
         let prepared = async {
             let mut qmp = Qmp::connect(&qmp_socket(run_dir)).await?;
-            let disk_uri = if export_disk {
+            let disk_port = if export_disk {
                 let (_, node) = disk_node(&mut qmp).await?;
                 let port = free_port(address)?;
                 let addr = json!({"type": "inet", "data": {"host": address.to_string(), "port": port.to_string()}});
@@ -444,7 +461,7 @@ impl Driver for QemuDriver {
                     Some(json!({"type": "nbd", "id": DISK_EXPORT, "name": DISK_EXPORT, "node-name": node, "writable": true})),
                 )
                 .await?;
-                Some(format!("nbd:{}:exportname={DISK_EXPORT}", host_port(address, port)))
+                Some(port)
             } else {
                 None
             };
@@ -454,10 +471,15 @@ impl Driver for QemuDriver {
                 Some(json!({"capabilities": [{"capability": "late-block-activate", "state": true}]})),
             )
             .await?;
-            let uri = format!("tcp:{}", host_port(address, free_port(address)?));
+            let port = free_port(address)?;
+            let uri = format!("tcp:{}", host_port(address, port));
             qmp.execute("migrate-incoming", Some(json!({ "uri": uri })))
                 .await?;
-            Ok::<_, DriverError>(Incoming { pid, uri, disk_uri })
+            Ok::<_, DriverError>(Incoming {
+                pid,
+                port,
+                disk_port,
+            })
         }
         .await;
         if prepared.is_err() {
@@ -466,7 +488,11 @@ impl Driver for QemuDriver {
         prepared
     }
 
-    async fn mirror_disk(&self, run_dir: &Path, disk_uri: &str) -> Result<(), DriverError> {
+    async fn mirror_disk(&self, run_dir: &Path, to: SocketAddr) -> Result<(), DriverError> {
+        let disk_uri = format!(
+            "nbd:{}:exportname={DISK_EXPORT}",
+            host_port(to.ip(), to.port())
+        );
         let mut qmp = Qmp::connect(&qmp_socket(run_dir)).await?;
         let (device, _) = disk_node(&mut qmp).await?;
         clear_job(&mut qmp).await?;
@@ -482,7 +508,13 @@ impl Driver for QemuDriver {
         Ok(())
     }
 
-    async fn send(&self, run_dir: &Path, uri: &str, tuning: &Tuning) -> Result<(), DriverError> {
+    async fn send(
+        &self,
+        run_dir: &Path,
+        to: SocketAddr,
+        tuning: &Tuning,
+    ) -> Result<(), DriverError> {
+        let uri = format!("tcp:{}", host_port(to.ip(), to.port()));
         let mut qmp = Qmp::connect(&qmp_socket(run_dir)).await?;
         qmp.execute(
             "migrate-set-capabilities",

@@ -10,6 +10,7 @@ fn host(name: &str, ip: &str) -> Host {
         name: name.into(),
         maintenance: false,
         standby: false,
+        approved: None,
         status: HostStatus {
             cpus: 2,
             memory_bytes: 1 << 30,
@@ -20,6 +21,7 @@ fn host(name: &str, ip: &str) -> Host {
             address: Some(ip.parse().unwrap()),
             power_control: false,
             standby: false,
+            capacity_refused: None,
         },
     }
 }

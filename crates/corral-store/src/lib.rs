@@ -90,6 +90,15 @@ pub struct Event {
     pub last_in_revision: bool,
 }
 
+/// A page of a watch served remotely as a long poll (the agent endpoint's `GET /agent/v1/watch`):
+/// whole revisions only, and where to go on from.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct WatchPage {
+    pub events: Vec<Event>,
+    /// The revision to watch from next.
+    pub next: Revision,
+}
+
 /// Marks the last event of each revision in a run of events in revision order.
 pub fn mark_revision_ends(events: &mut [Event]) {
     for i in 0..events.len() {

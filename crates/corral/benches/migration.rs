@@ -84,14 +84,21 @@ fn corral_runs(lab: &TestLab, name: &str) -> Vec<Run> {
         .collect()
 }
 
-/// A QEMU started by hand in a host's namespace, with Corral's command line moved to `dir`.
+/// A QEMU started by hand in a host's namespace, with Corral's command line (its run directory
+/// and its socket directory) moved to `dir`.
 fn plain_qemu(lab: &TestLab, host: &str, argv: &[String], from: &str, dir: &Path, extra: &[&str]) {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).expect("dir");
     let d = dir.display().to_string();
+    let sockets = corral_hypervisor::socket_dir(Path::new(from))
+        .display()
+        .to_string();
     let st = Command::new("ip")
         .args(["netns", "exec", &lab.netns(host)])
-        .args(argv.iter().map(|a| a.replace(from, &d)))
+        .args(
+            argv.iter()
+                .map(|a| a.replace(&sockets, &d).replace(from, &d)),
+        )
         .args(extra)
         .status()
         .expect("qemu");
@@ -222,7 +229,10 @@ fn main() {
                 .to_string();
             wait_marker(&Path::new(&run_dir).join("console.log"));
             if dirty {
-                type_line(&Path::new(&run_dir).join("serial.sock"), DIRTY_LOOP);
+                type_line(
+                    &corral_hypervisor::serial_socket(Path::new(&run_dir)),
+                    DIRTY_LOOP,
+                );
                 std::thread::sleep(Duration::from_secs(2));
             }
             let corral = corral_runs(&lab, &name);

@@ -41,6 +41,8 @@ pub struct Client {
     base: String,
     token: Option<String>,
     agent: ureq::Agent,
+    /// How long `wait` follows a task that makes no progress before it gives up.
+    stall: Duration,
 }
 
 impl Client {
@@ -59,6 +61,7 @@ impl Client {
             .build()
             .into();
         Self {
+            stall: Duration::from_secs(300),
             base: base.trim_end_matches('/').to_string(),
             token,
             agent,
@@ -126,6 +129,14 @@ impl Client {
 
     /// Polls a task until it ends, drawing a progress bar when `show` is set. Fails with the task's
     /// error if the task failed.
+    /// Gives up following a task after it made no progress for `stall` (the task goes on).
+    pub fn stall_after(mut self, stall: Duration) -> Self {
+        self.stall = stall;
+        self
+    }
+
+    /// Follows `task` to its end (a progress bar with `show`), or until it made no progress for
+    /// the stall time: then it fails, saying where the task stands.
     pub fn wait(&self, task: Task, show: bool) -> Result<Task> {
         let bar = if show {
             indicatif::ProgressBar::new(100)
@@ -140,11 +151,30 @@ impl Client {
         bar.set_prefix(format!("{} {}", task.kind, task.target));
         let mut task = task;
         let started = std::time::Instant::now();
+        let mut moved = (task.progress, task.message.clone(), started);
         loop {
             bar.set_position(task.progress as u64);
             bar.set_message(task.message.clone());
             if task.is_finished() {
                 break;
+            }
+            if (task.progress, &task.message) != (moved.0, &moved.1) {
+                moved = (
+                    task.progress,
+                    task.message.clone(),
+                    std::time::Instant::now(),
+                );
+            } else if moved.2.elapsed() > self.stall {
+                bar.abandon();
+                bail!(
+                    "gave up waiting for {} {}: no progress for {} s, it stands at {}%: {} (the task goes on: `corral task show {}`; --wait-timeout waits longer)",
+                    task.kind,
+                    task.target,
+                    self.stall.as_secs(),
+                    task.progress,
+                    task.message,
+                    task.id
+                );
             }
             // Short tasks (a migration) end within a second: look often at first.
             let waited = started.elapsed();

@@ -694,6 +694,7 @@ fn down(r: &LabRef) -> Result<()> {
         let _ = ip(&["netns", "del", &h.netns]);
     }
     let _ = ip(&["link", "del", &state.bridge]);
+    corral_hypervisor::remove_socket_dirs(&root);
     std::fs::remove_dir_all(&root).with_context(|| format!("removing {}", root.display()))?;
     println!("lab {} removed", state.name);
     Ok(())

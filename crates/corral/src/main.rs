@@ -53,6 +53,15 @@ struct Global {
     /// Output format: a readable table, or JSON with the API's documented fields.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = Format::Table)]
     output: Format,
+    /// Seconds a command follows a task that makes no progress before it gives up and says where
+    /// the task stands (the task goes on).
+    #[arg(
+        long,
+        env = "CORRAL_WAIT_TIMEOUT",
+        global = true,
+        default_value_t = 300
+    )]
+    wait_timeout: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -248,6 +257,17 @@ enum HostCmd {
         /// Return once maintenance is set, without following the evacuation.
         #[arg(long)]
         no_wait: bool,
+    },
+    /// Approve a host's capacity (after adding CPUs or memory): its agent's reports are believed
+    /// up to it. A joined host's first registration sets it; a later claim beyond it is not
+    /// believed, and `host show` says what was claimed.
+    SetCapacity {
+        name: String,
+        #[arg(long)]
+        cpus: u32,
+        /// E.g. 256G.
+        #[arg(long)]
+        memory: String,
     },
 }
 
@@ -480,7 +500,12 @@ fn parse_rule(s: &str) -> Result<SecurityRule, String> {
 
 #[derive(Subcommand, Debug)]
 enum TaskCmd {
-    List,
+    /// The newest tasks first (finished ones are kept for 7 days).
+    List {
+        /// At most this many (1 to 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
     Show {
         id: uuid::Uuid,
     },
@@ -531,7 +556,8 @@ fn main() {
 }
 
 fn client_command(g: &Global, cmd: Command) -> Result<()> {
-    let c = Client::new(g.url.clone(), g.token.clone());
+    let c = Client::new(g.url.clone(), g.token.clone())
+        .stall_after(std::time::Duration::from_secs(g.wait_timeout.max(1)));
     let p = format!("/projects/{}", g.project);
     let fmt = g.output;
     let show_progress = fmt == Format::Table;
@@ -698,6 +724,14 @@ fn client_command(g: &Global, cmd: Command) -> Result<()> {
                     }
                     _ => output::hosts(fmt, &[r.host], true),
                 }
+            }
+            HostCmd::SetCapacity { name, cpus, memory } => {
+                let body = corral_api::Capacity {
+                    cpus,
+                    memory_bytes: corral_api::parse_size("--memory", &memory)?,
+                };
+                let h: HostInfo = c.put_json(&format!("/hosts/{name}/capacity"), &body)?;
+                output::hosts(fmt, &[h], true)
             }
         },
         Command::Network(cmd) => match cmd {
@@ -939,7 +973,9 @@ fn client_command(g: &Global, cmd: Command) -> Result<()> {
             }
         },
         Command::Events { follow } => events(&c, follow, fmt),
-        Command::Task(TaskCmd::List) => output::tasks(fmt, &c.get::<Vec<Task>>("/tasks")?),
+        Command::Task(TaskCmd::List { limit }) => {
+            output::tasks(fmt, &c.get::<Vec<Task>>(&format!("/tasks?limit={limit}"))?)
+        }
         Command::Task(TaskCmd::Show { id }) => {
             output::task(fmt, &c.get::<Task>(&format!("/tasks/{id}"))?)
         }

@@ -218,6 +218,15 @@ pub fn hosts(fmt: Format, hosts: &[HostInfo], single: bool) -> Result<()> {
         if let Some(ha) = h.ha.as_ref().filter(|_| single) {
             println!("HA: {ha}");
         }
+        if let Some(a) = h.host.approved.filter(|_| single) {
+            println!("Approved capacity: {a}");
+        }
+        if let Some(why) = h.host.status.capacity_refused.as_ref().filter(|_| single) {
+            println!(
+                "Capacity not believed: {why} (`corral host set-capacity {}`)",
+                h.host.name
+            );
+        }
     }
     Ok(())
 }

@@ -217,7 +217,10 @@ async fn serve(
             t
         }
     };
-    let ctx = corral_controller::init(store.clone(), data_dir.clone(), &token).await?;
+    let images = Arc::new(corral::HostImages {
+        data_dir: data_dir.clone(),
+    });
+    let ctx = corral_controller::init(store.clone(), data_dir.clone(), images, &token).await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| {
@@ -274,7 +277,7 @@ async fn serve(
             ha: Default::default(),
             network: Arc::new(corral_network::LinuxNet::new(data_dir.join("net"), address)),
         };
-        let link = corral_controller::LocalHaLink {
+        let link = corral::LocalHaLink {
             ctx: ctx.clone(),
             host: cfg.host.clone(),
         };
@@ -297,7 +300,7 @@ async fn serve(
             .into_iter()
             .map(|name| corral_agent::sim::SimHost {
                 store: store.clone(),
-                ha: Some(Arc::new(corral_controller::LocalHaLink {
+                ha: Some(Arc::new(corral::LocalHaLink {
                     ctx: ctx.clone(),
                     host: name.clone(),
                 })),

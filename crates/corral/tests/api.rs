@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::Lab;
+use serde_json::Value;
 
 fn vm_count(lab: &Lab) -> usize {
     lab.json(&["vm", "list"]).as_array().expect("array").len()
@@ -145,6 +146,48 @@ fn every_call_but_health_needs_the_token() {
         body.message
     );
 
+    // A body over the limit is a 413 with a sentence, refused on its announced length before
+    // anything is read (the client need not send it).
+    let announce = |method_path: &str, content_type: &str, length: u64| -> String {
+        use std::io::{Read, Write};
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", lab.port)).expect("connect");
+        write!(
+            conn,
+            "{method_path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: {content_type}\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n",
+            token.trim(),
+        )
+        .expect("send");
+        // The answer comes before the body it refuses was sent: read it (a JSON error), without
+        // waiting for the connection to close.
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .expect("timeout");
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !(answer.windows(4).any(|w| w == b"\r\n\r\n") && answer.ends_with(b"}")) {
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    let answer = announce(
+        "POST /api/v1/projects/default/vms",
+        "application/json",
+        2 << 20,
+    );
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("larger than the 1M"), "{answer}");
+    // An image upload over its limit likewise, before a byte is stored.
+    let answer = announce(
+        "PUT /api/v1/projects/default/images/huge",
+        "application/octet-stream",
+        100 << 30,
+    );
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("larger than the 64G"), "{answer}");
+    assert!(!lab.try_cli(&["image", "show", "huge"]).status.success());
+
     let out = std::process::Command::new(common::BIN)
         .args(["vm", "list", "--url", &base, "--token", "wrong"])
         .env("XDG_CONFIG_HOME", lab.dir.path().join("nowhere"))
@@ -187,6 +230,24 @@ fn the_served_openapi_document_is_the_committed_one() {
         serde_json::from_str(include_str!("../../../docs/openapi.json"))
             .expect("docs/openapi.json is JSON");
     assert!(served == committed, "docs/openapi.json is stale: regenerate it with `cargo run -p corral-controller --example openapi > docs/openapi.json`");
+    // Clients can be generated from it: one operationId per operation, every status documented.
+    let mut ids = std::collections::HashSet::new();
+    for (path, item) in committed["paths"].as_object().expect("paths") {
+        for (method, op) in item.as_object().expect("item") {
+            let id = op["operationId"].as_str().expect("an operationId");
+            assert!(ids.insert(id.to_string()), "operationId {id} twice");
+            let responses = op["responses"].as_object().expect("responses");
+            if path != "/api/v1/health" {
+                assert!(responses.contains_key("401"), "{method} {path}: no 401");
+            }
+            if op["requestBody"]["content"]
+                .get("application/json")
+                .is_some()
+            {
+                assert!(responses.contains_key("413"), "{method} {path}: no 413");
+            }
+        }
+    }
 }
 
 #[test]
@@ -627,4 +688,104 @@ fn networks_hand_out_addresses_once_and_refuse_bad_input() {
     lab.cli(&["network", "delete", "net-a"]);
     let err = lab.fails(&["network", "show", "net-a"]);
     assert!(err.contains("does not exist"), "{err}");
+}
+
+#[test]
+fn parallel_network_creates_have_exactly_the_right_winners() {
+    let lab = Lab::start();
+    // 20 at once, in pairs that overlap: one of each pair wins, the other is told why, and no
+    // create loses to a race that was not a real conflict.
+    let outcomes: Vec<(usize, std::process::Output)> = std::thread::scope(|s| {
+        let lab = &lab;
+        let runs: Vec<_> = (0..20)
+            .map(|i| {
+                s.spawn(move || {
+                    let name = format!("par-{i}");
+                    let cidr = format!("10.{}.0.0/24", 100 + i / 2);
+                    let args = ["network", "create", &name, "--cidr", &cidr, "--gateway"];
+                    (i, lab.try_cli(&args))
+                })
+            })
+            .collect();
+        runs.into_iter()
+            .map(|r| r.join().expect("thread"))
+            .collect()
+    });
+    let mut won = [0; 10];
+    for (i, out) in &outcomes {
+        if out.status.success() {
+            won[i / 2] += 1;
+        } else {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains("overlaps network default/par-"),
+                "par-{i} failed for no real conflict: {err}"
+            );
+        }
+    }
+    assert_eq!(won, [1; 10], "one winner per pair: {won:?}");
+    let nets = lab.json(&["network", "list"]);
+    let vnis: std::collections::HashSet<u64> = nets
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|n| n["spec"]["segment"]["vni"].as_u64().expect("a VXLAN id"))
+        .collect();
+    assert_eq!(vnis.len(), 10, "every network its own VXLAN id: {nets}");
+
+    // Loopback is nobody's tenant network; the hosts' fabric neither (see the hostile-host test).
+    let err = lab.fails(&["network", "create", "lo", "--cidr", "127.0.0.0/8"]);
+    assert!(err.contains("overlaps loopback"), "{err}");
+    // Security-group CIDRs are stored in the form nftables takes.
+    lab.cli(&[
+        "security-group",
+        "create",
+        "odd",
+        "--rule",
+        "in tcp 22 from 10.0.0.0/08",
+    ]);
+    let sg = lab.json(&["security-group", "show", "odd"]);
+    let rules = sg["rules"].to_string();
+    assert!(rules.contains("\"10.0.0.0/8\""), "{sg}");
+    let err = lab.fails(&[
+        "security-group",
+        "add-rule",
+        "odd",
+        "in tcp 22 from 10.0.0.0/+8",
+    ]);
+    assert!(err.contains("is not an address or network"), "{err}");
+}
+
+#[test]
+fn tasks_come_newest_first_in_pages() {
+    let lab = Lab::start();
+    lab.tiny_image_and_shared_datastore();
+    for name in ["t1", "t2", "t3"] {
+        lab.cli(&["vm", "create", name, "--image", "tiny", "--memory", "64M"]);
+    }
+    let (status, all) = lab.api_get("/api/v1/tasks");
+    assert_eq!(status, 200);
+    let targets: Vec<&str> = all
+        .as_array()
+        .expect("tasks")
+        .iter()
+        .filter_map(|t| t["target"].as_str())
+        .filter(|t| t.starts_with("vm/t"))
+        .collect();
+    assert_eq!(targets, ["vm/t3", "vm/t2", "vm/t1"], "newest first: {all}");
+    let (_, first) = lab.api_get("/api/v1/tasks?limit=2");
+    assert_eq!(first.as_array().map(Vec::len), Some(2));
+    let last = first[1]["id"].as_str().expect("id");
+    let (_, rest) = lab.api_get(&format!("/api/v1/tasks?limit=1000&after={last}"));
+    let mut paged: Vec<Value> = first.as_array().expect("page").clone();
+    paged.extend(rest.as_array().expect("page").iter().cloned());
+    assert_eq!(Value::Array(paged), all, "the pages make the whole list");
+    let (status, body) = lab.api_get("/api/v1/tasks?limit=0");
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = lab.api_get("/api/v1/tasks?after=00000000-0000-0000-0000-000000000000");
+    assert_eq!(status, 400);
+    assert!(body["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("no task")));
+    assert!(lab.cli(&["task", "list", "--limit", "1"]).contains("vm/t3"));
 }

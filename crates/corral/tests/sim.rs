@@ -231,6 +231,33 @@ fn faults_injected_into_simulated_hosts_show_as_a_user_sees_them() {
 }
 
 #[test]
+fn a_vm_created_stopped_on_a_simulated_host_is_created_as_on_a_real_one() {
+    let lab = Lab::controller_with(&["--sim-hosts", "2", "--sim-boot-ms", "100"], &[]);
+    lab.wait_connected(&["sim-1", "sim-2"]);
+    lab.tiny_image_and_shared_datastore();
+    // Without --start the task ends once the host has the disk: the command returns.
+    let vm = lab.json(&[
+        "vm",
+        "create",
+        "idle",
+        "--image",
+        "tiny",
+        "--memory",
+        "256M",
+        "--datastore",
+        "nfs",
+        "--wait-timeout",
+        "20",
+    ]);
+    assert_eq!(vm["status"]["phase"], "stopped", "{vm}");
+    let disk = vm["status"]["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == "DiskReady").cloned())
+        .unwrap_or_default();
+    assert_eq!(disk["status"], true, "{vm}");
+}
+
+#[test]
 fn a_start_that_fails_is_reported_on_the_vm() {
     let lab = Lab::controller_with(
         &[

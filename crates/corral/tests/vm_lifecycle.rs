@@ -144,7 +144,7 @@ fn a_guest_that_powers_itself_off_is_recorded_as_stopped() {
         "vm", "create", "app", "--image", "jeos", "--memory", "128M", "--start",
     ]);
     lab.wait_console("app", READY, 1, BOOT);
-    let sock = lab.run_dir("app").join("serial.sock");
+    let sock = corral_hypervisor::serial_socket(&lab.run_dir("app"));
     let mut s = std::os::unix::net::UnixStream::connect(sock).expect("serial");
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let mut typed = std::time::Instant::now() - Duration::from_secs(60);

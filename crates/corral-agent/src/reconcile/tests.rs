@@ -320,6 +320,54 @@ async fn reboot_resets_once_and_delete_removes_everything() {
 }
 
 #[tokio::test]
+async fn a_disk_path_another_host_recorded_is_never_opened_or_removed() {
+    let f = fixture().await;
+    let key = f.create("moved", PowerState::Running).await;
+    // What a compromised host that ran the VM before could have left in its status: a file of
+    // this host's, and QEMU options after a comma.
+    let victim = f.cfg.data_dir.join("precious");
+    std::fs::write(&victim, b"not a disk").expect("write");
+    let planted = format!("{},file.locking=off", victim.display());
+    for path in [planted, victim.display().to_string()] {
+        f.edit(&key, |vm| {
+            vm.status.disk = Some(corral_api::DiskStatus {
+                path: path.clone(),
+                backing: String::new(),
+                datastore: corral_api::LOCAL_DATASTORE.into(),
+            })
+        })
+        .await;
+        let mut ws = WorkerState::default();
+        assert_eq!(f.reconcile(&key, &mut ws).await, Outcome::Steady);
+        let vm = f.vm(&key).await;
+        assert_eq!(vm.status.phase, VmPhase::Running);
+        let derived = f.run_dir(&vm).join(layout::DISK_FILE);
+        assert_eq!(
+            vm.status.disk.as_ref().map(|d| d.path.clone()),
+            Some(derived.display().to_string()),
+            "the disk is where this host derives it"
+        );
+        assert!(derived.exists());
+    }
+    let vm = f.vm(&key).await;
+    f.edit(&key, |vm| {
+        vm.status.disk.as_mut().expect("disk").path = victim.display().to_string();
+        vm.meta.deletion_requested_at = Some(Utc::now());
+    })
+    .await;
+    assert_eq!(
+        f.reconcile(&key, &mut WorkerState::default()).await,
+        Outcome::Gone
+    );
+    assert!(!f.run_dir(&vm).exists(), "its own disk is removed");
+    assert_eq!(
+        std::fs::read(&victim).expect("still there"),
+        b"not a disk",
+        "the recorded path was neither opened as a disk nor removed"
+    );
+}
+
+#[tokio::test]
 async fn a_vm_of_another_host_or_of_none_is_left_alone() {
     let f = fixture().await;
     let key = f.create("other", PowerState::Running).await;

@@ -411,7 +411,7 @@ impl Lab {
 
     /// Types a command on the guest's serial console and returns the value it prints as `KEY=value`.
     pub fn guest_value(&self, name: &str, key: &str, command: &str) -> String {
-        let sock = self.run_dir(name).join("serial.sock");
+        let sock = corral_hypervisor::serial_socket(&self.run_dir(name));
         let before = self.console(name).len();
         let mut s = std::os::unix::net::UnixStream::connect(&sock).expect("serial socket");
         writeln!(s, "echo {key}=$({command})").expect("type");
@@ -492,5 +492,6 @@ impl Drop for Lab {
         while !self.qemu_pids().is_empty() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
+        corral_hypervisor::remove_socket_dirs(self.dir.path());
     }
 }

@@ -176,8 +176,10 @@ pub fn type_line(lab: &TestLab, name: &str, line: &str) {
         .as_str()
         .expect("run dir")
         .to_string();
-    let mut s = std::os::unix::net::UnixStream::connect(format!("{run_dir}/serial.sock"))
-        .expect("serial socket");
+    let mut s = std::os::unix::net::UnixStream::connect(corral_hypervisor::serial_socket(
+        std::path::Path::new(&run_dir),
+    ))
+    .expect("serial socket");
     // The guest's UART holds 16 bytes: type at a human pace so nothing is dropped.
     // Guests on a loaded machine (TCG) may not get to drain it for tens of milliseconds.
     for chunk in format!("{line}\n").as_bytes().chunks(4) {

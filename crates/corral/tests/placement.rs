@@ -38,7 +38,10 @@ impl Cluster {
         let store: Arc<dyn Store> =
             Arc::new(RedbStore::open(&dir.path().join("store.redb")).expect("store"));
         let token = corral_controller::new_token();
-        let ctx = corral_controller::init(store.clone(), dir.path().to_path_buf(), &token)
+        let images = Arc::new(corral::HostImages {
+            data_dir: dir.path().to_path_buf(),
+        });
+        let ctx = corral_controller::init(store.clone(), dir.path().to_path_buf(), images, &token)
             .await
             .expect("init");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

@@ -1,10 +1,12 @@
-//! Where things live in the data directory of a host.
+//! Where things live in the data directory of a host (and on its datastores). Pure path
+//! building, shared by the agent that makes the files and the controller that reads some of them.
 
 use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
-/// Run directory of a VM: its disk, QMP and serial sockets, pid file and console log.
+/// Run directory of a VM: its disk, pid file and console log (its QMP and serial sockets are in a
+/// short directory of their own: `corral_hypervisor::socket_dir`).
 /// Named by uid (short, unique for all time) so socket paths stay within the unix limit.
 pub fn vm_dir(data_dir: &Path, uid: Uuid) -> PathBuf {
     data_dir.join("vms").join(uid.simple().to_string())
@@ -19,6 +21,11 @@ pub fn datastore_vm_dir(datastore_path: &Path, uid: Uuid) -> PathBuf {
 
 /// File name of a VM's disk in its directory.
 pub const DISK_FILE: &str = "disk.qcow2";
+
+/// The serial console's log in a VM's run directory.
+pub fn console_log(run_dir: &Path) -> PathBuf {
+    run_dir.join("console.log")
+}
 
 /// Directory of an image's files.
 pub fn image_dir(data_dir: &Path, uid: Uuid) -> PathBuf {
