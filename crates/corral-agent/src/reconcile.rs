@@ -527,13 +527,18 @@ pub(crate) async fn reconcile(
     finish(store, key, revision, &before, &vm, outcome).await
 }
 
-/// Removes a VM's run directory and, when given, the directory of its disk on a datastore (only
-/// if it is the VM's own, named by its uid like the run directory).
+/// Removes a VM's run directory and socket directory and, when given, the directory of its disk
+/// on a datastore (only if it is the VM's own, named by its uid like the run directory).
 pub(crate) fn remove_vm_files(run_dir: &Path, disk: Option<&Path>) -> Result<(), AgentError> {
     let disk_dir = disk.and_then(|d| d.parent().map(Path::to_path_buf));
     let uid_name = run_dir.file_name().map(|n| n.to_owned());
-    let dirs = std::iter::once(run_dir.to_path_buf())
-        .chain(disk_dir.filter(|d| d.file_name().map(|n| n.to_owned()) == uid_name));
+    // The socket directory too: a fenced QEMU (killed without asking) leaves its sockets.
+    let dirs = [
+        run_dir.to_path_buf(),
+        corral_hypervisor::socket_dir(run_dir),
+    ]
+    .into_iter()
+    .chain(disk_dir.filter(|d| d.file_name().map(|n| n.to_owned()) == uid_name));
     for d in dirs {
         match std::fs::remove_dir_all(&d) {
             Ok(()) => {}
