@@ -23,8 +23,8 @@ use corral_hypervisor::{Driver, RunState, Transfer, TransferStatus, Tuning};
 use corral_store::{get_json, update_json, Op, Precondition, Store, StoreError, Versioned};
 
 use crate::reconcile::{
-    clone_disk, disk_path, image_of, launch_spec, new_disk_path, private_dir, remove_vm_files,
-    AgentConfig, Outcome,
+    clone_disk, disk_on, disk_path, image_of, known_disk, launch_spec, new_disk_path, private_dir,
+    remove_vm_files, AgentConfig, Outcome,
 };
 use crate::{layout, AgentError};
 
@@ -486,7 +486,7 @@ async fn hand_over(
             .as_ref()
             .map_or(m.progress.disk_total_bytes, |d| d.total);
         let source_disk = match &v.status.disk {
-            Some(_) => Some(disk_path(store, cfg, &v).await.map_err(AgentError::Other)?),
+            Some(_) => known_disk(store, cfg, &v).await,
             None => None,
         };
         let result = MigrationResult {
@@ -544,7 +544,7 @@ pub(crate) fn handover_ops(
     }
     v.status.phase = VmPhase::Running;
     v.status.set_condition(
-        "Running",
+        corral_api::ConditionType::Running,
         false,
         RESUMING,
         &format!("live-migrated from {}", m.source),
@@ -595,11 +595,17 @@ pub(crate) async fn run_target(
         }
         return Ok(Outcome::Gone);
     }
-    // Only what this host made: the run directory, and the disk it cloned (never a shared one).
+    // Only what this host made: the run directory, and the disk it cloned (never a shared one),
+    // where this host makes its clones of the VM (a recorded path anywhere else is not removed).
     let clean_up = |made: Option<&str>| {
         let dir = dir.clone();
-        let disk = made.filter(|_| !m.shared_storage).map(PathBuf::from);
+        let made = made.filter(|_| !m.shared_storage).map(PathBuf::from);
+        let uid = m.vm_uid;
         async move {
+            let disk = match made {
+                Some(p) => own_clone(store, cfg, uid, &p).await?,
+                None => None,
+            };
             driver.kill(&dir).await?;
             remove_vm_files(&dir, disk.as_deref())
         }
@@ -675,6 +681,27 @@ pub(crate) async fn run_target(
     }
 }
 
+/// `recorded` if it is where this host makes a disk for the VM `uid` (on `local` or on some
+/// datastore), else `None` (with a warning): a clean-up never removes a file it did not make.
+async fn own_clone(
+    store: &dyn Store,
+    cfg: &AgentConfig,
+    uid: uuid::Uuid,
+    recorded: &Path,
+) -> Result<Option<PathBuf>, AgentError> {
+    let (datastores, _) =
+        corral_store::list_json::<corral_api::Datastore>(store, keys::DATASTORES).await?;
+    let names = std::iter::once(corral_api::LOCAL_DATASTORE.to_string())
+        .chain(datastores.into_iter().map(|d| d.name));
+    for name in names {
+        if disk_on(store, cfg, &name, uid).await.as_deref() == Ok(recorded) {
+            return Ok(Some(recorded.to_path_buf()));
+        }
+    }
+    tracing::warn!(path = %recorded.display(), "not removing a disk this host did not make");
+    Ok(None)
+}
+
 /// Makes the run directory and the disk, starts the waiting QEMU, and returns the record as it
 /// should read once the target is ready. What it made is removed again if it fails.
 async fn prepare(
@@ -702,7 +729,9 @@ async fn prepare(
         (source_disk, false)
     } else {
         let path = new_disk_path(store, cfg, vm).await?;
-        if path == source_disk && path.exists() {
+        // On `local` every host derives its own path, so the two are equal by construction.
+        if vm.spec.datastore != corral_api::LOCAL_DATASTORE && path == source_disk && path.exists()
+        {
             // The VM's own disk is visible here: replacing it with a fresh clone would destroy it.
             return Err(format!(
                 "the VM's disk {} is visible on this host too: mark datastore {} as --shared",

@@ -80,6 +80,18 @@ pub(crate) async fn disk_path(
     disk_on(store, cfg, datastore, vm.meta.uid).await
 }
 
+/// The VM's disk where it can still be derived; `None` (with a warning) when its datastore is
+/// gone, so a delete or handover still goes through (the disk, if any, is left for an operator).
+pub(crate) async fn known_disk(store: &dyn Store, cfg: &AgentConfig, vm: &Vm) -> Option<PathBuf> {
+    match disk_path(store, cfg, vm).await {
+        Ok(p) => Some(p),
+        Err(e) => {
+            tracing::warn!(vm = %vm.meta.name, error = %e, "not removing the VM's disk: cannot tell where it is");
+            None
+        }
+    }
+}
+
 /// Where this host makes a disk for the VM: on the datastore of its spec.
 pub(crate) async fn new_disk_path(
     store: &dyn Store,
@@ -172,7 +184,8 @@ async fn ensure_disk(
             datastore: vm.spec.datastore.clone(),
         });
         let msg = format!("linked clone of image {}", vm.spec.image);
-        vm.status.set_condition("DiskReady", true, "Cloned", &msg);
+        vm.status
+            .set_condition(corral_api::ConditionType::DiskReady, true, "Cloned", &msg);
     }
     Ok(())
 }
@@ -260,11 +273,7 @@ pub(crate) async fn reconcile(
         }
         driver.kill(&dir).await?;
         let disk = match &vm.status.disk {
-            Some(_) => Some(
-                disk_path(store, cfg, &vm)
-                    .await
-                    .map_err(AgentError::Other)?,
-            ),
+            Some(_) => known_disk(store, cfg, &vm).await,
             None => None,
         };
         remove_vm_files(&dir, disk.as_deref())?;
@@ -285,8 +294,12 @@ pub(crate) async fn reconcile(
         Ok(disk) => disk,
         Err(msg) => {
             vm.status.phase = VmPhase::Failed;
-            vm.status
-                .set_condition("DiskReady", false, "DiskUnavailable", &msg);
+            vm.status.set_condition(
+                corral_api::ConditionType::DiskReady,
+                false,
+                "DiskUnavailable",
+                &msg,
+            );
             vm.status.observed_generation = vm.meta.generation;
             let retry = Outcome::Requeue(Duration::from_secs(10));
             return finish(store, key, revision, &before, &vm, retry).await;
@@ -317,7 +330,7 @@ pub(crate) async fn reconcile(
     let failed_before = vm.status.observed_generation == vm.meta.generation
         && vm
             .status
-            .condition("StorageMoved")
+            .condition(corral_api::ConditionType::StorageMoved)
             .is_some_and(|c| !c.status);
     if moving && !failed_before {
         let live = observed.is_some();
@@ -325,11 +338,20 @@ pub(crate) async fn reconcile(
             Ok(disk) => {
                 let msg = format!("moved to datastore {}", disk.datastore);
                 vm.status.disk = Some(disk);
-                vm.status.set_condition("StorageMoved", true, "Moved", &msg);
+                vm.status.set_condition(
+                    corral_api::ConditionType::StorageMoved,
+                    true,
+                    "Moved",
+                    &msg,
+                );
             }
             Err(msg) => {
-                vm.status
-                    .set_condition("StorageMoved", false, "MoveFailed", &msg);
+                vm.status.set_condition(
+                    corral_api::ConditionType::StorageMoved,
+                    false,
+                    "MoveFailed",
+                    &msg,
+                );
             }
         }
         vm.status.observed_generation = vm.meta.generation;
@@ -353,8 +375,12 @@ pub(crate) async fn reconcile(
             if protected {
                 if !cfg.ha.may_start_protected() {
                     let msg = "this host holds no fresh storage lease (or fenced itself): HA-protected VMs start here once it does";
-                    vm.status
-                        .set_condition("Running", false, "WaitingForLease", msg);
+                    vm.status.set_condition(
+                        corral_api::ConditionType::Running,
+                        false,
+                        "WaitingForLease",
+                        msg,
+                    );
                     let wait = Outcome::Requeue(Duration::from_millis(500));
                     return finish(store, key, revision, &before, &vm, wait).await;
                 }
@@ -386,14 +412,23 @@ pub(crate) async fn reconcile(
                     vm.status.pid = Some(pid);
                     vm.status.started_at = Some(Utc::now());
                     vm.status.reboots = vm.spec.reboots;
-                    vm.status.set_condition("Running", true, "Started", "");
+                    vm.status.set_condition(
+                        corral_api::ConditionType::Running,
+                        true,
+                        "Started",
+                        "",
+                    );
                 }
                 Err(msg) => {
                     ws.failures += 1;
                     vm.status.phase = VmPhase::Failed;
                     vm.status.pid = None;
-                    vm.status
-                        .set_condition("Running", false, "StartFailed", &msg);
+                    vm.status.set_condition(
+                        corral_api::ConditionType::Running,
+                        false,
+                        "StartFailed",
+                        &msg,
+                    );
                     let backoff = 5u64.saturating_mul(1 << ws.failures.min(6)).min(300);
                     outcome = Outcome::Requeue(Duration::from_secs(backoff));
                 }
@@ -438,14 +473,16 @@ pub(crate) async fn reconcile(
             vm.status.started_at.get_or_insert_with(Utc::now);
             let handed_over = vm
                 .status
-                .condition("Running")
+                .condition(corral_api::ConditionType::Running)
                 .filter(|c| c.reason == corral_api::host_protocol::RESUMING)
                 .map(|c| c.message.clone());
             if let Some(msg) = handed_over {
-                vm.status.set_condition("Running", true, "Migrated", &msg);
+                vm.status
+                    .set_condition(corral_api::ConditionType::Running, true, "Migrated", &msg);
             } else if o.state == RunState::MigratedAway {
                 let msg = "the migration did not complete; the guest runs on here";
-                vm.status.set_condition("Running", true, "Resumed", msg);
+                vm.status
+                    .set_condition(corral_api::ConditionType::Running, true, "Resumed", msg);
             }
         }
         (PowerState::Running, Some(o)) => {
@@ -455,20 +492,24 @@ pub(crate) async fn reconcile(
                 driver.reset(&dir).await?;
                 vm.status.reboots = vm.spec.reboots;
                 vm.status.started_at = Some(Utc::now());
-                vm.status
-                    .set_condition("Running", true, "Rebooted", "reset by request");
+                vm.status.set_condition(
+                    corral_api::ConditionType::Running,
+                    true,
+                    "Rebooted",
+                    "reset by request",
+                );
             } else if vm.spec.reboots > vm.status.reboots {
                 vm.status.reboots = vm.spec.reboots;
             } else if let RunState::Other(state) = &o.state {
                 vm.status.set_condition(
-                    "Running",
+                    corral_api::ConditionType::Running,
                     true,
                     "HypervisorState",
                     &format!("QEMU reports {state}"),
                 );
             } else if before.status.pid != Some(o.pid) {
                 vm.status.set_condition(
-                    "Running",
+                    corral_api::ConditionType::Running,
                     true,
                     "Adopted",
                     "found running after an agent restart",
@@ -508,7 +549,10 @@ pub(crate) async fn reconcile(
         (PowerState::Stopped, None) => {
             ws.stopping_since = None;
             if vm.status.phase != VmPhase::Stopped {
-                let was_running = vm.status.condition("Running").is_some_and(|c| c.status);
+                let was_running = vm
+                    .status
+                    .condition(corral_api::ConditionType::Running)
+                    .is_some_and(|c| c.status);
                 mark_stopped(
                     &mut vm,
                     "Stopped",
@@ -566,7 +610,8 @@ fn mark_stopped(vm: &mut Vm, reason: &str, msg: &str) {
     vm.status.phase = VmPhase::Stopped;
     vm.status.pid = None;
     vm.status.started_at = None;
-    vm.status.set_condition("Running", false, reason, msg);
+    vm.status
+        .set_condition(corral_api::ConditionType::Running, false, reason, msg);
 }
 
 /// Writes the VM back if anything changed; a lost compare-and-swap means "look again now".

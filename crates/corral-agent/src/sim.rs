@@ -622,24 +622,38 @@ impl Fleet {
         }
         // The disk first, as a real agent makes its linked clone before anything else (a create
         // without a start waits for exactly this).
-        if !vm.status.condition("DiskReady").is_some_and(|c| c.status) {
+        if !vm
+            .status
+            .condition(corral_api::ConditionType::DiskReady)
+            .is_some_and(|c| c.status)
+        {
             let msg = format!("linked clone of image {} (simulated)", vm.spec.image);
-            vm.status.set_condition("DiskReady", true, "Cloned", &msg);
+            vm.status
+                .set_condition(corral_api::ConditionType::DiskReady, true, "Cloned", &msg);
         }
         let resuming = vm
             .status
-            .condition("Running")
+            .condition(corral_api::ConditionType::Running)
             .filter(|c| c.reason == corral_api::host_protocol::RESUMING)
             .map(|c| c.message.clone());
         match (vm.spec.power, vm.status.phase) {
             (PowerState::Running, VmPhase::Running) => {
                 if let Some(msg) = resuming {
-                    vm.status.set_condition("Running", true, "Migrated", &msg);
+                    vm.status.set_condition(
+                        corral_api::ConditionType::Running,
+                        true,
+                        "Migrated",
+                        &msg,
+                    );
                 } else if vm.spec.reboots > vm.status.reboots {
                     vm.status.reboots = vm.spec.reboots;
                     vm.status.started_at = Some(Utc::now());
-                    vm.status
-                        .set_condition("Running", true, "Rebooted", "reset by request");
+                    vm.status.set_condition(
+                        corral_api::ConditionType::Running,
+                        true,
+                        "Rebooted",
+                        "reset by request",
+                    );
                 }
             }
             (PowerState::Running, _) => {
@@ -648,7 +662,7 @@ impl Fleet {
                 if failed_already
                     && before
                         .status
-                        .condition("Running")
+                        .condition(corral_api::ConditionType::Running)
                         .is_some_and(|c| (Utc::now() - c.last_transition).num_seconds() < 10)
                 {
                     // Back off as a real agent does before trying again.
@@ -665,7 +679,7 @@ impl Fleet {
                 if self.roll(self.spec.fail_starts) {
                     vm.status.phase = VmPhase::Failed;
                     vm.status.set_condition(
-                        "Running",
+                        corral_api::ConditionType::Running,
                         false,
                         "StartFailed",
                         "simulated start failure (fault injection)",
@@ -675,7 +689,12 @@ impl Fleet {
                     vm.status.started_at = Some(Utc::now());
                     vm.status.reboots = vm.spec.reboots;
                     vm.status.usage = self.usage(&vm);
-                    vm.status.set_condition("Running", true, "Started", "");
+                    vm.status.set_condition(
+                        corral_api::ConditionType::Running,
+                        true,
+                        "Started",
+                        "",
+                    );
                 }
             }
             (PowerState::Stopped, VmPhase::Stopped) => {}
@@ -683,7 +702,8 @@ impl Fleet {
                 vm.status.phase = VmPhase::Stopped;
                 vm.status.started_at = None;
                 vm.status.usage = None;
-                vm.status.set_condition("Running", false, "Stopped", "");
+                vm.status
+                    .set_condition(corral_api::ConditionType::Running, false, "Stopped", "");
             }
         }
         vm.status.observed_generation = vm.meta.generation;

@@ -25,6 +25,12 @@ pub struct Datastore {
 /// Body of `POST /api/v1/datastores`.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct CreateDatastoreRequest {
+    /// A DNS label: 1 to 63 lowercase letters, digits or '-', starting and ending with a letter or digit.
+    #[schema(
+        min_length = 1,
+        max_length = 63,
+        pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+    )]
     pub name: String,
     pub path: String,
     #[serde(default)]

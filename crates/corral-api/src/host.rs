@@ -94,6 +94,26 @@ impl std::fmt::Display for Capacity {
     }
 }
 
+/// Refuses to treat `host`'s address as its own when another of `hosts` registered it too: a
+/// compromised host could otherwise name an honest host's address, and a migration to it would
+/// stream into that host's waiting QEMU. Loopback is exempt: it is every host's address when they
+/// share one machine (tests, simulated hosts), and it reaches only the sender itself.
+pub fn check_own_address(host: &Host, hosts: &[Host]) -> Result<(), String> {
+    let Some(ip) = host.status.address.filter(|ip| !ip.is_loopback()) else {
+        return Ok(());
+    };
+    match hosts
+        .iter()
+        .find(|h| h.name != host.name && h.status.address == Some(ip))
+    {
+        Some(other) => Err(format!(
+            "host {} claims the address {ip}, which host {} has registered too: refusing to send a VM there",
+            host.name, other.name
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Refuses an address no one host can be reached at (unspecified, multicast, broadcast), with a
 /// sentence. Loopback is a host's address when it shares the controller's machine (the lab's
 /// simulated hosts, tests).
@@ -227,9 +247,11 @@ pub enum PlacementPolicy {
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq)]
 pub struct ClusterSettings {
     pub placement: PlacementPolicy,
-    /// vCPUs that may be allocated per host CPU.
+    /// vCPUs that may be allocated per host CPU (0.1 to 64).
+    #[schema(minimum = 0.1, maximum = 64.0)]
     pub cpu_overcommit: f64,
-    /// Memory that may be allocated per byte of host memory.
+    /// Memory that may be allocated per byte of host memory (0.1 to 64).
+    #[schema(minimum = 0.1, maximum = 64.0)]
     pub memory_overcommit: f64,
     /// Cap on one live migration's stream, bytes per second; none: as fast as the link goes.
     #[serde(default, skip_serializing_if = "Option::is_none")]

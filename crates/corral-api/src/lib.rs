@@ -31,8 +31,8 @@ pub use error::{ApiErrorBody, ValidationError};
 pub use group::{CreateGroupRequest, GroupRule, GroupStrength, VmGroup};
 pub use ha::{timing, ClusterEvent, HaPolicy, HaPriority, HaProtection, IsolationResponse};
 pub use host::{
-    check_fabric_address, Accel, Capacity, ClusterSettings, Host, HostInfo, HostState, HostStatus,
-    MaintenanceResponse, PlacementPolicy,
+    check_fabric_address, check_own_address, Accel, Capacity, ClusterSettings, Host, HostInfo,
+    HostState, HostStatus, MaintenanceResponse, PlacementPolicy,
 };
 pub use image::{DirectBoot, DiskFormat, Image, ImagePhase, ImageSource, ImageSpec, ImageStatus};
 pub use meta::{validate_name, ObjectMeta, DEFAULT_PROJECT};
@@ -49,8 +49,8 @@ pub use network::{
 pub use size::{format_bytes, parse_size};
 pub use task::{Task, TaskGoal, TaskState};
 pub use vm::{
-    Condition, CreateVmRequest, DiskStatus, MoveStorageRequest, PowerState, StopVmRequest, Vm,
-    VmPhase, VmSpec, VmStatus, MIN_MEMORY_BYTES,
+    Condition, ConditionType, CreateVmRequest, DiskStatus, MoveStorageRequest, PowerState,
+    StopVmRequest, Vm, VmPhase, VmSpec, VmStatus, MIN_MEMORY_BYTES,
 };
 
 /// Body of `GET /api/v1/health`, the one endpoint that needs no token.

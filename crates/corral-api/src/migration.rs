@@ -362,5 +362,17 @@ mod tests {
         let mut no_disk = migration(false);
         no_disk.disk_port = None;
         refused(&no_disk, &host("h2", Some("10.0.0.12")), "disk export");
+
+        // A target that names another host's address is not believed.
+        let hosts = [host("h1", Some("10.0.0.11")), host("h2", Some("10.0.0.11"))];
+        let err = crate::check_own_address(&hosts[1], &hosts).expect_err("h1's address");
+        assert!(err.contains("host h1 has registered too"), "{err}");
+        let hosts = [host("h1", Some("127.0.0.1")), host("h2", Some("127.0.0.1"))];
+        assert!(
+            crate::check_own_address(&hosts[1], &hosts).is_ok(),
+            "one machine"
+        );
+        let hosts = [host("h1", Some("10.0.0.11")), host("h2", Some("10.0.0.12"))];
+        assert!(crate::check_own_address(&hosts[1], &hosts).is_ok());
     }
 }

@@ -176,8 +176,16 @@ pub struct AttachedNic {
 /// Body of `POST /api/v1/projects/{project}/networks`.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct CreateNetworkRequest {
+    /// A DNS label: 1 to 63 lowercase letters, digits or '-', starting and ending with a letter or digit.
+    #[schema(
+        min_length = 1,
+        max_length = 63,
+        pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+    )]
     pub name: String,
-    /// IPv4 network, e.g. "10.10.0.0/24"; its first address is the hosts' gateway.
+    /// IPv4 network, e.g. "10.10.0.0/24", /8 to /29 with its host bits zero; its first address
+    /// is the hosts' gateway.
+    #[schema(pattern = "^[0-9]{1,3}(\\.[0-9]{1,3}){3}/([89]|[12][0-9])$")]
     pub cidr: String,
     /// NAT the network's outbound traffic through the host it leaves from.
     #[serde(default)]
@@ -561,6 +569,12 @@ impl SecurityGroup {
 /// Body of `POST /api/v1/projects/{project}/security-groups`.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct CreateSecurityGroupRequest {
+    /// A DNS label: 1 to 63 lowercase letters, digits or '-', starting and ending with a letter or digit.
+    #[schema(
+        min_length = 1,
+        max_length = 63,
+        pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+    )]
     pub name: String,
     /// Rules besides the two every new group has (all outbound; anything from the same group).
     #[serde(default)]
@@ -579,6 +593,12 @@ pub struct SetRulesRequest {
 /// Body of `POST /api/v1/projects`.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct CreateProjectRequest {
+    /// A DNS label: 1 to 63 lowercase letters, digits or '-', starting and ending with a letter or digit.
+    #[schema(
+        min_length = 1,
+        max_length = 63,
+        pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+    )]
     pub name: String,
 }
 

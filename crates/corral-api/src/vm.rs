@@ -95,12 +95,24 @@ impl std::fmt::Display for VmPhase {
     }
 }
 
+/// What a condition is about.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub enum ConditionType {
+    /// Placement: the host the VM is placed on, or why no host can take it.
+    Scheduled,
+    /// The VM's disk exists on its host.
+    DiskReady,
+    /// The guest runs (or why it does not).
+    Running,
+    /// The last storage move of the VM's disk, and how it ended.
+    StorageMoved,
+}
+
 /// One observed fact about a VM, with the reason it holds.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq)]
 pub struct Condition {
-    /// "DiskReady" or "Running".
     #[serde(rename = "type")]
-    pub kind: String,
+    pub kind: ConditionType,
     pub status: bool,
     /// CamelCase reason, e.g. "Started", "GuestPoweredOff", "QemuFailed".
     pub reason: String,
@@ -178,7 +190,13 @@ impl Default for VmStatus {
 
 impl VmStatus {
     /// Sets a condition, keeping its transition time when its status did not change.
-    pub fn set_condition(&mut self, kind: &str, status: bool, reason: &str, message: &str) {
+    pub fn set_condition(
+        &mut self,
+        kind: ConditionType,
+        status: bool,
+        reason: &str,
+        message: &str,
+    ) {
         let now = Utc::now();
         match self.conditions.iter_mut().find(|c| c.kind == kind) {
             Some(c) => {
@@ -190,7 +208,7 @@ impl VmStatus {
                 c.message = message.to_string();
             }
             None => self.conditions.push(Condition {
-                kind: kind.to_string(),
+                kind,
                 status,
                 reason: reason.to_string(),
                 message: message.to_string(),
@@ -206,7 +224,7 @@ impl VmStatus {
         self.events.drain(..extra);
     }
 
-    pub fn condition(&self, kind: &str) -> Option<&Condition> {
+    pub fn condition(&self, kind: ConditionType) -> Option<&Condition> {
         self.conditions.iter().find(|c| c.kind == kind)
     }
 }
@@ -226,9 +244,17 @@ pub struct Vm {
 /// Body of `POST /api/v1/projects/{project}/vms`.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct CreateVmRequest {
+    /// A DNS label: 1 to 63 lowercase letters, digits or '-', starting and ending with a letter or digit.
+    #[schema(
+        min_length = 1,
+        max_length = 63,
+        pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+    )]
     pub name: String,
+    #[schema(min_length = 1)]
     pub image: String,
     #[serde(default = "one")]
+    #[schema(minimum = 1, maximum = 255)]
     pub cpus: u32,
     /// Memory with a unit, e.g. "256M" or "1G".
     pub memory: String,
@@ -456,15 +482,21 @@ mod tests {
     #[test]
     fn conditions_keep_transition_time_when_unchanged() {
         let mut s = VmStatus::default();
-        s.set_condition("Running", true, "Started", "");
-        let t = s.condition("Running").unwrap().last_transition;
+        s.set_condition(ConditionType::Running, true, "Started", "");
+        let t = s.condition(ConditionType::Running).unwrap().last_transition;
         std::thread::sleep(std::time::Duration::from_millis(2));
-        s.set_condition("Running", true, "Adopted", "");
-        assert_eq!(s.condition("Running").unwrap().last_transition, t);
-        assert_eq!(s.condition("Running").unwrap().reason, "Adopted");
-        s.set_condition("Running", false, "Stopped", "");
+        s.set_condition(ConditionType::Running, true, "Adopted", "");
+        assert_eq!(
+            s.condition(ConditionType::Running).unwrap().last_transition,
+            t
+        );
+        assert_eq!(
+            s.condition(ConditionType::Running).unwrap().reason,
+            "Adopted"
+        );
+        s.set_condition(ConditionType::Running, false, "Stopped", "");
         assert!(
-            s.condition("Running").unwrap().last_transition > t,
+            s.condition(ConditionType::Running).unwrap().last_transition > t,
             "a flip moves the time"
         );
     }

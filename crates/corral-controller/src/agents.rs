@@ -523,8 +523,9 @@ fn migration_step(stored: &Migration, sent: &Migration, host: &str) -> Result<()
         && sent.target_run_dir == stored.target_run_dir
         && sent.target_disk == stored.target_disk;
     let ok = match (stored.phase, sent.phase) {
-        (_, P::Failed) => is_source || is_target,
-        (_, P::Cancelled) => is_source,
+        // What the target recorded stays as it recorded it (it removes its copy by it).
+        (_, P::Failed) => (is_source || is_target) && target_fields_kept,
+        (_, P::Cancelled) => is_source && target_fields_kept,
         (P::Preparing, P::TargetReady) => {
             // The ports of what this kind of move needs, and nothing else: the source builds
             // the addresses from the target's record (`Migration::stream_to`).
@@ -892,6 +893,12 @@ mod tests {
         for host in ["h1", "h2"] {
             assert!(migration_step(&sending, &to(&sending, P::Failed), host).is_ok());
         }
+        let mut elsewhere_disk = to(&sending, P::Failed);
+        elsewhere_disk.target_disk = Some("/etc".into());
+        assert!(
+            migration_step(&sending, &elsewhere_disk, "h1").is_err(),
+            "the source cannot point the target's clean-up elsewhere"
+        );
         assert!(migration_step(&sending, &to(&sending, P::Cancelled), "h2").is_err());
         assert!(
             migration_step(&done, &to(&done, P::Failed), "h1").is_err(),

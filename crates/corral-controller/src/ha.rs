@@ -70,13 +70,28 @@ impl HostHa {
 /// (or confused) host could claim any peer alive. It only tells a host cut off from the controller
 /// (`Partitioned`) from one cut off from everything (`Isolated`) while the lease, which the host
 /// writes itself and fences on, still shows it alive.
-fn judge(reports: bool, peer_sees: bool, renews_lease: bool) -> HostHa {
-    match (reports, renews_lease, peer_sees) {
+fn judge(reports: bool, peer_sees: bool, lease: LeaseSeen) -> HostHa {
+    match (reports, lease, peer_sees) {
         (true, _, _) => HostHa::Live,
-        (false, true, true) => HostHa::Partitioned,
-        (false, true, false) => HostHa::Isolated,
-        (false, false, _) => HostHa::Failed,
+        (false, LeaseSeen::Fresh, true) => HostHa::Partitioned,
+        (false, LeaseSeen::Fresh, false) => HostHa::Isolated,
+        (false, LeaseSeen::Stale, _) => HostHa::Failed,
+        // No lease the controller can read: nothing of it can be restarted anyway (a restart
+        // needs the lease seen expired), so the peers' word is all there is to report.
+        (false, LeaseSeen::None, true) => HostHa::Partitioned,
+        (false, LeaseSeen::None, false) => HostHa::Failed,
     }
+}
+
+/// What the controller sees of a host's storage leases.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LeaseSeen {
+    /// No lease file of the host on any datastore the controller reads.
+    None,
+    /// One renewed within [`timing::LEASE_STALE_AFTER`].
+    Fresh,
+    /// Only leases older than that.
+    Stale,
 }
 
 struct Lease {
@@ -388,13 +403,21 @@ async fn watch(ctx: &Ctx, tick: u64) -> Result<(), ApiError> {
                     && at.elapsed() < timing::SILENT_AFTER
                     && alive.iter().any(|a| a == name)
             });
-            let renews = inner.leases.iter().any(|(ds, hosts)| {
-                inner.observable.contains_key(ds)
-                    && hosts.get(name).is_some_and(|l| {
-                        l.content.is_some() && l.changed.elapsed() < timing::LEASE_STALE_AFTER
-                    })
-            });
-            let state = judge(!silent(&inner, name), peer_sees, renews);
+            let mut lease = LeaseSeen::None;
+            for (ds, hosts) in &inner.leases {
+                let Some(l) = hosts
+                    .get(name)
+                    .filter(|l| inner.observable.contains_key(ds) && l.content.is_some())
+                else {
+                    continue;
+                };
+                if l.changed.elapsed() < timing::LEASE_STALE_AFTER {
+                    lease = LeaseSeen::Fresh;
+                    break;
+                }
+                lease = LeaseSeen::Stale;
+            }
+            let state = judge(!silent(&inner, name), peer_sees, lease);
             // Only a change costs an allocation (this runs four times a second for every host).
             let previous = inner.states.get(name).map(|(s, _)| *s);
             if previous != Some(state) {
@@ -645,10 +668,18 @@ async fn fail_over(
         v.status.pid = None;
         v.status.run_dir = None;
         v.status.started_at = None;
-        v.status
-            .set_condition("Running", false, "HostFailed", &format!("{from} failed"));
-        v.status
-            .set_condition("Scheduled", true, "FailedOver", &msg);
+        v.status.set_condition(
+            corral_api::ConditionType::Running,
+            false,
+            "HostFailed",
+            &format!("{from} failed"),
+        );
+        v.status.set_condition(
+            corral_api::ConditionType::Scheduled,
+            true,
+            "FailedOver",
+            &msg,
+        );
         v.status.push_event(VmEvent::new(RESTARTED, msg.clone()));
         let ops = vec![
             Op::Check {
@@ -755,16 +786,20 @@ mod tests {
 
     #[test]
     fn a_peers_claim_alone_never_keeps_a_host_from_failing() {
-        // (reports to the controller, a peer sees it, it renews its lease)
-        assert_eq!(judge(true, false, false), HostHa::Live);
-        assert_eq!(judge(false, true, true), HostHa::Partitioned);
-        assert_eq!(judge(false, false, true), HostHa::Isolated);
-        assert_eq!(judge(false, false, false), HostHa::Failed);
+        use LeaseSeen as L;
+        // (reports to the controller, a peer sees it, its lease)
+        assert_eq!(judge(true, false, L::Stale), HostHa::Live);
+        assert_eq!(judge(false, true, L::Fresh), HostHa::Partitioned);
+        assert_eq!(judge(false, false, L::Fresh), HostHa::Isolated);
+        assert_eq!(judge(false, false, L::Stale), HostHa::Failed);
         assert_eq!(
-            judge(false, true, false),
+            judge(false, true, L::Stale),
             HostHa::Failed,
             "a silent host that no longer renews its lease has fenced itself, whatever a peer says"
         );
+        // Without a lease the controller reads nothing can be restarted; the peers' word is shown.
+        assert_eq!(judge(false, true, L::None), HostHa::Partitioned);
+        assert_eq!(judge(false, false, L::None), HostHa::Failed);
     }
 
     fn vm(name: &str, p: HaPriority, after: &[&str]) -> Vm {

@@ -283,7 +283,7 @@ pub fn evaluate(id: Uuid, m: Option<&Migration>, vm: Option<&Vm>) -> Verdict {
             let resuming = vm.is_some_and(|v| {
                 v.meta.uid == m.vm_uid
                     && v.status
-                        .condition("Running")
+                        .condition(corral_api::ConditionType::Running)
                         .is_some_and(|c| c.reason == corral_api::host_protocol::RESUMING)
             });
             if resuming {

@@ -402,7 +402,7 @@ impl ClusterView {
             sched::Decision::Place { host } => {
                 let rev = self.host_revision(&host);
                 vm.status.set_condition(
-                    "Scheduled",
+                    corral_api::ConditionType::Scheduled,
                     true,
                     "Placed",
                     &format!("placed on {host} ({:?} policy)", self.settings.placement)
@@ -416,8 +416,12 @@ impl ClusterView {
             }
             sched::Decision::Pending { reason } => {
                 vm.status.phase = VmPhase::Pending;
-                vm.status
-                    .set_condition("Scheduled", false, "Unschedulable", &reason);
+                vm.status.set_condition(
+                    corral_api::ConditionType::Scheduled,
+                    false,
+                    "Unschedulable",
+                    &reason,
+                );
                 None
             }
         }

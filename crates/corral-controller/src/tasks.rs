@@ -36,7 +36,10 @@ fn failure(vm: &Vm) -> String {
 }
 
 fn progress_of(vm: &Vm) -> Verdict {
-    let disk = vm.status.condition("DiskReady").is_some_and(|c| c.status);
+    let disk = vm
+        .status
+        .condition(corral_api::ConditionType::DiskReady)
+        .is_some_and(|c| c.status);
     match vm.status.phase {
         VmPhase::Pending => Verdict::Progress(10, "waiting for the host agent".into()),
         VmPhase::Stopping => {
@@ -62,7 +65,7 @@ pub fn evaluate(goal: &TaskGoal, vm: Option<&Vm>) -> Verdict {
     let phase = vm.status.phase;
     match goal {
         TaskGoal::VmCreate { start, .. } if vm.status.host.is_none() => {
-            match vm.status.condition("Scheduled") {
+            match vm.status.condition(corral_api::ConditionType::Scheduled) {
                 Some(c) if !c.status && *start => Verdict::Failed(format!(
                     "the VM is pending: {}; it starts once a host can take it",
                     c.message
@@ -77,7 +80,12 @@ pub fn evaluate(goal: &TaskGoal, vm: Option<&Vm>) -> Verdict {
                 "running on {}",
                 vm.status.host.as_deref().unwrap_or("?")
             )),
-            (true, _, false) if vm.status.condition("DiskReady").is_some_and(|c| c.status) => {
+            (true, _, false)
+                if vm
+                    .status
+                    .condition(corral_api::ConditionType::DiskReady)
+                    .is_some_and(|c| c.status) =>
+            {
                 Verdict::Done("created".into())
             }
             (_, _, true) if superseded(PowerState::Running) => Verdict::Failed(SUPERSEDED.into()),
@@ -99,7 +107,7 @@ pub fn evaluate(goal: &TaskGoal, vm: Option<&Vm>) -> Verdict {
             (true, VmPhase::Stopped) => {
                 let how = vm
                     .status
-                    .condition("Running")
+                    .condition(corral_api::ConditionType::Running)
                     .map(|c| c.message.clone())
                     .unwrap_or_default();
                 Verdict::Done(if how.is_empty() {
@@ -124,7 +132,7 @@ pub fn evaluate(goal: &TaskGoal, vm: Option<&Vm>) -> Verdict {
             datastore,
         } => {
             let on = vm.status.disk.as_ref().map(|d| d.datastore.as_str());
-            let moved = vm.status.condition("StorageMoved");
+            let moved = vm.status.condition(corral_api::ConditionType::StorageMoved);
             match (observed(*generation), on, moved) {
                 (true, Some(ds), _) if ds == datastore => {
                     Verdict::Done(format!("the disk is on datastore {datastore}"))
@@ -452,9 +460,14 @@ mod tests {
             ..VmStatus::default()
         };
         match phase {
-            VmPhase::Failed => status.set_condition("Running", false, "StartFailed", "no memory"),
+            VmPhase::Failed => status.set_condition(
+                corral_api::ConditionType::Running,
+                false,
+                "StartFailed",
+                "no memory",
+            ),
             VmPhase::Pending => {}
-            _ => status.set_condition("DiskReady", true, "Cloned", ""),
+            _ => status.set_condition(corral_api::ConditionType::DiskReady, true, "Cloned", ""),
         }
         status.host = Some("h1".into());
         Vm {

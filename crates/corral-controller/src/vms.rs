@@ -471,7 +471,11 @@ pub async fn console(
         .run_dir
         .as_ref()
         .map(std::path::PathBuf::from)
-        .filter(|d| d.file_name() == own_dir.file_name())
+        .filter(|d| {
+            d.is_absolute()
+                && d.file_name() == own_dir.file_name()
+                && !d.components().any(|c| c == std::path::Component::ParentDir)
+        })
         .unwrap_or(own_dir);
     let path = corral_api::layout::console_log(&run_dir);
     let mut data = Vec::new();

@@ -1,5 +1,6 @@
 //! The QEMU driver: starts `qemu-system-x86_64` daemonized (so it outlives the agent), finds it again
-//! through the pid file and QMP socket in the run directory, and controls it over QMP.
+//! through the pid file in the run directory and the QMP socket in its socket directory
+//! ([`crate::socket_dir`]), and controls it over QMP.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -142,6 +143,38 @@ async fn wait_gone(pid: u32, timeout: Duration) -> bool {
     false
 }
 
+/// Makes sure the directory that holds the VMs' socket directories is this user's alone: a real
+/// directory (not a link), owned by us, that nobody else may enter. Whoever could swap a socket
+/// there would control the VM through QMP.
+fn private_socket_base(base: &Path) -> Result<(), DriverError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    match std::fs::create_dir(base) {
+        Ok(()) => std::fs::set_permissions(base, PermissionsExt::from_mode(0o700))
+            .map_err(|e| DriverError::io("creating the socket directory", e))?,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(DriverError::io("creating the socket directory", e)),
+    }
+    let meta = std::fs::symlink_metadata(base)
+        .map_err(|e| DriverError::io("checking the socket directory", e))?;
+    // SAFETY: geteuid(2) takes nothing and cannot fail.
+    #[allow(unsafe_code)]
+    let euid = unsafe { libc::geteuid() };
+    if !meta.file_type().is_dir() || meta.uid() != euid {
+        return Err(DriverError::io(
+            "checking the socket directory",
+            format!(
+                "{} is not a directory of this user's: remove it and start again",
+                base.display()
+            ),
+        ));
+    }
+    if meta.mode() & 0o077 != 0 {
+        std::fs::set_permissions(base, PermissionsExt::from_mode(0o700))
+            .map_err(|e| DriverError::io("making the socket directory private", e))?;
+    }
+    Ok(())
+}
+
 /// Runs QEMU daemonized with `args` in `run_dir` and returns its pid.
 async fn launch(run_dir: &Path, args: Vec<String>) -> Result<u32, DriverError> {
     // QEMU option values are comma-separated: a comma in a path would change the options.
@@ -152,6 +185,9 @@ async fn launch(run_dir: &Path, args: Vec<String>) -> Result<u32, DriverError> {
         )));
     }
     let sockets = socket_dir(run_dir);
+    if let Some(base) = sockets.parent() {
+        private_socket_base(base)?;
+    }
     std::fs::create_dir_all(&sockets)
         .and_then(|()| {
             std::fs::set_permissions(

@@ -125,9 +125,17 @@ impl SimArgs {
         } else {
             self.sim_load.parse().map_err(anyhow::Error::msg)?
         };
-        Ok(corral_agent::sim::SimSpec {
-            cpus: self.sim_cpus.max(1),
+        let capacity = corral_api::Capacity {
+            cpus: self.sim_cpus,
             memory_bytes: corral_api::parse_size("--sim-memory", &self.sim_memory)?,
+        };
+        // The controller refuses what no machine has, from simulated hosts too.
+        capacity
+            .check()
+            .map_err(|e| anyhow::anyhow!("--sim-cpus/--sim-memory: {e}"))?;
+        Ok(corral_agent::sim::SimSpec {
+            cpus: capacity.cpus,
+            memory_bytes: capacity.memory_bytes,
             address,
             boot: Duration::from_millis(self.sim_boot_ms),
             fail_starts: chance("--sim-fail-starts", self.sim_fail_starts)?,

@@ -230,6 +230,26 @@ fn the_served_openapi_document_is_the_committed_one() {
         serde_json::from_str(include_str!("../../../docs/openapi.json"))
             .expect("docs/openapi.json is JSON");
     assert!(served == committed, "docs/openapi.json is stale: regenerate it with `cargo run -p corral-controller --example openapi > docs/openapi.json`");
+    // The schemas say what the server enforces: names are DNS labels, ratios are in range.
+    let schemas = &committed["components"]["schemas"];
+    for body in [
+        "CreateVmRequest",
+        "CreateNetworkRequest",
+        "CreateDatastoreRequest",
+        "CreateGroupRequest",
+        "CreateSecurityGroupRequest",
+        "CreateProjectRequest",
+    ] {
+        let name = &schemas[body]["properties"]["name"];
+        assert_eq!(name["minLength"], 1, "{body}: {name}");
+        assert!(name["pattern"].is_string(), "{body}: {name}");
+    }
+    assert!(
+        schemas["ClusterSettings"]["properties"]["cpu_overcommit"]["minimum"]
+            .as_f64()
+            .is_some_and(|m| m > 0.0),
+        "cpu_overcommit 0 is refused, so the schema says so"
+    );
     // Clients can be generated from it: one operationId per operation, every status documented.
     let mut ids = std::collections::HashSet::new();
     for (path, item) in committed["paths"].as_object().expect("paths") {

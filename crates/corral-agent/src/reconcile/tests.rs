@@ -200,7 +200,10 @@ async fn graceful_stop_asks_the_guest_then_records_the_shutdown() {
     let vm = f.vm(&key).await;
     assert_eq!(vm.status.phase, VmPhase::Stopped);
     assert_eq!(
-        vm.status.condition("Running").expect("cond").reason,
+        vm.status
+            .condition(corral_api::ConditionType::Running)
+            .expect("cond")
+            .reason,
         "ShutDown"
     );
     let calls = f.driver.calls();
@@ -229,7 +232,11 @@ async fn a_guest_that_powers_itself_off_stays_off() {
     assert_eq!(after.spec.power, PowerState::Stopped);
     assert!(after.meta.generation > vm.meta.generation);
     assert_eq!(
-        after.status.condition("Running").expect("cond").reason,
+        after
+            .status
+            .condition(corral_api::ConditionType::Running)
+            .expect("cond")
+            .reason,
         "GuestPoweredOff"
     );
     assert!(!f.driver.is_running(&f.run_dir(&vm)));
@@ -256,7 +263,10 @@ async fn a_failed_start_is_reported_and_retried_later() {
     );
     let vm = f.vm(&key).await;
     assert_eq!(vm.status.phase, VmPhase::Failed);
-    let cond = vm.status.condition("Running").expect("cond");
+    let cond = vm
+        .status
+        .condition(corral_api::ConditionType::Running)
+        .expect("cond");
     assert_eq!(cond.reason, "StartFailed");
     assert!(cond.message.contains("could not allocate memory"));
     assert_eq!(f.reconcile(&key, &mut ws).await, Outcome::Steady);
@@ -277,7 +287,10 @@ async fn a_running_vm_found_by_a_new_agent_is_adopted_not_restarted() {
     );
     let vm = f.vm(&key).await;
     assert_eq!(
-        vm.status.condition("Running").expect("cond").reason,
+        vm.status
+            .condition(corral_api::ConditionType::Running)
+            .expect("cond")
+            .reason,
         "Adopted"
     );
     assert_eq!(vm.status.started_at, started);
@@ -418,7 +431,10 @@ async fn a_disk_that_cannot_be_made_fails_the_vm_with_the_reason() {
     assert!(matches!(out, Outcome::Requeue(_)));
     let vm = f.vm(&key).await;
     assert_eq!(vm.status.phase, VmPhase::Failed);
-    let cond = vm.status.condition("DiskReady").expect("cond");
+    let cond = vm
+        .status
+        .condition(corral_api::ConditionType::DiskReady)
+        .expect("cond");
     assert!(
         cond.message.contains("image missing does not exist"),
         "{}",
@@ -454,7 +470,10 @@ async fn a_guest_that_ignores_the_power_button_is_powered_off_after_the_timeout(
     let vm = f.vm(&key).await;
     assert_eq!(vm.status.phase, VmPhase::Stopped);
     assert_eq!(
-        vm.status.condition("Running").expect("cond").reason,
+        vm.status
+            .condition(corral_api::ConditionType::Running)
+            .expect("cond")
+            .reason,
         "PoweredOffAfterTimeout"
     );
     let calls = f.driver.calls();
