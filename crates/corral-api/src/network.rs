@@ -244,7 +244,7 @@ impl NicRequest {
                 Some(("mac", v)) => nic.mac = Some(v.to_string()),
                 _ => {
                     return Err(ValidationError::new(format!(
-                        "--nic {s:?}: {p:?} is not understood; write NETWORK[,ip=A.B.C.D][,mac=52:54:00:..]"
+                        "NIC {s:?}: {p:?} is not understood; write NETWORK[,ip=A.B.C.D][,mac=52:54:00:..]"
                     )))
                 }
             }

@@ -302,7 +302,7 @@ impl CreateVmRequest {
         }
         if self.cpus == 0 || self.cpus > MAX_CPUS {
             return Err(ValidationError::new(format!(
-                "a VM needs 1 to {MAX_CPUS} CPUs, not {}: pass --cpus N",
+                "a VM needs 1 to {MAX_CPUS} CPUs, not {}",
                 self.cpus
             )));
         }
@@ -349,10 +349,10 @@ impl CreateVmRequest {
             ha_priority: self.ha_priority,
             ha_after: {
                 for n in &self.ha_after {
-                    validate_name("VM (in --ha-after)", n)?;
+                    validate_name("VM (in ha_after)", n)?;
                     if *n == self.name {
                         return Err(ValidationError::new(format!(
-                            "VM {n} cannot wait for itself: name other VMs in --ha-after"
+                            "VM {n} cannot wait for itself: name other VMs in ha_after"
                         )));
                     }
                 }
@@ -363,7 +363,7 @@ impl CreateVmRequest {
             security_groups: {
                 if self.nics.len() > crate::network::MAX_NICS {
                     return Err(ValidationError::new(format!(
-                        "a VM may have {} NICs at most, not {}: pass fewer --nic",
+                        "a VM may have {} NICs at most, not {}",
                         crate::network::MAX_NICS,
                         self.nics.len()
                     )));
@@ -376,7 +376,7 @@ impl CreateVmRequest {
                 }
                 if self.nics.is_empty() && !self.security_groups.is_empty() {
                     return Err(ValidationError::new(
-                        "security groups apply to NICs: add --nic NETWORK, or leave out --security-group",
+                        "security groups apply to NICs: give the VM a NIC, or no security groups",
                     ));
                 }
                 match (self.nics.is_empty(), self.security_groups.is_empty()) {

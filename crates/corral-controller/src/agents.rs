@@ -101,7 +101,7 @@ async fn ca_pem(State(a): State<AgentCtx>) -> String {
 
 fn bad_token() -> ApiError {
     ApiError::Unauthorized(
-        "the join token is not valid, was already used, or has expired: make a new one with `corral host join-token` on the controller".into(),
+        "the join token is not valid, was already used, or has expired: make a new one (POST /api/v1/hosts/join-tokens on the controller)".into(),
     )
 }
 
@@ -167,7 +167,7 @@ async fn join(
         Err(StoreError::Conflict { key: k }) if k == key => return Err(bad_token()),
         Err(StoreError::Conflict { .. }) => {
             return Err(ApiError::Conflict(format!(
-                "a host named {} is already in the cluster: join with another --host-name",
+                "a host named {} is already in the cluster: join under another host name",
                 req.host
             )))
         }
@@ -186,7 +186,7 @@ async fn join(
 async fn host_of(a: &AgentCtx, peer: &Peer) -> Result<String, ApiError> {
     let Some(fp) = &peer.0 else {
         return Err(ApiError::Unauthorized(
-            "agent calls need a host certificate of this cluster: join with `corral agent --join`"
+            "agent calls need a host certificate of this cluster: join first (POST /agent/v1/join with a join token)"
                 .into(),
         ));
     };

@@ -36,12 +36,12 @@ pub async fn require_token(
         .and_then(|v| v.to_str().ok());
     let Some(token) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
         return Err(ApiError::Unauthorized(
-            "this endpoint needs a token: send `Authorization: Bearer TOKEN` (the CLI reads CORRAL_TOKEN or the config written by `corral up`)".into(),
+            "this endpoint needs a token: send `Authorization: Bearer TOKEN`".into(),
         ));
     };
     if !constant_time_eq(&hash(token.trim()), &ctx.admin_token_hash) {
         return Err(ApiError::Unauthorized(
-            "the token is not valid: use the admin token that `corral up` wrote".into(),
+            "the token is not valid: use the admin token the controller wrote to DATA_DIR/admin-token".into(),
         ));
     }
     Ok(next.run(req).await)

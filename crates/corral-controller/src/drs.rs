@@ -142,8 +142,7 @@ pub async fn apply(
 ) -> Result<(StatusCode, Json<ApplyDrsResponse>), ApiError> {
     if placement::settings(&ctx).await?.drs_mode == DrsMode::Off {
         return Err(ApiError::Conflict(
-            "DRS is off: turn it on with `corral cluster set --drs manual` (or auto), then apply"
-                .into(),
+            "DRS is off: set the cluster's drs_mode to manual (or auto), then apply".into(),
         ));
     }
     let plan = match req.plan {
@@ -152,7 +151,7 @@ pub async fn apply(
             Some(p) if p.id == id => p,
             _ => {
                 return Err(ApiError::Conflict(format!(
-                    "plan {id} is not the latest plan (a newer one replaced it, or the controller restarted): run `corral drs plan` again"
+                    "plan {id} is not the latest plan (a newer one replaced it, or the controller restarted): ask for a plan again (GET /api/v1/drs/plan)"
                 )))
             }
         },

@@ -225,11 +225,11 @@ pub fn protection(vm: &Vm, datastores: &[Datastore]) -> HaProtection {
         reason,
     };
     if vm.spec.ha == HaPolicy::Off {
-        return no("HA is off for this VM: create it with --ha restart to protect it".into());
+        return no("HA is off for this VM: create it with ha: restart to protect it".into());
     }
     if !vm.spec.wants_ha_restart() {
         return no(format!(
-            "its disk is on its host's local datastore, which no other host can reach: move it to a shared one (corral vm move-storage {} --datastore NAME)",
+            "its disk is on its host's local datastore, which no other host can reach: move it to a shared one (POST .../vms/{}/move-storage)",
             vm.meta.name
         ));
     }
@@ -237,7 +237,7 @@ pub fn protection(vm: &Vm, datastores: &[Datastore]) -> HaProtection {
         Some(d) if d.shared => {}
         _ => {
             return no(format!(
-                "datastore {} is not shared, so no other host can reach the disk: use a --shared datastore",
+                "datastore {} is not shared, so no other host can reach the disk: use a shared datastore",
                 vm.spec.datastore
             ))
         }
@@ -772,7 +772,7 @@ pub(crate) fn admission(
         return Ok(());
     }
     Err(format!(
-        "HA admission control: protected VMs would need {cpus} vCPUs and {} of memory after {n} host failure(s), but the {} remaining host(s) offer {free_cpus:.0} vCPUs and {}: add hosts, protect fewer VMs, or lower `corral cluster set --ha-failures-to-tolerate`",
+        "HA admission control: protected VMs would need {cpus} vCPUs and {} of memory after {n} host failure(s), but the {} remaining host(s) offer {free_cpus:.0} vCPUs and {}: add hosts, protect fewer VMs, or lower the cluster's ha_host_failures_to_tolerate",
         corral_api::format_bytes(memory as u64),
         left.len(),
         corral_api::format_bytes(free_memory as u64)
@@ -876,7 +876,7 @@ mod tests {
         assert!(protection(&ok, &ds).protected);
         let mut v = ok.clone();
         v.spec.ha = HaPolicy::Off;
-        assert!(protection(&v, &ds).reason.contains("--ha restart"));
+        assert!(protection(&v, &ds).reason.contains("ha: restart"));
         let mut v = ok.clone();
         v.spec.datastore = LOCAL_DATASTORE.into();
         assert!(protection(&v, &ds).reason.contains("local datastore"));

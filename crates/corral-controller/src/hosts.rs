@@ -13,9 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::{ensure_project, placement, ApiError, ApiJson, ApiPath, ApiQuery, Ctx, PageQuery};
 
 fn host_not_found(name: &str) -> ApiError {
-    ApiError::NotFound(format!(
-        "host {name} does not exist: see `corral host list`"
-    ))
+    ApiError::NotFound(format!("host {name} does not exist"))
 }
 
 #[utoipa::path(get, path = "/api/v1/hosts", tag = "hosts", params(PageQuery),
@@ -88,7 +86,7 @@ pub async fn remove(
     let rev = view.host_revision(&name);
     if !info.vms.is_empty() {
         return Err(ApiError::Conflict(format!(
-            "host {name} still has VMs {}: move them (`corral host maintenance enter {name}`) or delete them first",
+            "host {name} still has VMs {}: move them (put the host in maintenance) or delete them first",
             info.vms.join(", ")
         )));
     }
@@ -206,7 +204,7 @@ pub async fn set_capacity(
 }
 
 #[utoipa::path(post, path = "/api/v1/hosts/join-tokens", tag = "hosts", request_body = crate::agents::JoinTokenRequest,
-    responses((status = 201, description = "a single-use token for `corral agent --join`", body = crate::agents::JoinToken)),
+    responses((status = 201, description = "a single-use token a new host joins with", body = crate::agents::JoinToken)),
     security(("bearer" = [])))]
 pub async fn join_token(
     State(ctx): State<Ctx>,
@@ -276,9 +274,7 @@ pub async fn get_group(
         .await?
         .map(|v| Json(v.value))
         .ok_or_else(|| {
-            ApiError::NotFound(format!(
-                "group {name} does not exist in project {project}: see `corral group list`"
-            ))
+            ApiError::NotFound(format!("group {name} does not exist in project {project}"))
         })
 }
 
@@ -325,16 +321,14 @@ pub async fn delete_group(
     {
         Ok(_) => Ok(StatusCode::NO_CONTENT),
         Err(StoreError::NotFound { .. }) => Err(ApiError::NotFound(format!(
-            "group {name} does not exist in project {project}: see `corral group list`"
+            "group {name} does not exist in project {project}"
         ))),
         Err(e) => Err(e.into()),
     }
 }
 
 fn datastore_not_found(name: &str) -> ApiError {
-    ApiError::NotFound(format!(
-        "datastore {name} does not exist: see `corral datastore list`"
-    ))
+    ApiError::NotFound(format!("datastore {name} does not exist"))
 }
 
 #[utoipa::path(get, path = "/api/v1/datastores", tag = "datastores",

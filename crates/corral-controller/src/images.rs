@@ -62,9 +62,7 @@ fn validate_image_name(name: &str) -> Result<(), ApiError> {
 }
 
 fn not_found(project: &str, name: &str) -> ApiError {
-    ApiError::NotFound(format!(
-        "image {name} does not exist in project {project}: see `corral image list`"
-    ))
+    ApiError::NotFound(format!("image {name} does not exist in project {project}"))
 }
 
 #[utoipa::path(get, path = "/api/v1/projects/{project}/images", tag = "images",
@@ -132,19 +130,19 @@ pub async fn build_jeos(
             ) =>
         {
             return Err(ApiError::Conflict(format!(
-                "image {name} is being built or deleted: follow its task with `corral task list`"
+                "image {name} is being built or deleted: follow its task (GET /api/v1/tasks)"
             )))
         }
         Some(v) if v.value.spec.source != ImageSource::Jeos => {
             return Err(ApiError::Conflict(format!(
-                "image {name} exists and was imported: pick another name with --name"
+                "image {name} exists and was imported: build under another name"
             )))
         }
         Some(v) if v.value.status.phase == ImagePhase::Ready && !req.rebuild => {
             // Cached: nothing to do, and the task says why.
             task.state = corral_api::TaskState::Succeeded;
             task.progress = 100;
-            task.message = "already built; pass --rebuild to build it again".into();
+            task.message = "already built; ask with rebuild: true to build it again".into();
             let task = tasks::submit(&ctx, task, vec![]).await?;
             return Ok((StatusCode::ACCEPTED, Json(task)));
         }
@@ -197,7 +195,7 @@ pub async fn build_jeos(
         let in_use = users(&ctx, &project, &name).await?;
         if !in_use.is_empty() {
             let msg = format!(
-                "image {name} is used by VMs {}: their disks are backed by it; delete them first, or build under another name with --name",
+                "image {name} is used by VMs {}: their disks are backed by it; delete them first, or build under another name",
                 in_use.join(", ")
             );
             update_json::<Image, StoreError>(&*ctx.store, &key, |img| {

@@ -139,7 +139,7 @@ pub fn new_token() -> String {
 pub(crate) async fn ensure_project(ctx: &Ctx, project: &str) -> Result<(), ApiError> {
     if ctx.store.get(&keys::project(project)).await?.is_none() {
         return Err(ApiError::NotFound(format!(
-            "project {project} does not exist: create it with `corral project create {project}`, or see `corral project list`"
+            "project {project} does not exist: create it first (POST /api/v1/projects)"
         )));
     }
     Ok(())
@@ -205,7 +205,9 @@ async fn get_task(
         .await?
         .map(|v| Json(v.value))
         .ok_or_else(|| {
-            ApiError::NotFound(format!("task {id} does not exist: see `corral task list`"))
+            ApiError::NotFound(format!(
+                "task {id} does not exist (finished tasks expire after 7 days)"
+            ))
         })
 }
 

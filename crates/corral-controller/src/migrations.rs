@@ -53,9 +53,7 @@ pub async fn start(
     let mig_key = keys::migration(project, name);
     loop {
         let vm = get_json::<Vm>(&*ctx.store, &vm_key).await?.ok_or_else(|| {
-            ApiError::NotFound(format!(
-                "VM {name} does not exist in project {project}: see `corral vm list`"
-            ))
+            ApiError::NotFound(format!("VM {name} does not exist in project {project}"))
         })?;
         let v = &vm.value;
         if v.meta.deletion_requested_at.is_some() {
@@ -68,7 +66,7 @@ pub async fn start(
         };
         if v.spec.power != PowerState::Running || v.status.phase != VmPhase::Running {
             return Err(ApiError::Conflict(format!(
-                "VM {name} is not running (it is {}): live migration moves running VMs; start it first with `corral vm start {name}`",
+                "VM {name} is not running (it is {}): live migration moves running VMs; start it first",
                 v.status.phase
             )));
         }
@@ -85,12 +83,12 @@ pub async fn start(
         }
         if to == Some(source.as_str()) {
             return Err(ApiError::Conflict(format!(
-                "VM {name} already runs on {source}: name another host with --to"
+                "VM {name} already runs on {source}: name another host in `to`"
             )));
         }
         if let Some(pin) = &v.spec.host {
             return Err(ApiError::Conflict(format!(
-                "VM {name} is pinned to {pin} (created with --host): pinned VMs stay where they are"
+                "VM {name} is pinned to {pin} (its spec names the host): pinned VMs stay where they are"
             )));
         }
         if let Some(d) = v
@@ -116,9 +114,7 @@ pub async fn start(
                 .await?
                 .is_none()
             {
-                return Err(ApiError::BadRequest(format!(
-                    "there is no host {t}: see `corral host list`"
-                )));
+                return Err(ApiError::BadRequest(format!("there is no host {t}")));
             }
         }
         let shared_storage = on_shared_storage(ctx, v).await?;
@@ -215,11 +211,7 @@ pub async fn get(
     get_json::<Migration>(&*ctx.store, &keys::migration(&project, &name))
         .await?
         .map(|m| Json(m.value))
-        .ok_or_else(|| {
-            ApiError::NotFound(format!(
-                "VM {name} has not been migrated: move it with `corral vm migrate {name}`"
-            ))
-        })
+        .ok_or_else(|| ApiError::NotFound(format!("VM {name} has not been migrated")))
 }
 
 /// Asks a migration to stop: at once if the target is still preparing, else at the source's next
@@ -227,10 +219,13 @@ pub async fn get(
 pub async fn cancel(ctx: &Ctx, task: &Task) -> Result<(), ApiError> {
     let TaskGoal::VmMigrate { id } = &task.goal else {
         return Err(ApiError::Conflict(match &task.goal {
-            TaskGoal::HostEvacuate { host } => format!(
-                "an evacuation ends when its host leaves maintenance: `corral host maintenance exit {host}`"
+            TaskGoal::HostEvacuate { host } => {
+                format!("an evacuation ends when its host {host} leaves maintenance")
+            }
+            _ => format!(
+                "a {} task cannot be cancelled; only migrations can",
+                task.kind
             ),
-            _ => format!("a {} task cannot be cancelled; only migrations can", task.kind),
         }));
     };
     let key = keys::migration(&task.project, task.target_name());
@@ -249,7 +244,7 @@ pub async fn cancel(ctx: &Ctx, task: &Task) -> Result<(), ApiError> {
     .await?;
     match updated {
         Some(m) if m.id == *id && m.phase == MigrationPhase::Completed => Err(ApiError::Conflict(
-            "the migration already completed; move the VM back with `corral vm migrate`".into(),
+            "the migration already completed; migrate the VM again to move it back".into(),
         )),
         Some(m) if m.id == *id => Ok(()),
         _ => Err(ApiError::NotFound(

@@ -31,7 +31,7 @@ struct Reservation {
 
 fn network_not_found(project: &str, name: &str) -> ApiError {
     ApiError::NotFound(format!(
-        "network {name} does not exist in project {project}: create it with `corral network create`, or see `corral network list`"
+        "network {name} does not exist in project {project}"
     ))
 }
 
@@ -156,7 +156,7 @@ async fn try_create(
         .find(|n| (req.gateway || n.spec.gateway) && n.cidr().overlaps(&cidr))
     {
         return Err(ApiError::Conflict(format!(
-            "{cidr} overlaps network {}/{} ({}), and a network with a gateway needs addresses no other network uses: pick another range, or leave out --gateway on both",
+            "{cidr} overlaps network {}/{} ({}), and a network with a gateway needs addresses no other network uses: pick another range, or create both without a gateway",
             other.meta.project, other.meta.name, other.spec.cidr
         )));
     }
@@ -415,7 +415,7 @@ pub async fn attach(
 
 fn group_not_found(project: &str, name: &str) -> ApiError {
     ApiError::NotFound(format!(
-        "security group {name} does not exist in project {project}: create it with `corral security-group create`, or see `corral security-group list`"
+        "security group {name} does not exist in project {project}"
     ))
 }
 
@@ -515,7 +515,7 @@ pub async fn create_group(
     corral_api::validate_name("security group", &req.name)?;
     let exists = || {
         ApiError::Conflict(format!(
-            "a security group named {} already exists in project {project}: change its rules with `corral security-group add-rule`",
+            "a security group named {} already exists in project {project}: change its rules instead (PUT .../security-groups/NAME/rules)",
             req.name
         ))
     };
@@ -564,7 +564,7 @@ pub async fn set_rules(
         .is_some_and(|g| g != current.value.meta.generation)
     {
         return Err(ApiError::Conflict(format!(
-            "security group {name} changed since you read it: look at it again (`corral security-group show {name}`) and retry"
+            "security group {name} changed since you read it: read it again and retry"
         )));
     }
     let mut group = current.value;

@@ -336,7 +336,7 @@ async fn follow(ctx: Ctx, task: Task) {
     let mut watches: Vec<Option<corral_store::WatchStream>> = keys.iter().map(|_| None).collect();
     loop {
         if tokio::time::Instant::now() >= deadline {
-            let msg = "timed out after 10 minutes; see `corral vm show`";
+            let msg = "timed out after 10 minutes; the VM's conditions say where it stands";
             return update(&ctx, task.id, 100, "failed", Some(Err(msg.into()))).await;
         }
         for (w, key) in watches.iter_mut().zip(&keys) {

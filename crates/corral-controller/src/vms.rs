@@ -18,9 +18,7 @@ use crate::{
 };
 
 fn vm_not_found(project: &str, name: &str) -> ApiError {
-    ApiError::NotFound(format!(
-        "VM {name} does not exist in project {project}: see `corral vm list`"
-    ))
+    ApiError::NotFound(format!("VM {name} does not exist in project {project}"))
 }
 
 async fn load(ctx: &Ctx, project: &str, name: &str) -> Result<Vm, ApiError> {
@@ -88,10 +86,15 @@ pub async fn create(
     let image_rev = image.as_ref().map_or(0, |v| v.revision);
     let image = match image.map(|v| v.value) {
         Some(i) if i.status.phase == ImagePhase::Ready => i,
-        Some(_) => return Err(ApiError::Conflict(format!("image {} is not ready yet: wait for its build task to finish", spec.image))),
+        Some(_) => {
+            return Err(ApiError::Conflict(format!(
+                "image {} is not ready yet: wait for its build task to finish",
+                spec.image
+            )))
+        }
         None => {
             return Err(ApiError::NotFound(format!(
-                "image {} does not exist in project {project}: build it with `corral image build-jeos` or import one with `corral image import`",
+                "image {} does not exist in project {project}: build JeOS or import an image first",
                 spec.image
             )))
         }
@@ -100,7 +103,7 @@ pub async fn create(
         spec.disk_bytes = image.status.virtual_bytes;
     } else if spec.disk_bytes < image.status.virtual_bytes {
         return Err(ApiError::BadRequest(format!(
-            "disk size {} is smaller than image {} ({}): use --disk {} or larger",
+            "disk size {} is smaller than image {} ({}): ask for {} or more",
             format_bytes(spec.disk_bytes),
             spec.image,
             format_bytes(image.status.virtual_bytes),
@@ -114,12 +117,15 @@ pub async fn create(
     } else {
         let key = keys::datastore(&spec.datastore);
         match get_json::<Datastore>(&*ctx.store, &key).await? {
-            Some(ds) if !ds.value.deleting => Some(Op::Check { key, when: Precondition::ModRevision(ds.revision) }),
+            Some(ds) if !ds.value.deleting => Some(Op::Check {
+                key,
+                when: Precondition::ModRevision(ds.revision),
+            }),
             _ => {
                 return Err(ApiError::NotFound(format!(
-                    "datastore {} does not exist: create it with `corral datastore create`, or leave out --datastore",
-                    spec.datastore
-                )))
+                "datastore {} does not exist: create it first, or leave the datastore out (local)",
+                spec.datastore
+            )))
             }
         }
     };
@@ -150,7 +156,7 @@ pub async fn create(
         if let Some(pin) = &vm.spec.host {
             if !view.hosts.iter().any(|h| *h.name == **pin) {
                 return Err(ApiError::BadRequest(format!(
-                    "host {pin} does not exist: pick one from `corral host list`, or leave out --host"
+                    "host {pin} does not exist: name a host of the cluster, or leave the host out"
                 )));
             }
         }
@@ -220,12 +226,12 @@ async fn check_capacity(ctx: &Ctx, cpus: u32, memory: u64) -> Result<(), ApiErro
     };
     if cpus > max_cpus {
         return Err(ApiError::BadRequest(format!(
-            "the VM asks for {cpus} CPUs but the largest host has {max_cpus}: use --cpus {max_cpus} or fewer"
+            "the VM asks for {cpus} CPUs but the largest host has {max_cpus}: ask for {max_cpus} or fewer"
         )));
     }
     if memory > max_mem {
         return Err(ApiError::BadRequest(format!(
-            "the VM asks for {} of memory but the largest host has {}: use a smaller --memory",
+            "the VM asks for {} of memory but the largest host has {}: ask for less",
             format_bytes(memory),
             format_bytes(max_mem)
         )));
@@ -336,8 +342,8 @@ pub async fn reboot(
     change(&ctx, &project, &name, "vm.reboot", |vm| {
         if vm.spec.power != PowerState::Running || vm.status.phase != VmPhase::Running {
             return Err(ApiError::Conflict(format!(
-                "VM {} is not running: start it with `corral vm start {}`",
-                vm.meta.name, vm.meta.name
+                "VM {} is not running: start it first",
+                vm.meta.name
             )));
         }
         vm.spec.reboots += 1;
@@ -365,9 +371,7 @@ pub async fn move_storage(
             .await?
             .is_none()
     {
-        return Err(ApiError::BadRequest(format!(
-            "there is no datastore {ds}: see `corral datastore list`"
-        )));
+        return Err(ApiError::BadRequest(format!("there is no datastore {ds}")));
     }
     // Guarded by the migration record too: a migration started meanwhile makes this try again.
     let mig_key = keys::migration(&project, &name);
@@ -429,11 +433,13 @@ pub async fn delete(
     change(&ctx, &project, &name, "vm.delete", |vm| {
         // A guest runs (or is being brought down) there, or is about to be started on its host.
         let running = matches!(vm.status.phase, VmPhase::Running | VmPhase::Stopping)
-            || (vm.spec.power == PowerState::Running && vm.status.host.is_some() && vm.status.phase != VmPhase::Failed);
+            || (vm.spec.power == PowerState::Running
+                && vm.status.host.is_some()
+                && vm.status.phase != VmPhase::Failed);
         if running && !q.force {
             return Err(ApiError::Conflict(format!(
-                "VM {} is running: stop it first with `corral vm stop {}`, or delete it anyway with --force",
-                vm.meta.name, vm.meta.name
+                "VM {} is running: stop it first, or delete it anyway with force=true",
+                vm.meta.name
             )));
         }
         vm.meta.deletion_requested_at = Some(Utc::now());

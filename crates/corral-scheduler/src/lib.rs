@@ -306,13 +306,11 @@ fn reason(
 ) -> String {
     let [pinned_out, not_connected, maintenance, standby, no_cpu, no_mem] = counts;
     if hosts.is_empty() {
-        return "no host is connected: start a host agent (`corral up` runs one)".into();
+        return "no host is connected: start a host agent".into();
     }
     if let Some(p) = &req.host {
         if pinned_out == hosts.len() {
-            return format!(
-                "the VM is pinned to host {p}, which does not exist: see `corral host list`"
-            );
+            return format!("the VM is pinned to host {p}, which does not exist");
         }
     }
     let mut parts = Vec::new();

@@ -81,6 +81,8 @@ impl Client {
 
     fn decode<T: DeserializeOwned>(
         &self,
+        method: &str,
+        path: &str,
         res: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
     ) -> Result<T> {
         let mut res = res.map_err(|e| {
@@ -97,25 +99,38 @@ impl Client {
                 .with_context(|| format!("unexpected response: {text}"));
         }
         match serde_json::from_str::<ApiErrorBody>(&text) {
-            Ok(e) => bail!("{}", e.message),
+            Ok(e) => match hint(method, path, status.as_u16(), &e.message) {
+                Some(h) => bail!("{} ({h})", e.message),
+                None => bail!("{}", e.message),
+            },
             Err(_) => bail!("the API answered {status}: {text}"),
         }
     }
 
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        self.decode(self.auth(self.agent.get(self.url(path))).call())
+        self.decode(
+            "GET",
+            path,
+            self.auth(self.agent.get(self.url(path))).call(),
+        )
     }
 
     pub fn post<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> Result<T> {
-        self.decode(self.auth(self.agent.post(self.url(path))).send_json(body))
+        let req = self.auth(self.agent.post(self.url(path)));
+        self.decode("POST", path, req.send_json(body))
     }
 
     pub fn put_json<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> Result<T> {
-        self.decode(self.auth(self.agent.put(self.url(path))).send_json(body))
+        let req = self.auth(self.agent.put(self.url(path)));
+        self.decode("PUT", path, req.send_json(body))
     }
 
     pub fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        self.decode(self.auth(self.agent.delete(self.url(path))).call())
+        self.decode(
+            "DELETE",
+            path,
+            self.auth(self.agent.delete(self.url(path))).call(),
+        )
     }
 
     pub fn put_file<T: DeserializeOwned>(&self, path: &str, file: &std::path::Path) -> Result<T> {
@@ -124,7 +139,7 @@ impl Client {
         let req = self
             .auth(self.agent.put(self.url(path)))
             .header("Content-Type", "application/octet-stream");
-        self.decode(req.send(ureq::SendBody::from_reader(&mut f)))
+        self.decode("PUT", path, req.send(ureq::SendBody::from_reader(&mut f)))
     }
 
     /// Polls a task until it ends, drawing a progress bar when `show` is set. Fails with the task's
@@ -190,5 +205,75 @@ impl Client {
             Some(e) => bail!("{} {} failed: {e}", task.kind, task.target),
             None => Ok(task),
         }
+    }
+}
+
+/// What the CLI adds to an API error: the command that helps. The API's own messages speak of its
+/// resources and fields, never of CLI commands or flags.
+fn hint(method: &str, path: &str, status: u16, message: &str) -> Option<String> {
+    let path = path.split('?').next().unwrap_or(path);
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let list = |what: &str| Some(format!("see `corral {what} list`"));
+    match (status, method, parts.as_slice()) {
+        (401, ..) => Some(
+            "give the admin token with CORRAL_TOKEN or --token; `corral up` writes it to DATA_DIR/admin-token and the client config".into(),
+        ),
+        (404, ..) if message.starts_with("project ") => {
+            Some("see `corral project list`, or `corral project create NAME`".into())
+        }
+        (404, _, ["projects", _, kind, ..]) => match *kind {
+            "vms" => list("vm"),
+            "images" => list("image"),
+            "networks" => list("network"),
+            "security-groups" => list("security-group"),
+            "groups" => list("group"),
+            _ => None,
+        },
+        (404, _, ["hosts", ..]) => list("host"),
+        (404, _, ["datastores", ..]) => list("datastore"),
+        (404, _, ["tasks", ..]) => list("task"),
+        (409, "DELETE", ["projects", _, "vms", name]) if message.contains("is running") => Some(
+            format!("`corral vm stop {name}`, or `corral vm delete {name} --force`"),
+        ),
+        (409, "POST", ["drs", "apply"]) if message.starts_with("DRS is off") => {
+            Some("`corral cluster set --drs manual`".into())
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hint;
+
+    #[test]
+    fn hints_name_the_command_that_helps() {
+        let h = |m, p, s, msg| hint(m, p, s, msg).unwrap_or_default();
+        assert!(h(
+            "GET",
+            "/projects/default/vms/web",
+            404,
+            "VM web does not exist"
+        )
+        .contains("corral vm list"));
+        assert!(
+            h("GET", "/hosts/h9?x=1", 404, "host h9 does not exist").contains("corral host list")
+        );
+        assert!(h(
+            "GET",
+            "/projects/nope/vms",
+            404,
+            "project nope does not exist"
+        )
+        .contains("corral project create"));
+        assert!(h(
+            "DELETE",
+            "/projects/default/vms/web",
+            409,
+            "VM web is running: ..."
+        )
+        .contains("corral vm delete web --force"));
+        assert!(h("GET", "/vms", 401, "the token is not valid").contains("--token"));
+        assert_eq!(hint("POST", "/projects/default/vms", 400, "bad"), None);
     }
 }
