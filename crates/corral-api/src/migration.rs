@@ -136,6 +136,41 @@ pub struct MigrationEndpoints {
 }
 
 impl Migration {
+    /// A new migration of the VM `vm` (uid `vm_uid`) in `project` from `source` to `target`,
+    /// waiting for the target to prepare.
+    pub fn new(
+        project: &str,
+        vm: &str,
+        vm_uid: Uuid,
+        (source, target): (&str, &str),
+        shared_storage: bool,
+        reason: &str,
+    ) -> Migration {
+        let now = Utc::now();
+        Migration {
+            id: Uuid::new_v4(),
+            project: project.to_string(),
+            vm: vm.to_string(),
+            vm_uid,
+            source: source.to_string(),
+            target: target.to_string(),
+            shared_storage,
+            reason: reason.to_string(),
+            phase: MigrationPhase::Preparing,
+            cancel_requested: false,
+            target_port: None,
+            disk_port: None,
+            target_pid: None,
+            target_run_dir: None,
+            target_disk: None,
+            progress: MigrationProgress::default(),
+            result: None,
+            error: None,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
     /// Where the source sends this migration: the target's registered fabric address with the
     /// ports the target recorded. Refused (with a sentence) when the target has no usable address
     /// or did not record what this kind of move needs.
@@ -288,28 +323,19 @@ mod tests {
     use crate::{Host, HostStatus};
 
     fn migration(shared_storage: bool) -> Migration {
-        let now = Utc::now();
-        Migration {
-            id: Uuid::new_v4(),
-            project: "default".into(),
-            vm: "web".into(),
-            vm_uid: Uuid::new_v4(),
-            source: "h1".into(),
-            target: "h2".into(),
+        let m = Migration::new(
+            "default",
+            "web",
+            Uuid::new_v4(),
+            ("h1", "h2"),
             shared_storage,
-            reason: "requested".into(),
+            "requested",
+        );
+        Migration {
             phase: MigrationPhase::TargetReady,
-            cancel_requested: false,
             target_port: Some(49152),
             disk_port: (!shared_storage).then_some(49153),
-            target_pid: None,
-            target_run_dir: None,
-            target_disk: None,
-            progress: MigrationProgress::default(),
-            result: None,
-            error: None,
-            created_at: now,
-            updated_at: now,
+            ..m
         }
     }
 

@@ -326,16 +326,7 @@ async fn authorize(a: &AgentCtx, host: &str, op: Op, txn: &[Op]) -> Result<Vec<O
             .map_err(|e| ApiError::BadRequest(format!("not a host record: {e}")))?;
         let record =
             host_write(stored, sent.status, Utc::now()).map_err(|why| refuse(host, &key, &why))?;
-        let value = serde_json::to_vec(&record).map_err(StoreError::from)?;
-        return Ok(vec![
-            guard,
-            Op::Put {
-                key,
-                value,
-                when,
-                lease: None,
-            },
-        ]);
+        return Ok(vec![guard, parsed_put(key, &record, when)?]);
     }
     if key.starts_with(keys::MIGRATIONS) {
         let (Some(stored), Some((new, when))) = (current.as_ref(), new) else {
@@ -363,17 +354,7 @@ async fn authorize(a: &AgentCtx, host: &str, op: Op, txn: &[Op]) -> Result<Vec<O
                 "a migration completes only together with the handover of its VM",
             ));
         }
-        // Stored as parsed: fields the record does not have never reach the other host.
-        let value = serde_json::to_vec(&sent).map_err(StoreError::from)?;
-        return Ok(vec![
-            guard,
-            Op::Put {
-                key,
-                value,
-                when,
-                lease: None,
-            },
-        ]);
+        return Ok(vec![guard, parsed_put(key, &sent, when)?]);
     }
     if !key.starts_with(keys::VMS) {
         return Err(forbidden(host, &key));
@@ -391,13 +372,7 @@ async fn authorize(a: &AgentCtx, host: &str, op: Op, txn: &[Op]) -> Result<Vec<O
         Some((new, when)) => {
             let sent: Vm = serde_json::from_slice(&new)
                 .map_err(|e| ApiError::BadRequest(format!("not a VM: {e}")))?;
-            // Stored as parsed: fields a VM does not have never reach another host.
-            let put = Op::Put {
-                key: key.clone(),
-                value: serde_json::to_vec(&sent).map_err(StoreError::from)?,
-                when,
-                lease: None,
-            };
+            let put = parsed_put(key.clone(), &sent, when)?;
             let mut expected = stored.clone();
             if sent.spec.power != stored.spec.power {
                 // The one change of intent a host reports: its guest powered itself off.
@@ -463,6 +438,17 @@ async fn authorize(a: &AgentCtx, host: &str, op: Op, txn: &[Op]) -> Result<Vec<O
             }
         }
     }
+}
+
+/// The write of what a host sent, as parsed: fields the record does not have never reach
+/// another host.
+fn parsed_put<T: Serialize>(key: String, value: &T, when: Precondition) -> Result<Op, ApiError> {
+    Ok(Op::Put {
+        key,
+        value: serde_json::to_vec(value).map_err(StoreError::from)?,
+        when,
+        lease: None,
+    })
 }
 
 /// The host record after its own agent reported `sent`: only the status changes; the heartbeat
@@ -708,32 +694,17 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use corral_api::MigrationProgress;
 
     fn record(phase: MigrationPhase) -> Migration {
-        let now = Utc::now();
-        Migration {
-            id: uuid::Uuid::new_v4(),
-            project: "default".into(),
-            vm: "web".into(),
-            vm_uid: uuid::Uuid::new_v4(),
-            source: "h1".into(),
-            target: "h2".into(),
-            shared_storage: true,
-            reason: "requested".into(),
-            phase,
-            cancel_requested: false,
-            target_port: None,
-            disk_port: None,
-            target_pid: None,
-            target_run_dir: None,
-            target_disk: None,
-            progress: MigrationProgress::default(),
-            result: None,
-            error: None,
-            created_at: now,
-            updated_at: now,
-        }
+        let m = Migration::new(
+            "default",
+            "web",
+            uuid::Uuid::new_v4(),
+            ("h1", "h2"),
+            true,
+            "requested",
+        );
+        Migration { phase, ..m }
     }
 
     fn to(m: &Migration, phase: MigrationPhase) -> Migration {

@@ -9,8 +9,8 @@ use axum::http::StatusCode;
 use axum::Json;
 use chrono::Utc;
 use corral_api::{
-    keys, Datastore, Host, HostState, MigrateVmRequest, Migration, MigrationPhase,
-    MigrationProgress, PowerState, Task, TaskGoal, Vm, VmPhase, LOCAL_DATASTORE,
+    keys, Datastore, Host, HostState, MigrateVmRequest, Migration, MigrationPhase, PowerState,
+    Task, TaskGoal, Vm, VmPhase, LOCAL_DATASTORE,
 };
 use corral_scheduler as sched;
 use corral_store::{get_json, Op, Precondition, StoreError};
@@ -128,29 +128,14 @@ pub async fn start(
                 )))
             }
         };
-        let now = Utc::now();
-        let migration = Migration {
-            id: Uuid::new_v4(),
-            project: project.to_string(),
-            vm: name.to_string(),
-            vm_uid: v.meta.uid,
-            source,
-            target: target.clone(),
+        let migration = Migration::new(
+            project,
+            name,
+            v.meta.uid,
+            (source.as_str(), target.as_str()),
             shared_storage,
-            reason: reason.to_string(),
-            phase: MigrationPhase::Preparing,
-            cancel_requested: false,
-            target_port: None,
-            disk_port: None,
-            target_pid: None,
-            target_run_dir: None,
-            target_disk: None,
-            progress: MigrationProgress::default(),
-            result: None,
-            error: None,
-            created_at: now,
-            updated_at: now,
-        };
+            reason,
+        );
         let task = Task::new(
             project,
             "vm.migrate",

@@ -297,15 +297,7 @@ fn join_tokens_are_single_use_and_names_unique_and_strangers_are_refused() {
     );
 
     // Without a certificate: refused by every agent call.
-    let insecure: ureq::Agent = ureq::Agent::config_builder()
-        .tls_config(
-            ureq::tls::TlsConfig::builder()
-                .disable_verification(true)
-                .build(),
-        )
-        .http_status_as_error(false)
-        .build()
-        .into();
+    let insecure = common::insecure_agent();
     for path in [
         "/agent/v1/list?prefix=/corral/vms/",
         "/agent/v1/get?key=/corral/auth/admin-token-sha256",

@@ -19,15 +19,7 @@ impl Hostile {
     /// Joins as `name` with a fresh token, the way any new host does.
     fn join(lab: &Lab, name: &str) -> Hostile {
         let token = lab.cli(&["host", "join-token"]).trim().to_string();
-        let insecure: ureq::Agent = ureq::Agent::config_builder()
-            .tls_config(
-                ureq::tls::TlsConfig::builder()
-                    .disable_verification(true)
-                    .build(),
-            )
-            .http_status_as_error(false)
-            .build()
-            .into();
+        let insecure = common::insecure_agent();
         let url = lab.agent_url();
         let joined: Value = insecure
             .post(format!("{url}/agent/v1/join"))

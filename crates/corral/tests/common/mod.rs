@@ -470,6 +470,20 @@ pub fn pids_matching(needle: &str) -> Vec<u32> {
 
 pub use corral_hypervisor::process_alive as alive;
 
+/// A client of the agent endpoint without a certificate, that does not check the controller's
+/// either: what a stranger (or a host before it joins) has.
+pub fn insecure_agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .tls_config(
+            ureq::tls::TlsConfig::builder()
+                .disable_verification(true)
+                .build(),
+        )
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
 pub fn signal(pid: u32, sig: libc::c_int) {
     // SAFETY: kill(2) with plain integers.
     #[allow(unsafe_code)]
