@@ -6,9 +6,15 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
-# The API document must be one that standard tools (validators, client generators) take.
-python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore openapi-spec-validator
-python3 -m openapi_spec_validator docs/openapi.json
+# The API document must be one that standard tools (validators, client generators) take. The
+# validator comes from PyPI into a virtual environment of its own (Debian's Python takes no pip
+# installs of its own).
+venv=target/openapi-venv
+if [ ! -x "$venv/bin/openapi-spec-validator" ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check openapi-spec-validator
+fi
+"$venv/bin/openapi-spec-validator" docs/openapi.json
 # The controller drives no hypervisor (docs/ARCHITECTURE.md): it links no agent, QEMU driver, host
 # networking or image builder, not even for its tests.
 if cargo tree -p corral-controller --prefix none | grep -E '^corral-(agent|hypervisor|network|jeos) '; then
