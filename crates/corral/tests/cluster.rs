@@ -157,28 +157,9 @@ fn join_tokens_are_single_use_and_names_unique_and_strangers_are_refused() {
     ]);
     let creds = root.join("hosts/host-a/data/agent");
     let read = |f: &str| std::fs::read_to_string(creds.join(f)).expect("credential");
-    let tls = ureq::tls::TlsConfig::builder()
-        .root_certs(ureq::tls::RootCerts::new_with_certs(&[
-            ureq::tls::Certificate::from_pem(read("ca.crt").as_bytes()).expect("ca"),
-        ]))
-        .client_cert(Some(ureq::tls::ClientCert::new_with_certs(
-            &[ureq::tls::Certificate::from_pem(read("host.crt").as_bytes()).expect("cert")],
-            ureq::tls::PrivateKey::from_pem(read("host.key").as_bytes()).expect("key"),
-        )))
-        .build();
-    let host_a: ureq::Agent = ureq::Agent::config_builder()
-        .tls_config(tls)
-        .http_status_as_error(false)
-        .build()
-        .into();
-    let get = |path: &str| {
-        host_a
-            .get(format!("{url}{path}"))
-            .call()
-            .expect("call")
-            .status()
-            .as_u16()
-    };
+    let host_a =
+        common::HostClient::new(&url, &read("ca.crt"), &read("host.crt"), &read("host.key"));
+    let get = |path: &str| host_a.status(path);
     assert_eq!(
         get("/agent/v1/list?prefix=/corral/vms/"),
         200,
@@ -196,31 +177,8 @@ fn join_tokens_are_single_use_and_names_unique_and_strangers_are_refused() {
     assert_eq!(get("/agent/v1/list?prefix=/corral/tasks/"), 403);
     assert_eq!(get("/agent/v1/list?prefix=/corral/ips/"), 403);
     assert_eq!(get("/agent/v1/watch?prefix=/corral/&from=1"), 403);
-    let store_vm = |name: &str| -> (Value, u64) {
-        let kv: Value = host_a
-            .get(format!("{url}/agent/v1/get?key=/corral/vms/default/{name}"))
-            .call()
-            .expect("get")
-            .body_mut()
-            .read_json()
-            .expect("kv");
-        let bytes: Vec<u8> = serde_json::from_value(kv["value"].clone()).expect("bytes");
-        (
-            serde_json::from_slice(&bytes).expect("vm"),
-            kv["mod_revision"].as_u64().expect("rev"),
-        )
-    };
-    let txn = |key: &str, value: &Value, rev: Option<u64>| -> u16 {
-        let when = rev.map_or(json!("Any"), |r| json!({ "ModRevision": r }));
-        let value = serde_json::to_vec(value).expect("json");
-        let ops = json!([{ "Put": { "key": key, "value": value, "when": when, "lease": null } }]);
-        host_a
-            .post(format!("{url}/agent/v1/txn"))
-            .send_json(&ops)
-            .expect("txn")
-            .status()
-            .as_u16()
-    };
+    let store_vm = |name: &str| host_a.get(&format!("/corral/vms/default/{name}"));
+    let txn = |key: &str, value: &Value, rev: Option<u64>| host_a.put(key, value, rev).0;
     let (mine, rev) = store_vm("mine");
     let mut status_only = mine.clone();
     status_only["status"]["conditions"] = json!([]);
@@ -256,15 +214,7 @@ fn join_tokens_are_single_use_and_names_unique_and_strangers_are_refused() {
         403
     );
     let check = json!([{ "Check": { "key": "/corral/join-tokens/x", "when": "Absent" } }]);
-    assert_eq!(
-        host_a
-            .post(format!("{url}/agent/v1/txn"))
-            .send_json(&check)
-            .expect("txn")
-            .status()
-            .as_u16(),
-        403
-    );
+    assert_eq!(host_a.txn(&check).0, 403);
     assert_eq!(txn("/corral/hosts/host-a", &json!("not a host"), None), 400);
     assert_eq!(
         txn("/corral/vms/default/mine", &status_only, Some(rev)),

@@ -6,76 +6,39 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{pids_matching, Lab};
+use common::{pids_matching, wait_for, HostClient, Lab};
 use serde_json::{json, Value};
 
 /// The hostile host: nothing but its certificate and raw calls to the agent endpoint.
-struct Hostile {
-    url: String,
-    agent: ureq::Agent,
-}
+struct Hostile(HostClient);
 
 impl Hostile {
     /// Joins as `name` with a fresh token, the way any new host does.
     fn join(lab: &Lab, name: &str) -> Hostile {
         let token = lab.cli(&["host", "join-token"]).trim().to_string();
-        let insecure = common::insecure_agent();
         let url = lab.agent_url();
-        let joined: Value = insecure
+        let joined: Value = common::insecure_agent()
             .post(format!("{url}/agent/v1/join"))
             .send_json(json!({ "token": token, "host": name }))
             .expect("join")
             .body_mut()
             .read_json()
             .expect("credentials");
-        let pem = |k: &str| joined[k].as_str().expect("pem").as_bytes().to_vec();
-        let tls = ureq::tls::TlsConfig::builder()
-            .root_certs(ureq::tls::RootCerts::new_with_certs(&[
-                ureq::tls::Certificate::from_pem(&pem("ca_pem")).expect("ca"),
-            ]))
-            .client_cert(Some(ureq::tls::ClientCert::new_with_certs(
-                &[ureq::tls::Certificate::from_pem(&pem("cert_pem")).expect("cert")],
-                ureq::tls::PrivateKey::from_pem(&pem("key_pem")).expect("key"),
-            )))
-            .build();
-        let agent = ureq::Agent::config_builder()
-            .tls_config(tls)
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(30)))
-            .build()
-            .into();
-        Hostile { url, agent }
+        let pem = |k: &str| joined[k].as_str().expect("pem").to_string();
+        Hostile(HostClient::new(
+            &url,
+            &pem("ca_pem"),
+            &pem("cert_pem"),
+            &pem("key_pem"),
+        ))
     }
 
-    /// A stored object and its revision.
     fn get(&self, key: &str) -> (Value, u64) {
-        let kv: Value = self
-            .agent
-            .get(format!("{}/agent/v1/get?key={key}", self.url))
-            .call()
-            .expect("get")
-            .body_mut()
-            .read_json()
-            .expect("kv");
-        let bytes: Vec<u8> = serde_json::from_value(kv["value"].clone()).expect("bytes");
-        (
-            serde_json::from_slice(&bytes).expect("json"),
-            kv["mod_revision"].as_u64().expect("rev"),
-        )
+        self.0.get(key)
     }
 
-    /// Writes `value` at `key` if it is still at `rev`: the status and what the endpoint said.
     fn put(&self, key: &str, value: &Value, rev: u64) -> (u16, String) {
-        let value = serde_json::to_vec(value).expect("json");
-        let ops = json!([{ "Put": {
-            "key": key, "value": value, "when": { "ModRevision": rev }, "lease": null } }]);
-        let mut res = self
-            .agent
-            .post(format!("{}/agent/v1/txn", self.url))
-            .send_json(&ops)
-            .expect("txn");
-        let body = res.body_mut().read_to_string().unwrap_or_default();
-        (res.status().as_u16(), body)
+        self.0.put(key, value, Some(rev))
     }
 
     /// Reports its own host record with this capacity and address.
@@ -88,14 +51,6 @@ impl Hostile {
             "last_heartbeat": "2030-01-01T00:00:00Z", "address": address,
         });
         self.put(key, &record, rev)
-    }
-}
-
-fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "gave up waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
     }
 }
 

@@ -470,6 +470,96 @@ pub fn pids_matching(needle: &str) -> Vec<u32> {
 
 pub use corral_hypervisor::process_alive as alive;
 
+/// A client of the agent endpoint with a host's certificate, making raw calls as any host (a
+/// compromised one too) can.
+pub struct HostClient {
+    pub url: String,
+    agent: ureq::Agent,
+}
+
+impl HostClient {
+    /// A client for the endpoint at `url` with the host's certificate and key and the cluster CA.
+    pub fn new(url: &str, ca_pem: &str, cert_pem: &str, key_pem: &str) -> HostClient {
+        let tls = ureq::tls::TlsConfig::builder()
+            .root_certs(ureq::tls::RootCerts::new_with_certs(&[
+                ureq::tls::Certificate::from_pem(ca_pem.as_bytes()).expect("ca"),
+            ]))
+            .client_cert(Some(ureq::tls::ClientCert::new_with_certs(
+                &[ureq::tls::Certificate::from_pem(cert_pem.as_bytes()).expect("cert")],
+                ureq::tls::PrivateKey::from_pem(key_pem.as_bytes()).expect("key"),
+            )))
+            .build();
+        let agent = ureq::Agent::config_builder()
+            .tls_config(tls)
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build()
+            .into();
+        HostClient {
+            url: url.to_string(),
+            agent,
+        }
+    }
+
+    /// The status a GET of `path` answers.
+    pub fn status(&self, path: &str) -> u16 {
+        self.agent
+            .get(format!("{}{path}", self.url))
+            .call()
+            .expect("call")
+            .status()
+            .as_u16()
+    }
+
+    /// A stored object and its revision.
+    pub fn get(&self, key: &str) -> (Value, u64) {
+        let kv: Value = self
+            .agent
+            .get(format!("{}/agent/v1/get?key={key}", self.url))
+            .call()
+            .expect("get")
+            .body_mut()
+            .read_json()
+            .expect("kv");
+        let bytes: Vec<u8> = serde_json::from_value(kv["value"].clone()).expect("bytes");
+        (
+            serde_json::from_slice(&bytes).expect("json"),
+            kv["mod_revision"].as_u64().expect("rev"),
+        )
+    }
+
+    /// Sends a transaction: the status and what the endpoint said.
+    pub fn txn(&self, ops: &Value) -> (u16, String) {
+        let mut res = self
+            .agent
+            .post(format!("{}/agent/v1/txn", self.url))
+            .send_json(ops)
+            .expect("txn");
+        let body = res.body_mut().read_to_string().unwrap_or_default();
+        (res.status().as_u16(), body)
+    }
+
+    /// Writes `value` at `key`, if it is still at `rev` (`None`: whatever is there).
+    pub fn put(&self, key: &str, value: &Value, rev: Option<u64>) -> (u16, String) {
+        let when = rev.map_or(
+            serde_json::json!("Any"),
+            |r| serde_json::json!({ "ModRevision": r }),
+        );
+        let value = serde_json::to_vec(value).expect("json");
+        self.txn(&serde_json::json!([{ "Put": {
+            "key": key, "value": value, "when": when, "lease": null } }]))
+    }
+}
+
+/// Waits until `cond` holds, or fails saying it gave up waiting for `what`.
+pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "gave up waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// A client of the agent endpoint without a certificate, that does not check the controller's
 /// either: what a stranger (or a host before it joins) has.
 pub fn insecure_agent() -> ureq::Agent {
