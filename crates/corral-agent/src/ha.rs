@@ -70,6 +70,12 @@ impl HaState {
             && lock(&self.renewed).is_some_and(|t| t.elapsed() < timing::FENCE_AFTER / 2)
     }
 
+    /// Every shared datastore's lease was renewed just now (a simulated host, whose datastores
+    /// are simulated too, says so on each of its renewal ticks).
+    pub fn leases_renewed(&self) {
+        *lock(&self.renewed) = Some(Instant::now());
+    }
+
     fn since_renewed(&self) -> Duration {
         lock(&self.renewed).unwrap_or(self.started).elapsed()
     }
@@ -204,7 +210,7 @@ async fn renew_leases(store: Arc<dyn Store>, host: String, data_dir: PathBuf, st
             }
         }
         if all {
-            *lock(&state.renewed) = Some(Instant::now());
+            state.leases_renewed();
         }
     }
 }

@@ -14,12 +14,11 @@ mod migrate;
 mod network;
 mod reconcile;
 pub mod remote;
-pub mod sim;
 mod storage;
-mod usage;
+pub mod usage;
 
 pub use corral_api::layout;
-pub use reconcile::{Agent, AgentConfig};
+pub use reconcile::{write_heartbeat, Agent, AgentConfig, HEARTBEAT_WITH_REPORTS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {

@@ -741,7 +741,7 @@ async fn prepare(
         }
         // A fresh clone of the same image: the source mirrors only the VM's own layer into it.
         let _ = std::fs::remove_file(&path);
-        clone_disk(store, vm, &path).await?;
+        clone_disk(store, driver, vm, &path).await?;
         (path, true)
     };
     let started = async {

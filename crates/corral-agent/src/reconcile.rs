@@ -136,7 +136,12 @@ pub(crate) fn private_dir(dir: &Path) -> Result<(), String> {
 
 /// Makes `disk` a linked clone of the VM's image unless it exists. The clone is made under a
 /// temporary name and renamed, so a crash never leaves a half-made disk under the real name.
-pub(crate) async fn clone_disk(store: &dyn Store, vm: &Vm, disk: &Path) -> Result<(), String> {
+pub(crate) async fn clone_disk(
+    store: &dyn Store,
+    driver: &dyn Driver,
+    vm: &Vm,
+    disk: &Path,
+) -> Result<(), String> {
     if disk.exists() {
         return Ok(());
     }
@@ -147,7 +152,8 @@ pub(crate) async fn clone_disk(store: &dyn Store, vm: &Vm, disk: &Path) -> Resul
         private_dir(parent)?;
     }
     let tmp = disk.with_extension("qcow2.part");
-    corral_hypervisor::disk::create_linked_clone(&backing, format, &tmp, vm.spec.disk_bytes)
+    driver
+        .create_disk(&backing, format, &tmp, vm.spec.disk_bytes)
         .await
         .map_err(|e| e.to_string())?;
     std::fs::rename(&tmp, disk).map_err(|e| format!("creating {}: {e}", disk.display()))
@@ -156,6 +162,7 @@ pub(crate) async fn clone_disk(store: &dyn Store, vm: &Vm, disk: &Path) -> Resul
 /// Makes sure the VM's disk exists (a linked clone of its image) and is recorded in its status.
 async fn ensure_disk(
     store: &dyn Store,
+    driver: &dyn Driver,
     vm: &mut Vm,
     dir: &Path,
     disk: &Path,
@@ -164,7 +171,7 @@ async fn ensure_disk(
     vm.status
         .run_dir
         .get_or_insert_with(|| dir.display().to_string());
-    clone_disk(store, vm, disk).await?;
+    clone_disk(store, driver, vm, disk).await?;
     // The path shown is the one derived here, whatever an earlier host recorded.
     if let Some(d) = vm.status.disk.as_mut() {
         let derived = disk.display().to_string();
@@ -173,10 +180,10 @@ async fn ensure_disk(
         }
     }
     if vm.status.disk.is_none() {
-        let backing = corral_hypervisor::disk::info(disk)
+        let backing = driver
+            .disk_backing(disk)
             .await
             .map_err(|e| e.to_string())?
-            .backing_filename
             .unwrap_or_default();
         vm.status.disk = Some(DiskStatus {
             path: disk.display().to_string(),
@@ -285,7 +292,7 @@ pub(crate) async fn reconcile(
     }
 
     let made = match disk_path(store, cfg, &vm).await {
-        Ok(disk) => ensure_disk(store, &mut vm, &dir, &disk)
+        Ok(disk) => ensure_disk(store, driver, &mut vm, &dir, &disk)
             .await
             .map(|()| disk),
         Err(msg) => Err(msg),
@@ -641,11 +648,13 @@ pub struct Agent {
     ha_link: Option<Arc<dyn crate::ha::HaLink>>,
     /// Where this host's gossip listens, once bound.
     gossip: std::sync::OnceLock<std::net::SocketAddr>,
+    /// The worker of each VM (and each migration to here) this host looks after.
+    workers: std::sync::Mutex<HashMap<String, mpsc::Sender<()>>>,
 }
 
 /// Writes the host's status (registering the host if it is not yet), keeping what the operator set;
 /// returns the record as written.
-pub(crate) async fn write_heartbeat(
+pub async fn write_heartbeat(
     store: &dyn Store,
     host: &str,
     status: HostStatus,
@@ -704,6 +713,7 @@ impl Agent {
             cfg,
             ha_link,
             gossip: std::sync::OnceLock::new(),
+            workers: std::sync::Mutex::default(),
         })
     }
 
@@ -778,11 +788,10 @@ impl Agent {
                 }
             }
         });
-        let mut workers: HashMap<String, mpsc::Sender<()>> = HashMap::new();
         let mut backoff = Duration::from_millis(100);
         loop {
             let started = Instant::now();
-            if let Err(e) = self.clone().follow(&mut workers).await {
+            if let Err(e) = self.clone().follow().await {
                 if started.elapsed() > Duration::from_secs(30) {
                     backoff = Duration::from_millis(100);
                 }
@@ -794,15 +803,12 @@ impl Agent {
     }
 
     /// Lists the VMs and migrations, then follows their changes until a watch ends.
-    async fn follow(
-        self: Arc<Self>,
-        workers: &mut HashMap<String, mpsc::Sender<()>>,
-    ) -> Result<(), AgentError> {
+    async fn follow(self: Arc<Self>) -> Result<(), AgentError> {
         let (kvs, rev) = self.store.list(keys::VMS).await?;
         let (migrations, mig_rev) = self.store.list(keys::MIGRATIONS).await?;
         self.sweep(&kvs, &migrations).await;
         for kv in kvs.iter().chain(&migrations) {
-            self.kick(workers, &kv.key, &kv.value);
+            self.kick(&kv.key, &kv.value);
         }
         let mut watch = self.store.watch(keys::VMS, rev + 1).await?;
         let mut mig_watch = self.store.watch(keys::MIGRATIONS, mig_rev + 1).await?;
@@ -810,16 +816,17 @@ impl Agent {
         loop {
             tokio::select! {
                 ev = watch.recv() => match ev {
-                    Some(Ok(e)) => self.kick(workers, &e.kv.key, &e.kv.value),
+                    Some(Ok(e)) => self.kick(&e.kv.key, &e.kv.value),
                     Some(Err(e)) => { tracing::info!(error = %e, "watch ended; listing again"); break; }
                     None => break,
                 },
                 ev = mig_watch.recv() => match ev {
-                    Some(Ok(e)) => self.kick(workers, &e.kv.key, &e.kv.value),
+                    Some(Ok(e)) => self.kick(&e.kv.key, &e.kv.value),
                     Some(Err(e)) => { tracing::info!(error = %e, "watch ended; listing again"); break; }
                     None => break,
                 },
                 _ = resync.tick() => {
+                    let mut workers = self.lock_workers();
                     workers.retain(|_, tx| !tx.is_closed());
                     for (key, tx) in workers.iter() {
                         if tx.try_send(()).is_err() {
@@ -879,16 +886,20 @@ impl Agent {
         }
     }
 
-    /// Wakes the worker of a key that changed, starting one if the key is this host's business: a
-    /// VM placed here, or a migration to here. A VM's worker also wakes when its migration changes.
-    /// Any key that has a worker wakes it (the VM may have moved or been deleted: it finds out).
-    fn kick(
-        self: &Arc<Self>,
-        workers: &mut HashMap<String, mpsc::Sender<()>>,
-        key: &str,
-        value: &[u8],
-    ) {
+    fn lock_workers(&self) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::Sender<()>>> {
+        self.workers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Wakes the worker of a key that changed (a VM or a migration: `value` as stored, empty when
+    /// deleted), starting one if the key is this host's business: a VM placed here, or a migration
+    /// to here. A VM's worker also wakes when its migration changes. Any key that has a worker
+    /// wakes it (the VM may have moved or been deleted: it finds out). The agent's own watch calls
+    /// this; so does a fleet of simulated hosts, which shares one watch among its agents.
+    pub fn kick(self: &Arc<Self>, key: &str, value: &[u8]) {
         let me = Some(self.cfg.host.as_str());
+        let mut workers = self.lock_workers();
         let ours = if key.starts_with(keys::MIGRATIONS) {
             if let Some(vm_key) = keys::vm_of_migration(key) {
                 if let Some(tx) = workers.get(&vm_key).filter(|tx| !tx.is_closed()) {
@@ -910,6 +921,9 @@ impl Agent {
             tokio::spawn(self.clone().worker(key.to_string(), rx));
             let _ = tx.try_send(());
             workers.insert(key.to_string(), tx);
+        } else {
+            // A worker that ended (its VM went away): forgotten.
+            workers.remove(key);
         }
     }
 

@@ -13,7 +13,7 @@ use corral_store::{list_json, update_json, Store};
 use crate::AgentError;
 
 /// How often VMs are measured.
-pub(crate) const PERIOD: Duration = Duration::from_secs(5);
+pub const PERIOD: Duration = Duration::from_secs(5);
 /// A measurement older than this is written again even if unchanged.
 const REFRESH_SECS: i64 = 60;
 /// Linux reports process CPU time in ticks of USER_HZ, 100 per second on every architecture
@@ -34,7 +34,7 @@ fn sample(pid: u32) -> Option<(u64, u64)> {
 }
 
 /// Whether `new` is worth a write over `old`.
-pub(crate) fn changed(old: Option<&VmUsage>, new: &VmUsage) -> bool {
+pub fn changed(old: Option<&VmUsage>, new: &VmUsage) -> bool {
     let Some(old) = old else { return true };
     let stale = (new.measured_at - old.measured_at).num_seconds() >= REFRESH_SECS;
     let cpu = (new.cpu_cores - old.cpu_cores).abs() > 0.05;

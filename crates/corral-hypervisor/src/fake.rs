@@ -1,5 +1,7 @@
 //! An in-memory driver for control-plane tests: it "runs" VMs instantly, records every call, and can
-//! be told to fail the next start or to have a guest power itself off.
+//! be told to fail the next start or to have a guest power itself off. With a link speed
+//! ([`FakeDriver::with_link`]) a migration takes as long as its memory takes over that link: the
+//! hypervisor of simulated hosts builds on this.
 //!
 //! Fake drivers of agents in one process migrate VMs to each other: an incoming copy registers the
 //! address it "listens" on (the host's address and a port of its own) in a process-wide table,
@@ -27,16 +29,27 @@ pub struct FakeDriver {
     inner: Arc<Mutex<FakeState>>,
 }
 
-/// An outgoing migration: where to, and how many times it was looked at.
+/// An outgoing migration: where to, how many times it was looked at, and since when it runs.
 struct Outgoing {
     to: Option<SocketAddr>,
     transfer: Transfer,
     polls: u32,
+    since: std::time::Instant,
+}
+
+/// How fast migrations copy, and how much of its memory a guest has touched (what is copied).
+#[derive(Clone, Copy, Debug)]
+struct Link {
+    bytes_per_sec: u64,
+    touched: f64,
 }
 
 #[derive(Default)]
 struct FakeState {
     running: HashMap<PathBuf, Observed>,
+    /// The memory each VM was started with.
+    memory: HashMap<PathBuf, u64>,
+    link: Option<Link>,
     next_pid: u32,
     fail_next_start: Option<String>,
     /// Guests that ignore the ACPI power button (no acpid, hung).
@@ -47,6 +60,15 @@ struct FakeState {
     fail_next_migration: Option<String>,
     /// Migrations stay active until released (to cancel one, or kill its target, midway).
     hold_migrations: bool,
+}
+
+impl FakeState {
+    /// Notes a call, unless this is a simulated host's driver (which would note millions).
+    fn call(&mut self, call: String) {
+        if self.link.is_none() {
+            self.calls.push(call);
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -61,6 +83,28 @@ fn name(run_dir: &Path) -> String {
 }
 
 impl FakeDriver {
+    /// A driver whose migrations copy `touched` (0 to 1) of each guest's memory at
+    /// `bytes_per_sec`, in real time, rather than completing on the second look.
+    pub fn with_link(bytes_per_sec: u64, touched: f64) -> Self {
+        let d = Self::default();
+        d.state().link = Some(Link {
+            bytes_per_sec: bytes_per_sec.max(1),
+            touched: touched.clamp(0.0, 1.0),
+        });
+        d
+    }
+
+    /// Every VM's process is gone at once, as when the machine loses power.
+    pub fn power_off(&self) {
+        let mut s = self.state();
+        s.call("power-off".into());
+        let dirs: Vec<PathBuf> = s.running.drain().map(|(d, _)| d).collect();
+        s.outgoing.clear();
+        s.memory.clear();
+        drop(s);
+        lock(&INCOMING).retain(|_, (_, dir)| !dirs.contains(dir));
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, FakeState> {
         lock(&self.inner)
     }
@@ -80,11 +124,12 @@ impl FakeDriver {
     /// A disk copy that is in sync at once.
     fn start_mirror(&self, run_dir: &Path) {
         let mut s = self.state();
-        s.calls.push(format!("mirror {}", name(run_dir)));
+        s.call(format!("mirror {}", name(run_dir)));
         let out = s.outgoing.entry(run_dir.to_path_buf()).or_insert(Outgoing {
             to: None,
             transfer: Transfer::default(),
             polls: 0,
+            since: std::time::Instant::now(),
         });
         out.transfer.disk = Some(DiskCopy {
             copied: 1 << 20,
@@ -96,7 +141,7 @@ impl FakeDriver {
 
     fn advance(&self, run_dir: &Path) -> Transfer {
         let mut s = self.state();
-        let hold = s.hold_migrations;
+        let (hold, link) = (s.hold_migrations, s.link);
         let Some(out) = s.outgoing.get_mut(run_dir) else {
             return Transfer::default();
         };
@@ -118,9 +163,19 @@ impl FakeDriver {
             out.transfer.status = TransferStatus::Failed("the target closed the connection".into());
             return out.transfer.clone();
         }
-        out.transfer.memory_sent = out.transfer.memory_total / 2 * u64::from(out.polls.min(2));
-        out.transfer.memory_remaining = out.transfer.memory_total - out.transfer.memory_sent;
-        if out.polls < 2 {
+        let total = out.transfer.memory_total;
+        out.transfer.memory_sent = match link {
+            Some(l) => {
+                total.min((out.since.elapsed().as_secs_f64() * l.bytes_per_sec as f64) as u64)
+            }
+            None => total / 2 * u64::from(out.polls.min(2)),
+        };
+        out.transfer.memory_remaining = total - out.transfer.memory_sent;
+        let done = match link {
+            Some(_) => out.transfer.memory_remaining == 0,
+            None => out.polls >= 2,
+        };
+        if !done {
             return out.transfer.clone();
         }
         out.transfer.status = TransferStatus::Completed;
@@ -170,9 +225,9 @@ impl FakeDriver {
 
 #[async_trait]
 impl Driver for FakeDriver {
-    async fn start(&self, run_dir: &Path, _spec: &LaunchSpec) -> Result<u32, DriverError> {
+    async fn start(&self, run_dir: &Path, spec: &LaunchSpec) -> Result<u32, DriverError> {
         let mut s = self.state();
-        s.calls.push(format!("start {}", name(run_dir)));
+        s.call(format!("start {}", name(run_dir)));
         if let Some(msg) = s.fail_next_start.take() {
             return Err(DriverError::StartFailed(msg));
         }
@@ -188,6 +243,8 @@ impl Driver for FakeDriver {
                 state: RunState::Running,
             },
         );
+        s.memory
+            .insert(run_dir.to_path_buf(), spec.memory_mib << 20);
         Ok(pid)
     }
 
@@ -197,7 +254,7 @@ impl Driver for FakeDriver {
 
     async fn powerdown(&self, run_dir: &Path) -> Result<(), DriverError> {
         let mut s = self.state();
-        s.calls.push(format!("powerdown {}", name(run_dir)));
+        s.call(format!("powerdown {}", name(run_dir)));
         let deaf = s.deaf;
         if let Some(o) = s.running.get_mut(run_dir).filter(|_| !deaf) {
             o.state = RunState::GuestShutdown;
@@ -206,21 +263,23 @@ impl Driver for FakeDriver {
     }
 
     async fn reset(&self, run_dir: &Path) -> Result<(), DriverError> {
-        self.state().calls.push(format!("reset {}", name(run_dir)));
+        self.state().call(format!("reset {}", name(run_dir)));
         Ok(())
     }
 
     async fn fence(&self, run_dir: &Path) -> Result<bool, DriverError> {
         let mut s = self.state();
-        s.calls.push(format!("fence {}", name(run_dir)));
+        s.call(format!("fence {}", name(run_dir)));
         s.outgoing.remove(run_dir);
+        s.memory.remove(run_dir);
         Ok(s.running.remove(run_dir).is_some())
     }
 
     async fn kill(&self, run_dir: &Path) -> Result<(), DriverError> {
         let mut s = self.state();
-        s.calls.push(format!("kill {}", name(run_dir)));
+        s.call(format!("kill {}", name(run_dir)));
         s.running.remove(run_dir);
+        s.memory.remove(run_dir);
         s.outgoing.remove(run_dir);
         lock(&INCOMING).retain(|_, (_, dir)| dir != run_dir);
         Ok(())
@@ -228,12 +287,12 @@ impl Driver for FakeDriver {
     async fn start_incoming(
         &self,
         run_dir: &Path,
-        _spec: &LaunchSpec,
+        spec: &LaunchSpec,
         address: std::net::IpAddr,
         export_disk: bool,
     ) -> Result<Incoming, DriverError> {
         let mut s = self.state();
-        s.calls.push(format!("incoming {}", name(run_dir)));
+        s.call(format!("incoming {}", name(run_dir)));
         if let Some(msg) = s.fail_next_start.take() {
             return Err(DriverError::StartFailed(msg));
         }
@@ -246,6 +305,8 @@ impl Driver for FakeDriver {
                 state: RunState::Incoming,
             },
         );
+        s.memory
+            .insert(run_dir.to_path_buf(), spec.memory_mib << 20);
         let port = NEXT_PORT.fetch_add(2, Ordering::Relaxed);
         lock(&INCOMING).insert(
             SocketAddr::new(address, port),
@@ -270,7 +331,7 @@ impl Driver for FakeDriver {
         tuning: &Tuning,
     ) -> Result<(), DriverError> {
         let mut s = self.state();
-        s.calls.push(format!(
+        s.call(format!(
             "send {} auto-converge={} downtime={}ms",
             name(run_dir),
             tuning.auto_converge,
@@ -281,17 +342,22 @@ impl Driver for FakeDriver {
             None => TransferStatus::Active,
         };
         let disk = s.outgoing.remove(run_dir).and_then(|o| o.transfer.disk);
+        let memory_total = match (s.link, s.memory.get(run_dir)) {
+            (Some(l), Some(m)) => (*m as f64 * l.touched) as u64,
+            _ => 256 << 20,
+        };
         s.outgoing.insert(
             run_dir.to_path_buf(),
             Outgoing {
                 to: Some(to),
                 transfer: Transfer {
                     status,
-                    memory_total: 256 << 20,
+                    memory_total,
                     disk,
                     ..Transfer::default()
                 },
                 polls: 0,
+                since: std::time::Instant::now(),
             },
         );
         Ok(())
@@ -303,7 +369,7 @@ impl Driver for FakeDriver {
 
     async fn cancel_transfer(&self, run_dir: &Path) -> Result<(), DriverError> {
         let mut s = self.state();
-        s.calls.push(format!("cancel {}", name(run_dir)));
+        s.call(format!("cancel {}", name(run_dir)));
         if let Some(out) = s.outgoing.get_mut(run_dir) {
             if out.transfer.status == TransferStatus::Active {
                 out.transfer.status = TransferStatus::Cancelled;
@@ -321,9 +387,7 @@ impl Driver for FakeDriver {
     }
 
     async fn copy_disk(&self, run_dir: &Path, dest: &Path) -> Result<(), DriverError> {
-        self.state()
-            .calls
-            .push(format!("copy-disk {}", name(run_dir)));
+        self.state().call(format!("copy-disk {}", name(run_dir)));
         std::fs::write(dest, b"fake disk").map_err(|e| DriverError::io("copying the disk", e))?;
         self.start_mirror(run_dir);
         Ok(())
@@ -335,7 +399,7 @@ impl Driver for FakeDriver {
 
     async fn resume(&self, run_dir: &Path) -> Result<(), DriverError> {
         let mut s = self.state();
-        s.calls.push(format!("resume {}", name(run_dir)));
+        s.call(format!("resume {}", name(run_dir)));
         // Like QEMU, a source whose state went away may run on (after a migration that failed).
         if let Some(o) = s.running.get_mut(run_dir) {
             if matches!(o.state, RunState::Paused | RunState::MigratedAway) {

@@ -148,6 +148,22 @@ pub trait Driver: Send + Sync + 'static {
     async fn switch_disk(&self, run_dir: &Path, dest: &Path) -> Result<(), DriverError>;
     /// Runs a VM that is paused (an incoming copy once handed over).
     async fn resume(&self, run_dir: &Path) -> Result<(), DriverError>;
+
+    /// Creates `disk` as a thin linked clone of `backing` (`size` 0 keeps the backing file's
+    /// size). The disk format is the hypervisor's, so making one is too: `qemu-img` here.
+    async fn create_disk(
+        &self,
+        backing: &Path,
+        format: corral_api::DiskFormat,
+        disk: &Path,
+        size: u64,
+    ) -> Result<(), DriverError> {
+        disk::create_linked_clone(backing, format, disk, size).await
+    }
+    /// The file `disk` is a linked clone of, if any.
+    async fn disk_backing(&self, disk: &Path) -> Result<Option<String>, DriverError> {
+        Ok(disk::info(disk).await?.backing_filename)
+    }
 }
 
 /// Files of a VM instance inside its run directory.

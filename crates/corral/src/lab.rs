@@ -631,7 +631,7 @@ fn status(r: &LabRef) -> Result<()> {
     if state.sim_hosts > 0 {
         let connected = hosts
             .iter()
-            .filter(|h| h.host.status.hypervisor == corral_agent::sim::HYPERVISOR)
+            .filter(|h| h.host.status.hypervisor == corral_sim::HYPERVISOR)
             .filter(|h| h.state == corral_api::HostState::Connected)
             .count();
         println!(

@@ -112,7 +112,7 @@ impl SimArgs {
             .collect()
     }
 
-    fn spec(&self, address: std::net::IpAddr) -> Result<corral_agent::sim::SimSpec> {
+    fn spec(&self, address: std::net::IpAddr) -> Result<corral_sim::SimSpec> {
         let chance = |what: &str, p: f64| {
             if (0.0..=1.0).contains(&p) {
                 Ok(p)
@@ -133,7 +133,7 @@ impl SimArgs {
         capacity
             .check()
             .map_err(|e| anyhow::anyhow!("--sim-cpus/--sim-memory: {e}"))?;
-        Ok(corral_agent::sim::SimSpec {
+        Ok(corral_sim::SimSpec {
             cpus: capacity.cpus,
             memory_bytes: capacity.memory_bytes,
             address,
@@ -148,8 +148,8 @@ impl SimArgs {
     }
 
     /// Runs the fleet (and follows the faults file) in the background.
-    fn spawn(&self, spec: corral_agent::sim::SimSpec, hosts: Vec<corral_agent::sim::SimHost>) {
-        let fleet = corral_agent::sim::Fleet::new(spec, hosts);
+    fn spawn(&self, spec: corral_sim::SimSpec, hosts: Vec<corral_sim::SimHost>, data_dir: PathBuf) {
+        let fleet = corral_sim::Fleet::new(spec, hosts, data_dir);
         if let Some(f) = &self.sim_faults {
             tokio::spawn(fleet.clone().follow_faults(f.clone()));
         }
@@ -306,7 +306,7 @@ async fn serve(
         let hosts = sim
             .names()?
             .into_iter()
-            .map(|name| corral_agent::sim::SimHost {
+            .map(|name| corral_sim::SimHost {
                 store: store.clone(),
                 ha: Some(Arc::new(corral::LocalHaLink {
                     ctx: ctx.clone(),
@@ -315,7 +315,8 @@ async fn serve(
                 name,
             })
             .collect();
-        sim.spawn(sim.spec(std::net::Ipv4Addr::LOCALHOST.into())?, hosts);
+        let spec = sim.spec(std::net::Ipv4Addr::LOCALHOST.into())?;
+        sim.spawn(spec, hosts, private_data_dir(&data_dir.join("sim"))?);
         println!(
             "  simulated hosts: {} ({}-1 ..)",
             sim.sim_hosts, sim.sim_prefix
@@ -491,7 +492,7 @@ fn simulated_agents(args: AgentArgs, data_dir: PathBuf) -> Result<()> {
                     .map_err(anyhow::Error::msg)?,
             );
             let link: Arc<dyn corral_agent::ha::HaLink> = store.clone();
-            hosts.push(corral_agent::sim::SimHost {
+            hosts.push(corral_sim::SimHost {
                 name,
                 store,
                 ha: Some(link),
@@ -501,7 +502,7 @@ fn simulated_agents(args: AgentArgs, data_dir: PathBuf) -> Result<()> {
             "{} simulated host(s) running; Ctrl-C stops them",
             hosts.len()
         );
-        args.sim.spawn(spec, hosts);
+        args.sim.spawn(spec, hosts, data_dir.join("sim"));
         shutdown_signal().await;
         Ok(())
     })
