@@ -10,6 +10,7 @@
 mod gossip;
 pub mod ha;
 pub mod images;
+mod lifecycle;
 mod migrate;
 mod network;
 mod reconcile;

@@ -14,6 +14,8 @@ use corral_hypervisor::{Driver, LaunchSpec, RunState};
 use corral_store::{get_json, update_json, Precondition, Store, StoreError, Versioned};
 use tokio::sync::mpsc;
 
+use crate::lifecycle::{self, Action, Facts};
+pub(crate) use crate::lifecycle::{Outcome, WorkerState};
 use crate::{layout, AgentError};
 
 /// How often an agent that reports to the failure detector rewrites its host record.
@@ -38,28 +40,6 @@ pub struct AgentConfig {
     pub ha: Arc<crate::ha::HaState>,
     /// Makes this host's bridges, tunnels, taps, DHCP and firewall what the networks ask for.
     pub network: Arc<dyn corral_network::NetDriver>,
-}
-
-/// What the worker does after one reconcile.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Outcome {
-    /// The VM is in its desired state; wait for a change.
-    Steady,
-    /// In transition (or failed): look again after this long.
-    Requeue(Duration),
-    /// The VM was deleted or belongs to another host: the worker ends.
-    Gone,
-}
-
-/// Per-VM memory of a worker that does not belong in the store.
-#[derive(Debug, Default)]
-pub(crate) struct WorkerState {
-    /// When the ACPI shutdown was requested.
-    stopping_since: Option<Instant>,
-    /// Consecutive failed starts, for backoff.
-    failures: u32,
-    /// The reboot count this worker already reset the VM for.
-    reset_done: u64,
 }
 
 /// Where a VM's disk lives now: on the datastore its status says the disk was made on (a storage
@@ -242,6 +222,23 @@ pub(crate) fn launch_spec(vm: &Vm, image: &Image, disk: &Path, accel: Accel) -> 
     }
 }
 
+/// Starts the guest: its image must be ready and its NICs prepared first.
+async fn start(
+    store: &dyn Store,
+    driver: &dyn Driver,
+    cfg: &AgentConfig,
+    vm: &Vm,
+    dir: &Path,
+    disk: &Path,
+) -> Result<u32, String> {
+    let image = image_of(store, vm).await?;
+    crate::network::prepare(store, cfg, vm).await?;
+    driver
+        .start(dir, &launch_spec(vm, &image, disk, cfg.accel))
+        .await
+        .map_err(|e| e.to_string())
+}
+
 /// Moves the VM at `key` one step toward its spec and records what was observed. Idempotent.
 pub(crate) async fn reconcile(
     store: &dyn Store,
@@ -312,8 +309,7 @@ pub(crate) async fn reconcile(
             return finish(store, key, revision, &before, &vm, retry).await;
         }
     };
-    let protected = vm.spec.wants_ha_restart();
-    mark_protected(&dir, protected);
+    mark_protected(&dir, vm.spec.wants_ha_restart());
     let observed = match driver.observe(&dir).await {
         Ok(o) => o,
         // A force stop does not need QEMU's answer either.
@@ -372,209 +368,40 @@ pub(crate) async fn reconcile(
         )
         .await;
     }
-    let mut outcome = Outcome::Steady;
-    match (vm.spec.power, observed) {
-        (PowerState::Running, None) => {
-            if before.status.phase == VmPhase::Running {
-                tracing::warn!(vm = %vm.meta.name, "QEMU exited while the VM should run; starting it again");
-            }
-            ws.stopping_since = None;
-            if protected {
-                if !cfg.ha.may_start_protected() {
-                    let msg = "this host holds no fresh storage lease (or fenced itself): HA-protected VMs start here once it does";
-                    vm.status.set_condition(
-                        corral_api::ConditionType::Running,
-                        false,
-                        "WaitingForLease",
-                        msg,
-                    );
-                    let wait = Outcome::Requeue(Duration::from_millis(500));
-                    return finish(store, key, revision, &before, &vm, wait).await;
-                }
-                // Claim the VM before QEMU starts: if the controller moved it to another host
-                // meanwhile (its host was taken for failed), this write loses and nothing starts.
-                match write_status(store, key, revision, &vm).await? {
-                    Some(r) => revision = r,
-                    None => return Ok(Outcome::Requeue(Duration::ZERO)),
-                }
-                // The claim may have taken a while: the lease must still be fresh.
+    let facts = Facts {
+        now: Instant::now(),
+        wall: Utc::now(),
+        stop_timeout: cfg.stop_timeout,
+        lease_fresh: cfg.ha.may_start_protected(),
+    };
+    let plan = lifecycle::plan(&mut vm, &before, observed.as_ref(), ws, facts);
+    let (mut outcome, mut next) = (plan.outcome, plan.worker);
+    for action in plan.actions {
+        match action {
+            Action::Persist => match write_status(store, key, revision, &vm).await? {
+                Some(r) => revision = r,
+                None => return Ok(Outcome::Requeue(Duration::ZERO)),
+            },
+            Action::RequireLease => {
                 if !cfg.ha.may_start_protected() {
                     return Ok(Outcome::Requeue(Duration::from_millis(500)));
                 }
             }
-            let started = match image_of(store, &vm).await {
-                Ok(image) => match crate::network::prepare(store, cfg, &vm).await {
-                    Ok(()) => driver
-                        .start(&dir, &launch_spec(&vm, &image, &disk, cfg.accel))
-                        .await
-                        .map_err(|e| e.to_string()),
-                    Err(msg) => Err(msg),
-                },
-                Err(msg) => Err(msg),
-            };
-            match started {
-                Ok(pid) => {
-                    ws.failures = 0;
-                    vm.status.phase = VmPhase::Running;
-                    vm.status.pid = Some(pid);
-                    vm.status.started_at = Some(Utc::now());
-                    vm.status.reboots = vm.spec.reboots;
-                    vm.status.set_condition(
-                        corral_api::ConditionType::Running,
-                        true,
-                        "Started",
-                        "",
-                    );
+            Action::Start => {
+                if before.status.phase == VmPhase::Running {
+                    tracing::warn!(vm = %vm.meta.name, "QEMU exited while the VM should run; starting it again");
                 }
-                Err(msg) => {
-                    ws.failures += 1;
-                    vm.status.phase = VmPhase::Failed;
-                    vm.status.pid = None;
-                    vm.status.set_condition(
-                        corral_api::ConditionType::Running,
-                        false,
-                        "StartFailed",
-                        &msg,
-                    );
-                    let backoff = 5u64.saturating_mul(1 << ws.failures.min(6)).min(300);
-                    outcome = Outcome::Requeue(Duration::from_secs(backoff));
-                }
+                let result = start(store, driver, cfg, &vm, &dir, &disk).await;
+                outcome = lifecycle::started(&mut vm, &mut next, result, Utc::now());
             }
-        }
-        (PowerState::Running, Some(o))
-            if o.state == RunState::GuestShutdown && ws.stopping_since.is_some() =>
-        {
-            // Our own ACPI request finished after the owner asked for the VM to run again:
-            // power off now and start it on the next pass.
-            driver.kill(&dir).await?;
-            ws.stopping_since = None;
-            vm.status.phase = VmPhase::Stopping;
-            outcome = Outcome::Requeue(Duration::ZERO);
-        }
-        (PowerState::Running, Some(o)) if o.state == RunState::GuestShutdown => {
-            // The guest shut itself down: that is the owner's wish, as with a physical machine.
-            // Recorded before QEMU goes: had the record lost a race with another write (the
-            // VM's usage), the next pass would find a VM that should run and no QEMU, and start
-            // the guest again.
-            vm.spec.power = PowerState::Stopped;
-            vm.meta.bump();
-            mark_stopped(&mut vm, "GuestPoweredOff", "the guest shut itself down");
-            match write_status(store, key, revision, &vm).await? {
-                Some(r) => revision = r,
-                None => return Ok(Outcome::Requeue(Duration::ZERO)),
-            }
-            driver.kill(&dir).await?;
-        }
-        (PowerState::Running, Some(o)) if o.state == RunState::Incoming => {
-            // Handed over while QEMU still loads the last of the state: it is paused in a moment.
-            outcome = Outcome::Requeue(Duration::from_millis(20));
-        }
-        (PowerState::Running, Some(o))
-            if matches!(o.state, RunState::Paused | RunState::MigratedAway) =>
-        {
-            // An incoming copy that is now this host's VM, or a source copy whose migration did
-            // not complete (its target copy is being removed): the guest goes on here.
-            driver.resume(&dir).await?;
-            vm.status.phase = VmPhase::Running;
-            vm.status.pid = Some(o.pid);
-            vm.status.started_at.get_or_insert_with(Utc::now);
-            let handed_over = vm
-                .status
-                .condition(corral_api::ConditionType::Running)
-                .filter(|c| c.reason == corral_api::host_protocol::RESUMING)
-                .map(|c| c.message.clone());
-            if let Some(msg) = handed_over {
-                vm.status
-                    .set_condition(corral_api::ConditionType::Running, true, "Migrated", &msg);
-            } else if o.state == RunState::MigratedAway {
-                let msg = "the migration did not complete; the guest runs on here";
-                vm.status
-                    .set_condition(corral_api::ConditionType::Running, true, "Resumed", msg);
-            }
-        }
-        (PowerState::Running, Some(o)) => {
-            if vm.spec.reboots > vm.status.reboots && ws.reset_done < vm.spec.reboots {
-                // Remembered here too: if the status write below loses a race, no second reset.
-                ws.reset_done = vm.spec.reboots;
-                driver.reset(&dir).await?;
-                vm.status.reboots = vm.spec.reboots;
-                vm.status.started_at = Some(Utc::now());
-                vm.status.set_condition(
-                    corral_api::ConditionType::Running,
-                    true,
-                    "Rebooted",
-                    "reset by request",
-                );
-            } else if vm.spec.reboots > vm.status.reboots {
-                vm.status.reboots = vm.spec.reboots;
-            } else if let RunState::Other(state) = &o.state {
-                vm.status.set_condition(
-                    corral_api::ConditionType::Running,
-                    true,
-                    "HypervisorState",
-                    &format!("QEMU reports {state}"),
-                );
-            } else if before.status.pid != Some(o.pid) {
-                vm.status.set_condition(
-                    corral_api::ConditionType::Running,
-                    true,
-                    "Adopted",
-                    "found running after an agent restart",
-                );
-            }
-            vm.status.phase = VmPhase::Running;
-            vm.status.pid = Some(o.pid);
-            vm.status.started_at.get_or_insert_with(Utc::now);
-        }
-        (PowerState::Stopped, Some(o)) => {
-            let timed_out = ws
-                .stopping_since
-                .is_some_and(|t| t.elapsed() >= cfg.stop_timeout);
-            if vm.spec.force_stop || o.state == RunState::GuestShutdown || timed_out {
-                driver.kill(&dir).await?;
-                let (reason, msg) = if o.state == RunState::GuestShutdown {
-                    ("ShutDown", "the guest shut down")
-                } else if vm.spec.force_stop {
-                    ("PoweredOff", "powered off without asking the guest")
-                } else {
-                    (
-                        "PoweredOffAfterTimeout",
-                        "the guest did not shut down in time; powered off",
-                    )
-                };
-                ws.stopping_since = None;
-                mark_stopped(&mut vm, reason, msg);
-            } else {
-                if ws.stopping_since.is_none() {
-                    driver.powerdown(&dir).await?;
-                    ws.stopping_since = Some(Instant::now());
-                }
-                vm.status.phase = VmPhase::Stopping;
-                outcome = Outcome::Requeue(Duration::from_millis(200));
-            }
-        }
-        (PowerState::Stopped, None) => {
-            ws.stopping_since = None;
-            if vm.status.phase != VmPhase::Stopped {
-                let was_running = vm
-                    .status
-                    .condition(corral_api::ConditionType::Running)
-                    .is_some_and(|c| c.status);
-                mark_stopped(
-                    &mut vm,
-                    "Stopped",
-                    if was_running {
-                        "the process is gone"
-                    } else {
-                        ""
-                    },
-                );
-            }
+            Action::Kill => driver.kill(&dir).await?,
+            Action::Powerdown => driver.powerdown(&dir).await?,
+            Action::Resume => driver.resume(&dir).await?,
+            Action::Reset => driver.reset(&dir).await?,
         }
     }
-    if outcome == Outcome::Steady || vm.status.phase == VmPhase::Failed {
-        vm.status.observed_generation = vm.meta.generation;
-    }
+    *ws = next;
+    lifecycle::settle(&mut vm, &outcome);
     finish(store, key, revision, &before, &vm, outcome).await
 }
 
@@ -611,14 +438,6 @@ fn mark_protected(dir: &Path, protected: bool) {
     if let Err(e) = result {
         tracing::warn!(path = %marker.display(), error = %e, "could not update the HA marker");
     }
-}
-
-fn mark_stopped(vm: &mut Vm, reason: &str, msg: &str) {
-    vm.status.phase = VmPhase::Stopped;
-    vm.status.pid = None;
-    vm.status.started_at = None;
-    vm.status
-        .set_condition(corral_api::ConditionType::Running, false, reason, msg);
 }
 
 /// Writes the VM back if anything changed; a lost compare-and-swap means "look again now".

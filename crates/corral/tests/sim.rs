@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::netlab::TestLab;
-use common::Lab;
+use common::{lifecycle, Lab};
 use serde_json::Value;
 
 fn create(lab: &Lab, name: &str, cpus: &str, memory: &str, extra: &[&str]) {
@@ -59,6 +59,22 @@ fn host_of(v: &Value) -> String {
 
 fn events(lab: &Lab) -> Vec<Value> {
     lab.json(&["events"]).as_array().expect("events").clone()
+}
+
+/// The same steps as the real guest's life in tests/vm_lifecycle.rs: a simulated host is the
+/// real agent, so it passes them alike.
+#[test]
+fn a_simulated_host_takes_a_vm_through_the_same_life_as_a_real_one() {
+    let lab = Lab::controller_with(&["--sim-hosts", "1", "--sim-boot-ms", "100"], &[]);
+    lab.wait_connected(&["sim-1"]);
+    lab.tiny_image_and_shared_datastore();
+    let args = ["--image", "tiny", "--cpus", "1", "--memory", "256M"];
+    let vm = lifecycle::create_started(&lab, "web", &args);
+    assert_eq!(host_of(&vm), "sim-1");
+    lifecycle::stop_gracefully(&lab, "web");
+    lifecycle::start(&lab, "web");
+    lifecycle::reboot(&lab, "web", || {});
+    lifecycle::delete_running(&lab, "web");
 }
 
 #[test]

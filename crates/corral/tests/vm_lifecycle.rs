@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{alive, Lab, READY};
+use common::{alive, lifecycle, Lab, READY};
 
 const BOOT: Duration = Duration::from_secs(90);
 
@@ -20,11 +20,14 @@ fn a_guest_boots_stops_starts_reboots_and_is_deleted() {
         "second build must be a no-op; tasks before:\n{again}"
     );
 
-    let vm = lab.json(&[
-        "vm", "create", "web", "--image", "jeos", "--cpus", "1", "--memory", "256M", "--disk",
-        "1G", "--start",
-    ]);
-    assert_eq!(vm["status"]["phase"], "running");
+    // The steps simulated hosts pass too (tests/sim.rs), with what only QEMU shows between them.
+    lifecycle::create_started(
+        &lab,
+        "web",
+        &[
+            "--image", "jeos", "--cpus", "1", "--memory", "256M", "--disk", "1G",
+        ],
+    );
     lab.wait_console("web", READY, 1, BOOT);
     assert_eq!(
         lab.guest_value("web", "HOST", "hostname"),
@@ -49,39 +52,16 @@ fn a_guest_boots_stops_starts_reboots_and_is_deleted() {
     );
 
     // Graceful stop: the guest's own init shuts it down.
-    let stopped = lab.json(&["vm", "stop", "web"]);
-    assert_eq!(stopped["status"]["phase"], "stopped");
-    let reason = stopped["status"]["conditions"]
-        .as_array()
-        .expect("conds")
-        .iter()
-        .find(|c| c["type"] == "Running")
-        .expect("Running")["reason"]
-        .clone();
-    assert_eq!(reason, "ShutDown", "ACPI shutdown, not a forced power-off");
+    lifecycle::stop_gracefully(&lab, "web");
     assert!(lab.console("web").contains("corral-jeos: shutting down"));
     assert!(lab.qemu_pids().is_empty(), "no QEMU left after stop");
 
-    lab.cli(&["vm", "start", "web"]);
+    lifecycle::start(&lab, "web");
     lab.wait_console("web", READY, 1, BOOT);
-    let pid = lab.vm("web")["status"]["pid"].as_u64().expect("pid");
-    lab.cli(&["vm", "reboot", "web"]);
-    lab.wait_console("web", READY, 2, BOOT);
-    assert_eq!(
-        lab.vm("web")["status"]["pid"].as_u64(),
-        Some(pid),
-        "a reboot keeps the QEMU process"
-    );
-
-    let err = lab.fails(&["vm", "delete", "web"]);
-    assert!(
-        err.contains("is running") && err.contains("--force"),
-        "{err}"
-    );
-    assert!(alive(pid as u32), "a refused delete changes nothing");
-    lab.cli(&["vm", "delete", "web", "--force"]);
-    assert!(lab.fails(&["vm", "show", "web"]).contains("does not exist"));
-    assert!(!run_dir.exists(), "disk and run directory removed");
+    lifecycle::reboot(&lab, "web", || {
+        lab.wait_console("web", READY, 2, BOOT);
+    });
+    let pid = lifecycle::delete_running(&lab, "web");
     assert!(!alive(pid as u32) && lab.qemu_pids().is_empty());
     // Once no VM uses it, the image can go.
     lab.cli(&["image", "delete", "jeos"]);

@@ -3,6 +3,7 @@
 //! belongs to its data dir, also when the test failed.
 #![allow(dead_code)]
 
+pub mod lifecycle;
 pub mod netlab;
 
 use std::io::Write;
