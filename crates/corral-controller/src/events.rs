@@ -6,7 +6,7 @@ use axum::extract::State;
 use axum::Json;
 use chrono::Utc;
 use corral_api::{keys, ClusterEvent};
-use corral_store::{list_json, Precondition, Store, StoreError};
+use corral_store::{list_json, Op, Precondition, Store, StoreError};
 use serde::Deserialize;
 
 use crate::{ApiError, ApiQuery, Ctx};
@@ -15,15 +15,32 @@ use crate::{ApiError, ApiQuery, Ctx};
 const KEEP: usize = 1000;
 
 /// Records an event (and logs it). An event that cannot be written is logged only: it never stops
-/// the decision it reports.
+/// the decision it reports. A decision that must not be recorded without its event (or the other
+/// way round) commits [`op`] in its own transaction instead.
 pub(crate) async fn record(store: &dyn Store, reason: &str, subject: &str, message: &str) {
+    log(reason, subject, message);
+    let put = match op(reason, subject, message) {
+        Ok(op) => store.txn(vec![op]).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = put {
+        tracing::warn!(error = %e, "could not record an event");
+    }
+}
+
+/// Logs an event (once its transaction committed, for one written with [`op`]).
+pub(crate) fn log(reason: &str, subject: &str, message: &str) {
+    tracing::info!(%reason, %subject, "{message}");
+}
+
+/// The write of an event, for a transaction that also writes what it reports.
+pub(crate) fn op(reason: &str, subject: &str, message: &str) -> Result<Op, StoreError> {
     let at = Utc::now();
     let nanos = at.timestamp_nanos_opt().unwrap_or_default();
     let id = format!(
         "{nanos:020}-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..6]
     );
-    tracing::info!(%reason, %subject, "{message}");
     let event = ClusterEvent {
         id: id.clone(),
         at,
@@ -31,17 +48,12 @@ pub(crate) async fn record(store: &dyn Store, reason: &str, subject: &str, messa
         subject: subject.to_string(),
         message: message.to_string(),
     };
-    let put = match serde_json::to_vec(&event) {
-        Ok(bytes) => {
-            store
-                .put(&keys::event(&id), bytes, Precondition::Absent)
-                .await
-        }
-        Err(e) => Err(StoreError::from(e)),
-    };
-    if let Err(e) = put {
-        tracing::warn!(error = %e, "could not record an event");
-    }
+    Ok(Op::Put {
+        key: keys::event(&id),
+        value: serde_json::to_vec(&event)?,
+        when: Precondition::Absent,
+        lease: None,
+    })
 }
 
 /// Removes the oldest events beyond [`KEEP`].

@@ -521,16 +521,22 @@ async fn follow_restarts(ctx: &Ctx, vms: &[(String, u64, Vm)]) -> Result<(), Api
         let mut vm = vm.clone();
         vm.status
             .push_event(VmEvent::new("RunningAgain", msg.clone()));
-        let bytes = serde_json::to_vec(&vm).map_err(StoreError::from)?;
-        match ctx
-            .store
-            .put(key, bytes, Precondition::ModRevision(*rev))
-            .await
-        {
+        let subject = format!("vm/{}/{}", vm.meta.project, vm.meta.name);
+        // The VM's event and the cluster's in one transaction: a controller stopped between
+        // the two would otherwise lose the cluster's for good (the VM's says it was made).
+        let ops = vec![
+            Op::Put {
+                key: key.clone(),
+                value: serde_json::to_vec(&vm).map_err(StoreError::from)?,
+                when: Precondition::ModRevision(*rev),
+                lease: None,
+            },
+            events::op("VmRestarted", &subject, &msg)?,
+        ];
+        match ctx.store.txn(ops).await {
             Ok(_) => {
                 ctx.ha.lock().restarting.remove(&vm.meta.uid);
-                let subject = format!("vm/{}/{}", vm.meta.project, vm.meta.name);
-                events::record(&*ctx.store, "VmRestarted", &subject, &msg).await;
+                events::log("VmRestarted", &subject, &msg);
             }
             Err(StoreError::Conflict { .. }) => {}
             Err(e) => return Err(e.into()),
@@ -681,6 +687,11 @@ async fn fail_over(
             &msg,
         );
         v.status.push_event(VmEvent::new(RESTARTED, msg.clone()));
+        let event = format!(
+            "{}: {msg} ({:?} priority, storage lease expired)",
+            vm.meta.name, vm.spec.ha_priority
+        )
+        .to_lowercase();
         let ops = vec![
             Op::Check {
                 key: keys::host(&target),
@@ -692,6 +703,7 @@ async fn fail_over(
                 when: Precondition::ModRevision(*rev),
                 lease: None,
             },
+            events::op("VmRestarting", &subject, &event)?,
         ];
         match ctx.store.txn(ops).await {
             Ok(_) => {
@@ -706,11 +718,7 @@ async fn fail_over(
                     inner.blocked.remove(&uid);
                     inner.restarting.insert(uid, (from.clone(), declared));
                 }
-                let msg = format!(
-                    "{}: {msg} ({:?} priority, storage lease expired)",
-                    vm.meta.name, vm.spec.ha_priority
-                );
-                events::record(&*ctx.store, "VmRestarting", &subject, &msg.to_lowercase()).await;
+                events::log("VmRestarting", &subject, &event);
                 view.record(v);
             }
             // The VM or the target changed since they were read (the failed host may have come
