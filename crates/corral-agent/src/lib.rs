@@ -7,7 +7,10 @@
 //! to find a running VM again lives in the VM's run directory, so a restarted agent adopts running
 //! guests instead of restarting them.
 
+mod agent;
+mod config;
 mod gossip;
+mod guest;
 pub mod ha;
 pub mod images;
 mod lifecycle;
@@ -18,8 +21,9 @@ pub mod remote;
 mod storage;
 pub mod usage;
 
+pub use agent::{write_heartbeat, Agent};
+pub use config::{AgentConfig, HEARTBEAT_WITH_REPORTS};
 pub use corral_api::layout;
-pub use reconcile::{write_heartbeat, Agent, AgentConfig, HEARTBEAT_WITH_REPORTS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {

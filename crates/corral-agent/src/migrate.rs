@@ -22,11 +22,12 @@ use corral_api::{
 use corral_hypervisor::{Driver, RunState, Transfer, TransferStatus, Tuning};
 use corral_store::{get_json, update_json, Op, Precondition, Store, StoreError, Versioned};
 
-use crate::reconcile::{
+use crate::guest::{
     clone_disk, disk_on, disk_path, image_of, known_disk, launch_spec, new_disk_path, private_dir,
-    remove_vm_files, AgentConfig, Outcome,
+    remove_vm_files,
 };
-use crate::{layout, AgentError};
+use crate::lifecycle::Outcome;
+use crate::{layout, AgentConfig, AgentError};
 
 use corral_api::host_protocol::RESUMING;
 

@@ -9,7 +9,8 @@ use corral_api::{DiskStatus, Vm};
 use corral_hypervisor::Driver;
 use corral_store::{get_json, Store};
 
-use crate::reconcile::{disk_path, new_disk_path, private_dir, AgentConfig};
+use crate::guest::{disk_path, new_disk_path, private_dir};
+use crate::AgentConfig;
 
 /// A copy that is not in sync after this long is given up.
 const COPY_TIMEOUT: Duration = Duration::from_secs(1800);

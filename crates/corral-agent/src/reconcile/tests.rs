@@ -1,8 +1,14 @@
 //! The reconciler against the fake driver and a real store (and real qemu-img for the clones).
 
+use std::path::PathBuf;
+use std::sync::Arc;
+
 use super::*;
+use crate::agent::Agent;
+use corral_api::{keys, Accel, Image, ImagePhase};
 use corral_api::{ImageSource, ImageSpec, ImageStatus, ObjectMeta, VmSpec, VmStatus};
 use corral_hypervisor::fake::FakeDriver;
+use corral_hypervisor::LaunchSpec;
 use corral_store::RedbStore;
 
 struct Fixture {
