@@ -54,7 +54,7 @@ async fn view_of(
         let chosen = view.hosts_with_vms(&o, select, limit);
         (view, chosen)
     };
-    let infos = view.host_infos(chosen);
+    let infos = view.host_infos(chosen, |h| ctx.ha.last_seen(h));
     Ok((view, infos))
 }
 

@@ -124,7 +124,7 @@ pub async fn init(
         image_files,
     };
     tasks::resume(&ctx).await?;
-    placement::spawn_placer(ctx.clone());
+    spawn_placer(ctx.clone());
     tasks::spawn_janitor(ctx.clone());
     ha::spawn(ctx.clone());
     drs::spawn(ctx.clone());
@@ -461,3 +461,23 @@ async fn refuse_large_bodies(
 /// The largest JSON request body the API takes (image uploads have their own limit:
 /// `images::MAX_IMAGE_BYTES`).
 pub const MAX_JSON_BODY: usize = 1 << 20;
+
+/// Places VMs that wait for a host, removes waiting VMs whose deletion was asked for, and moves
+/// running VMs off hosts in maintenance.
+fn spawn_placer(ctx: Ctx) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            if let Err(e) = placement::place_pending(&ctx).await {
+                tracing::warn!(error = %e, "placing pending VMs failed");
+            }
+            if let Err(e) = migrations::give_up_stale(&ctx).await {
+                tracing::warn!(error = %e, "checking migrations failed");
+            }
+            if let Err(e) = migrations::evacuate(&ctx).await {
+                tracing::warn!(error = %e, "evacuating hosts in maintenance failed");
+            }
+        }
+    });
+}

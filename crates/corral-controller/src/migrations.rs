@@ -14,9 +14,8 @@ use corral_api::{
 };
 use corral_scheduler as sched;
 use corral_store::{get_json, Op, Precondition, StoreError};
-use uuid::Uuid;
 
-use crate::tasks::{self, Verdict};
+use crate::tasks;
 use crate::{ensure_project, placement, ApiError, ApiJson, ApiPath, Ctx};
 
 /// Migrations one host in maintenance sends at a time.
@@ -238,103 +237,6 @@ pub async fn cancel(ctx: &Ctx, task: &Task) -> Result<(), ApiError> {
     }
 }
 
-/// Judges a migration task from its record (`None`: the record is gone) and its VM: done once the
-/// guest runs on the target. Pure.
-pub fn evaluate(id: Uuid, m: Option<&Migration>, vm: Option<&Vm>) -> Verdict {
-    let Some(m) = m.filter(|m| m.id == id) else {
-        return Verdict::Failed("the migration record was replaced or removed".into());
-    };
-    let p = &m.progress;
-    match m.phase {
-        MigrationPhase::Preparing => Verdict::Progress(5, m.summary()),
-        MigrationPhase::TargetReady => Verdict::Progress(10, m.summary()),
-        MigrationPhase::Transferring if p.stage == "disk" => {
-            Verdict::Progress(10 + p.percent / 2, m.summary())
-        }
-        MigrationPhase::Transferring => {
-            let base = if m.shared_storage { 10 } else { 60 };
-            let span = 99 - base;
-            Verdict::Progress(
-                base + (u16::from(p.percent) * u16::from(span) / 100) as u8,
-                m.summary(),
-            )
-        }
-        MigrationPhase::Completed => {
-            let resuming = vm.is_some_and(|v| {
-                v.meta.uid == m.vm_uid
-                    && v.status
-                        .condition(corral_api::ConditionType::Running)
-                        .is_some_and(|c| c.reason == corral_api::host_protocol::RESUMING)
-            });
-            if resuming {
-                Verdict::Progress(99, format!("{}: resuming the guest", m.summary()))
-            } else {
-                Verdict::Done(format!("migrated {}", m.summary()))
-            }
-        }
-        MigrationPhase::Failed => Verdict::Failed(m.summary()),
-        MigrationPhase::Cancelled => Verdict::Cancelled(m.summary()),
-    }
-}
-
-/// Whether evacuation moves this VM off `host`: it runs there, is not pinned and not going away.
-fn evacuable(v: &Vm, host: &str) -> bool {
-    v.status.host.as_deref() == Some(host)
-        && v.status.phase == VmPhase::Running
-        && v.spec.power == PowerState::Running
-        && v.spec.host.is_none()
-        && v.meta.deletion_requested_at.is_none()
-}
-
-/// Judges an evacuation from the VMs it still has to move off the host. Pure.
-/// `vms`: those placed on the host (others are ignored); `migrations`: all of them.
-pub fn evaluate_evacuation<'a>(
-    host: &Host,
-    vms: &[&Vm],
-    migrations: impl Iterator<Item = &'a Migration>,
-) -> Verdict {
-    if !host.maintenance {
-        return Verdict::Failed(format!(
-            "{} left maintenance before it was empty",
-            host.name
-        ));
-    }
-    let left: Vec<&Vm> = vms
-        .iter()
-        .copied()
-        .filter(|v| evacuable(v, &host.name))
-        .collect();
-    if left.is_empty() {
-        let staying: Vec<&str> = vms
-            .iter()
-            .filter(|v| v.status.host.as_deref() == Some(host.name.as_str()))
-            .map(|v| v.meta.name.as_str())
-            .collect();
-        return Verdict::Done(if staying.is_empty() {
-            format!("{} is empty", host.name)
-        } else {
-            format!(
-                "{}: every running VM moved; staying (stopped, pinned or failed): {}",
-                host.name,
-                staying.join(", ")
-            )
-        });
-    }
-    let moving = migrations
-        .filter(|m| m.source == host.name && !m.phase.is_finished())
-        .count();
-    let names: Vec<&str> = left.iter().map(|v| v.meta.name.as_str()).collect();
-    Verdict::Progress(
-        50,
-        format!(
-            "{} VMs still on {} ({}), {moving} migrating",
-            left.len(),
-            host.name,
-            names.join(", ")
-        ),
-    )
-}
-
 /// Ends migrations nobody drives any more: the source stopped responding, or the record has not
 /// moved for [`STALE_AFTER`] (both hosts report at least every second while they work). Safe at any
 /// phase short of completed: the handover is a compare-and-swap on this very record, so once it is
@@ -420,7 +322,7 @@ pub async fn evacuate(ctx: &Ctx) -> Result<(), ApiError> {
             .iter()
             .filter(|m| m.source == host.name && !m.phase.is_finished())
             .count();
-        for vm in vms.iter().filter(|v| evacuable(v, &host.name)) {
+        for vm in vms.iter().filter(|v| tasks::evacuable(v, &host.name)) {
             if busy >= EVACUATION_PARALLELISM {
                 break;
             }

@@ -39,8 +39,6 @@ pub struct ClusterView {
     pub migrations: Vec<Migration>,
     /// Hosts HA has found failed: nothing is placed there.
     pub down: HashSet<String>,
-    /// When each host's agent was last heard from.
-    pub monitor: Option<Arc<crate::ha::Monitor>>,
     /// The hosts the failure detector has not heard from lately (none known before its first tick).
     pub quiet: Option<Arc<HashSet<String>>>,
     /// Per host, the VMs affinity rules must know there by name ("project/name"): group members
@@ -153,7 +151,6 @@ impl ClusterView {
             groups: o.groups.values().map(|e| (*e.value).clone()).collect(),
             migrations,
             down: HashSet::new(),
-            monitor: Some(ctx.ha.clone()),
             quiet: ctx.ha.quiet(),
             named,
             incoming,
@@ -198,8 +195,13 @@ impl ClusterView {
         chosen
     }
 
-    /// The API's view of hosts taken with [`ClusterView::hosts_with_vms`]: state, allocation, VMs.
-    pub fn host_infos(&self, chosen: Vec<(HostEntry, Vec<Arc<Vm>>)>) -> Vec<HostInfo> {
+    /// The API's view of hosts taken with [`ClusterView::hosts_with_vms`]: state, allocation, VMs;
+    /// `last_seen` says when a host's agent was last heard from (the failure detector knows).
+    pub fn host_infos(
+        &self,
+        chosen: Vec<(HostEntry, Vec<Arc<Vm>>)>,
+        last_seen: impl Fn(&str) -> Option<DateTime<Utc>>,
+    ) -> Vec<HostInfo> {
         let now = Utc::now();
         chosen
             .into_iter()
@@ -209,11 +211,9 @@ impl ClusterView {
                 // The last time the host was heard from, by report or by record (none before its
                 // agent has registered it).
                 let mut host = h.clone();
-                if let Some(seen) = self
-                    .monitor
-                    .as_ref()
-                    .filter(|_| h.status.registered())
-                    .and_then(|m| m.last_seen(&h.name))
+                if let Some(seen) = Some(h)
+                    .filter(|h| h.status.registered())
+                    .and_then(|h| last_seen(&h.name))
                 {
                     host.status.last_heartbeat = host.status.last_heartbeat.max(seen);
                 }
@@ -428,27 +428,7 @@ impl ClusterView {
     }
 }
 
-/// Places VMs that wait for a host, removes waiting VMs whose deletion was asked for, and moves
-/// running VMs off hosts in maintenance.
-pub fn spawn_placer(ctx: Ctx) {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tick.tick().await;
-            if let Err(e) = place_pending(&ctx).await {
-                tracing::warn!(error = %e, "placing pending VMs failed");
-            }
-            if let Err(e) = crate::migrations::give_up_stale(&ctx).await {
-                tracing::warn!(error = %e, "checking migrations failed");
-            }
-            if let Err(e) = crate::migrations::evacuate(&ctx).await {
-                tracing::warn!(error = %e, "evacuating hosts in maintenance failed");
-            }
-        }
-    });
-}
-
-async fn place_pending(ctx: &Ctx) -> Result<(), ApiError> {
+pub(crate) async fn place_pending(ctx: &Ctx) -> Result<(), ApiError> {
     let unplaced: Vec<(String, u64, Vm)> = {
         let o = ctx.cache.read(&*ctx.store).await?;
         o.vms

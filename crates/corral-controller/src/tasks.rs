@@ -6,9 +6,11 @@ use std::time::Duration;
 
 use chrono::Utc;
 use corral_api::{
-    keys, Image, ImagePhase, Migration, PowerState, Task, TaskGoal, TaskState, Vm, VmPhase,
+    keys, Host, Image, ImagePhase, Migration, MigrationPhase, PowerState, Task, TaskGoal,
+    TaskState, Vm, VmPhase,
 };
 use corral_store::{get_json, list_json, update_json, Op, Precondition, StoreError};
+use uuid::Uuid;
 
 use crate::{ApiError, Ctx};
 
@@ -293,6 +295,103 @@ fn watched(task: &Task) -> Vec<String> {
     }
 }
 
+/// Judges a migration task from its record (`None`: the record is gone) and its VM: done once the
+/// guest runs on the target. Pure.
+pub fn evaluate_migration(id: Uuid, m: Option<&Migration>, vm: Option<&Vm>) -> Verdict {
+    let Some(m) = m.filter(|m| m.id == id) else {
+        return Verdict::Failed("the migration record was replaced or removed".into());
+    };
+    let p = &m.progress;
+    match m.phase {
+        MigrationPhase::Preparing => Verdict::Progress(5, m.summary()),
+        MigrationPhase::TargetReady => Verdict::Progress(10, m.summary()),
+        MigrationPhase::Transferring if p.stage == "disk" => {
+            Verdict::Progress(10 + p.percent / 2, m.summary())
+        }
+        MigrationPhase::Transferring => {
+            let base = if m.shared_storage { 10 } else { 60 };
+            let span = 99 - base;
+            Verdict::Progress(
+                base + (u16::from(p.percent) * u16::from(span) / 100) as u8,
+                m.summary(),
+            )
+        }
+        MigrationPhase::Completed => {
+            let resuming = vm.is_some_and(|v| {
+                v.meta.uid == m.vm_uid
+                    && v.status
+                        .condition(corral_api::ConditionType::Running)
+                        .is_some_and(|c| c.reason == corral_api::host_protocol::RESUMING)
+            });
+            if resuming {
+                Verdict::Progress(99, format!("{}: resuming the guest", m.summary()))
+            } else {
+                Verdict::Done(format!("migrated {}", m.summary()))
+            }
+        }
+        MigrationPhase::Failed => Verdict::Failed(m.summary()),
+        MigrationPhase::Cancelled => Verdict::Cancelled(m.summary()),
+    }
+}
+
+/// Whether evacuation moves this VM off `host`: it runs there, is not pinned and not going away.
+pub(crate) fn evacuable(v: &Vm, host: &str) -> bool {
+    v.status.host.as_deref() == Some(host)
+        && v.status.phase == VmPhase::Running
+        && v.spec.power == PowerState::Running
+        && v.spec.host.is_none()
+        && v.meta.deletion_requested_at.is_none()
+}
+
+/// Judges an evacuation from the VMs it still has to move off the host. Pure.
+/// `vms`: those placed on the host (others are ignored); `migrations`: all of them.
+pub fn evaluate_evacuation<'a>(
+    host: &Host,
+    vms: &[&Vm],
+    migrations: impl Iterator<Item = &'a Migration>,
+) -> Verdict {
+    if !host.maintenance {
+        return Verdict::Failed(format!(
+            "{} left maintenance before it was empty",
+            host.name
+        ));
+    }
+    let left: Vec<&Vm> = vms
+        .iter()
+        .copied()
+        .filter(|v| evacuable(v, &host.name))
+        .collect();
+    if left.is_empty() {
+        let staying: Vec<&str> = vms
+            .iter()
+            .filter(|v| v.status.host.as_deref() == Some(host.name.as_str()))
+            .map(|v| v.meta.name.as_str())
+            .collect();
+        return Verdict::Done(if staying.is_empty() {
+            format!("{} is empty", host.name)
+        } else {
+            format!(
+                "{}: every running VM moved; staying (stopped, pinned or failed): {}",
+                host.name,
+                staying.join(", ")
+            )
+        });
+    }
+    let moving = migrations
+        .filter(|m| m.source == host.name && !m.phase.is_finished())
+        .count();
+    let names: Vec<&str> = left.iter().map(|v| v.meta.name.as_str()).collect();
+    Verdict::Progress(
+        50,
+        format!(
+            "{} VMs still on {} ({}), {moving} migrating",
+            left.len(),
+            host.name,
+            names.join(", ")
+        ),
+    )
+}
+
 /// Reads what the task depends on and judges it.
 async fn judge(ctx: &Ctx, task: &Task) -> Result<Verdict, ApiError> {
     Ok(match &task.goal {
@@ -300,7 +399,7 @@ async fn judge(ctx: &Ctx, task: &Task) -> Result<Verdict, ApiError> {
             let key = keys::migration(&task.project, task.target_name());
             let m = get_json::<Migration>(&*ctx.store, &key).await?;
             let vm = get_json::<Vm>(&*ctx.store, &vm_key(task)).await?;
-            crate::migrations::evaluate(
+            evaluate_migration(
                 *id,
                 m.map(|m| m.value).as_ref(),
                 vm.map(|v| v.value).as_ref(),
@@ -314,7 +413,7 @@ async fn judge(ctx: &Ctx, task: &Task) -> Result<Verdict, ApiError> {
                 Some(h) => {
                     let vms: Vec<&Vm> = o.placed_on(host).map(|e| &*e.value).collect();
                     let migrations = o.migrations.values().map(|e| &*e.value);
-                    crate::migrations::evaluate_evacuation(&h.value, &vms, migrations)
+                    evaluate_evacuation(&h.value, &vms, migrations)
                 }
             }
         }
