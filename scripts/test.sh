@@ -21,6 +21,8 @@ if cargo tree -p corral-controller --prefix none | grep -E '^corral-(agent|hyper
   echo "test: corral-controller links the crates above; it must reach hosts only through the host protocol" >&2
   exit 1
 fi
+# No crate's modules import each other in a cycle (docs/ARCHITECTURE.md).
+python3 scripts/module-cycles.py
 if ! command -v cargo-nextest >/dev/null; then
   cargo install cargo-nextest --locked
 fi
