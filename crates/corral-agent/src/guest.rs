@@ -18,7 +18,7 @@ pub(crate) async fn disk_path(
     store: &dyn Store,
     cfg: &AgentConfig,
     vm: &Vm,
-) -> Result<PathBuf, String> {
+) -> Result<PathBuf, AgentError> {
     let datastore = vm
         .status
         .disk
@@ -46,7 +46,7 @@ pub(crate) async fn new_disk_path(
     store: &dyn Store,
     cfg: &AgentConfig,
     vm: &Vm,
-) -> Result<PathBuf, String> {
+) -> Result<PathBuf, AgentError> {
     disk_on(store, cfg, &vm.spec.datastore, vm.meta.uid).await
 }
 
@@ -58,29 +58,28 @@ pub(crate) async fn disk_on(
     cfg: &AgentConfig,
     datastore: &str,
     uid: uuid::Uuid,
-) -> Result<PathBuf, String> {
+) -> Result<PathBuf, AgentError> {
     if datastore == LOCAL_DATASTORE {
         return Ok(layout::vm_dir(&cfg.data_dir, uid).join(layout::DISK_FILE));
     }
-    corral_api::validate_name("datastore", datastore).map_err(|e| e.to_string())?;
-    match get_json::<Datastore>(store, &keys::datastore(datastore)).await {
-        Ok(Some(ds)) => {
-            let path = Path::new(&ds.value.path);
-            corral_api::validate_datastore_path(&ds.value.path).map_err(|e| e.to_string())?;
-            Ok(layout::datastore_vm_dir(path, uid).join(layout::DISK_FILE))
-        }
-        Ok(None) => Err(format!("datastore {datastore} does not exist")),
-        Err(e) => Err(e.to_string()),
-    }
+    corral_api::validate_name("datastore", datastore)?;
+    let Some(ds) = get_json::<Datastore>(store, &keys::datastore(datastore)).await? else {
+        return Err(AgentError::Missing {
+            what: "datastore",
+            name: datastore.to_string(),
+        });
+    };
+    corral_api::validate_datastore_path(&ds.value.path)?;
+    Ok(layout::datastore_vm_dir(Path::new(&ds.value.path), uid).join(layout::DISK_FILE))
 }
 
 /// Creates a directory that only its owner may enter (it holds disks, sockets, console logs).
-pub(crate) fn private_dir(dir: &Path) -> Result<(), String> {
+pub(crate) fn private_dir(dir: &Path) -> Result<(), AgentError> {
     std::fs::create_dir_all(dir)
         .and_then(|()| {
             std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
         })
-        .map_err(|e| format!("creating {}: {e}", dir.display()))
+        .map_err(|e| AgentError::io("creating", dir, e))
 }
 
 /// Makes `disk` a linked clone of the VM's image unless it exists. The clone is made under a
@@ -90,7 +89,7 @@ pub(crate) async fn clone_disk(
     driver: &dyn Driver,
     vm: &Vm,
     disk: &Path,
-) -> Result<(), String> {
+) -> Result<(), AgentError> {
     if disk.exists() {
         return Ok(());
     }
@@ -103,18 +102,20 @@ pub(crate) async fn clone_disk(
     let tmp = disk.with_extension("qcow2.part");
     driver
         .create_disk(&backing, format, &tmp, vm.spec.disk_bytes)
-        .await
-        .map_err(|e| e.to_string())?;
-    std::fs::rename(&tmp, disk).map_err(|e| format!("creating {}: {e}", disk.display()))
+        .await?;
+    std::fs::rename(&tmp, disk).map_err(|e| AgentError::io("creating", disk, e))
 }
 
-pub(crate) async fn image_of(store: &dyn Store, vm: &Vm) -> Result<Image, String> {
+/// The VM's image, once it is ready.
+pub(crate) async fn image_of(store: &dyn Store, vm: &Vm) -> Result<Image, AgentError> {
     let key = keys::image(&vm.meta.project, &vm.spec.image);
-    match get_json::<Image>(store, &key).await {
-        Ok(Some(Versioned { value, .. })) if value.status.phase == ImagePhase::Ready => Ok(value),
-        Ok(Some(_)) => Err(format!("image {} is not ready", vm.spec.image)),
-        Ok(None) => Err(format!("image {} does not exist", vm.spec.image)),
-        Err(e) => Err(e.to_string()),
+    match get_json::<Image>(store, &key).await? {
+        Some(Versioned { value, .. }) if value.status.phase == ImagePhase::Ready => Ok(value),
+        Some(_) => Err(AgentError::ImageNotReady(vm.spec.image.clone())),
+        None => Err(AgentError::Missing {
+            what: "image",
+            name: vm.spec.image.clone(),
+        }),
     }
 }
 
@@ -155,7 +156,7 @@ pub(crate) fn remove_vm_files(run_dir: &Path, disk: Option<&Path>) -> Result<(),
         match std::fs::remove_dir_all(&d) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(AgentError::Other(format!("removing {}: {e}", d.display()))),
+            Err(e) => return Err(AgentError::io("removing", &d, e)),
         }
     }
     Ok(())

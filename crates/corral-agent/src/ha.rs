@@ -29,7 +29,7 @@ use corral_api::host_protocol::{HaReply, HaReport};
 /// How an agent reaches the controller's failure detector.
 #[async_trait]
 pub trait HaLink: Send + Sync {
-    async fn report(&self, report: HaReport) -> Result<HaReply, String>;
+    async fn report(&self, report: HaReport) -> Result<HaReply, crate::AgentError>;
 }
 
 /// What the agent's HA loops share with its VM workers.

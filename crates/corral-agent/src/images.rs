@@ -59,10 +59,9 @@ pub async fn import(data_dir: &Path, uid: Uuid, upload: &Path) -> Result<ImageSt
     let dir = layout::image_dir(data_dir, uid);
     let path = dir.join(format!("disk.{}", format.as_str()));
     let stored = async {
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| AgentError::Other(format!("creating {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir).map_err(|e| AgentError::io("creating", &dir, e))?;
         std::fs::rename(upload, &path)
-            .map_err(|e| AgentError::Other(format!("storing the image: {e}")))?;
+            .map_err(|e| AgentError::io("storing the image as", &path, e))?;
         Ok::<_, AgentError>(disk::info(&path).await?)
     };
     match stored.await {

@@ -25,6 +25,7 @@ pub use agent::{write_heartbeat, Agent};
 pub use config::{AgentConfig, HEARTBEAT_WITH_REPORTS};
 pub use corral_api::layout;
 
+/// What can go wrong on a host, each with what it concerns; a VM's condition shows the sentence.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error(transparent)]
@@ -33,9 +34,61 @@ pub enum AgentError {
     Driver(#[from] corral_hypervisor::DriverError),
     #[error(transparent)]
     Jeos(#[from] corral_jeos::JeosError),
+    #[error("preparing the VM's NICs: {0}")]
+    Network(#[from] corral_network::NetError),
+    /// A record another party wrote holds what this host refuses to act on (a name, a path).
+    #[error(transparent)]
+    Invalid(#[from] corral_api::ValidationError),
+    /// A record the VM needs is not in the store: `what` is its kind ("datastore", "image").
+    #[error("{what} {name} does not exist")]
+    Missing { what: &'static str, name: String },
+    #[error("image {0} is not ready")]
+    ImageNotReady(String),
+    /// A file or directory of the host could not be made, moved or removed.
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// The file given as an image is not one Corral accepts; the message says why.
     #[error("{0}")]
     BadImage(String),
+    /// What this host will not do, and why (a migration it cannot take, a disk it cannot see).
     #[error("{0}")]
-    Other(String),
+    Refused(String),
+    #[error(transparent)]
+    Pki(#[from] corral_pki::PkiError),
+    /// The controller could not be reached, or its answer read.
+    #[error("cannot reach the controller at {url}: {source}")]
+    Unreachable {
+        url: String,
+        #[source]
+        source: Box<ureq::Error>,
+    },
+    #[error("the join token is malformed: copy it whole, as the controller gave it")]
+    MalformedToken,
+    #[error("the controller at {url} does not hold the CA this join token was made for: is it the controller the token came from?")]
+    WrongController { url: String },
+    /// The controller refused to let this host join; its sentence says why.
+    #[error("joining the controller at {url}: {message}")]
+    JoinRefused { url: String, message: String },
+    /// A certificate or key of this host's credentials does not parse.
+    #[error("{what}: {source}")]
+    Credentials {
+        what: &'static str,
+        #[source]
+        source: Box<ureq::Error>,
+    },
+}
+
+impl AgentError {
+    pub(crate) fn io(what: &'static str, path: &std::path::Path, source: std::io::Error) -> Self {
+        AgentError::Io {
+            what,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
 }

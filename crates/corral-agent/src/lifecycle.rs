@@ -11,6 +11,8 @@ use chrono::{DateTime, Utc};
 use corral_api::{host_protocol::RESUMING, ConditionType, PowerState, Vm, VmPhase};
 use corral_hypervisor::{Observed, RunState};
 
+use crate::AgentError;
+
 /// What the worker does after one reconcile.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Outcome {
@@ -264,7 +266,7 @@ fn decide(
 pub(crate) fn started(
     vm: &mut Vm,
     ws: &mut WorkerState,
-    result: Result<u32, String>,
+    result: Result<u32, AgentError>,
     wall: DateTime<Utc>,
 ) -> Outcome {
     match result {
@@ -278,10 +280,11 @@ pub(crate) fn started(
                 .set_condition(ConditionType::Running, true, "Started", "");
             Outcome::Steady
         }
-        Err(msg) => {
+        Err(e) => {
             ws.failures += 1;
             vm.status.phase = VmPhase::Failed;
             vm.status.pid = None;
+            let msg = e.to_string();
             vm.status
                 .set_condition(ConditionType::Running, false, "StartFailed", &msg);
             Outcome::Requeue(backoff(ws.failures))
@@ -363,7 +366,12 @@ mod tests {
         let mut ws = WorkerState::default();
         let p = step(&mut v, None, &mut ws);
         assert_eq!(p, (vec![Action::Start], Outcome::Steady));
-        let out = started(&mut v, &mut ws, Err("no image".into()), Utc::now());
+        let out = started(
+            &mut v,
+            &mut ws,
+            Err(AgentError::ImageNotReady("jeos".into())),
+            Utc::now(),
+        );
         assert_eq!(
             (out, v.status.phase, reason(&v)),
             (
@@ -372,7 +380,12 @@ mod tests {
                 "StartFailed".into()
             )
         );
-        let out = started(&mut v, &mut ws, Err("no image".into()), Utc::now());
+        let out = started(
+            &mut v,
+            &mut ws,
+            Err(AgentError::ImageNotReady("jeos".into())),
+            Utc::now(),
+        );
         assert_eq!(out, Outcome::Requeue(Duration::from_secs(20)), "doubles");
         settle(&mut v, &out);
         assert_eq!(

@@ -470,7 +470,7 @@ async fn hand_over(
             get_json::<Vm>(store, vm_key).await?,
             get_json::<Migration>(store, mig_key).await?,
         ) else {
-            return Err(AgentError::Other(
+            return Err(AgentError::Refused(
                 "the VM or its migration record vanished during the handover".into(),
             ));
         };
@@ -695,7 +695,7 @@ async fn own_clone(
     let names = std::iter::once(corral_api::LOCAL_DATASTORE.to_string())
         .chain(datastores.into_iter().map(|d| d.name));
     for name in names {
-        if disk_on(store, cfg, &name, uid).await.as_deref() == Ok(recorded) {
+        if disk_on(store, cfg, &name, uid).await.ok().as_deref() == Some(recorded) {
             return Ok(Some(recorded.to_path_buf()));
         }
     }
@@ -712,20 +712,20 @@ async fn prepare(
     vm: &Vm,
     m: &Migration,
     dir: &Path,
-) -> Result<Migration, String> {
+) -> Result<Migration, AgentError> {
     private_dir(dir)?;
     if vm.status.disk.is_none() {
-        return Err("the VM has no disk yet".into());
+        return Err(AgentError::Refused("the VM has no disk yet".into()));
     }
     // Derived here from the datastore and the VM's uid, never from the source's status.
     let source_disk = disk_path(store, cfg, vm).await?;
     let (disk, cloned) = if m.shared_storage {
         if !source_disk.exists() {
-            return Err(format!(
+            return Err(AgentError::Refused(format!(
                 "the shared disk {} is not visible on this host: is the datastore {} mounted here?",
                 source_disk.display(),
                 vm.spec.datastore
-            ));
+            )));
         }
         (source_disk, false)
     } else {
@@ -734,11 +734,11 @@ async fn prepare(
         if vm.spec.datastore != corral_api::LOCAL_DATASTORE && path == source_disk && path.exists()
         {
             // The VM's own disk is visible here: replacing it with a fresh clone would destroy it.
-            return Err(format!(
-                "the VM's disk {} is visible on this host too: mark datastore {} as --shared",
+            return Err(AgentError::Refused(format!(
+                "the VM's disk {} is visible on this host too: datastore {} is shared, and must be marked so",
                 path.display(),
                 vm.spec.datastore
-            ));
+            )));
         }
         // A fresh clone of the same image: the source mirrors only the VM's own layer into it.
         let _ = std::fs::remove_file(&path);
@@ -749,10 +749,11 @@ async fn prepare(
         let image = image_of(store, vm).await?;
         crate::network::prepare(store, cfg, vm).await?;
         let spec = launch_spec(vm, &image, &disk, cfg.accel);
-        driver
-            .start_incoming(dir, &spec, cfg.address, !m.shared_storage)
-            .await
-            .map_err(|e| e.to_string())
+        Ok::<_, AgentError>(
+            driver
+                .start_incoming(dir, &spec, cfg.address, !m.shared_storage)
+                .await?,
+        )
     }
     .await;
     let incoming = match started {

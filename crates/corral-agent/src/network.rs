@@ -18,13 +18,15 @@ const RESYNC: Duration = Duration::from_secs(5);
 const REPAIR: Duration = Duration::from_secs(60);
 
 /// Creates the taps (links down) of a VM about to start or arrive here.
-pub(crate) async fn prepare(store: &dyn Store, cfg: &AgentConfig, vm: &Vm) -> Result<(), String> {
+pub(crate) async fn prepare(
+    store: &dyn Store,
+    cfg: &AgentConfig,
+    vm: &Vm,
+) -> Result<(), AgentError> {
     if vm.spec.nics.is_empty() {
         return Ok(());
     }
-    let (networks, _) = list_json::<Network>(store, &keys::networks(&vm.meta.project))
-        .await
-        .map_err(|e| e.to_string())?;
+    let (networks, _) = list_json::<Network>(store, &keys::networks(&vm.meta.project)).await?;
     let ports = corral_network::ports_of(vm, &networks);
     if let Some(missing) = vm
         .spec
@@ -32,15 +34,12 @@ pub(crate) async fn prepare(store: &dyn Store, cfg: &AgentConfig, vm: &Vm) -> Re
         .iter()
         .find(|n| !networks.iter().any(|net| net.meta.name == n.network))
     {
-        return Err(format!(
-            "network {} of the VM does not exist",
-            missing.network
-        ));
+        return Err(AgentError::Missing {
+            what: "network",
+            name: missing.network.clone(),
+        });
     }
-    cfg.network
-        .prepare_ports(&ports)
-        .await
-        .map_err(|e| format!("preparing the VM's NICs: {e}"))
+    Ok(cfg.network.prepare_ports(&ports).await?)
 }
 
 async fn plan(store: &dyn Store, host: &str) -> Result<HostPlan, AgentError> {

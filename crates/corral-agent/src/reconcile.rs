@@ -23,7 +23,7 @@ async fn ensure_disk(
     vm: &mut Vm,
     dir: &Path,
     disk: &Path,
-) -> Result<(), String> {
+) -> Result<(), AgentError> {
     private_dir(dir)?;
     vm.status
         .run_dir
@@ -37,11 +37,7 @@ async fn ensure_disk(
         }
     }
     if vm.status.disk.is_none() {
-        let backing = driver
-            .disk_backing(disk)
-            .await
-            .map_err(|e| e.to_string())?
-            .unwrap_or_default();
+        let backing = driver.disk_backing(disk).await?.unwrap_or_default();
         vm.status.disk = Some(DiskStatus {
             path: disk.display().to_string(),
             backing,
@@ -76,13 +72,12 @@ async fn start(
     vm: &Vm,
     dir: &Path,
     disk: &Path,
-) -> Result<u32, String> {
+) -> Result<u32, AgentError> {
     let image = image_of(store, vm).await?;
     crate::network::prepare(store, cfg, vm).await?;
-    driver
+    Ok(driver
         .start(dir, &launch_spec(vm, &image, disk, cfg.accel))
-        .await
-        .map_err(|e| e.to_string())
+        .await?)
 }
 
 /// Moves the VM at `key` one step toward its spec and records what was observed. Idempotent.
@@ -142,13 +137,13 @@ pub(crate) async fn reconcile(
     };
     let disk = match made {
         Ok(disk) => disk,
-        Err(msg) => {
+        Err(e) => {
             vm.status.phase = VmPhase::Failed;
             vm.status.set_condition(
                 corral_api::ConditionType::DiskReady,
                 false,
                 "DiskUnavailable",
-                &msg,
+                &e.to_string(),
             );
             vm.status.observed_generation = vm.meta.generation;
             let retry = Outcome::Requeue(Duration::from_secs(10));
@@ -194,12 +189,12 @@ pub(crate) async fn reconcile(
                     &msg,
                 );
             }
-            Err(msg) => {
+            Err(e) => {
                 vm.status.set_condition(
                     corral_api::ConditionType::StorageMoved,
                     false,
                     "MoveFailed",
-                    &msg,
+                    &e.to_string(),
                 );
             }
         }

@@ -17,6 +17,8 @@ use corral_store::{KeyValue, LeaseId, Op, Revision, Store, StoreError, WatchPage
 use serde::de::DeserializeOwned;
 use ureq::tls::{Certificate, ClientCert, PrivateKey, RootCerts, TlsConfig};
 
+use crate::AgentError;
+
 /// What the agent keeps after joining, in `DATA_DIR/agent/`.
 pub struct Credentials {
     /// The host name the certificate was issued to.
@@ -43,11 +45,12 @@ impl Credentials {
         })
     }
 
-    fn save(&self, data_dir: &Path) -> Result<(), String> {
+    fn save(&self, data_dir: &Path) -> Result<(), AgentError> {
         let d = Self::dir(data_dir);
         let w = |f: &str, t: &str| {
-            corral_pki::write_private(&d.join(f), t.as_bytes())
-                .map_err(|e| format!("writing {f}: {e}"))
+            let path = d.join(f);
+            corral_pki::write_private(&path, t.as_bytes())
+                .map_err(|e| AgentError::io("writing", &path, e))
         };
         // host.crt last: `load` needs every file, so a crash part-way is not half a credential.
         w("ca.crt", &self.ca_pem)?;
@@ -67,13 +70,22 @@ fn agent_with(tls: TlsConfig, timeout: Duration) -> ureq::Agent {
 }
 
 /// Joins the cluster at `url` with `token` as host `host`, and keeps the credentials in `data_dir`.
-pub fn join(url: &str, token: &str, host: &str, data_dir: &Path) -> Result<Credentials, String> {
+pub fn join(
+    url: &str,
+    token: &str,
+    host: &str,
+    data_dir: &Path,
+) -> Result<Credentials, AgentError> {
     let fp = token
         .split('.')
         .next()
         .filter(|f| f.len() == 64)
-        .ok_or("the join token is malformed: copy it whole from `corral host join-token`")?;
+        .ok_or(AgentError::MalformedToken)?;
     let base = url.trim_end_matches('/');
+    let unreachable = |e: ureq::Error| AgentError::Unreachable {
+        url: base.to_string(),
+        source: Box::new(e),
+    };
     // The CA is public; it is checked against the token's fingerprint before anything is trusted.
     let insecure = agent_with(
         TlsConfig::builder().disable_verification(true).build(),
@@ -82,11 +94,13 @@ pub fn join(url: &str, token: &str, host: &str, data_dir: &Path) -> Result<Crede
     let mut res = insecure
         .get(format!("{base}/agent/v1/ca"))
         .call()
-        .map_err(|e| format!("cannot reach the controller at {base} ({e}): check --join"))?;
-    let ca_pem = res.body_mut().read_to_string().map_err(|e| e.to_string())?;
-    let ca = corral_pki::first_cert(&ca_pem).map_err(|e| e.to_string())?;
+        .map_err(unreachable)?;
+    let ca_pem = res.body_mut().read_to_string().map_err(unreachable)?;
+    let ca = corral_pki::first_cert(&ca_pem)?;
     if corral_pki::fingerprint(ca.as_ref()) != fp {
-        return Err(format!("the controller at {base} does not hold the CA this join token was made for: check --join and the token"));
+        return Err(AgentError::WrongController {
+            url: base.to_string(),
+        });
     }
     let verified = agent_with(tls(&ca_pem, None)?, Duration::from_secs(30));
     let mut res = verified
@@ -95,14 +109,17 @@ pub fn join(url: &str, token: &str, host: &str, data_dir: &Path) -> Result<Crede
             token: token.to_string(),
             host: host.to_string(),
         })
-        .map_err(|e| format!("joining {base} failed: {e}"))?;
+        .map_err(unreachable)?;
     if !res.status().is_success() {
         let body: Result<ApiErrorBody, _> = res.body_mut().read_json();
-        return Err(body
-            .map(|b| b.message)
-            .unwrap_or_else(|_| format!("the controller answered {}", res.status())));
+        return Err(AgentError::JoinRefused {
+            url: base.to_string(),
+            message: body
+                .map(|b| b.message)
+                .unwrap_or_else(|_| format!("the controller answered {}", res.status())),
+        });
     }
-    let r: JoinResponse = res.body_mut().read_json().map_err(|e| e.to_string())?;
+    let r: JoinResponse = res.body_mut().read_json().map_err(unreachable)?;
     let creds = Credentials {
         host: host.to_string(),
         ca_pem: r.ca_pem,
@@ -115,14 +132,19 @@ pub fn join(url: &str, token: &str, host: &str, data_dir: &Path) -> Result<Crede
     Ok(creds)
 }
 
-fn tls(ca_pem: &str, identity: Option<&Identity>) -> Result<TlsConfig, String> {
-    let ca = Certificate::from_pem(ca_pem.as_bytes()).map_err(|e| format!("bad CA: {e}"))?;
+fn tls(ca_pem: &str, identity: Option<&Identity>) -> Result<TlsConfig, AgentError> {
+    let bad = |what| {
+        move |e| AgentError::Credentials {
+            what,
+            source: Box::new(e),
+        }
+    };
+    let ca = Certificate::from_pem(ca_pem.as_bytes()).map_err(bad("the cluster CA"))?;
     let mut b = TlsConfig::builder().root_certs(RootCerts::Specific(Arc::new(vec![ca])));
     if let Some(id) = identity {
-        let cert = Certificate::from_pem(id.cert_pem.as_bytes())
-            .map_err(|e| format!("bad host certificate: {e}"))?;
-        let key = PrivateKey::from_pem(id.key_pem.as_bytes())
-            .map_err(|e| format!("bad host key: {e}"))?;
+        let cert =
+            Certificate::from_pem(id.cert_pem.as_bytes()).map_err(bad("the host certificate"))?;
+        let key = PrivateKey::from_pem(id.key_pem.as_bytes()).map_err(bad("the host key"))?;
         b = b.client_cert(Some(ClientCert::new_with_certs(&[cert], key)));
     }
     Ok(b.build())
@@ -143,7 +165,7 @@ fn unreachable(e: impl std::fmt::Display) -> StoreError {
 }
 
 impl RemoteStore {
-    pub fn new(url: &str, creds: &Credentials) -> Result<Self, String> {
+    pub fn new(url: &str, creds: &Credentials) -> Result<Self, AgentError> {
         // Long polls take up to 20 s.
         let agent = agent_with(
             tls(&creds.ca_pem, Some(&creds.identity))?,
@@ -207,11 +229,9 @@ fn q(s: &str) -> String {
 
 #[async_trait]
 impl crate::ha::HaLink for RemoteStore {
-    async fn report(&self, report: HaReport) -> Result<HaReply, String> {
-        let body = serde_json::to_value(report).map_err(|e| e.to_string())?;
-        self.call("/agent/v1/ha".into(), Some(body))
-            .await
-            .map_err(|e| e.to_string())
+    async fn report(&self, report: HaReport) -> Result<HaReply, AgentError> {
+        let body = serde_json::to_value(report).map_err(StoreError::from)?;
+        Ok(self.call("/agent/v1/ha".into(), Some(body)).await?)
     }
 }
 

@@ -10,7 +10,7 @@ use corral_hypervisor::Driver;
 use corral_store::{get_json, Store};
 
 use crate::guest::{disk_path, new_disk_path, private_dir};
-use crate::AgentConfig;
+use crate::{AgentConfig, AgentError};
 
 /// A copy that is not in sync after this long is given up.
 const COPY_TIMEOUT: Duration = Duration::from_secs(1800);
@@ -26,8 +26,12 @@ pub(crate) async fn move_disk(
     vm: &Vm,
     run_dir: &Path,
     live: bool,
-) -> Result<DiskStatus, String> {
-    let old = vm.status.disk.clone().ok_or("the VM has no disk yet")?;
+) -> Result<DiskStatus, AgentError> {
+    let old = vm
+        .status
+        .disk
+        .clone()
+        .ok_or_else(|| AgentError::Refused("the VM has no disk yet".into()))?;
     let old_path = disk_path(store, cfg, vm).await?;
     let dest = new_disk_path(store, cfg, vm).await?;
     let moved = DiskStatus {
@@ -48,12 +52,7 @@ pub(crate) async fn move_disk(
         let part = dest.with_extension("qcow2.part");
         std::fs::copy(&old_path, &part)
             .and_then(|_| std::fs::rename(&part, &dest))
-            .map_err(|e| {
-                (
-                    format!("copying {} to {}: {e}", old_path.display(), dest.display()),
-                    false,
-                )
-            })
+            .map_err(|e| (AgentError::io("copying the disk to", &dest, e), false))
     };
     if let Err((e, switching)) = copied {
         // Once the switch was asked for, QEMU may be writing to the copy: keep both files.
@@ -75,18 +74,18 @@ async fn copy_running(
     vm: &Vm,
     run_dir: &Path,
     dest: &Path,
-) -> Result<(), (String, bool)> {
+) -> Result<(), (AgentError, bool)> {
     driver
         .copy_disk(run_dir, dest)
         .await
-        .map_err(|e| (e.to_string(), false))?;
+        .map_err(|e| (e.into(), false))?;
     let started = Instant::now();
     let mut checked = Instant::now();
     loop {
         let t = driver
             .transfer(run_dir)
             .await
-            .map_err(|e| (e.to_string(), false))?;
+            .map_err(|e| (e.into(), false))?;
         let mut failed = match t.disk {
             Some(d) if d.ready => break,
             Some(d) => d.error.map(|e| format!("the copy failed: {e}")),
@@ -112,14 +111,14 @@ async fn copy_running(
         }
         if let Some(why) = failed {
             let _ = driver.cancel_transfer(run_dir).await;
-            return Err((why, false));
+            return Err((AgentError::Refused(why), false));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     driver
         .switch_disk(run_dir, dest)
         .await
-        .map_err(|e| (e.to_string(), true))
+        .map_err(|e| (e.into(), true))
 }
 
 /// Removes the disk that was moved away: its own directory on a datastore (named by the VM's uid),

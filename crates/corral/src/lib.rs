@@ -17,7 +17,7 @@ pub struct LocalHaLink {
 
 #[async_trait::async_trait]
 impl corral_agent::ha::HaLink for LocalHaLink {
-    async fn report(&self, report: HaReport) -> Result<HaReply, String> {
+    async fn report(&self, report: HaReport) -> Result<HaReply, corral_agent::AgentError> {
         Ok(corral_controller::ha::report(&self.ctx, &self.host, report))
     }
 }

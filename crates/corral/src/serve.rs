@@ -448,8 +448,10 @@ fn credentials(
             let token = token.context(
                 "this host has not joined yet: pass --token from `corral host join-token` on the controller",
             )?;
-            let c = corral_agent::remote::join(url, token, host, data_dir)
-                .map_err(anyhow::Error::msg)?;
+            // The CLI's hint: the flags that name the controller and the token.
+            let c = corral_agent::remote::join(url, token, host, data_dir).map_err(|e| {
+                anyhow::anyhow!("{e} (check --join, and --token from `corral host join-token`)")
+            })?;
             println!("joined {url} as host {host}");
             Ok(c)
         }
@@ -487,10 +489,7 @@ fn simulated_agents(args: AgentArgs, data_dir: PathBuf) -> Result<()> {
     runtime()?.block_on(async move {
         let mut hosts = Vec::new();
         for (name, creds) in joined {
-            let store = Arc::new(
-                corral_agent::remote::RemoteStore::new(&args.join, &creds)
-                    .map_err(anyhow::Error::msg)?,
-            );
+            let store = Arc::new(corral_agent::remote::RemoteStore::new(&args.join, &creds)?);
             let link: Arc<dyn corral_agent::ha::HaLink> = store.clone();
             hosts.push(corral_sim::SimHost {
                 name,
@@ -522,8 +521,7 @@ pub fn agent(mut args: AgentArgs) -> Result<()> {
     }
     let host = host_name(args.host.host_name)?;
     let creds = credentials(&args.join, args.token.as_deref(), &host, &data_dir)?;
-    let store =
-        corral_agent::remote::RemoteStore::new(&args.join, &creds).map_err(anyhow::Error::msg)?;
+    let store = corral_agent::remote::RemoteStore::new(&args.join, &creds)?;
     let accel = detect_accel(args.host.accel).map_err(anyhow::Error::msg)?;
     let address = match args.address {
         Some(a) => a,
