@@ -55,7 +55,7 @@ pub async fn build_jeos(
 pub async fn import(data_dir: &Path, uid: Uuid, upload: &Path) -> Result<ImageStatus, AgentError> {
     let format = disk::probe_image(upload)
         .await
-        .map_err(AgentError::BadImage)?;
+        .map_err(|e| AgentError::BadImage(e.to_string()))?;
     let dir = layout::image_dir(data_dir, uid);
     let path = dir.join(format!("disk.{}", format.as_str()));
     let stored = async {

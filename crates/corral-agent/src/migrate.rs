@@ -30,6 +30,7 @@ use crate::lifecycle::Outcome;
 use crate::{layout, AgentConfig, AgentError};
 
 use corral_api::host_protocol::RESUMING;
+use corral_api::ValidationError;
 
 /// How long the source waits for the target to prepare.
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -66,12 +67,12 @@ async fn tuning(store: &dyn Store) -> Result<Tuning, AgentError> {
 async fn endpoints(
     store: &dyn Store,
     m: &Migration,
-) -> Result<Result<MigrationEndpoints, String>, AgentError> {
+) -> Result<Result<MigrationEndpoints, ValidationError>, AgentError> {
     let Some(target) = get_json::<Host>(store, &keys::host(&m.target)).await? else {
-        return Ok(Err(format!(
+        return Ok(Err(ValidationError(format!(
             "host {} is no longer in the cluster",
             m.target
-        )));
+        ))));
     };
     Ok(m.stream_to(&target.value))
 }
@@ -313,7 +314,7 @@ pub(crate) async fn run_source(
                 // Where to, from the target's own record: never a URI a host wrote.
                 let to = match endpoints(store, &m).await? {
                     Ok(to) => to,
-                    Err(why) => return give_up(MigrationPhase::Failed, why).await,
+                    Err(why) => return give_up(MigrationPhase::Failed, why.0).await,
                 };
                 let started = match to.disk {
                     None => driver.send(dir, to.stream, &tuning(store).await?).await,
@@ -358,7 +359,7 @@ pub(crate) async fn run_source(
                         if transfer.disk.as_ref().is_some_and(|d| d.ready) {
                             let to = match endpoints(store, &m).await? {
                                 Ok(to) => to.stream,
-                                Err(why) => return give_up(MigrationPhase::Failed, why).await,
+                                Err(why) => return give_up(MigrationPhase::Failed, why.0).await,
                             };
                             if let Err(e) = driver.send(dir, to, &tuning(store).await?).await {
                                 return give_up(MigrationPhase::Failed, e.to_string()).await;

@@ -59,20 +59,20 @@ impl Capacity {
     pub const MAX_MEMORY_BYTES: u64 = 64 << 40;
 
     /// Refuses a capacity no machine has, with a sentence.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), crate::ValidationError> {
         if self.cpus == 0 || self.cpus > Self::MAX_CPUS {
-            return Err(format!(
+            return Err(crate::ValidationError(format!(
                 "{} CPUs is not a machine's capacity: 1 to {} CPUs are accepted",
                 self.cpus,
                 Self::MAX_CPUS
-            ));
+            )));
         }
         if self.memory_bytes < 1 << 20 || self.memory_bytes > Self::MAX_MEMORY_BYTES {
-            return Err(format!(
+            return Err(crate::ValidationError(format!(
                 "{} of memory is not a machine's capacity: 1 MiB to {} are accepted",
                 crate::format_bytes(self.memory_bytes),
                 crate::format_bytes(Self::MAX_MEMORY_BYTES)
-            ));
+            )));
         }
         Ok(())
     }
@@ -98,7 +98,7 @@ impl std::fmt::Display for Capacity {
 /// compromised host could otherwise name an honest host's address, and a migration to it would
 /// stream into that host's waiting QEMU. Loopback is exempt: it is every host's address when they
 /// share one machine (tests, simulated hosts), and it reaches only the sender itself.
-pub fn check_own_address(host: &Host, hosts: &[Host]) -> Result<(), String> {
+pub fn check_own_address(host: &Host, hosts: &[Host]) -> Result<(), crate::ValidationError> {
     let Some(ip) = host.status.address.filter(|ip| !ip.is_loopback()) else {
         return Ok(());
     };
@@ -106,10 +106,10 @@ pub fn check_own_address(host: &Host, hosts: &[Host]) -> Result<(), String> {
         .iter()
         .find(|h| h.name != host.name && h.status.address == Some(ip))
     {
-        Some(other) => Err(format!(
+        Some(other) => Err(crate::ValidationError(format!(
             "host {} claims the address {ip}, which host {} has registered too: refusing to send a VM there",
             host.name, other.name
-        )),
+        ))),
         None => Ok(()),
     }
 }
@@ -117,14 +117,14 @@ pub fn check_own_address(host: &Host, hosts: &[Host]) -> Result<(), String> {
 /// Refuses an address no one host can be reached at (unspecified, multicast, broadcast), with a
 /// sentence. Loopback is a host's address when it shares the controller's machine (the lab's
 /// simulated hosts, tests).
-pub fn check_fabric_address(ip: std::net::IpAddr) -> Result<(), String> {
+pub fn check_fabric_address(ip: std::net::IpAddr) -> Result<(), crate::ValidationError> {
     let bad = ip.is_unspecified()
         || ip.is_multicast()
         || matches!(ip, std::net::IpAddr::V4(a) if a.is_broadcast());
     if bad {
-        return Err(format!(
+        return Err(crate::ValidationError(format!(
             "{ip} is not an address other hosts can reach it at on the fabric"
-        ));
+        )));
     }
     Ok(())
 }

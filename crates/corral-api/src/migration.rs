@@ -174,35 +174,39 @@ impl Migration {
     /// Where the source sends this migration: the target's registered fabric address with the
     /// ports the target recorded. Refused (with a sentence) when the target has no usable address
     /// or did not record what this kind of move needs.
-    pub fn stream_to(&self, target: &crate::Host) -> Result<MigrationEndpoints, String> {
+    pub fn stream_to(
+        &self,
+        target: &crate::Host,
+    ) -> Result<MigrationEndpoints, crate::ValidationError> {
         if target.name != self.target {
-            return Err(format!(
+            return Err(crate::ValidationError(format!(
                 "host {} is not the target of this migration ({} is)",
                 target.name, self.target
-            ));
+            )));
         }
         let ip = target.status.address.ok_or_else(|| {
-            format!(
+            crate::ValidationError(format!(
                 "host {} has registered no fabric address to migrate to",
                 self.target
-            )
+            ))
         })?;
-        crate::check_fabric_address(ip).map_err(|e| format!("host {}: {e}", self.target))?;
+        crate::check_fabric_address(ip)
+            .map_err(|e| crate::ValidationError(format!("host {}: {e}", self.target)))?;
         let port = |p: Option<u16>, what: &str| match p {
             Some(p) if p > 0 => Ok(SocketAddr::new(ip, p)),
-            _ => Err(format!(
+            _ => Err(crate::ValidationError(format!(
                 "host {} recorded no port for the {what}",
                 self.target
-            )),
+            ))),
         };
         let stream = port(self.target_port, "migration stream")?;
         let disk = match (self.shared_storage, self.disk_port) {
             (true, None) => None,
             (true, Some(_)) => {
-                return Err(format!(
+                return Err(crate::ValidationError(format!(
                     "host {} exported a disk for a move on shared storage",
                     self.target
-                ))
+                )))
             }
             (false, p) => Some(port(p, "disk export")?),
         };
@@ -370,7 +374,7 @@ mod tests {
 
         let refused = |m: &Migration, h: &Host, says: &str| {
             let err = m.stream_to(h).expect_err(says);
-            assert!(err.contains(says), "{err}");
+            assert!(err.0.contains(says), "{err}");
         };
         refused(&shared, &host("h3", Some("10.0.0.13")), "not the target");
         refused(&shared, &host("h2", None), "no fabric address");
@@ -392,7 +396,7 @@ mod tests {
         // A target that names another host's address is not believed.
         let hosts = [host("h1", Some("10.0.0.11")), host("h2", Some("10.0.0.11"))];
         let err = crate::check_own_address(&hosts[1], &hosts).expect_err("h1's address");
-        assert!(err.contains("host h1 has registered too"), "{err}");
+        assert!(err.0.contains("host h1 has registered too"), "{err}");
         let hosts = [host("h1", Some("127.0.0.1")), host("h2", Some("127.0.0.1"))];
         assert!(
             crate::check_own_address(&hosts[1], &hosts).is_ok(),

@@ -324,8 +324,8 @@ async fn authorize(a: &AgentCtx, host: &str, op: Op, txn: &[Op]) -> Result<Vec<O
         let stored: Host = serde_json::from_slice(&stored.value).map_err(StoreError::from)?;
         let sent: Host = serde_json::from_slice(&new)
             .map_err(|e| ApiError::BadRequest(format!("not a host record: {e}")))?;
-        let record =
-            host_write(stored, sent.status, Utc::now()).map_err(|why| refuse(host, &key, &why))?;
+        let record = host_write(stored, sent.status, Utc::now())
+            .map_err(|why| refuse(host, &key, &why.0))?;
         return Ok(vec![guard, parsed_put(key, &record, when)?]);
     }
     if key.starts_with(keys::MIGRATIONS) {
@@ -456,7 +456,11 @@ fn parsed_put<T: Serialize>(key: String, value: &T, when: Precondition) -> Resul
 /// and a later claim beyond the approved capacity is not believed (the record keeps the approved
 /// figures and says what was claimed). A capacity no machine has, or an address no host can have,
 /// is refused with a sentence.
-fn host_write(mut stored: Host, sent: HostStatus, now: DateTime<Utc>) -> Result<Host, String> {
+fn host_write(
+    mut stored: Host,
+    sent: HostStatus,
+    now: DateTime<Utc>,
+) -> Result<Host, corral_api::ValidationError> {
     let claimed = sent.capacity();
     claimed.check()?;
     if let Some(ip) = sent.address {
@@ -754,7 +758,7 @@ mod tests {
         let claim = host_write(first.clone(), report(100_000, 1 << 60), now);
         let err = claim.expect_err("100,000 CPUs is no machine");
         assert!(
-            err.contains("100000 CPUs is not a machine's capacity"),
+            err.0.contains("100000 CPUs is not a machine's capacity"),
             "{err}"
         );
         let more = host_write(first.clone(), report(64, 16 << 30), now).expect("write");
@@ -790,7 +794,7 @@ mod tests {
             let mut r = report(8, 16 << 30);
             r.address = Some(bad.parse().expect("ip"));
             let err = host_write(first.clone(), r, now).expect_err(bad);
-            assert!(err.contains("not an address"), "{err}");
+            assert!(err.0.contains("not an address"), "{err}");
         }
         assert!(host_write(joined("h1"), report(0, 16 << 30), now).is_err());
         assert!(host_write(joined("h1"), report(8, 0), now).is_err());

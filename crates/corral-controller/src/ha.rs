@@ -742,7 +742,7 @@ pub(crate) fn admission(
     view: &placement::ClusterView,
     datastores: &[Datastore],
     extra: Option<&Vm>,
-) -> Result<(), String> {
+) -> Result<(), ApiError> {
     let n = view.settings.ha_host_failures_to_tolerate as usize;
     if n == 0 {
         return Ok(());
@@ -784,12 +784,12 @@ pub(crate) fn admission(
     if cpus <= free_cpus && memory <= free_memory {
         return Ok(());
     }
-    Err(format!(
+    Err(ApiError::Conflict(format!(
         "HA admission control: protected VMs would need {cpus} vCPUs and {} of memory after {n} host failure(s), but the {} remaining host(s) offer {free_cpus:.0} vCPUs and {}: add hosts, protect fewer VMs, or lower the cluster's ha_host_failures_to_tolerate",
         corral_api::format_bytes(memory as u64),
         left.len(),
         corral_api::format_bytes(free_memory as u64)
-    ))
+    )))
 }
 
 #[cfg(test)]

@@ -179,7 +179,7 @@ pub async fn set_capacity(
     ApiPath(name): ApiPath<String>,
     ApiJson(req): ApiJson<corral_api::Capacity>,
 ) -> Result<Json<HostInfo>, ApiError> {
-    req.check().map_err(ApiError::BadRequest)?;
+    req.check()?;
     let key = keys::host(&name);
     // A heartbeat may land between read and write: read again and retry.
     loop {
@@ -240,7 +240,7 @@ pub async fn put_cluster(
     }
     view.settings = req.clone();
     let (datastores, _) = list_json::<Datastore>(&*ctx.store, keys::DATASTORES).await?;
-    crate::ha::admission(&view, &datastores, None).map_err(ApiError::Conflict)?;
+    crate::ha::admission(&view, &datastores, None)?;
     let bytes = serde_json::to_vec(&req).map_err(StoreError::from)?;
     ctx.store
         .put(keys::CLUSTER, bytes, Precondition::Any)

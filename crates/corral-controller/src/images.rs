@@ -15,7 +15,8 @@ use corral_store::{get_json, list_json, update_json, Op, Precondition, StoreErro
 use http_body_util::BodyExt;
 use tokio::io::AsyncWriteExt;
 
-use crate::{ensure_project, tasks, ApiError, ApiJson, ApiPath, Ctx};
+use crate::tasks::{self, End};
+use crate::{ensure_project, ApiError, ApiJson, ApiPath, Ctx};
 
 /// Why image files could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -203,7 +204,7 @@ pub async fn build_jeos(
                 Ok(true)
             })
             .await?;
-            tasks::update(&ctx, task.id, 100, "failed", Some(Err(msg.clone()))).await;
+            tasks::update(&ctx, task.id, 100, "failed", Some(End::Failed(msg.clone()))).await;
             return Err(ApiError::Conflict(msg));
         }
     }
@@ -224,8 +225,8 @@ pub async fn build_jeos(
         let result = ctx2.image_files.build_jeos(uid, progress).await;
         let _ = reporter.await;
         let end = match &result {
-            Ok(_) => Ok(()),
-            Err(e) => Err(e.to_string()),
+            Ok(_) => End::Succeeded,
+            Err(e) => End::Failed(e.to_string()),
         };
         let written = update_json::<Image, StoreError>(&*ctx2.store, &key, |img| {
             match &result {
@@ -245,7 +246,11 @@ pub async fn build_jeos(
             &ctx2,
             task_id,
             100,
-            if end.is_ok() { "built" } else { "failed" },
+            if matches!(end, End::Succeeded) {
+                "built"
+            } else {
+                "failed"
+            },
             Some(end),
         )
         .await;

@@ -236,17 +236,18 @@ fn follow_if_vm_task(ctx: &Ctx, task: &Task) {
     }
 }
 
+/// How a task that ends, ends.
+pub enum End {
+    Succeeded,
+    /// Failed, for the reason given.
+    Failed(String),
+}
+
 /// Records progress (or the end) of a task.
-pub async fn update(
-    ctx: &Ctx,
-    id: uuid::Uuid,
-    progress: u8,
-    message: &str,
-    end: Option<Result<(), String>>,
-) {
+pub async fn update(ctx: &Ctx, id: uuid::Uuid, progress: u8, message: &str, end: Option<End>) {
     let end = end.map(|r| match r {
-        Ok(()) => (TaskState::Succeeded, None),
-        Err(e) => (TaskState::Failed, Some(e)),
+        End::Succeeded => (TaskState::Succeeded, None),
+        End::Failed(e) => (TaskState::Failed, Some(e)),
     });
     record(ctx, id, progress, message, end).await;
 }
@@ -436,7 +437,7 @@ async fn follow(ctx: Ctx, task: Task) {
     loop {
         if tokio::time::Instant::now() >= deadline {
             let msg = "timed out after 10 minutes; the VM's conditions say where it stands";
-            return update(&ctx, task.id, 100, "failed", Some(Err(msg.into()))).await;
+            return update(&ctx, task.id, 100, "failed", Some(End::Failed(msg.into()))).await;
         }
         for (w, key) in watches.iter_mut().zip(&keys) {
             if w.is_none() {
@@ -444,9 +445,9 @@ async fn follow(ctx: Ctx, task: Task) {
             }
         }
         match judge(&ctx, &task).await {
-            Ok(Verdict::Done(msg)) => return update(&ctx, task.id, 100, &msg, Some(Ok(()))).await,
+            Ok(Verdict::Done(msg)) => return update(&ctx, task.id, 100, &msg, Some(End::Succeeded)).await,
             Ok(Verdict::Failed(msg)) => {
-                return update(&ctx, task.id, 100, "failed", Some(Err(msg))).await
+                return update(&ctx, task.id, 100, "failed", Some(End::Failed(msg))).await
             }
             Ok(Verdict::Cancelled(msg)) => {
                 let end = Some((TaskState::Cancelled, Some(msg)));
@@ -503,7 +504,7 @@ pub async fn resume(ctx: &Ctx) -> Result<(), ApiError> {
                 t.id,
                 100,
                 "failed",
-                Some(Err(
+                Some(End::Failed(
                     "the controller restarted during the build: run it again".into(),
                 )),
             )

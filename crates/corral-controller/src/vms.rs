@@ -162,7 +162,7 @@ pub async fn create(
         }
         if vm.spec.ha == corral_api::HaPolicy::Restart {
             let (datastores, _) = list_json::<Datastore>(&*ctx.store, keys::DATASTORES).await?;
-            crate::ha::admission(&view, &datastores, Some(&vm)).map_err(ApiError::Conflict)?;
+            crate::ha::admission(&view, &datastores, Some(&vm))?;
         }
         let mut vm = vm.clone();
         let host_guard = view.apply(&mut vm);

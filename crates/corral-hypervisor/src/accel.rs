@@ -6,6 +6,8 @@ use std::path::Path;
 
 use corral_api::Accel;
 
+use crate::DriverError;
+
 /// What the operator asked for on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AccelChoice {
@@ -15,13 +17,13 @@ pub enum AccelChoice {
 }
 
 impl std::str::FromStr for AccelChoice {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = DriverError;
+    fn from_str(s: &str) -> Result<Self, DriverError> {
         match s {
             "auto" => Ok(Self::Auto),
             "kvm" => Ok(Self::Kvm),
             "tcg" => Ok(Self::Tcg),
-            _ => Err(format!("unknown accelerator {s:?}: use auto, kvm or tcg")),
+            _ => Err(DriverError::UnknownAccel(s.to_string())),
         }
     }
 }
@@ -36,15 +38,13 @@ pub fn kvm_usable(cpuinfo: &str, dev_kvm_exists: bool) -> bool {
 }
 
 /// Resolves the operator's choice against this machine.
-pub fn detect_accel(choice: AccelChoice) -> Result<Accel, String> {
+pub fn detect_accel(choice: AccelChoice) -> Result<Accel, DriverError> {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let usable = kvm_usable(&cpuinfo, Path::new("/dev/kvm").exists());
     match (choice, usable) {
         (AccelChoice::Auto, true) | (AccelChoice::Kvm, true) => Ok(Accel::Kvm),
         (AccelChoice::Auto, false) | (AccelChoice::Tcg, _) => Ok(Accel::Tcg),
-        (AccelChoice::Kvm, false) => Err(
-            "--accel kvm was asked for, but this machine has no hardware virtualization (no vmx/svm CPU flag or no /dev/kvm): use --accel tcg or auto".into(),
-        ),
+        (AccelChoice::Kvm, false) => Err(DriverError::NoKvm),
     }
 }
 
@@ -67,10 +67,11 @@ mod tests {
 
     #[test]
     fn choice_parses() {
-        assert_eq!("tcg".parse::<AccelChoice>(), Ok(AccelChoice::Tcg));
+        assert_eq!("tcg".parse::<AccelChoice>().ok(), Some(AccelChoice::Tcg));
         assert!("xen"
             .parse::<AccelChoice>()
             .unwrap_err()
-            .contains("auto, kvm or tcg"));
+            .to_string()
+            .contains("auto, kvm and tcg"));
     }
 }

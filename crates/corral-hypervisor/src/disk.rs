@@ -99,31 +99,31 @@ pub async fn create_linked_clone(
 /// qcow2 is recognised by qemu-img; a qcow2 with a backing file or an external data file is refused (either could point anywhere on
 /// the host). Any file is "raw" to qemu-img, so a raw file must also look like a disk: a multiple of
 /// 512 bytes that starts with a partition table (MBR or GPT) or a file system Linux boots from.
-pub async fn probe_image(path: &Path) -> Result<DiskFormat, String> {
-    let info = info(path).await.map_err(|e| e.to_string())?;
+pub async fn probe_image(path: &Path) -> Result<DiskFormat, DriverError> {
+    let info = info(path).await?;
     match info.format.as_str() {
         "qcow2" => {
             if let Some(f) = info.data_file() {
-                return Err(format!(
+                return Err(DriverError::NotADisk(format!(
                     "the qcow2 image keeps its data in an external file ({f}): convert it to a self-contained image with `qemu-img convert -O qcow2 IN OUT`"
-                ));
+                )));
             }
             if let Some(b) = info.backing_filename {
-                return Err(format!(
+                return Err(DriverError::NotADisk(format!(
                     "the qcow2 image has a backing file ({b}): flatten it first with `qemu-img convert -O qcow2 IN OUT`"
-                ));
+                )));
             }
             Ok(DiskFormat::Qcow2)
         }
         "raw" => {
-            let head = read_head(path, 70_000).map_err(|e| format!("cannot read the file: {e}"))?;
+            let head = read_head(path, 70_000).map_err(|e| DriverError::io("reading the image", e))?;
             if info.virtual_size % 512 == 0 && info.virtual_size > 0 && looks_like_disk(&head) {
                 Ok(DiskFormat::Raw)
             } else {
-                Err("the file is not a disk image: expected qcow2, or a raw disk with a partition table (MBR/GPT) or file system".into())
+                Err(DriverError::NotADisk("the file is not a disk image: expected qcow2, or a raw disk with a partition table (MBR/GPT) or file system".into()))
             }
         }
-        other => Err(format!("disk format {other} is not supported: convert it with `qemu-img convert -O qcow2 IN OUT`")),
+        other => Err(DriverError::NotADisk(format!("disk format {other} is not supported: convert it with `qemu-img convert -O qcow2 IN OUT`"))),
     }
 }
 

@@ -81,6 +81,13 @@ pub enum DriverError {
     PathTooLong(String),
     #[error("{0}")]
     Unavailable(String),
+    /// A file offered as a disk image that Corral will not run a guest from; the sentence says why.
+    #[error("{0}")]
+    NotADisk(String),
+    #[error("unknown accelerator {0:?}: auto, kvm and tcg are known")]
+    UnknownAccel(String),
+    #[error("KVM was asked for, but this machine has no hardware virtualization (no vmx/svm CPU flag, or no /dev/kvm)")]
+    NoKvm,
 }
 
 impl DriverError {

@@ -38,7 +38,7 @@ use corral_api::{keys, timing, Accel, Host, HostStatus, Migration, Vm, VmPhase, 
 use corral_hypervisor::fake::FakeDriver;
 use corral_store::{get_json, update_json, EventKind, Store, StoreError, Versioned};
 
-pub use load::{Curve, Loads};
+pub use load::{BadLoad, Curve, Loads};
 use machine::{unit, Dice, Power, PoweredStore, SimDriver, SimNet};
 
 /// What the hypervisor field of a simulated host says.

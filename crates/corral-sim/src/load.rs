@@ -31,22 +31,51 @@ impl Curve {
     }
 }
 
-fn fraction(s: &str) -> Result<f64, String> {
+/// A load that does not parse: which, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BadLoad {
+    Curve { curve: String, why: String },
+    Entry(String),
+}
+
+impl std::fmt::Display for BadLoad {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BadLoad::Curve { curve, why } => write!(
+                f,
+                "bad load curve {curve:?}: {why}; write a fraction of the vCPUs (\"0.8\") or \"sine:LOW-HIGH/SECONDS\" (\"sine:0.1-0.9/600\")"
+            ),
+            BadLoad::Entry(entry) => write!(
+                f,
+                "bad load {entry:?}: write NAME-PREFIX=CURVE, e.g. \"web-=0.7\" (an empty prefix matches every VM)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for BadLoad {}
+
+/// `s` as a fraction from 0 to 1, or why not.
+fn fraction(s: &str) -> Result<f64, BadLoad> {
     s.parse::<f64>()
         .ok()
         .filter(|f| (0.0..=1.0).contains(f))
-        .ok_or_else(|| format!("{s:?} is not a fraction from 0 to 1"))
+        .ok_or_else(|| BadLoad::Curve {
+            curve: s.to_string(),
+            why: "not a fraction from 0 to 1".into(),
+        })
 }
 
 impl FromStr for Curve {
-    type Err = String;
+    type Err = BadLoad;
 
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = |why: String| {
-            format!("bad load curve {s:?}: {why}; write a fraction of the vCPUs (\"0.8\") or \"sine:LOW-HIGH/SECONDS\" (\"sine:0.1-0.9/600\")")
+    fn from_str(s: &str) -> Result<Self, BadLoad> {
+        let bad = |why: String| BadLoad::Curve {
+            curve: s.to_string(),
+            why,
         };
         let Some(sine) = s.strip_prefix("sine:") else {
-            return fraction(s).map(Curve::Constant).map_err(bad);
+            return fraction(s).map(Curve::Constant);
         };
         let (range, period) = sine
             .split_once('/')
@@ -59,7 +88,7 @@ impl FromStr for Curve {
             .ok()
             .filter(|p| *p > 0.0)
             .ok_or_else(|| bad(format!("period {period:?} is not a positive number")))?;
-        let (low, high) = (fraction(low).map_err(bad)?, fraction(high).map_err(bad)?);
+        let (low, high) = (fraction(low)?, fraction(high)?);
         if low > high {
             return Err(bad("LOW is above HIGH".into()));
         }
@@ -84,21 +113,21 @@ impl Default for Loads {
 }
 
 impl FromStr for Loads {
-    type Err = String;
+    type Err = BadLoad;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, BadLoad> {
         if s == "none" {
             return Ok(Loads(None));
         }
         s.split(',')
             .filter(|p| !p.is_empty())
             .map(|p| {
-                let (prefix, curve) = p.split_once('=').ok_or_else(|| {
-                    format!("bad load {p:?}: write NAME-PREFIX=CURVE, e.g. \"web-=0.7\" (an empty prefix matches every VM)")
-                })?;
+                let (prefix, curve) = p
+                    .split_once('=')
+                    .ok_or_else(|| BadLoad::Entry(p.to_string()))?;
                 Ok((prefix.to_string(), curve.parse()?))
             })
-            .collect::<Result<Vec<_>, String>>()
+            .collect::<Result<Vec<_>, BadLoad>>()
             .map(|v| Loads(Some(v)))
     }
 }
@@ -133,7 +162,10 @@ mod tests {
             "sine:0.1-0.9/0",
         ] {
             let e = bad.parse::<Curve>().unwrap_err();
-            assert!(e.contains("sine:LOW-HIGH/SECONDS"), "{bad}: {e}");
+            assert!(
+                e.to_string().contains("sine:LOW-HIGH/SECONDS"),
+                "{bad}: {e}"
+            );
         }
         let loads: Loads = "hot-=1,=0.2".parse().unwrap();
         assert_eq!(loads.of("hot-1"), Some(Curve::Constant(1.0)));
@@ -143,6 +175,7 @@ mod tests {
         assert!("hot"
             .parse::<Loads>()
             .unwrap_err()
+            .to_string()
             .contains("NAME-PREFIX=CURVE"));
     }
 }

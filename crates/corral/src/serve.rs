@@ -263,7 +263,8 @@ async fn serve(
         println!("  agents join: https://{bound} (see `corral host join-token`)");
     }
     if let Some((accel, host, stop_timeout)) = agent {
-        let accel = detect_accel(accel).map_err(anyhow::Error::msg)?;
+        let accel =
+            detect_accel(accel).map_err(|e| anyhow::anyhow!("{e}: use --accel tcg or auto"))?;
         let hypervisor = corral_hypervisor::qemu_version().await?;
         // Where hosts that join this one reach it for migrations: the first advertised address,
         // else loopback (the all-in-one alone has nowhere to migrate to).
@@ -522,7 +523,8 @@ pub fn agent(mut args: AgentArgs) -> Result<()> {
     let host = host_name(args.host.host_name)?;
     let creds = credentials(&args.join, args.token.as_deref(), &host, &data_dir)?;
     let store = corral_agent::remote::RemoteStore::new(&args.join, &creds)?;
-    let accel = detect_accel(args.host.accel).map_err(anyhow::Error::msg)?;
+    let accel = detect_accel(args.host.accel)
+        .map_err(|e| anyhow::anyhow!("{e}: use --accel tcg or auto"))?;
     let address = match args.address {
         Some(a) => a,
         None => address_toward(&args.join)?,
