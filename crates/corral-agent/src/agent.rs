@@ -314,10 +314,22 @@ impl Agent {
         let mut ws = WorkerState::default();
         while kicks.recv().await.is_some() {
             loop {
+                // Boxed: a pass's future (a migration's above all) is large, and a worker
+                // waiting for its next kick should not hold that room (a host may have
+                // thousands of VMs, a simulated fleet a hundred thousand).
                 let step = if key.starts_with(keys::MIGRATIONS) {
-                    crate::migrate::run_target(&*self.store, &*self.driver, &self.cfg, &key).await
+                    let target =
+                        crate::migrate::run_target(&*self.store, &*self.driver, &self.cfg, &key);
+                    Box::pin(target).await
                 } else {
-                    reconcile(&*self.store, &*self.driver, &self.cfg, &key, &mut ws).await
+                    Box::pin(reconcile(
+                        &*self.store,
+                        &*self.driver,
+                        &self.cfg,
+                        &key,
+                        &mut ws,
+                    ))
+                    .await
                 };
                 let wait = match step {
                     Ok(Outcome::Gone) => return,

@@ -225,7 +225,8 @@ async fn report(
     state: Arc<HaState>,
 ) {
     let mut controller_seen = Instant::now();
-    let mut response = IsolationResponse::default();
+    // None until the controller first answers (the default applies meanwhile).
+    let mut response: Option<IsolationResponse> = None;
     let mut tick = tokio::time::interval(timing::RENEW_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -233,11 +234,12 @@ async fn report(
         let report = HaReport {
             peers_alive: lock(&state.peers_alive).clone(),
             gossip,
+            isolation_response: response,
         };
         match tokio::time::timeout(timing::RENEW_EVERY * 2, link.report(report)).await {
             Ok(Ok(reply)) => {
                 controller_seen = Instant::now();
-                response = reply.isolation_response;
+                response = Some(reply.isolation_response);
                 *lock(&state.peers_known) = reply.peers;
             }
             Ok(Err(e)) => tracing::debug!(error = %e, "HA report failed"),
@@ -246,7 +248,7 @@ async fn report(
         let fenced = state.fenced.load(Ordering::SeqCst);
         let alone = lock(&state.peers_alive).is_empty() && !lock(&state.peers_known).is_empty();
         let isolated = controller_seen.elapsed() > timing::ISOLATED_AFTER && alone;
-        if isolated && response == IsolationResponse::PowerOff && !fenced {
+        if isolated && response.unwrap_or_default() == IsolationResponse::PowerOff && !fenced {
             state.fenced.store(true, Ordering::SeqCst);
             let why = format!(
                 "isolated: no answer from the controller for {:.1} s and no peer alive",

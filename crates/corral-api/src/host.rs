@@ -231,6 +231,10 @@ pub struct HostInfo {
     /// "isolated from the controller", "failed since ...".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ha: Option<String>,
+    /// The isolation response the host's agent applies, as it last reported it (a change to the
+    /// cluster's setting reaches each agent with the answer to its next report).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isolation_response: Option<crate::IsolationResponse>,
 }
 
 /// How the cluster places VMs.

@@ -27,6 +27,10 @@ pub struct HaReport {
     pub peers_alive: Vec<String>,
     /// Where the host's gossip listens.
     pub gossip: Option<std::net::SocketAddr>,
+    /// The isolation response this host applies now: the one in the controller's last answer
+    /// (none before the first), so an operator (and a test) sees when a change has reached it.
+    #[serde(default)]
+    pub isolation_response: Option<crate::IsolationResponse>,
 }
 
 /// The controller's answer to an [`HaReport`].

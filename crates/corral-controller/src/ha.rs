@@ -105,6 +105,8 @@ struct Inner {
     seen: HashMap<String, Instant>,
     /// Each host's last report: when, and the peers it saw alive.
     reports: HashMap<String, (Instant, Vec<String>)>,
+    /// The isolation response each host last reported applying.
+    applied: HashMap<String, IsolationResponse>,
     /// Datastore -> host -> the lease file as last read, and when it last changed (hosts that
     /// never wrote one there have no entry).
     leases: HashMap<String, HashMap<String, Lease>>,
@@ -174,6 +176,11 @@ impl Monitor {
         Some(chrono::Utc::now() - chrono::Duration::from_std(at.elapsed()).ok()?)
     }
 
+    /// The isolation response the host last reported applying.
+    pub(crate) fn applied_response(&self, host: &str) -> Option<IsolationResponse> {
+        self.lock().applied.get(host).copied()
+    }
+
     /// How HA sees the host, for `corral host show`.
     pub(crate) fn describe(&self, host: &str) -> Option<String> {
         self.lock().states.get(host).map(|(s, since)| {
@@ -207,6 +214,9 @@ pub fn report(ctx: &Ctx, host: &str, r: HaReport) -> HaReply {
     let now = Instant::now();
     mark(&mut inner.seen, host, now);
     mark(&mut inner.reports, host, (now, r.peers_alive));
+    if let Some(applied) = r.isolation_response {
+        mark(&mut inner.applied, host, applied);
+    }
     HaReply {
         isolation_response: inner.isolation_response,
         peers: inner

@@ -37,6 +37,7 @@ async fn infos(
     let (_, mut infos) = view_of(ctx, select, limit).await?;
     for i in &mut infos {
         i.ha = ctx.ha.describe(&i.host.name);
+        i.isolation_response = ctx.ha.applied_response(&i.host.name);
     }
     Ok(infos)
 }

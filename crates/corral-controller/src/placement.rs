@@ -238,6 +238,7 @@ impl ClusterView {
                         .map(|v| qualified(&v.meta.project, &v.meta.name))
                         .collect(),
                     ha: None,
+                    isolation_response: None,
                 }
             })
             .collect()

@@ -445,7 +445,9 @@ async fn follow(ctx: Ctx, task: Task) {
             }
         }
         match judge(&ctx, &task).await {
-            Ok(Verdict::Done(msg)) => return update(&ctx, task.id, 100, &msg, Some(End::Succeeded)).await,
+            Ok(Verdict::Done(msg)) => {
+                return update(&ctx, task.id, 100, &msg, Some(End::Succeeded)).await
+            }
             Ok(Verdict::Failed(msg)) => {
                 return update(&ctx, task.id, 100, "failed", Some(End::Failed(msg))).await
             }

@@ -316,9 +316,11 @@ impl Fleet {
             // The simulated datastores are always reachable: the lease is renewed.
             m.ha.leases_renewed();
             if let Some(link) = &m.host.ha {
+                // A simulated machine is never isolated, so it applies no response.
                 let report = HaReport {
                     peers_alive: Vec::new(),
                     gossip: None,
+                    isolation_response: None,
                 };
                 if let Err(e) = link.report(report).await {
                     tracing::debug!(host = %name, error = %e, "HA report failed");

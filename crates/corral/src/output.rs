@@ -218,6 +218,12 @@ pub fn hosts(fmt: Format, hosts: &[HostInfo], single: bool) -> Result<()> {
         if let Some(ha) = h.ha.as_ref().filter(|_| single) {
             println!("HA: {ha}");
         }
+        if let Some(r) = h.isolation_response.filter(|_| single) {
+            println!(
+                "isolation response applied: {}",
+                serde_json::to_value(r)?.as_str().unwrap_or("?")
+            );
+        }
         if let Some(a) = h.host.approved.filter(|_| single) {
             println!("Approved capacity: {a}");
         }

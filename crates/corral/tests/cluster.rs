@@ -70,9 +70,10 @@ fn joined_hosts_run_an_anti_affine_pair_apart_and_survive_a_controller_restart()
         "guests run on while the controller is down"
     );
     lab.up();
-    // Give the agents time to reconnect and reconcile (a resync is 5 s): a guest restarted on
-    // reconnect would show a new pid and a second boot.
-    std::thread::sleep(Duration::from_secs(7));
+    // Once the agents are back, a resync (5 s) on each: a guest restarted on reconnect would
+    // show a new pid and a second boot.
+    lab.wait_connected(&["host-a", "host-b"]);
+    std::thread::sleep(Duration::from_secs(6));
     for (vm, pid) in ["web-1", "web-2"].iter().zip(&pids) {
         let v = lab.vm(vm);
         assert_eq!(
@@ -230,6 +231,7 @@ fn join_tokens_are_single_use_and_names_unique_and_strangers_are_refused() {
     let err = lab.fails(&["host", "remove", "host-a"]);
     assert!(err.contains("still has VMs default/mine"), "{err}");
     lab.delete_vm("mine", &[]);
+    let refused_before = lab.agent_log("host-a").matches("401").count();
     lab.cli(&["host", "remove", "host-a"]);
     assert!(lab
         .fails(&["host", "show", "host-a"])
@@ -239,7 +241,12 @@ fn join_tokens_are_single_use_and_names_unique_and_strangers_are_refused() {
         401,
         "a removed host's certificate is refused"
     );
-    std::thread::sleep(Duration::from_secs(6));
+    // Its agent goes on calling (watches, reports, heartbeats) and is refused.
+    common::wait_for(
+        "host-a's agent to be refused",
+        Duration::from_secs(30),
+        || lab.agent_log("host-a").matches("401").count() > refused_before,
+    );
     assert!(
         lab.fails(&["host", "show", "host-a"])
             .contains("does not exist"),

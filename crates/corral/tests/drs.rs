@@ -62,8 +62,17 @@ fn drs_moves_load_off_a_busy_host_and_then_rests() {
             std::thread::sleep(Duration::from_secs(1));
         }
     }
-    // One more measurement, so every figure covers a whole interval of spinning.
-    std::thread::sleep(Duration::from_secs(6));
+    // One more measurement of each, so every figure covers a whole interval of spinning.
+    let measured =
+        |name: &str| lab.json(&["vm", "show", name])["status"]["usage"]["measured_at"].clone();
+    let first: Vec<_> = names.iter().map(|n| measured(n)).collect();
+    for (name, before) in names.iter().zip(&first) {
+        common::wait_for(
+            &format!("a new measurement of {name}"),
+            Duration::from_secs(30),
+            || measured(name) != *before,
+        );
+    }
     let err = String::from_utf8_lossy(&lab.corral(&["drs", "apply"]).stderr).into_owned();
     assert!(err.contains("DRS is off"), "{err}");
 

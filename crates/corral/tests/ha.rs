@@ -85,6 +85,19 @@ fn booted(lab: &TestLab, name: &str) -> bool {
     out.status.success() && String::from_utf8_lossy(&out.stdout).contains(READY)
 }
 
+/// Waits until every host's agent reports applying the isolation `response`.
+fn applied_everywhere(lab: &TestLab, response: &str) {
+    let line = format!("isolation response applied: {response}");
+    for host in ["host-1", "host-2", "host-3"] {
+        wait_for(
+            lab,
+            &format!("{host} to apply the isolation response {response}"),
+            Duration::from_secs(30),
+            || lab.ok(&["host", "show", host]).contains(&line),
+        );
+    }
+}
+
 fn events(lab: &TestLab) -> String {
     lab.ok(&["events"])
 }
@@ -359,9 +372,8 @@ fn protected_vms_of_a_failed_host_run_again_elsewhere_once_and_never_twice() {
     lab.ok(&["cluster", "set", "--ha-isolation-response", "leave-running"]);
     let kept = host_of(&lab, "app1");
     let kept_pid = vm(&lab, "app1")["status"]["pid"].as_u64().expect("pid");
-    // Every agent learns the response from the answers to its reports (four a second; a loaded
-    // machine may lose a few).
-    std::thread::sleep(Duration::from_secs(5));
+    // Every agent learns the response from the answers to its reports, and says it applies it.
+    applied_everywhere(&lab, "leave-running");
     lab.ok(&["lab", "fault", &kept, "isolate"]);
     wait_for(
         &lab,
@@ -381,7 +393,7 @@ fn protected_vms_of_a_failed_host_run_again_elsewhere_once_and_never_twice() {
     );
     assert_eq!(vm(&lab, "app1")["status"]["pid"].as_u64(), Some(kept_pid));
     lab.ok(&["cluster", "set", "--ha-isolation-response", "power-off"]);
-    std::thread::sleep(Duration::from_secs(5));
+    applied_everywhere(&lab, "power-off");
     sampler.check();
 
     // Under power-off, a host cut off from everything fences itself; its VMs run again on
