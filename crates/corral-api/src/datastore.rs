@@ -32,6 +32,13 @@ pub struct CreateDatastoreRequest {
         pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
     )]
     pub name: String,
+    /// An absolute path, the same on every host for a shared datastore, without '.' or '..'
+    /// components, commas or control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = "^/[^,\\u0000-\\u001f\\u007f-\\u009f]*$"
+    )]
     pub path: String,
     #[serde(default)]
     pub shared: bool,

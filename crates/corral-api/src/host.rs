@@ -48,7 +48,7 @@ pub struct Host {
 pub struct Capacity {
     #[schema(minimum = 1, maximum = 8192)]
     pub cpus: u32,
-    #[schema(minimum = 1, maximum = 70368744177664_u64)]
+    #[schema(minimum = 1048576, maximum = 70368744177664_u64)]
     pub memory_bytes: u64,
 }
 
@@ -259,9 +259,11 @@ pub struct ClusterSettings {
     pub memory_overcommit: f64,
     /// Cap on one live migration's stream, bytes per second; none: as fast as the link goes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1048576)]
     pub migration_bandwidth_bytes: Option<u64>,
     /// The longest pause of a guest at the switchover of a live migration (QEMU's default: 300).
     #[serde(default = "default_downtime_ms")]
+    #[schema(minimum = 1, maximum = 60000)]
     pub migration_downtime_limit_ms: u64,
     /// When a guest dirties memory faster than the link sends it, slow its vCPUs down until the copy
     /// converges (QEMU's auto-converge). Off: such a migration fails after its timeout and the guest
@@ -280,6 +282,7 @@ pub struct ClusterSettings {
     pub drs_mode: crate::DrsMode,
     /// 1 (move only for gross imbalance) to 5 (even out small differences).
     #[serde(default = "default_aggressiveness")]
+    #[schema(minimum = 1, maximum = 5)]
     pub drs_aggressiveness: u8,
     /// DPM: with auto, DRS plans name the hosts that could go to standby (reported only: Corral
     /// cannot power hosts yet).

@@ -185,13 +185,16 @@ pub struct CreateNetworkRequest {
     pub name: String,
     /// IPv4 network, e.g. "10.10.0.0/24", /8 to /29 with its host bits zero; its first address
     /// is the hosts' gateway.
-    #[schema(pattern = "^[0-9]{1,3}(\\.[0-9]{1,3}){3}/([89]|[12][0-9])$")]
+    #[schema(
+        pattern = "^((25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])/([89]|[12][0-9])$"
+    )]
     pub cidr: String,
     /// NAT the network's outbound traffic through the host it leaves from.
     #[serde(default)]
     pub gateway: bool,
     /// Carry the network on this VLAN of the hosts' fabric instead of a VXLAN overlay.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 4094)]
     pub vlan: Option<u16>,
 }
 
@@ -369,7 +372,9 @@ pub enum Protocol {
 /// A range of TCP or UDP ports, both ends included.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
 pub struct PortRange {
+    #[schema(minimum = 1, maximum = 65535)]
     pub first: u16,
+    #[schema(minimum = 1, maximum = 65535)]
     pub last: u16,
 }
 

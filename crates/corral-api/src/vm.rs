@@ -136,6 +136,11 @@ pub struct DiskStatus {
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct MoveStorageRequest {
     /// The datastore to move the VM's disk to.
+    #[schema(
+        min_length = 1,
+        max_length = 63,
+        pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+    )]
     pub datastore: String,
 }
 
@@ -257,18 +262,30 @@ pub struct CreateVmRequest {
     #[schema(minimum = 1, maximum = 255)]
     pub cpus: u32,
     /// Memory with a unit, e.g. "256M" or "1G".
+    #[schema(pattern = "^ *[0-9]+(\\.[0-9]+)? *([KMGTkmgt]([Ii]?[Bb])?|[Bb])? *$")]
     pub memory: String,
     /// Disk size with a unit; the image's size when absent.
     #[serde(default)]
+    #[schema(pattern = "^ *[0-9]+(\\.[0-9]+)? *([KMGTkmgt]([Ii]?[Bb])?|[Bb])? *$")]
     pub disk: Option<String>,
     /// Start the VM once it is created.
     #[serde(default)]
     pub start: bool,
     /// Run on this host instead of where the scheduler would place it.
     #[serde(default)]
+    #[schema(
+        min_length = 1,
+        max_length = 63,
+        pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+    )]
     pub host: Option<String>,
     /// Datastore for the VM's disk; `local` (each host's data dir) when absent.
     #[serde(default)]
+    #[schema(
+        min_length = 1,
+        max_length = 63,
+        pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+    )]
     pub datastore: Option<String>,
     /// `restart`: run the VM again on another host when its host fails (needs a shared datastore).
     #[serde(default)]

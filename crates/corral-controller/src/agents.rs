@@ -50,8 +50,9 @@ struct StoredToken {
 /// Body of `POST /api/v1/hosts/join-tokens`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JoinTokenRequest {
-    /// How long the token is valid, in seconds (default 3600).
+    /// How long the token is valid, in seconds (default 3600; 60 s to 7 days).
     #[serde(default)]
+    #[schema(minimum = 60, maximum = 604800)]
     pub ttl_seconds: Option<u64>,
 }
 

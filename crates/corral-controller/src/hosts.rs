@@ -211,8 +211,13 @@ pub async fn join_token(
     State(ctx): State<Ctx>,
     ApiJson(req): ApiJson<crate::agents::JoinTokenRequest>,
 ) -> Result<(StatusCode, Json<crate::agents::JoinToken>), ApiError> {
-    let ttl =
-        std::time::Duration::from_secs(req.ttl_seconds.unwrap_or(3600).clamp(60, 7 * 24 * 3600));
+    let secs = req.ttl_seconds.unwrap_or(3600);
+    if !(60..=7 * 24 * 3600).contains(&secs) {
+        return Err(ApiError::BadRequest(format!(
+            "ttl_seconds {secs} is out of range: a join token lives 60 s to 7 days (604800 s)"
+        )));
+    }
+    let ttl = std::time::Duration::from_secs(secs);
     let token = crate::agents::new_join_token(&ctx, &ctx.ca, ttl).await?;
     Ok((StatusCode::CREATED, Json(token)))
 }

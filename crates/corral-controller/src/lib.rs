@@ -168,7 +168,8 @@ pub struct TaskPageQuery {
 
 #[utoipa::path(get, path = "/api/v1/tasks", tag = "tasks", params(TaskPageQuery),
     responses((status = 200, description = "newest first; finished tasks are kept for 7 days (the newest 10,000)", body = [Task]),
-        (status = 400, body = corral_api::ApiErrorBody)),
+        (status = 400, body = corral_api::ApiErrorBody),
+        (status = 404, description = "`after` names no task (it may have expired)", body = corral_api::ApiErrorBody)),
     security(("bearer" = [])))]
 async fn list_tasks(
     State(ctx): State<Ctx>,
@@ -185,7 +186,7 @@ async fn list_tasks(
         Some(id) => match tasks.iter().position(|t| t.id == id) {
             Some(i) => i + 1,
             None => {
-                return Err(ApiError::BadRequest(format!(
+                return Err(ApiError::NotFound(format!(
                     "there is no task {id} to page after (it may have expired): list from the start"
                 )))
             }
@@ -269,7 +270,7 @@ impl utoipa::Modify for CommonResponses {
                     .build(),
             )
         };
-        for item in api.paths.paths.values_mut() {
+        for (path, item) in api.paths.paths.iter_mut() {
             let ops = [
                 &mut item.get,
                 &mut item.put,
@@ -299,9 +300,17 @@ impl utoipa::Modify for CommonResponses {
                     .request_body
                     .as_ref()
                     .is_some_and(|b| b.content.contains_key("application/json"));
-                if json_body {
+                let params = op.parameters.as_ref().is_some_and(|p| !p.is_empty());
+                if json_body || params {
                     r.entry("400".into())
                         .or_insert_with(|| error("the body or a parameter is not valid"));
+                }
+                if path.contains('{') {
+                    r.entry("404".into()).or_insert_with(|| {
+                        error("the project, or the object the path names, does not exist")
+                    });
+                }
+                if json_body {
                     r.entry("413".into())
                         .or_insert_with(|| error("the request body is larger than 1 MiB"));
                 }

@@ -803,7 +803,7 @@ fn tasks_come_newest_first_in_pages() {
     let (status, body) = lab.api_get("/api/v1/tasks?limit=0");
     assert_eq!(status, 400, "{body}");
     let (status, body) = lab.api_get("/api/v1/tasks?after=00000000-0000-0000-0000-000000000000");
-    assert_eq!(status, 400);
+    assert_eq!(status, 404, "a task that is not there: {body}");
     assert!(body["message"]
         .as_str()
         .is_some_and(|m| m.contains("no task")));

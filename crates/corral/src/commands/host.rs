@@ -21,7 +21,7 @@ pub(crate) enum HostCmd {
     },
     /// Make a single-use token a new host joins with (`corral agent --join URL --token TOKEN`).
     JoinToken {
-        /// How long the token is valid, in seconds.
+        /// How long the token is valid, in seconds (60 to 604800, 7 days).
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
     },
