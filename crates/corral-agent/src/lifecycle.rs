@@ -300,13 +300,15 @@ pub(crate) fn settle(vm: &mut Vm, outcome: &Outcome) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use corral_api::{HaPolicy, ObjectMeta, VmSpec, VmStatus};
 
-    fn vm(power: PowerState) -> Vm {
+    /// A VM of project `default` with 1 vCPU, 256 MiB and a 1 GiB disk from image `jeos`, on
+    /// datastore `nfs`, placed nowhere (the reconciler's tests use it too).
+    pub(crate) fn vm_named(name: &str, power: PowerState) -> Vm {
         Vm {
-            meta: ObjectMeta::new("default", "web"),
+            meta: ObjectMeta::new("default", name),
             spec: VmSpec {
                 image: "jeos".into(),
                 cpus: 1,
@@ -326,6 +328,10 @@ mod tests {
             status: VmStatus::default(),
             ha: None,
         }
+    }
+
+    fn vm(power: PowerState) -> Vm {
+        vm_named("web", power)
     }
 
     fn facts(lease_fresh: bool) -> Facts {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::*;
 use crate::agent::Agent;
 use corral_api::{keys, Accel, Image, ImagePhase};
-use corral_api::{ImageSource, ImageSpec, ImageStatus, ObjectMeta, VmSpec, VmStatus};
+use corral_api::{ImageSource, ImageSpec, ImageStatus, ObjectMeta};
 use corral_hypervisor::fake::FakeDriver;
 use corral_hypervisor::LaunchSpec;
 use corral_store::RedbStore;
@@ -77,30 +77,9 @@ async fn fixture() -> Fixture {
 
 impl Fixture {
     async fn create(&self, name: &str, power: PowerState) -> String {
-        let vm = Vm {
-            meta: ObjectMeta::new("default", name),
-            spec: VmSpec {
-                image: "jeos".into(),
-                cpus: 1,
-                memory_bytes: 256 << 20,
-                disk_bytes: 1 << 30,
-                power,
-                force_stop: false,
-                reboots: 0,
-                host: None,
-                datastore: corral_api::LOCAL_DATASTORE.into(),
-                ha: Default::default(),
-                ha_priority: Default::default(),
-                ha_after: Vec::new(),
-                nics: Vec::new(),
-                security_groups: Vec::new(),
-            },
-            status: VmStatus {
-                host: Some("h1".into()),
-                ..VmStatus::default()
-            },
-            ha: None,
-        };
+        let mut vm = crate::lifecycle::tests::vm_named(name, power);
+        vm.spec.datastore = corral_api::LOCAL_DATASTORE.into();
+        vm.status.host = Some("h1".into());
         let key = keys::vm("default", name);
         self.store
             .put(

@@ -64,10 +64,12 @@ pub(crate) fn run(cx: &Cx, cmd: HostCmd) -> Result<()> {
         HostCmd::Show { name } => {
             output::hosts(fmt, &[c.get::<HostInfo>(&format!("/hosts/{name}"))?], true)
         }
-        HostCmd::Remove { name } => {
-            c.delete::<serde_json::Value>(&format!("/hosts/{name}"))?;
-            output::done(fmt, &format!("host {name} removed"))
-        }
+        HostCmd::Remove { name } => super::delete(
+            cx,
+            &format!("/hosts/{name}"),
+            &format!("host {name}"),
+            "removed",
+        ),
         HostCmd::JoinToken { ttl } => {
             let t: corral_controller::agents::JoinToken = c.post(
                 "/hosts/join-tokens",

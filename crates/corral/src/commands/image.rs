@@ -55,9 +55,11 @@ pub(crate) fn run(cx: &Cx, cmd: ImageCmd) -> Result<()> {
             let image: Image = c.put_file(&format!("{p}/images/{name}"), &file)?;
             output::images(fmt, &[image], true)
         }
-        ImageCmd::Delete { name } => {
-            c.delete::<serde_json::Value>(&format!("{p}/images/{name}"))?;
-            output::done(fmt, &format!("image {name} deleted"))
-        }
+        ImageCmd::Delete { name } => super::delete(
+            cx,
+            &format!("{p}/images/{name}"),
+            &format!("image {name}"),
+            "deleted",
+        ),
     }
 }

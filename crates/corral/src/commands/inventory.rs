@@ -87,10 +87,12 @@ pub(crate) fn run_datastore(cx: &Cx, cmd: DatastoreCmd) -> Result<()> {
             &[c.get::<Datastore>(&format!("/datastores/{name}"))?],
             true,
         ),
-        DatastoreCmd::Delete { name } => {
-            c.delete::<serde_json::Value>(&format!("/datastores/{name}"))?;
-            output::done(fmt, &format!("datastore {name} deleted"))
-        }
+        DatastoreCmd::Delete { name } => super::delete(
+            cx,
+            &format!("/datastores/{name}"),
+            &format!("datastore {name}"),
+            "deleted",
+        ),
     }
 }
 
@@ -129,10 +131,12 @@ pub(crate) fn run_group(cx: &Cx, cmd: GroupCmd) -> Result<()> {
             &[c.get::<VmGroup>(&format!("{p}/groups/{name}"))?],
             true,
         ),
-        GroupCmd::Delete { name } => {
-            c.delete::<serde_json::Value>(&format!("{p}/groups/{name}"))?;
-            output::done(fmt, &format!("group {name} deleted"))
-        }
+        GroupCmd::Delete { name } => super::delete(
+            cx,
+            &format!("{p}/groups/{name}"),
+            &format!("group {name}"),
+            "deleted",
+        ),
     }
 }
 

@@ -12,7 +12,7 @@ pub(crate) mod vm;
 use anyhow::Result;
 
 use crate::client::Client;
-use crate::output::Format;
+use crate::output::{self, Format};
 
 /// What every client command works with.
 pub(crate) struct Cx<'a> {
@@ -47,4 +47,10 @@ pub(crate) fn all_pages<T: serde::de::DeserializeOwned>(
             return Ok(all);
         }
     }
+}
+
+/// Deletes the object at `path` and says so: "`what` deleted" (`what` names it, e.g. "network web").
+pub(crate) fn delete(cx: &Cx, path: &str, what: &str, done: &str) -> Result<()> {
+    cx.client.delete::<serde_json::Value>(path)?;
+    output::done(cx.fmt, &format!("{what} {done}"))
 }

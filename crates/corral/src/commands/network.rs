@@ -101,63 +101,65 @@ pub(crate) fn run(cx: &Cx, cmd: NetworkCmd) -> Result<()> {
             &[c.get::<Network>(&format!("{p}/networks/{name}"))?],
             true,
         ),
-        NetworkCmd::Delete { name } => {
-            c.delete::<serde_json::Value>(&format!("{p}/networks/{name}"))?;
-            output::done(fmt, &format!("network {name} deleted"))
-        }
+        NetworkCmd::Delete { name } => super::delete(
+            cx,
+            &format!("{p}/networks/{name}"),
+            &format!("network {name}"),
+            "deleted",
+        ),
     }
 }
 
 pub(crate) fn run_security_group(cx: &Cx, cmd: SecurityGroupCmd) -> Result<()> {
     let (c, p, fmt) = (cx.client, &cx.project, cx.fmt);
-    {
-        let path = |name: &str| format!("{p}/security-groups/{name}");
-        match cmd {
-            SecurityGroupCmd::Create { name, rules } => {
-                let g: SecurityGroup = c.post(
-                    &format!("{p}/security-groups"),
-                    &CreateSecurityGroupRequest { name, rules },
-                )?;
-                output::security_groups(fmt, &[g], true)
-            }
-            SecurityGroupCmd::List => output::security_groups(
-                fmt,
-                &c.get::<Vec<SecurityGroup>>(&format!("{p}/security-groups"))?,
-                false,
-            ),
-            SecurityGroupCmd::Show { name } => {
-                output::security_groups(fmt, &[c.get::<SecurityGroup>(&path(&name))?], true)
-            }
-            SecurityGroupCmd::AddRule { name, rule } => {
-                let mut g: SecurityGroup = c.get(&path(&name))?;
-                g.rules.push(rule);
-                let body = SetRulesRequest {
-                    rules: g.rules,
-                    generation: Some(g.meta.generation),
-                };
-                let g: SecurityGroup = c.put_json(&path(&name), &body)?;
-                output::security_groups(fmt, &[g], true)
-            }
-            SecurityGroupCmd::RemoveRule { name, number } => {
-                let mut g: SecurityGroup = c.get(&path(&name))?;
-                if number == 0 || number > g.rules.len() {
-                    anyhow::bail!(
-                        "group {name} has rules 1 to {}: see `corral security-group show {name}`",
-                        g.rules.len()
-                    );
-                }
-                g.rules.remove(number - 1);
-                let body = SetRulesRequest {
-                    rules: g.rules,
-                    generation: Some(g.meta.generation),
-                };
-                let g: SecurityGroup = c.put_json(&path(&name), &body)?;
-                output::security_groups(fmt, &[g], true)
-            }
-            SecurityGroupCmd::Delete { name } => {
-                c.delete::<serde_json::Value>(&path(&name))?;
-                output::done(fmt, &format!("security group {name} deleted"))
-            }
+    let path = |name: &str| format!("{p}/security-groups/{name}");
+    match cmd {
+        SecurityGroupCmd::Create { name, rules } => {
+            let g: SecurityGroup = c.post(
+                &format!("{p}/security-groups"),
+                &CreateSecurityGroupRequest { name, rules },
+            )?;
+            output::security_groups(fmt, &[g], true)
         }
+        SecurityGroupCmd::List => output::security_groups(
+            fmt,
+            &c.get::<Vec<SecurityGroup>>(&format!("{p}/security-groups"))?,
+            false,
+        ),
+        SecurityGroupCmd::Show { name } => {
+            output::security_groups(fmt, &[c.get::<SecurityGroup>(&path(&name))?], true)
+        }
+        SecurityGroupCmd::AddRule { name, rule } => {
+            let mut g: SecurityGroup = c.get(&path(&name))?;
+            g.rules.push(rule);
+            let body = SetRulesRequest {
+                rules: g.rules,
+                generation: Some(g.meta.generation),
+            };
+            let g: SecurityGroup = c.put_json(&path(&name), &body)?;
+            output::security_groups(fmt, &[g], true)
+        }
+        SecurityGroupCmd::RemoveRule { name, number } => {
+            let mut g: SecurityGroup = c.get(&path(&name))?;
+            if number == 0 || number > g.rules.len() {
+                anyhow::bail!(
+                    "group {name} has rules 1 to {}: see `corral security-group show {name}`",
+                    g.rules.len()
+                );
+            }
+            g.rules.remove(number - 1);
+            let body = SetRulesRequest {
+                rules: g.rules,
+                generation: Some(g.meta.generation),
+            };
+            let g: SecurityGroup = c.put_json(&path(&name), &body)?;
+            output::security_groups(fmt, &[g], true)
+        }
+        SecurityGroupCmd::Delete { name } => super::delete(
+            cx,
+            &path(&name),
+            &format!("security group {name}"),
+            "deleted",
+        ),
     }
 }
