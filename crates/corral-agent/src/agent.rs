@@ -7,19 +7,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use corral_api::{keys, Host, HostStatus, Migration, Vm};
+use corral_api::{keys, HostStatus, Migration, Vm};
 use corral_hypervisor::{Driver, RunState};
-use corral_store::{update_json, Precondition, Store, StoreError};
 use tokio::sync::mpsc;
 
 use crate::guest::remove_vm_files;
 use crate::lifecycle::{Outcome, WorkerState};
+use crate::link::{write_heartbeat, Controller};
 use crate::reconcile::reconcile;
 use crate::{AgentConfig, AgentError, HEARTBEAT_WITH_REPORTS};
 
-/// A host agent bound to a store and a driver.
+/// A host agent bound to the controller and a driver.
 pub struct Agent {
-    store: Arc<dyn Store>,
+    store: Arc<dyn Controller>,
     driver: Arc<dyn Driver>,
     cfg: AgentConfig,
     /// The controller's failure detector; none for an agent without a controller to report to.
@@ -28,39 +28,6 @@ pub struct Agent {
     gossip: std::sync::OnceLock<std::net::SocketAddr>,
     /// The worker of each VM (and each migration to here) this host looks after.
     workers: std::sync::Mutex<HashMap<String, mpsc::Sender<()>>>,
-}
-
-/// Writes the host's status (registering the host if it is not yet), keeping what the operator set;
-/// returns the record as written.
-pub async fn write_heartbeat(
-    store: &dyn Store,
-    host: &str,
-    status: HostStatus,
-) -> Result<Host, AgentError> {
-    let key = keys::host(host);
-    loop {
-        let updated = update_json::<Host, AgentError>(store, &key, |h| {
-            h.status = status.clone();
-            Ok(true)
-        })
-        .await?;
-        if let Some(record) = updated {
-            return Ok(record);
-        }
-        let record = Host {
-            name: host.to_string(),
-            maintenance: false,
-            standby: false,
-            approved: None,
-            status: status.clone(),
-        };
-        let bytes = serde_json::to_vec(&record).map_err(StoreError::from)?;
-        match store.put(&key, bytes, Precondition::Absent).await {
-            Ok(_) => return Ok(record),
-            Err(StoreError::Conflict { .. }) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
 }
 
 fn memory_bytes() -> u64 {
@@ -80,7 +47,7 @@ fn memory_bytes() -> u64 {
 
 impl Agent {
     pub fn new(
-        store: Arc<dyn Store>,
+        store: Arc<dyn Controller>,
         driver: Arc<dyn Driver>,
         cfg: AgentConfig,
         ha_link: Option<Arc<dyn crate::ha::HaLink>>,

@@ -7,15 +7,16 @@ use std::path::{Path, PathBuf};
 
 use corral_api::{keys, Accel, Datastore, Image, ImagePhase, Vm, LOCAL_DATASTORE};
 use corral_hypervisor::{Driver, LaunchSpec};
-use corral_store::{get_json, Store, Versioned};
+use corral_store::{get_json, Versioned};
 
+use crate::link::Controller;
 use crate::{layout, AgentConfig, AgentError};
 
 /// Where a VM's disk lives now: on the datastore its status says the disk was made on (a storage
 /// move may be under way), else on the spec's. Derived like every disk path, never read from a
 /// path some host wrote into the status (see [`disk_on`]).
 pub(crate) async fn disk_path(
-    store: &dyn Store,
+    store: &dyn Controller,
     cfg: &AgentConfig,
     vm: &Vm,
 ) -> Result<PathBuf, AgentError> {
@@ -31,7 +32,11 @@ pub(crate) async fn disk_path(
 
 /// The VM's disk where it can still be derived; `None` (with a warning) when its datastore is
 /// gone, so a delete or handover still goes through (the disk, if any, is left for an operator).
-pub(crate) async fn known_disk(store: &dyn Store, cfg: &AgentConfig, vm: &Vm) -> Option<PathBuf> {
+pub(crate) async fn known_disk(
+    store: &dyn Controller,
+    cfg: &AgentConfig,
+    vm: &Vm,
+) -> Option<PathBuf> {
     match disk_path(store, cfg, vm).await {
         Ok(p) => Some(p),
         Err(e) => {
@@ -43,7 +48,7 @@ pub(crate) async fn known_disk(store: &dyn Store, cfg: &AgentConfig, vm: &Vm) ->
 
 /// Where this host makes a disk for the VM: on the datastore of its spec.
 pub(crate) async fn new_disk_path(
-    store: &dyn Store,
+    store: &dyn Controller,
     cfg: &AgentConfig,
     vm: &Vm,
 ) -> Result<PathBuf, AgentError> {
@@ -54,7 +59,7 @@ pub(crate) async fn new_disk_path(
 /// validated when an operator created it), or in the run directory for the `local` datastore.
 /// Every host derives it the same way, so what one host writes can never point another at a file.
 pub(crate) async fn disk_on(
-    store: &dyn Store,
+    store: &dyn Controller,
     cfg: &AgentConfig,
     datastore: &str,
     uid: uuid::Uuid,
@@ -85,7 +90,7 @@ pub(crate) fn private_dir(dir: &Path) -> Result<(), AgentError> {
 /// Makes `disk` a linked clone of the VM's image unless it exists. The clone is made under a
 /// temporary name and renamed, so a crash never leaves a half-made disk under the real name.
 pub(crate) async fn clone_disk(
-    store: &dyn Store,
+    store: &dyn Controller,
     driver: &dyn Driver,
     vm: &Vm,
     disk: &Path,
@@ -107,7 +112,7 @@ pub(crate) async fn clone_disk(
 }
 
 /// The VM's image, once it is ready.
-pub(crate) async fn image_of(store: &dyn Store, vm: &Vm) -> Result<Image, AgentError> {
+pub(crate) async fn image_of(store: &dyn Controller, vm: &Vm) -> Result<Image, AgentError> {
     let key = keys::image(&vm.meta.project, &vm.spec.image);
     match get_json::<Image>(store, &key).await? {
         Some(Versioned { value, .. }) if value.status.phase == ImagePhase::Ready => Ok(value),

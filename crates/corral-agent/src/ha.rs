@@ -21,9 +21,10 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use corral_api::{keys, timing, Datastore, IsolationResponse};
 use corral_hypervisor::Driver;
-use corral_store::{list_json, Store};
+use corral_store::list_json;
 
 use crate::layout;
+use crate::link::Controller;
 use corral_api::host_protocol::{HaReply, HaReport};
 
 /// How an agent reaches the controller's failure detector.
@@ -84,7 +85,7 @@ impl HaState {
 /// Shared datastores whose leases this host renews: from the store (and kept in the data dir),
 /// or, while the controller does not answer, from that copy, so a restarted agent still renews, or
 /// fences. Never waits on the controller for longer than a renewal period.
-async fn shared_datastores(store: &dyn Store, data_dir: &Path) -> Vec<PathBuf> {
+async fn shared_datastores(store: &dyn Controller, data_dir: &Path) -> Vec<PathBuf> {
     let file = data_dir.join("ha-datastores.json");
     let listed = tokio::time::timeout(
         timing::RENEW_EVERY,
@@ -150,7 +151,7 @@ async fn fence(driver: &dyn Driver, data_dir: &Path, why: &str) {
 /// Renews leases, reports to the controller and fences when needed, until the task is dropped.
 /// Three loops, so that none waits on another: renewals never wait on the controller.
 pub(crate) async fn run(
-    store: Arc<dyn Store>,
+    store: Arc<dyn Controller>,
     driver: Arc<dyn Driver>,
     host: String,
     data_dir: PathBuf,
@@ -182,7 +183,12 @@ async fn watchdog(driver: Arc<dyn Driver>, data_dir: PathBuf, state: Arc<HaState
 
 /// Rewrites this host's lease on every shared datastore every [`timing::RENEW_EVERY`], unless
 /// the host fenced itself.
-async fn renew_leases(store: Arc<dyn Store>, host: String, data_dir: PathBuf, state: Arc<HaState>) {
+async fn renew_leases(
+    store: Arc<dyn Controller>,
+    host: String,
+    data_dir: PathBuf,
+    state: Arc<HaState>,
+) {
     let mut seq = 0u64;
     let mut datastores = Vec::new();
     let mut tick = tokio::time::interval(timing::RENEW_EVERY);

@@ -14,6 +14,7 @@ mod guest;
 pub mod ha;
 pub mod images;
 mod lifecycle;
+pub mod link;
 mod migrate;
 mod network;
 mod reconcile;
@@ -21,9 +22,10 @@ pub mod remote;
 mod storage;
 pub mod usage;
 
-pub use agent::{write_heartbeat, Agent};
+pub use agent::Agent;
 pub use config::{AgentConfig, HEARTBEAT_WITH_REPORTS};
 pub use corral_api::layout;
+pub use link::{write_heartbeat, Controller, HostLink};
 
 /// What can go wrong on a host, each with what it concerns; a VM's condition shows the sentence.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +60,9 @@ pub enum AgentError {
     /// What this host will not do, and why (a migration it cannot take, a disk it cannot see).
     #[error("{0}")]
     Refused(String),
+    /// What the controller would not record for this host, and why.
+    #[error(transparent)]
+    Write(#[from] corral_api::host_protocol::LinkError),
     #[error(transparent)]
     Pki(#[from] corral_pki::PkiError),
     /// The controller could not be reached, or its answer read.

@@ -15,21 +15,22 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use corral_api::host_protocol::{HostWrite, MigrationStep, VmRef, Written};
 use corral_api::{
     keys, ClusterSettings, Host, Migration, MigrationEndpoints, MigrationPhase, MigrationProgress,
-    MigrationResult, PowerState, Vm, VmEvent, VmPhase,
+    MigrationResult, PowerState, Vm, VmEvent,
 };
 use corral_hypervisor::{Driver, RunState, Transfer, TransferStatus, Tuning};
-use corral_store::{get_json, update_json, Op, Precondition, Store, StoreError, Versioned};
+use corral_store::{get_json, Versioned};
 
 use crate::guest::{
     clone_disk, disk_on, disk_path, image_of, known_disk, launch_spec, new_disk_path, private_dir,
     remove_vm_files,
 };
 use crate::lifecycle::Outcome;
+use crate::link::{migration_step, update_vm_status, Controller};
 use crate::{layout, AgentConfig, AgentError};
 
-use corral_api::host_protocol::RESUMING;
 use corral_api::ValidationError;
 
 /// How long the source waits for the target to prepare.
@@ -47,7 +48,7 @@ const STORE_POLL: Duration = Duration::from_millis(200);
 const REPORT: Duration = Duration::from_secs(1);
 
 /// How this cluster wants memory sent.
-async fn tuning(store: &dyn Store) -> Result<Tuning, AgentError> {
+async fn tuning(store: &dyn Controller) -> Result<Tuning, AgentError> {
     let settings = get_json::<ClusterSettings>(store, keys::CLUSTER)
         .await?
         .map(|s| s.value)
@@ -65,7 +66,7 @@ async fn tuning(store: &dyn Store) -> Result<Tuning, AgentError> {
 /// Where the source sends `m`: the target's registered fabric address (from its host record) and
 /// the ports it recorded; the refusal's sentence when that is not a usable address.
 async fn endpoints(
-    store: &dyn Store,
+    store: &dyn Controller,
     m: &Migration,
 ) -> Result<Result<MigrationEndpoints, ValidationError>, AgentError> {
     let Some(target) = get_json::<Host>(store, &keys::host(&m.target)).await? else {
@@ -79,7 +80,7 @@ async fn endpoints(
 
 /// The unfinished migration of `vm` whose source is this host, if any.
 pub(crate) async fn outgoing(
-    store: &dyn Store,
+    store: &dyn Controller,
     host: &str,
     vm: &Vm,
 ) -> Result<Option<Versioned<Migration>>, AgentError> {
@@ -89,38 +90,52 @@ pub(crate) async fn outgoing(
     }))
 }
 
-/// Writes a change to the migration record unless it already ended; returns the record as stored.
-async fn update(
-    store: &dyn Store,
+/// Takes `step` on the migration record at `key` unless it already ended, reading again whenever
+/// it changed in between; returns the record as it was when the step was taken.
+async fn take(
+    store: &dyn Controller,
     key: &str,
-    change: impl Fn(&mut Migration),
+    step: MigrationStep,
 ) -> Result<Option<Migration>, AgentError> {
-    update_json::<Migration, AgentError>(store, key, |m| {
+    loop {
+        let Some(Versioned { value: m, revision }) = get_json::<Migration>(store, key).await?
+        else {
+            return Ok(None);
+        };
         if m.phase.is_finished() {
-            return Ok(false);
+            return Ok(None);
         }
-        change(m);
-        m.updated_at = Utc::now();
-        Ok(true)
-    })
-    .await
+        if migration_step(store, &m, revision, step.clone()).await? {
+            return Ok(Some(m));
+        }
+    }
 }
 
 /// Ends the migration as failed (or cancelled); the source also notes it in the VM's events.
 pub(crate) async fn end(
-    store: &dyn Store,
+    store: &dyn Controller,
     mig_key: &str,
     vm_key: &str,
     host: &str,
     phase: MigrationPhase,
     error: &str,
 ) -> Result<(), AgentError> {
-    let ended = update(store, mig_key, |m| {
+    let error = error.to_string();
+    let step = if phase == MigrationPhase::Cancelled {
+        MigrationStep::Cancelled {
+            error: error.clone(),
+        }
+    } else {
+        MigrationStep::Failed {
+            error: error.clone(),
+        }
+    };
+    if let Some(mut m) = take(store, mig_key, step)
+        .await?
+        .filter(|m| m.source == host)
+    {
         m.phase = phase;
-        m.error = Some(error.to_string());
-    })
-    .await?;
-    if let Some(m) = ended.filter(|m| m.phase == phase && m.source == host) {
+        m.error = Some(error);
         note_end(store, vm_key, &m).await?;
     }
     Ok(())
@@ -129,7 +144,7 @@ pub(crate) async fn end(
 /// Adds a migration that did not complete to the VM's events (the source's VM: only it writes),
 /// once: noting the same end again changes nothing.
 pub(crate) async fn note_end(
-    store: &dyn Store,
+    store: &dyn Controller,
     vm_key: &str,
     m: &Migration,
 ) -> Result<(), AgentError> {
@@ -139,9 +154,9 @@ pub(crate) async fn note_end(
         "MigrationFailed"
     };
     let event = VmEvent::new(reason, m.summary());
-    update_json::<Vm, AgentError>(store, vm_key, |vm| {
+    update_vm_status(store, vm_key, |vm| {
         if vm.meta.uid != m.vm_uid || vm.status.host.as_deref() != Some(m.source.as_str()) {
-            return Ok(false);
+            return false;
         }
         let noted = vm
             .status
@@ -149,13 +164,12 @@ pub(crate) async fn note_end(
             .last()
             .is_some_and(|e| e.reason == event.reason && e.message == event.message);
         if noted {
-            return Ok(false);
+            return false;
         }
         vm.status.push_event(event.clone());
-        Ok(true)
+        true
     })
-    .await?;
-    Ok(())
+    .await
 }
 
 fn percent(done: u64, total: u64) -> u8 {
@@ -193,7 +207,7 @@ fn progress_of(t: &Transfer, memory_started: bool) -> MigrationProgress {
 /// Carries out the source's side of a migration, from wherever it stands, until it ends. Runs in
 /// the VM's worker, so nothing else touches the VM meanwhile.
 pub(crate) async fn run_source(
-    store: &dyn Store,
+    store: &dyn Controller,
     driver: &dyn Driver,
     cfg: &AgentConfig,
     vm_key: &str,
@@ -325,11 +339,8 @@ pub(crate) async fn run_source(
                 }
                 memory_started = m.shared_storage;
                 moved = (0, Instant::now());
-                update(store, mig_key, |m| {
-                    m.phase = MigrationPhase::Transferring;
-                    m.progress = progress_of(&transfer, memory_started);
-                })
-                .await?;
+                let progress = progress_of(&transfer, memory_started);
+                take(store, mig_key, MigrationStep::Transferring { progress }).await?;
                 // The record changed: read it again before the next step.
                 read = None;
             }
@@ -399,23 +410,10 @@ pub(crate) async fn run_source(
                 }
                 if last_report.elapsed() >= REPORT {
                     last_report = Instant::now();
-                    let p = progress_of(&transfer, memory_started);
-                    let written = store
-                        .put(
-                            mig_key,
-                            serde_json::to_vec(&Migration {
-                                progress: p,
-                                updated_at: Utc::now(),
-                                ..m.clone()
-                            })
-                            .map_err(StoreError::from)?,
-                            Precondition::ModRevision(mig_rev),
-                        )
-                        .await;
-                    match written {
-                        Ok(_) | Err(StoreError::Conflict { .. }) => {}
-                        Err(e) => return Err(e.into()),
-                    }
+                    // A record changed meanwhile gets the next report.
+                    let progress = progress_of(&transfer, memory_started);
+                    let step = MigrationStep::Transferring { progress };
+                    migration_step(store, &m, mig_rev, step).await?;
                 }
             }
             MigrationPhase::Completed | MigrationPhase::Failed | MigrationPhase::Cancelled => {
@@ -431,7 +429,7 @@ pub(crate) async fn run_source(
 /// copy.
 #[allow(clippy::too_many_arguments)]
 async fn hand_over(
-    store: &dyn Store,
+    store: &dyn Controller,
     driver: &dyn Driver,
     cfg: &AgentConfig,
     vm_key: &str,
@@ -475,7 +473,7 @@ async fn hand_over(
                 "the VM or its migration record vanished during the handover".into(),
             ));
         };
-        let (mut v, mut m) = (vm.value, mig.value);
+        let (v, m) = (vm.value, mig.value);
         if m.id != id || m.phase != MigrationPhase::Transferring {
             // Ended meanwhile (the target failed, the controller gave up): no handover; the
             // VM's worker resumes the paused guest here.
@@ -498,19 +496,17 @@ async fn hand_over(
             disk_bytes,
             completed_at: Some(completed_at),
         };
-        let ops = handover_ops(
-            vm_key,
-            &mut v,
-            vm.revision,
-            mig_key,
-            &mut m,
-            mig.revision,
+        // The controller gives the VM the copy the target recorded, and completes the
+        // migration with it.
+        let handover = HostWrite::Handover {
+            vm: VmRef::of(&v),
+            vm_revision: vm.revision,
+            migration_revision: mig.revision,
             result,
-        )?;
-        match store.txn(ops).await {
-            Ok(_) => break (source_disk, m.shared_storage),
-            Err(StoreError::Conflict { .. }) => continue,
-            Err(e) => return Err(e.into()),
+        };
+        match store.write(handover).await? {
+            Written::Applied { .. } => break (source_disk, m.shared_storage),
+            Written::Stale => continue,
         }
     };
     tracing::info!(vm = %vm_key, "handed over after live migration");
@@ -521,57 +517,10 @@ async fn hand_over(
     Ok(Outcome::Gone)
 }
 
-/// The handover as one transaction: the VM becomes the target's (its worker there resumes the
-/// guest and marks the `Running` condition true) and the migration completes, each guarded by the
-/// revision it was read at.
-pub(crate) fn handover_ops(
-    vm_key: &str,
-    v: &mut Vm,
-    vm_rev: u64,
-    mig_key: &str,
-    m: &mut Migration,
-    mig_rev: u64,
-    result: MigrationResult,
-) -> Result<Vec<Op>, AgentError> {
-    m.phase = MigrationPhase::Completed;
-    m.progress.stage = "done".into();
-    m.progress.percent = 100;
-    m.result = Some(result);
-    m.updated_at = Utc::now();
-    v.status.host = Some(m.target.clone());
-    v.status.pid = m.target_pid;
-    v.status.run_dir = m.target_run_dir.clone();
-    if let (Some(path), Some(d)) = (&m.target_disk, v.status.disk.as_mut()) {
-        d.path = path.clone();
-    }
-    v.status.phase = VmPhase::Running;
-    v.status.set_condition(
-        corral_api::ConditionType::Running,
-        false,
-        RESUMING,
-        &format!("live-migrated from {}", m.source),
-    );
-    v.status.push_event(VmEvent::new("Migrated", m.summary()));
-    Ok(vec![
-        Op::Put {
-            key: vm_key.to_string(),
-            value: serde_json::to_vec(&*v).map_err(StoreError::from)?,
-            when: Precondition::ModRevision(vm_rev),
-            lease: None,
-        },
-        Op::Put {
-            key: mig_key.to_string(),
-            value: serde_json::to_vec(&*m).map_err(StoreError::from)?,
-            when: Precondition::ModRevision(mig_rev),
-            lease: None,
-        },
-    ])
-}
-
 /// The target's side: prepares the incoming copy, watches it, and removes it if the migration does
 /// not complete. Returns how long to wait before looking again.
 pub(crate) async fn run_target(
-    store: &dyn Store,
+    store: &dyn Controller,
     driver: &dyn Driver,
     cfg: &AgentConfig,
     mig_key: &str,
@@ -639,20 +588,14 @@ pub(crate) async fn run_target(
     };
     match m.phase {
         MigrationPhase::Preparing => match prepare(store, driver, cfg, &vm, &m, &dir).await {
-            Ok(ready) => {
-                let bytes = serde_json::to_vec(&ready).map_err(StoreError::from)?;
-                match store
-                    .put(mig_key, bytes, Precondition::ModRevision(revision))
-                    .await
-                {
-                    Ok(_) => Ok(Outcome::Requeue(Duration::from_millis(500))),
+            Ok((ready, disk)) => {
+                if migration_step(store, &m, revision, ready).await? {
+                    Ok(Outcome::Requeue(Duration::from_millis(500)))
+                } else {
                     // Cancelled meanwhile: what was just made is not recorded anywhere, so it
                     // goes now.
-                    Err(StoreError::Conflict { .. }) => {
-                        clean_up(ready.target_disk.as_deref()).await?;
-                        Ok(Outcome::Requeue(Duration::ZERO))
-                    }
-                    Err(e) => Err(e.into()),
+                    clean_up(Some(&disk)).await?;
+                    Ok(Outcome::Requeue(Duration::ZERO))
                 }
             }
             Err(e) => fail(format!("host {} could not prepare: {e}", cfg.host)).await,
@@ -686,7 +629,7 @@ pub(crate) async fn run_target(
 /// `recorded` if it is where this host makes a disk for the VM `uid` (on `local` or on some
 /// datastore), else `None` (with a warning): a clean-up never removes a file it did not make.
 async fn own_clone(
-    store: &dyn Store,
+    store: &dyn Controller,
     cfg: &AgentConfig,
     uid: uuid::Uuid,
     recorded: &Path,
@@ -704,16 +647,16 @@ async fn own_clone(
     Ok(None)
 }
 
-/// Makes the run directory and the disk, starts the waiting QEMU, and returns the record as it
-/// should read once the target is ready. What it made is removed again if it fails.
+/// Makes the run directory and the disk, starts the waiting QEMU, and returns the step that
+/// readies the migration, with the disk's path. What it made is removed again if it fails.
 async fn prepare(
-    store: &dyn Store,
+    store: &dyn Controller,
     driver: &dyn Driver,
     cfg: &AgentConfig,
     vm: &Vm,
     m: &Migration,
     dir: &Path,
-) -> Result<Migration, AgentError> {
+) -> Result<(MigrationStep, String), AgentError> {
     private_dir(dir)?;
     if vm.status.disk.is_none() {
         return Err(AgentError::Refused("the VM has no disk yet".into()));
@@ -768,14 +711,13 @@ async fn prepare(
             return Err(e);
         }
     };
-    Ok(Migration {
-        phase: MigrationPhase::TargetReady,
-        target_port: Some(incoming.port),
+    let disk = disk.display().to_string();
+    let ready = MigrationStep::TargetReady {
+        target_port: incoming.port,
         disk_port: incoming.disk_port,
-        target_pid: Some(incoming.pid),
-        target_run_dir: Some(dir.display().to_string()),
-        target_disk: Some(disk.display().to_string()),
-        updated_at: Utc::now(),
-        ..m.clone()
-    })
+        target_pid: incoming.pid,
+        target_run_dir: dir.display().to_string(),
+        target_disk: disk.clone(),
+    };
+    Ok((ready, disk))
 }

@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 
 use corral_api::{keys, Host, Migration, Network, SecurityGroup, Vm};
 use corral_network::{Cluster, HostPlan, NetDriver};
-use corral_store::{list_json, Store};
+use corral_store::list_json;
 use tokio::sync::mpsc;
 
+use crate::link::Controller;
 use crate::{AgentConfig, AgentError};
 
 /// Look again this often even when no change arrived (peers' addresses, repairs).
@@ -19,7 +20,7 @@ const REPAIR: Duration = Duration::from_secs(60);
 
 /// Creates the taps (links down) of a VM about to start or arrive here.
 pub(crate) async fn prepare(
-    store: &dyn Store,
+    store: &dyn Controller,
     cfg: &AgentConfig,
     vm: &Vm,
 ) -> Result<(), AgentError> {
@@ -42,7 +43,7 @@ pub(crate) async fn prepare(
     Ok(cfg.network.prepare_ports(&ports).await?)
 }
 
-async fn plan(store: &dyn Store, host: &str) -> Result<HostPlan, AgentError> {
+async fn plan(store: &dyn Controller, host: &str) -> Result<HostPlan, AgentError> {
     let (networks, _) = list_json::<Network>(store, keys::NETWORKS).await?;
     if networks.is_empty() {
         return Ok(HostPlan::default());
@@ -64,7 +65,7 @@ async fn plan(store: &dyn Store, host: &str) -> Result<HostPlan, AgentError> {
 /// Wakes the reconciler (`true`) on every change of what the plan depends on, until a watch
 /// ends (`false`). Hosts are not watched: their heartbeats would wake it every few seconds, and
 /// their addresses rarely change (the resync catches them).
-fn follow(store: Arc<dyn Store>, tx: mpsc::Sender<bool>) -> tokio::task::JoinHandle<()> {
+fn follow(store: Arc<dyn Controller>, tx: mpsc::Sender<bool>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut set = tokio::task::JoinSet::new();
         for prefix in [
@@ -98,7 +99,7 @@ fn follow(store: Arc<dyn Store>, tx: mpsc::Sender<bool>) -> tokio::task::JoinHan
 }
 
 /// Keeps this host's networking as the cluster wants it, until the task is dropped.
-pub(crate) async fn run(store: Arc<dyn Store>, net: Arc<dyn NetDriver>, host: String) {
+pub(crate) async fn run(store: Arc<dyn Controller>, net: Arc<dyn NetDriver>, host: String) {
     let mut applied: Option<(HostPlan, Instant)> = None;
     let (tx, mut rx) = mpsc::channel(1);
     let mut watcher = follow(store.clone(), tx.clone());

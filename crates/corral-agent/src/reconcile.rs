@@ -6,19 +6,21 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use corral_api::host_protocol::{HostWrite, VmRef, Written};
 use corral_api::{DiskStatus, PowerState, Vm, VmPhase};
 use corral_hypervisor::Driver;
-use corral_store::{get_json, Precondition, Store, StoreError, Versioned};
+use corral_store::{get_json, Versioned};
 
 use crate::guest::{
     clone_disk, disk_path, image_of, known_disk, launch_spec, private_dir, remove_vm_files,
 };
 use crate::lifecycle::{self, Action, Facts, Outcome, WorkerState};
+use crate::link::Controller;
 use crate::{layout, AgentConfig, AgentError};
 
 /// Makes sure the VM's disk exists (a linked clone of its image) and is recorded in its status.
 async fn ensure_disk(
-    store: &dyn Store,
+    store: &dyn Controller,
     driver: &dyn Driver,
     vm: &mut Vm,
     dir: &Path,
@@ -50,23 +52,21 @@ async fn ensure_disk(
     Ok(())
 }
 
+/// Records the VM's status as read at `rev`; the revision written at, or `None` if the VM changed
+/// meanwhile. A desired power that went to stopped since `before` is the guest's own power-off.
 async fn write_status(
-    store: &dyn Store,
-    key: &str,
+    store: &dyn Controller,
     rev: u64,
+    before: &Vm,
     vm: &Vm,
 ) -> Result<Option<u64>, AgentError> {
-    let bytes = serde_json::to_vec(vm).map_err(StoreError::from)?;
-    match store.put(key, bytes, Precondition::ModRevision(rev)).await {
-        Ok(r) => Ok(Some(r)),
-        Err(StoreError::Conflict { .. }) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
+    let powered_off = vm.spec.power == PowerState::Stopped && before.spec.power != vm.spec.power;
+    crate::link::vm_status(store, vm, rev, powered_off).await
 }
 
 /// Starts the guest: its image must be ready and its NICs prepared first.
 async fn start(
-    store: &dyn Store,
+    store: &dyn Controller,
     driver: &dyn Driver,
     cfg: &AgentConfig,
     vm: &Vm,
@@ -82,7 +82,7 @@ async fn start(
 
 /// Moves the VM at `key` one step toward its spec and records what was observed. Idempotent.
 pub(crate) async fn reconcile(
-    store: &dyn Store,
+    store: &dyn Controller,
     driver: &dyn Driver,
     cfg: &AgentConfig,
     key: &str,
@@ -111,7 +111,7 @@ pub(crate) async fn reconcile(
         let mut rev = revision;
         if vm.status.phase != VmPhase::Deleting {
             vm.status.phase = VmPhase::Deleting;
-            match write_status(store, key, revision, &vm).await? {
+            match write_status(store, revision, &before, &vm).await? {
                 Some(r) => rev = r,
                 None => return Ok(Outcome::Requeue(Duration::ZERO)),
             }
@@ -122,10 +122,14 @@ pub(crate) async fn reconcile(
             None => None,
         };
         remove_vm_files(&dir, disk.as_deref())?;
-        return match store.delete(key, Precondition::ModRevision(rev)).await {
-            Ok(_) | Err(StoreError::NotFound { .. }) => Ok(Outcome::Gone),
-            Err(StoreError::Conflict { .. }) => Ok(Outcome::Requeue(Duration::ZERO)),
-            Err(e) => Err(e.into()),
+        let release = HostWrite::VmReleased {
+            vm: VmRef::of(&vm),
+            revision: rev,
+        };
+        return match store.write(release).await? {
+            Written::Applied { .. } => Ok(Outcome::Gone),
+            // Changed meanwhile (or gone already): the next pass sees which.
+            Written::Stale => Ok(Outcome::Requeue(Duration::ZERO)),
         };
     }
 
@@ -147,7 +151,7 @@ pub(crate) async fn reconcile(
             );
             vm.status.observed_generation = vm.meta.generation;
             let retry = Outcome::Requeue(Duration::from_secs(10));
-            return finish(store, key, revision, &before, &vm, retry).await;
+            return finish(store, revision, &before, &vm, retry).await;
         }
     };
     mark_protected(&dir, vm.spec.wants_ha_restart());
@@ -201,7 +205,6 @@ pub(crate) async fn reconcile(
         vm.status.observed_generation = vm.meta.generation;
         return finish(
             store,
-            key,
             revision,
             &before,
             &vm,
@@ -219,7 +222,7 @@ pub(crate) async fn reconcile(
     let (mut outcome, mut next) = (plan.outcome, plan.worker);
     for action in plan.actions {
         match action {
-            Action::Persist => match write_status(store, key, revision, &vm).await? {
+            Action::Persist => match write_status(store, revision, &before, &vm).await? {
                 Some(r) => revision = r,
                 None => return Ok(Outcome::Requeue(Duration::ZERO)),
             },
@@ -243,7 +246,7 @@ pub(crate) async fn reconcile(
     }
     *ws = next;
     lifecycle::settle(&mut vm, &outcome);
-    finish(store, key, revision, &before, &vm, outcome).await
+    finish(store, revision, &before, &vm, outcome).await
 }
 
 /// Keeps the run directory's HA marker in step with the VM's protection (fencing reads it).
@@ -261,8 +264,7 @@ fn mark_protected(dir: &Path, protected: bool) {
 
 /// Writes the VM back if anything changed; a lost compare-and-swap means "look again now".
 async fn finish(
-    store: &dyn Store,
-    key: &str,
+    store: &dyn Controller,
     rev: u64,
     before: &Vm,
     vm: &Vm,
@@ -271,7 +273,7 @@ async fn finish(
     if vm == before {
         return Ok(outcome);
     }
-    match write_status(store, key, rev, vm).await? {
+    match write_status(store, rev, before, vm).await? {
         Some(_) => Ok(outcome),
         None => Ok(Outcome::Requeue(Duration::ZERO)),
     }

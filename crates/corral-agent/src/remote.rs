@@ -1,6 +1,6 @@
-//! The store as a host agent on another machine sees it: the controller's agent endpoint, over
-//! mutually authenticated TLS. It implements the same [`Store`] trait, so the reconciler cannot tell
-//! it from the embedded store; the controller decides what a host may read and write.
+//! The controller as a host agent on another machine reaches it: its agent endpoint, over mutually
+//! authenticated TLS. Reads are the store's ([`ReadStore`]); writes are the typed host protocol
+//! ([`HostLink`]), decided by the controller from what is stored and which host asks.
 //!
 //! Also the join: fetch the CA over TLS without trusting it yet, check it against the fingerprint in
 //! the join token, then send the token over a connection that verifies the controller with that CA.
@@ -10,10 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use corral_api::host_protocol::{HaReply, HaReport, JoinRequest, JoinResponse};
+use corral_api::host_protocol::{
+    HaReply, HaReport, HostLink, HostWrite, JoinRequest, JoinResponse, LinkError, Written,
+};
 use corral_api::ApiErrorBody;
 use corral_pki::Identity;
-use corral_store::{KeyValue, LeaseId, Op, Revision, Store, StoreError, WatchPage, WatchStream};
+use corral_store::{KeyValue, ReadStore, Revision, StoreError, WatchPage, WatchStream};
 use serde::de::DeserializeOwned;
 use ureq::tls::{Certificate, ClientCert, PrivateKey, RootCerts, TlsConfig};
 
@@ -150,7 +152,7 @@ fn tls(ca_pem: &str, identity: Option<&Identity>) -> Result<TlsConfig, AgentErro
     Ok(b.build())
 }
 
-/// The controller's store, reached through its agent endpoint.
+/// The controller, reached through its agent endpoint.
 #[derive(Clone)]
 pub struct RemoteStore {
     base: String,
@@ -177,12 +179,12 @@ impl RemoteStore {
         })
     }
 
-    /// GET `path`, or POST `body` to it.
+    /// GET `path`, or POST `body` to it: the answer, or the status and sentence of a refusal.
     async fn call<T: DeserializeOwned + Send + 'static>(
         &self,
         path: String,
         body: Option<serde_json::Value>,
-    ) -> Result<T, StoreError> {
+    ) -> Result<Result<T, (u16, String)>, StoreError> {
         let me = self.clone();
         tokio::task::spawn_blocking(move || {
             let url = format!("{}{path}", me.base);
@@ -193,26 +195,29 @@ impl RemoteStore {
             let mut res = res.map_err(unreachable)?;
             let status = res.status().as_u16();
             if (200..300).contains(&status) {
-                return res.body_mut().read_json::<T>().map_err(unreachable);
+                return res.body_mut().read_json::<T>().map(Ok).map_err(unreachable);
             }
             let msg = res
                 .body_mut()
                 .read_json::<ApiErrorBody>()
                 .map(|b| b.message)
                 .unwrap_or_default();
-            Err(match (status, msg.split_once(':')) {
-                (409, Some(("conflict", key))) => StoreError::Conflict {
-                    key: key.to_string(),
-                },
-                (404, Some(("not-found", key))) => StoreError::NotFound {
-                    key: key.to_string(),
-                },
-                (410, _) => StoreError::WatchLagged,
-                _ => unreachable(format!("{status}: {msg}")),
-            })
+            Ok(Err((status, msg)))
         })
         .await
         .map_err(unreachable)?
+    }
+
+    /// A read: a refusal is the store's error.
+    async fn read<T: DeserializeOwned + Send + 'static>(
+        &self,
+        path: String,
+    ) -> Result<T, StoreError> {
+        match self.call(path, None).await? {
+            Ok(t) => Ok(t),
+            Err((410, _)) => Err(StoreError::WatchLagged),
+            Err((status, msg)) => Err(unreachable(format!("{status}: {msg}"))),
+        }
     }
 }
 
@@ -231,25 +236,36 @@ fn q(s: &str) -> String {
 impl crate::ha::HaLink for RemoteStore {
     async fn report(&self, report: HaReport) -> Result<HaReply, AgentError> {
         let body = serde_json::to_value(report).map_err(StoreError::from)?;
-        Ok(self.call("/agent/v1/ha".into(), Some(body)).await?)
+        match self.call("/agent/v1/ha".into(), Some(body)).await? {
+            Ok(reply) => Ok(reply),
+            Err((status, msg)) => Err(unreachable(format!("{status}: {msg}")).into()),
+        }
     }
 }
 
 #[async_trait]
-impl Store for RemoteStore {
+impl HostLink for RemoteStore {
+    async fn write(&self, write: HostWrite) -> Result<Written, LinkError> {
+        let body = serde_json::to_value(write)
+            .map_err(|e| LinkError::Unavailable(format!("encoding the write: {e}")))?;
+        match self.call("/agent/v1/write".into(), Some(body)).await {
+            Ok(Ok(written)) => Ok(written),
+            Ok(Err((400..=499, msg))) => Err(LinkError::Refused(msg)),
+            Ok(Err((status, msg))) => Err(LinkError::Unavailable(format!("{status}: {msg}"))),
+            Err(e) => Err(LinkError::Unavailable(e.to_string())),
+        }
+    }
+}
+
+#[async_trait]
+impl ReadStore for RemoteStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        self.call(format!("/agent/v1/get?key={}", q(key)), None)
-            .await
+        self.read(format!("/agent/v1/get?key={}", q(key))).await
     }
 
     async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
-        self.call(format!("/agent/v1/list?prefix={}", q(prefix)), None)
+        self.read(format!("/agent/v1/list?prefix={}", q(prefix)))
             .await
-    }
-
-    async fn txn(&self, ops: Vec<Op>) -> Result<Revision, StoreError> {
-        let body = serde_json::to_value(ops)?;
-        self.call("/agent/v1/txn".into(), Some(body)).await
     }
 
     async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream, StoreError> {
@@ -266,7 +282,7 @@ impl Store for RemoteStore {
             loop {
                 let path = format!("/agent/v1/watch?prefix={}&from={from}", q(&prefix));
                 let page: WatchPage = tokio::select! {
-                    page = me.call(path, None) => match page {
+                    page = me.read(path) => match page {
                         Ok(p) => p,
                         Err(e) => {
                             let _ = tx.send(Err(e)).await;
@@ -287,18 +303,6 @@ impl Store for RemoteStore {
     }
 
     async fn current_revision(&self) -> Result<Revision, StoreError> {
-        self.call("/agent/v1/revision".into(), None).await
-    }
-
-    async fn grant_lease(&self, _ttl: Duration) -> Result<LeaseId, StoreError> {
-        Err(unreachable("leases are not offered to agents"))
-    }
-
-    async fn keep_alive(&self, _lease: LeaseId) -> Result<(), StoreError> {
-        Err(unreachable("leases are not offered to agents"))
-    }
-
-    async fn revoke_lease(&self, _lease: LeaseId) -> Result<(), StoreError> {
-        Err(unreachable("leases are not offered to agents"))
+        self.read("/agent/v1/revision".into()).await
     }
 }

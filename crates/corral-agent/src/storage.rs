@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 
 use corral_api::{DiskStatus, Vm};
 use corral_hypervisor::Driver;
-use corral_store::{get_json, Store};
+use corral_store::get_json;
 
 use crate::guest::{disk_path, new_disk_path, private_dir};
+use crate::link::Controller;
 use crate::{AgentConfig, AgentError};
 
 /// A copy that is not in sync after this long is given up.
@@ -19,7 +20,7 @@ const COPY_TIMEOUT: Duration = Duration::from_secs(1800);
 /// the VM keeps its old disk and the partial copy is removed. `live`: a QEMU has the disk open
 /// (running or paused), so the hypervisor copies it.
 pub(crate) async fn move_disk(
-    store: &dyn Store,
+    store: &dyn Controller,
     driver: &dyn Driver,
     cfg: &AgentConfig,
     vm_key: &str,
@@ -68,7 +69,7 @@ pub(crate) async fn move_disk(
 /// Has QEMU mirror the disk into `dest` and switch to it. Errors say whether the switch was asked
 /// for. Stops early when the VM is to be deleted or its disk is wanted elsewhere.
 async fn copy_running(
-    store: &dyn Store,
+    store: &dyn Controller,
     driver: &dyn Driver,
     vm_key: &str,
     vm: &Vm,

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use corral_api::{keys, Vm, VmPhase, VmUsage};
-use corral_store::{list_json, update_json, Store};
+use corral_store::list_json;
 
+use crate::link::Controller;
 use crate::AgentError;
 
 /// How often VMs are measured.
@@ -43,7 +44,7 @@ pub fn changed(old: Option<&VmUsage>, new: &VmUsage) -> bool {
 }
 
 async fn measure(
-    store: &dyn Store,
+    store: &dyn Controller,
     host: &str,
     last: &mut HashMap<u32, (u64, Instant)>,
 ) -> Result<(), AgentError> {
@@ -77,13 +78,13 @@ async fn measure(
             continue;
         }
         let key = keys::vm(&vm.meta.project, &vm.meta.name);
-        update_json::<Vm, AgentError>(store, &key, |v| {
+        crate::link::update_vm_status(store, &key, |v| {
             // Still the same process on this host: else the measurement belongs to no one.
             if v.status.pid != Some(pid) || v.status.host.as_deref() != Some(host) {
-                return Ok(false);
+                return false;
             }
             v.status.usage = Some(usage.clone());
-            Ok(true)
+            true
         })
         .await?;
     }
@@ -92,7 +93,7 @@ async fn measure(
 }
 
 /// Measures this host's VMs until the task is dropped.
-pub(crate) async fn run(store: Arc<dyn Store>, host: String) {
+pub(crate) async fn run(store: Arc<dyn Controller>, host: String) {
     let mut last = HashMap::new();
     let mut tick = tokio::time::interval(PERIOD);
     loop {

@@ -34,11 +34,25 @@ pub struct Host {
     pub standby: bool,
     /// The capacity an operator trusts this host with: what its agent reported when it first
     /// registered, or what `PUT /api/v1/hosts/{name}/capacity` set. A joined host's later reports
-    /// beyond it are not believed (see [`HostStatus::capacity_refused`]). `None` for the host
-    /// of an all-in-one datacenter, whose agent runs inside the controller's process.
+    /// beyond it are not believed (see [`HostStatus::capacity_refused`]). `None` until the
+    /// host's agent first registers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approved: Option<Capacity>,
     pub status: HostStatus,
+}
+
+impl Host {
+    /// The record of a host that joined and whose agent has not registered yet: its first
+    /// registration sets the capacity the operator trusts it with.
+    pub fn joined(name: &str) -> Host {
+        Host {
+            name: name.to_string(),
+            maintenance: false,
+            standby: false,
+            approved: None,
+            status: HostStatus::unregistered(),
+        }
+    }
 }
 
 /// CPUs and memory of a machine; also the body of `PUT /api/v1/hosts/{name}/capacity`, which

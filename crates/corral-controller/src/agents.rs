@@ -4,9 +4,10 @@
 //! A new host joins with a join token (single use, expiring, stored as a hash) and gets a host
 //! certificate from the cluster CA; the token also carries the CA's fingerprint, so the agent knows
 //! it talks to the right controller before it sends the token. From then on the host is known by its
-//! certificate's fingerprint. The agent reads and writes the store through this endpoint, within
-//! what a host may do: read VMs and images, write its own host record and the VMs placed on it.
-//! Everything else, and everything without a certificate of this cluster, is refused.
+//! certificate's fingerprint. The agent reads what it needs (VMs, images, datastores, migrations,
+//! networks, hosts) and writes only through the typed host protocol ([`HostWrite`], decided in
+//! [`crate::host_writes`]). Everything else, and everything without a certificate of this
+//! cluster, is refused.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,8 +17,8 @@ use axum::extract::{Extension, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
-use corral_api::host_protocol::{HaReply, HaReport, JoinRequest, JoinResponse};
-use corral_api::{keys, validate_name, Host, HostStatus, Migration, MigrationPhase, Vm};
+use corral_api::host_protocol::{HaReply, HaReport, HostWrite, JoinRequest, JoinResponse, Written};
+use corral_api::{keys, validate_name, Host};
 use corral_pki::{Ca, Identity};
 
 use corral_store::{get_json, KeyValue, Op, Precondition, Revision, StoreError, WatchPage};
@@ -135,15 +136,7 @@ async fn join(
             .map_err(|e| ApiError::Internal(e.to_string()))?
             .as_ref(),
     );
-    let host = Host {
-        name: req.host.clone(),
-        maintenance: false,
-        standby: false,
-        // Its agent's first registration sets the capacity the operator trusts it with.
-        approved: None,
-        // Its agent registers it (and the host's capacity) once it runs.
-        status: HostStatus::unregistered(),
-    };
+    let host = Host::joined(&req.host);
     // One transaction: the token is used up, the name is taken, the certificate is known.
     let ops = vec![
         Op::Delete {
@@ -273,294 +266,19 @@ async fn revision(
     Ok(Json(a.ctx.store.current_revision().await?))
 }
 
-fn refuse(host: &str, key: &str, why: &str) -> ApiError {
-    ApiError::Forbidden(format!("host {host} may not write {key}: {why}"))
-}
-
-/// Checks one operation of a host against what hosts may do, and returns it as it will be applied
-/// together with a guard: the key must still be as it was when checked.
-///
-/// - its own host record: only `status` changes; the heartbeat time is the controller's clock;
-/// - a VM placed on it: only `status` changes, except that the desired power may go to stopped (the
-///   guest shut itself down); it is deleted only after someone asked for its deletion;
-/// - a migration it is the source or target of: the steps of its side (see [`migration_step`]);
-/// - a VM it is the source of, handed to the migration's target: only in the transaction that
-///   marks the migration completed;
-/// - checks of keys it may read.
-async fn authorize(a: &AgentCtx, host: &str, op: Op, txn: &[Op]) -> Result<Vec<Op>, ApiError> {
-    let (key, new, lease) = match &op {
-        Op::Check { key, .. } => {
-            return if may_read(key) {
-                Ok(vec![op])
-            } else {
-                Err(forbidden(host, key))
-            };
-        }
-        Op::Put {
-            key,
-            value,
-            lease,
-            when,
-        } => (key.clone(), Some((value.clone(), *when)), *lease),
-        Op::Delete { key, .. } => (key.clone(), None, None),
-    };
-    if lease.is_some() {
-        return Err(refuse(host, &key, "leases are not offered to agents"));
-    }
-    let current = a.ctx.store.get(&key).await?;
-    let guard = Op::Check {
-        key: key.clone(),
-        when: current.as_ref().map_or(Precondition::Absent, |kv| {
-            Precondition::ModRevision(kv.mod_revision)
-        }),
-    };
-    if key == keys::host(host) {
-        let (Some(stored), Some((new, when))) = (current.as_ref(), new) else {
-            return Err(refuse(
-                host,
-                &key,
-                "a host record is created by joining and never deleted by its host",
-            ));
-        };
-        let stored: Host = serde_json::from_slice(&stored.value).map_err(StoreError::from)?;
-        let sent: Host = serde_json::from_slice(&new)
-            .map_err(|e| ApiError::BadRequest(format!("not a host record: {e}")))?;
-        let record = host_write(stored, sent.status, Utc::now())
-            .map_err(|why| refuse(host, &key, &why.0))?;
-        return Ok(vec![guard, parsed_put(key, &record, when)?]);
-    }
-    if key.starts_with(keys::MIGRATIONS) {
-        let (Some(stored), Some((new, when))) = (current.as_ref(), new) else {
-            return Err(refuse(
-                host,
-                &key,
-                "migrations are started through the API and never deleted by hosts",
-            ));
-        };
-        let stored: Migration = serde_json::from_slice(&stored.value).map_err(StoreError::from)?;
-        let sent: Migration = serde_json::from_slice(&new)
-            .map_err(|e| ApiError::BadRequest(format!("not a migration: {e}")))?;
-        migration_step(&stored, &sent, host).map_err(|why| refuse(host, &key, why))?;
-        // Completed only with the handover of the VM to the target (checked on the VM's write).
-        let vm_key = keys::vm_of_migration(&key).unwrap_or_default();
-        let hands_over = txn.iter().any(|o| match o {
-            Op::Put { key: k, value, .. } if *k == vm_key => serde_json::from_slice::<Vm>(value)
-                .is_ok_and(|v| v.status.host.as_deref() == Some(stored.target.as_str())),
-            _ => false,
-        });
-        if sent.phase == MigrationPhase::Completed && !hands_over {
-            return Err(refuse(
-                host,
-                &key,
-                "a migration completes only together with the handover of its VM",
-            ));
-        }
-        return Ok(vec![guard, parsed_put(key, &sent, when)?]);
-    }
-    if !key.starts_with(keys::VMS) {
-        return Err(forbidden(host, &key));
-    }
-    let Some(stored) = current.as_ref() else {
-        return Err(refuse(host, &key, "VMs are created through the API"));
-    };
-    let stored: Vm = serde_json::from_slice(&stored.value).map_err(StoreError::from)?;
-    if stored.status.host.as_deref() != Some(host) {
-        return Err(refuse(host, &key, "the VM is not placed on this host"));
-    }
-    match new {
-        None if stored.meta.deletion_requested_at.is_some() => Ok(vec![guard, op]),
-        None => Err(refuse(host, &key, "nobody asked to delete the VM")),
-        Some((new, when)) => {
-            let sent: Vm = serde_json::from_slice(&new)
-                .map_err(|e| ApiError::BadRequest(format!("not a VM: {e}")))?;
-            let put = parsed_put(key.clone(), &sent, when)?;
-            let mut expected = stored.clone();
-            if sent.spec.power != stored.spec.power {
-                // The one change of intent a host reports: its guest powered itself off.
-                if sent.spec.power != corral_api::PowerState::Stopped
-                    || sent.meta.generation != stored.meta.generation + 1
-                {
-                    return Err(refuse(
-                        host,
-                        &key,
-                        "a host may only record that the guest powered off",
-                    ));
-                }
-                expected.spec.power = sent.spec.power;
-                expected.meta.generation = sent.meta.generation;
-                expected.meta.updated_at = sent.meta.updated_at;
-            }
-            if sent.meta != expected.meta || sent.spec != expected.spec {
-                return Err(refuse(
-                    host,
-                    &key,
-                    "a host changes only the status of its VMs",
-                ));
-            }
-            if sent.status.host.as_deref() == Some(host) {
-                return Ok(vec![guard, put]);
-            }
-            // A handover: only to the target of this VM's migration, in the transaction that
-            // completes it.
-            let mig_key = keys::migration_of_vm(&key).unwrap_or_default();
-            let mig = get_json::<Migration>(&*a.ctx.store, &mig_key).await?;
-            // ... and to exactly the copy the target prepared.
-            let valid = mig.as_ref().is_some_and(|m| {
-                let m = &m.value;
-                m.vm_uid == stored.meta.uid
-                    && m.source == host
-                    && m.phase == MigrationPhase::Transferring
-                    && sent.status.host.as_deref() == Some(m.target.as_str())
-                    && sent.status.pid == m.target_pid
-                    && sent.status.run_dir == m.target_run_dir
-                    && sent.status.disk.as_ref().map(|d| &d.path) == m.target_disk.as_ref()
-            });
-            let completes = txn.iter().any(|o| match o {
-                Op::Put { key: k, value, .. } if *k == mig_key => {
-                    serde_json::from_slice::<Migration>(value)
-                        .is_ok_and(|m| m.phase == MigrationPhase::Completed)
-                }
-                _ => false,
-            });
-            match mig {
-                Some(m) if valid && completes => Ok(vec![
-                    guard,
-                    Op::Check {
-                        key: mig_key,
-                        when: Precondition::ModRevision(m.revision),
-                    },
-                    put,
-                ]),
-                _ => Err(refuse(
-                    host,
-                    &key,
-                    "a VM moves to another host only with the migration that completes",
-                )),
-            }
-        }
-    }
-}
-
-/// The write of what a host sent, as parsed: fields the record does not have never reach
-/// another host.
-fn parsed_put<T: Serialize>(key: String, value: &T, when: Precondition) -> Result<Op, ApiError> {
-    Ok(Op::Put {
-        key,
-        value: serde_json::to_vec(value).map_err(StoreError::from)?,
-        when,
-        lease: None,
-    })
-}
-
-/// The host record after its own agent reported `sent`: only the status changes; the heartbeat
-/// time is the controller's clock; the first registration's capacity becomes the approved one,
-/// and a later claim beyond the approved capacity is not believed (the record keeps the approved
-/// figures and says what was claimed). A capacity no machine has, or an address no host can have,
-/// is refused with a sentence.
-fn host_write(
-    mut stored: Host,
-    sent: HostStatus,
-    now: DateTime<Utc>,
-) -> Result<Host, corral_api::ValidationError> {
-    let claimed = sent.capacity();
-    claimed.check()?;
-    if let Some(ip) = sent.address {
-        corral_api::check_fabric_address(ip)?;
-    }
-    let approved = *stored.approved.get_or_insert(claimed);
-    let (believed, refused) = if claimed.exceeds(&approved) {
-        let why = format!(
-            "the agent reported {claimed}, more than the {approved} approved for this host: \
-             approve the new capacity through PUT /api/v1/hosts/{}/capacity",
-            stored.name
-        );
-        let believed = corral_api::Capacity {
-            cpus: claimed.cpus.min(approved.cpus),
-            memory_bytes: claimed.memory_bytes.min(approved.memory_bytes),
-        };
-        (believed, Some(why))
-    } else {
-        (claimed, None)
-    };
-    Ok(Host {
-        status: HostStatus {
-            cpus: believed.cpus,
-            memory_bytes: believed.memory_bytes,
-            last_heartbeat: now,
-            capacity_refused: refused,
-            ..sent
-        },
-        ..stored
-    })
-}
-
-/// Whether `host` may turn the migration record `stored` into `sent`. The controller's fields never
-/// change; the target prepares (Preparing -> TargetReady, its own fields); the source transfers
-/// (TargetReady -> Transferring, progress, Completed); either side may end it as failed, and the
-/// source as cancelled.
-fn migration_step(stored: &Migration, sent: &Migration, host: &str) -> Result<(), &'static str> {
-    use MigrationPhase as P;
-    if sent.identity() != stored.identity() || sent.cancel_requested != stored.cancel_requested {
-        return Err("hosts change only the state of a migration, not what it moves where");
-    }
-    if stored.phase.is_finished() {
-        return Err("the migration already ended");
-    }
-    let is_source = stored.source == host;
-    let is_target = stored.target == host;
-    let target_fields_kept = sent.target_port == stored.target_port
-        && sent.disk_port == stored.disk_port
-        && sent.target_pid == stored.target_pid
-        && sent.target_run_dir == stored.target_run_dir
-        && sent.target_disk == stored.target_disk;
-    let ok = match (stored.phase, sent.phase) {
-        // What the target recorded stays as it recorded it (it removes its copy by it).
-        (_, P::Failed) => (is_source || is_target) && target_fields_kept,
-        (_, P::Cancelled) => is_source && target_fields_kept,
-        (P::Preparing, P::TargetReady) => {
-            // The ports of what this kind of move needs, and nothing else: the source builds
-            // the addresses from the target's record (`Migration::stream_to`).
-            let ports = sent.target_port.is_some_and(|p| p > 0)
-                && sent.disk_port.is_some_and(|p| p > 0) != stored.shared_storage;
-            if is_target && !ports {
-                return Err("a target that is ready records the port of its migration stream, and of its disk export exactly when the storage is not shared");
-            }
-            is_target
-        }
-        (P::TargetReady | P::Transferring, P::Transferring) => is_source && target_fields_kept,
-        // Only together with the handover of the VM (checked on the VM's write).
-        (P::Transferring, P::Completed) => is_source && target_fields_kept,
-        _ => false,
-    };
-    if ok {
-        Ok(())
-    } else if !is_source && !is_target {
-        Err("the host is neither the source nor the target of this migration")
-    } else {
-        Err("this host may not take the migration to that phase")
-    }
-}
-
-async fn txn(
+/// `POST /agent/v1/write`: the one way a host changes the store (see [`crate::host_writes`]).
+async fn write(
     State(a): State<AgentCtx>,
     Extension(peer): Extension<Peer>,
-    ApiJson(ops): ApiJson<Vec<Op>>,
-) -> Result<Json<Revision>, ApiError> {
+    ApiJson(w): ApiJson<HostWrite>,
+) -> Result<Json<Written>, ApiError> {
     let host = host_of(&a, &peer).await?;
     // A write proves the host alive (HA's failover judges that again before it acts); a read
     // does not: a simulated fleet reads for all its hosts with one host's certificate.
     a.ctx.ha.seen(&host);
-    let mut checked = Vec::with_capacity(ops.len() * 2);
-    for op in ops.iter().cloned() {
-        checked.extend(authorize(&a, &host, op, &ops).await?);
-    }
-    match a.ctx.store.txn(checked).await {
-        Ok(rev) => Ok(Json(rev)),
-        // The agent's store client turns these back into the store's own errors.
-        Err(StoreError::Conflict { key }) => Err(ApiError::Conflict(format!("conflict:{key}"))),
-        Err(StoreError::NotFound { key }) => Err(ApiError::NotFound(format!("not-found:{key}"))),
-        Err(e) => Err(e.into()),
-    }
+    Ok(Json(
+        crate::host_writes::apply(&*a.ctx.store, &host, w).await?,
+    ))
 }
 
 /// Long poll: waits up to 20 s for events under the prefix from revision `from`, then returns what
@@ -626,7 +344,7 @@ fn router(a: AgentCtx) -> Router {
         .route("/agent/v1/get", get(kv_get))
         .route("/agent/v1/list", get(kv_list))
         .route("/agent/v1/revision", get(revision))
-        .route("/agent/v1/txn", post(txn))
+        .route("/agent/v1/write", post(write))
         .route("/agent/v1/watch", get(watch))
         .route("/agent/v1/ha", post(ha_report))
         .with_state(a)
@@ -693,202 +411,5 @@ pub async fn serve(
                 tracing::debug!(%addr, error = %e, "agent connection ended");
             }
         });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn record(phase: MigrationPhase) -> Migration {
-        let m = Migration::new(
-            "default",
-            "web",
-            uuid::Uuid::new_v4(),
-            ("h1", "h2"),
-            true,
-            "requested",
-        );
-        Migration { phase, ..m }
-    }
-
-    fn to(m: &Migration, phase: MigrationPhase) -> Migration {
-        Migration { phase, ..m.clone() }
-    }
-
-    fn joined(name: &str) -> Host {
-        Host {
-            name: name.into(),
-            maintenance: false,
-            standby: false,
-            approved: None,
-            status: HostStatus::unregistered(),
-        }
-    }
-
-    fn report(cpus: u32, memory_bytes: u64) -> HostStatus {
-        HostStatus {
-            cpus,
-            memory_bytes,
-            hypervisor: "QEMU".into(),
-            address: Some("10.0.0.12".parse().expect("ip")),
-            // A host cannot set the time it was heard from.
-            last_heartbeat: DateTime::<Utc>::MAX_UTC,
-            ..HostStatus::unregistered()
-        }
-    }
-
-    #[test]
-    fn a_hosts_first_registration_is_its_approved_capacity_and_later_claims_beyond_it_are_not_believed(
-    ) {
-        let now = Utc::now();
-        let first = host_write(joined("h1"), report(8, 16 << 30), now).expect("registers");
-        assert_eq!(first.status.last_heartbeat, now, "the controller's clock");
-        assert_eq!(
-            first.approved,
-            Some(corral_api::Capacity {
-                cpus: 8,
-                memory_bytes: 16 << 30
-            })
-        );
-        assert_eq!(first.status.capacity_refused, None);
-
-        // Smaller is believed at once (a failed DIMM); more is not.
-        let less = host_write(first.clone(), report(4, 8 << 30), now).expect("write");
-        assert_eq!((less.status.cpus, less.status.capacity_refused), (4, None));
-        let claim = host_write(first.clone(), report(100_000, 1 << 60), now);
-        let err = claim.expect_err("100,000 CPUs is no machine");
-        assert!(
-            err.0.contains("100000 CPUs is not a machine's capacity"),
-            "{err}"
-        );
-        let more = host_write(first.clone(), report(64, 16 << 30), now).expect("write");
-        assert_eq!(
-            (more.status.cpus, more.status.memory_bytes),
-            (8, 16 << 30),
-            "the scheduler sees the approved capacity"
-        );
-        let why = more.status.capacity_refused.clone().expect("flagged");
-        assert!(
-            why.contains("reported 64 CPUs") && why.contains("/api/v1/hosts/h1/capacity"),
-            "{why}"
-        );
-
-        // Once an operator approves more, it is believed.
-        let mut approved = more;
-        approved.approved = Some(corral_api::Capacity {
-            cpus: 64,
-            memory_bytes: 16 << 30,
-        });
-        let believed = host_write(approved, report(64, 16 << 30), now).expect("write");
-        assert_eq!(
-            (believed.status.cpus, believed.status.capacity_refused),
-            (64, None)
-        );
-
-        // Nothing but the status changes, and no address no host can have.
-        let mut operator = first.clone();
-        operator.maintenance = true;
-        let kept = host_write(operator, report(8, 16 << 30), now).expect("write");
-        assert!(kept.maintenance);
-        for bad in ["0.0.0.0", "224.0.0.1", "255.255.255.255", "::"] {
-            let mut r = report(8, 16 << 30);
-            r.address = Some(bad.parse().expect("ip"));
-            let err = host_write(first.clone(), r, now).expect_err(bad);
-            assert!(err.0.contains("not an address"), "{err}");
-        }
-        assert!(host_write(joined("h1"), report(0, 16 << 30), now).is_err());
-        assert!(host_write(joined("h1"), report(8, 0), now).is_err());
-    }
-
-    #[test]
-    fn a_ready_target_records_ports_only_as_the_move_needs() {
-        use MigrationPhase as P;
-        let preparing = record(P::Preparing);
-        let mut no_port = to(&preparing, P::TargetReady);
-        no_port.target_port = None;
-        let err = migration_step(&preparing, &no_port, "h2").expect_err("no port");
-        assert!(err.contains("records the port"), "{err}");
-        let mut with_disk = to(&preparing, P::TargetReady);
-        with_disk.target_port = Some(4000);
-        with_disk.disk_port = Some(4001);
-        assert!(
-            migration_step(&preparing, &with_disk, "h2").is_err(),
-            "no disk export on shared storage"
-        );
-        let mut unshared = preparing.clone();
-        unshared.shared_storage = false;
-        let mut memory_only = to(&unshared, P::TargetReady);
-        memory_only.target_port = Some(4000);
-        assert!(
-            migration_step(&unshared, &memory_only, "h2").is_err(),
-            "a shared-nothing move needs the disk export"
-        );
-        memory_only.disk_port = Some(4001);
-        assert!(migration_step(&unshared, &memory_only, "h2").is_ok());
-    }
-
-    #[test]
-    fn each_side_takes_only_its_own_steps_of_a_migration() {
-        use MigrationPhase as P;
-        let preparing = record(P::Preparing);
-        let mut ready = to(&preparing, P::TargetReady);
-        ready.target_port = Some(4000);
-        assert!(migration_step(&preparing, &ready, "h2").is_ok());
-        assert!(
-            migration_step(&preparing, &ready, "h1").is_err(),
-            "the source does not prepare"
-        );
-        assert!(
-            migration_step(&preparing, &ready, "h3").is_err(),
-            "a stranger"
-        );
-
-        let ready = to(&ready, P::TargetReady);
-        let sending = to(&ready, P::Transferring);
-        assert!(migration_step(&ready, &sending, "h1").is_ok());
-        assert!(
-            migration_step(&ready, &sending, "h2").is_err(),
-            "the target does not send"
-        );
-        let mut redirected = sending.clone();
-        redirected.target_port = Some(4001);
-        assert!(
-            migration_step(&ready, &redirected, "h1").is_err(),
-            "the source cannot redirect"
-        );
-
-        let done = to(&sending, P::Completed);
-        assert!(migration_step(&sending, &done, "h1").is_ok());
-        assert!(migration_step(&sending, &done, "h2").is_err());
-        assert!(
-            migration_step(&preparing, &done, "h1").is_err(),
-            "no skipping to the end"
-        );
-
-        for host in ["h1", "h2"] {
-            assert!(migration_step(&sending, &to(&sending, P::Failed), host).is_ok());
-        }
-        let mut elsewhere_disk = to(&sending, P::Failed);
-        elsewhere_disk.target_disk = Some("/etc".into());
-        assert!(
-            migration_step(&sending, &elsewhere_disk, "h1").is_err(),
-            "the source cannot point the target's clean-up elsewhere"
-        );
-        assert!(migration_step(&sending, &to(&sending, P::Cancelled), "h2").is_err());
-        assert!(
-            migration_step(&done, &to(&done, P::Failed), "h1").is_err(),
-            "ended for good"
-        );
-
-        let mut elsewhere = to(&sending, P::Transferring);
-        elsewhere.target = "h3".into();
-        assert!(
-            migration_step(&sending, &elsewhere, "h1").is_err(),
-            "what moves where is the controller's"
-        );
-        let mut uncancelled = to(&sending, P::Transferring);
-        uncancelled.cancel_requested = true;
-        assert!(migration_step(&sending, &uncancelled, "h1").is_err());
     }
 }

@@ -328,11 +328,12 @@ impl Cache {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use corral_store::{Op, Precondition, RedbStore};
 
-    fn vm(project: &str, name: &str) -> Vm {
+    /// A running VM `project/name` (unplaced) for tests.
+    pub(crate) fn vm(project: &str, name: &str) -> Vm {
         Vm {
             meta: corral_api::ObjectMeta::new(project, name),
             spec: serde_json::from_value(serde_json::json!({

@@ -10,6 +10,7 @@ mod drs;
 mod error;
 mod events;
 pub mod ha;
+pub mod host_writes;
 mod hosts;
 mod images;
 mod migrations;
@@ -29,6 +30,7 @@ use corral_store::{get_json, list_json, Precondition, Store, StoreError};
 use utoipa::OpenApi;
 
 pub use error::{ApiError, ApiJson, ApiPath, ApiQuery};
+pub use host_writes::LocalHost;
 pub use images::{ImageError, ImageFiles, Progress};
 
 /// A page of a list (VMs, hosts): items in name order, after the one named `after`, at most `limit`.

@@ -32,11 +32,12 @@ use std::time::Duration;
 
 use chrono::Utc;
 use corral_agent::ha::{HaLink, HaState};
+use corral_agent::Controller;
 use corral_agent::{Agent, AgentConfig};
 use corral_api::host_protocol::HaReport;
 use corral_api::{keys, timing, Accel, Host, HostStatus, Migration, Vm, VmPhase, VmUsage};
 use corral_hypervisor::fake::FakeDriver;
-use corral_store::{get_json, update_json, EventKind, Store, StoreError, Versioned};
+use corral_store::{get_json, EventKind, StoreError, Versioned};
 
 pub use load::{BadLoad, Curve, Loads};
 use machine::{unit, Dice, Power, PoweredStore, SimDriver, SimNet};
@@ -84,11 +85,12 @@ impl Default for SimSpec {
     }
 }
 
-/// One simulated host: its name, the store as it reaches it (its own authenticated client over
-/// the agent endpoint, or the embedded store), and its link to the failure detector.
+/// One simulated host: its name, the controller as it reaches it (its own authenticated client
+/// over the agent endpoint, or the controller's own process), and its link to the failure
+/// detector.
 pub struct SimHost {
     pub name: String,
-    pub store: Arc<dyn Store>,
+    pub store: Arc<dyn Controller>,
     pub ha: Option<Arc<dyn HaLink>>,
 }
 
@@ -113,7 +115,7 @@ pub struct Fleet {
     spec: SimSpec,
     members: HashMap<String, Member>,
     /// Where the fleet watches (any host's store: reads are open to every host).
-    reader: Arc<dyn Store>,
+    reader: Arc<dyn Controller>,
     seen: Mutex<Seen>,
     started: std::time::Instant,
 }
@@ -485,14 +487,14 @@ impl Fleet {
                 let Some(m) = self.on(&host) else {
                     continue;
                 };
-                let written = update_json::<Vm, StoreError>(&*m.host.store, &key, |v| {
+                let written = corral_agent::link::update_vm_status(&*m.host.store, &key, |v| {
                     if v.status.host.as_deref() != Some(host.as_str())
                         || v.status.phase != VmPhase::Running
                     {
-                        return Ok(false);
+                        return false;
                     }
                     v.status.usage = Some(usage.clone());
-                    Ok(true)
+                    true
                 })
                 .await;
                 if let Err(e) = written {

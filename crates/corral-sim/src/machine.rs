@@ -10,11 +10,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use corral_agent::Controller;
+use corral_api::host_protocol::{HostLink, HostWrite, LinkError, Written};
 use corral_api::DiskFormat;
 use corral_hypervisor::fake::FakeDriver;
 use corral_hypervisor::{Driver, DriverError, Incoming, LaunchSpec, Observed, Transfer, Tuning};
 use corral_network::{HostPlan, NetDriver, NetError, PortPlan};
-use corral_store::{KeyValue, LeaseId, Op, Revision, Store, StoreError, WatchStream};
+use corral_store::{KeyValue, ReadStore, Revision, StoreError, WatchStream};
 
 /// Whether a simulated machine runs: killed by fault injection, or in standby (DPM), it is off.
 #[derive(Debug, Default)]
@@ -216,15 +218,15 @@ impl NetDriver for SimNet {
     }
 }
 
-/// The store as a simulated host's agent reaches it: through the host's own connection, cut
+/// The controller as a simulated host's agent reaches it: through the host's own connection, cut
 /// while the machine is off (a dead host's agent writes nothing, as a dead machine's would not).
 pub(crate) struct PoweredStore {
-    pub(crate) store: Arc<dyn Store>,
+    pub(crate) store: Arc<dyn Controller>,
     pub(crate) power: Arc<Power>,
 }
 
 impl PoweredStore {
-    fn powered(&self) -> Result<&dyn Store, StoreError> {
+    fn powered(&self) -> Result<&dyn Controller, StoreError> {
         if self.power.on() {
             Ok(&*self.store)
         } else {
@@ -237,15 +239,12 @@ impl PoweredStore {
 }
 
 #[async_trait]
-impl Store for PoweredStore {
+impl ReadStore for PoweredStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         self.powered()?.get(key).await
     }
     async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
         self.powered()?.list(prefix).await
-    }
-    async fn txn(&self, ops: Vec<Op>) -> Result<Revision, StoreError> {
-        self.powered()?.txn(ops).await
     }
     async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream, StoreError> {
         self.powered()?.watch(prefix, from).await
@@ -253,13 +252,14 @@ impl Store for PoweredStore {
     async fn current_revision(&self) -> Result<Revision, StoreError> {
         self.powered()?.current_revision().await
     }
-    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
-        self.powered()?.grant_lease(ttl).await
-    }
-    async fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
-        self.powered()?.keep_alive(lease).await
-    }
-    async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
-        self.powered()?.revoke_lease(lease).await
+}
+
+#[async_trait]
+impl HostLink for PoweredStore {
+    async fn write(&self, write: HostWrite) -> Result<Written, LinkError> {
+        let ctl = self
+            .powered()
+            .map_err(|e| LinkError::Unavailable(e.to_string()))?;
+        ctl.write(write).await
     }
 }

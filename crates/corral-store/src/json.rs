@@ -4,7 +4,7 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::{Precondition, Revision, Store, StoreError};
+use crate::{Precondition, ReadStore, Revision, Store, StoreError};
 
 /// A decoded value and the modification revision it was read at (for compare-and-swap).
 #[derive(Clone, Debug)]
@@ -14,7 +14,7 @@ pub struct Versioned<T> {
 }
 
 pub async fn get_json<T: DeserializeOwned>(
-    store: &dyn Store,
+    store: &dyn ReadStore,
     key: &str,
 ) -> Result<Option<Versioned<T>>, StoreError> {
     match store.get(key).await? {
@@ -27,7 +27,7 @@ pub async fn get_json<T: DeserializeOwned>(
 }
 
 pub async fn list_json<T: DeserializeOwned>(
-    store: &dyn Store,
+    store: &dyn ReadStore,
     prefix: &str,
 ) -> Result<(Vec<T>, Revision), StoreError> {
     let (kvs, rev) = store.list(prefix).await?;

@@ -130,18 +130,24 @@ pub enum StoreError {
     Backend { path: String, message: String },
 }
 
-/// The contract every store backend fulfils; see the crate docs.
+/// What reading the store takes: all a host's agent gets (it writes through the controller's
+/// typed host protocol, never raw keys).
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait ReadStore: Send + Sync + 'static {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError>;
     /// All keys under `prefix`, sorted by key, with the revision the listing was taken at.
     async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError>;
-    /// Applies all operations or none; returns the revision of the commit.
-    /// A failed precondition yields `Conflict` (or `NotFound` for a delete of a missing key).
-    async fn txn(&self, ops: Vec<Op>) -> Result<Revision, StoreError>;
     /// Events for keys under `prefix` with a revision >= `from`, then live ones.
     async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream, StoreError>;
     async fn current_revision(&self) -> Result<Revision, StoreError>;
+}
+
+/// The contract every store backend fulfils; see the crate docs.
+#[async_trait]
+pub trait Store: ReadStore {
+    /// Applies all operations or none; returns the revision of the commit.
+    /// A failed precondition yields `Conflict` (or `NotFound` for a delete of a missing key).
+    async fn txn(&self, ops: Vec<Op>) -> Result<Revision, StoreError>;
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError>;
     async fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError>;
     /// Ends a lease now, deleting its keys.

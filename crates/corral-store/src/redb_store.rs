@@ -22,7 +22,8 @@ use redb::{
 use tokio::sync::{broadcast, mpsc};
 
 use crate::{
-    Event, EventKind, KeyValue, LeaseId, Op, Precondition, Revision, Store, StoreError, WatchStream,
+    Event, EventKind, KeyValue, LeaseId, Op, Precondition, ReadStore, Revision, Store, StoreError,
+    WatchStream,
 };
 
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
@@ -595,7 +596,7 @@ impl RedbStore {
 }
 
 #[async_trait]
-impl Store for RedbStore {
+impl ReadStore for RedbStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         let key = key.to_string();
         self.blocking(move |i| i.get(&key)).await
@@ -604,10 +605,6 @@ impl Store for RedbStore {
     async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
         let prefix = prefix.to_string();
         self.blocking(move |i| i.list(&prefix)).await
-    }
-
-    async fn txn(&self, ops: Vec<Op>) -> Result<Revision, StoreError> {
-        self.blocking(move |i| i.write(ops)).await
     }
 
     async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream, StoreError> {
@@ -665,6 +662,13 @@ impl Store for RedbStore {
 
     async fn current_revision(&self) -> Result<Revision, StoreError> {
         Ok(self.inner.revision.load(Ordering::SeqCst))
+    }
+}
+
+#[async_trait]
+impl Store for RedbStore {
+    async fn txn(&self, ops: Vec<Op>) -> Result<Revision, StoreError> {
+        self.blocking(move |i| i.write(ops)).await
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {

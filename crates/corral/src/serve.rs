@@ -290,8 +290,9 @@ async fn serve(
             ctx: ctx.clone(),
             host: cfg.host.clone(),
         };
+        let local = corral_controller::LocalHost::register(store.clone(), &cfg.host).await?;
         let agent = Agent::new(
-            store.clone(),
+            Arc::new(local),
             Arc::new(QemuDriver),
             cfg,
             Some(Arc::new(link)),
@@ -304,18 +305,18 @@ async fn serve(
         println!("accelerator: {accel}");
     }
     if let Some(sim) = sim.filter(|s| s.sim_hosts > 0) {
-        let hosts = sim
-            .names()?
-            .into_iter()
-            .map(|name| corral_sim::SimHost {
-                store: store.clone(),
+        let mut hosts = Vec::new();
+        for name in sim.names()? {
+            let local = corral_controller::LocalHost::register(store.clone(), &name).await?;
+            hosts.push(corral_sim::SimHost {
+                store: Arc::new(local),
                 ha: Some(Arc::new(corral::LocalHaLink {
                     ctx: ctx.clone(),
                     host: name.clone(),
                 })),
                 name,
-            })
-            .collect();
+            });
+        }
         let spec = sim.spec(std::net::Ipv4Addr::LOCALHOST.into())?;
         sim.spawn(spec, hosts, private_data_dir(&data_dir.join("sim"))?);
         println!(

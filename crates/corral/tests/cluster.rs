@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{alive, Lab, READY};
-use serde_json::{json, Value};
+use serde_json::json;
 
 const BOOT: Duration = Duration::from_secs(120);
 
@@ -179,49 +179,37 @@ fn join_tokens_are_single_use_and_names_unique_and_strangers_are_refused() {
     assert_eq!(get("/agent/v1/list?prefix=/corral/ips/"), 403);
     assert_eq!(get("/agent/v1/watch?prefix=/corral/&from=1"), 403);
     let store_vm = |name: &str| host_a.get(&format!("/corral/vms/default/{name}"));
-    let txn = |key: &str, value: &Value, rev: Option<u64>| host_a.put(key, value, rev).0;
     let (mine, rev) = store_vm("mine");
-    let mut status_only = mine.clone();
-    status_only["status"]["conditions"] = json!([]);
-    let mut bigger = mine.clone();
-    bigger["spec"]["memory_bytes"] = json!(1u64 << 40);
     let (theirs, their_rev) = store_vm("theirs");
-    let mut stolen = theirs.clone();
-    stolen["status"]["host"] = json!("host-a");
-    let mut new_vm = mine.clone();
-    new_vm["meta"]["name"] = json!("sneaky");
+    // Hosts write no raw keys: the key-value transaction is gone.
+    let raw = json!([{ "Put": { "key": "/corral/vms/default/mine", "value": [], "when": "Any",
+        "lease": null } }]);
+    assert_eq!(host_a.post("/agent/v1/txn", &raw).0, 404);
     assert_eq!(
-        txn("/corral/vms/default/mine", &bigger, Some(rev)),
-        403,
-        "no spec changes"
+        host_a.write(&raw).0,
+        400,
+        "not a write of the host protocol"
     );
+    let mut moved = mine["status"].clone();
+    moved["host"] = json!("host-b");
+    let (status, why) = host_a.vm_status("mine", rev, &moved);
+    assert_eq!(status, 403, "its VM moves only by a migration: {why}");
+    let mut stolen = theirs["status"].clone();
+    stolen["host"] = json!("host-a");
+    let (status, why) = host_a.vm_status("theirs", their_rev, &stolen);
+    assert_eq!(status, 403, "not another host's VM: {why}");
+    assert!(why.contains("not placed on this host"), "{why}");
+    let (status, why) = host_a.vm_status("sneaky", rev, &mine["status"]);
     assert_eq!(
-        txn("/corral/vms/default/theirs", &stolen, Some(their_rev)),
-        403,
-        "not another host's VM"
+        (status, why.contains("stale")),
+        (200, true),
+        "no VM is made: {why}"
     );
-    assert_eq!(
-        txn("/corral/vms/default/sneaky", &new_vm, None),
-        403,
-        "no new VMs"
-    );
-    assert_eq!(
-        txn("/corral/hosts/host-b", &json!({}), None),
-        403,
-        "not another host's record"
-    );
-    assert_eq!(
-        txn("/corral/auth/admin-token-sha256", &json!("x"), None),
-        403
-    );
-    let check = json!([{ "Check": { "key": "/corral/join-tokens/x", "when": "Absent" } }]);
-    assert_eq!(host_a.txn(&check).0, 403);
-    assert_eq!(txn("/corral/hosts/host-a", &json!("not a host"), None), 400);
-    assert_eq!(
-        txn("/corral/vms/default/mine", &status_only, Some(rev)),
-        200,
-        "status of its own VM"
-    );
+    let mut status_only = mine["status"].clone();
+    status_only["conditions"] = json!([]);
+    let (status, why) = host_a.vm_status("mine", rev, &status_only);
+    assert_eq!(status, 200, "status of its own VM: {why}");
+    assert!(why.contains("applied"), "{why}");
     // Nothing above changed the VMs.
     assert_eq!(lab.vm("mine")["spec"]["memory_bytes"], 64u64 << 20);
     assert_eq!(lab.vm("theirs")["status"]["host"], "host-b");

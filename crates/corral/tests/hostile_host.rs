@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use common::{pids_matching, wait_for, HostClient, Lab};
 use serde_json::{json, Value};
 
-/// The hostile host: nothing but its certificate and raw calls to the agent endpoint.
+/// The hostile host: nothing but its certificate and hand-made calls to the agent endpoint.
 struct Hostile(HostClient);
 
 impl Hostile {
@@ -37,20 +37,33 @@ impl Hostile {
         self.0.get(key)
     }
 
-    fn put(&self, key: &str, value: &Value, rev: u64) -> (u16, String) {
-        self.0.put(key, value, Some(rev))
-    }
-
-    /// Reports its own host record with this capacity and address.
+    /// Reports its own status with this capacity and address.
     fn register(&self, cpus: u64, memory_bytes: u64, address: &str) -> (u16, String) {
-        let key = "/corral/hosts/hostile";
-        let (mut record, rev) = self.get(key);
-        record["status"] = json!({
+        self.0.write(&json!({ "kind": "heartbeat", "status": {
             "cpus": cpus, "memory_bytes": memory_bytes, "accel": "tcg", "hypervisor": "QEMU",
             // Not believed: the heartbeat time is the controller's clock.
             "last_heartbeat": "2030-01-01T00:00:00Z", "address": address,
-        });
-        self.put(key, &record, rev)
+        }}))
+    }
+
+    /// Takes `step` on the migration of `vm`, as it reads now.
+    fn step(&self, vm: &str, step: Value) -> (u16, String) {
+        let (_, rev) = self.get(&format!("/corral/migrations/default/{vm}"));
+        self.0.write(
+            &json!({ "kind": "migration", "vm": { "project": "default", "name": vm },
+            "revision": rev, "step": step }),
+        )
+    }
+
+    /// Sends `write` about VM `vm` (`kind`, plus the fields given) at the revision it reads now.
+    fn about(&self, vm: &str, kind: &str, fields: Value) -> (u16, String) {
+        let (_, rev) = self.get(&format!("/corral/vms/default/{vm}"));
+        let mut w = json!({ "kind": kind, "vm": { "project": "default", "name": vm },
+            "revision": rev, "vm_revision": rev });
+        if let (Some(w), Some(f)) = (w.as_object_mut(), fields.as_object()) {
+            w.extend(f.clone());
+        }
+        self.0.write(&w)
     }
 }
 
@@ -158,22 +171,64 @@ fn a_hostile_host_cannot_make_another_host_run_or_open_anything() {
 
     // The migration stream: a target records ports only, and the source builds the address from
     // the target's record; QEMU's exec:, file: or unix: transports never reach it.
+    // VMs of other hosts: not reported, powered off, released or handed over by this one.
+    let status = web["status"].clone();
+    for (kind, fields, what) in [
+        ("vm_status", json!({ "status": status }), "report"),
+        (
+            "guest_powered_off",
+            json!({ "status": status }),
+            "power off",
+        ),
+        ("vm_released", json!({}), "release"),
+        (
+            "handover",
+            json!({ "migration_revision": 1, "result": { "downtime_ms": 0, "total_ms": 0,
+                "memory_bytes": 0, "disk_bytes": 0 } }),
+            "hand over",
+        ),
+    ] {
+        let (code, why) = hostile.about("web", kind, fields);
+        assert!(
+            code == 403 && why.contains("not placed on this host"),
+            "{what} host-a's VM: {code} {why}"
+        );
+    }
+    assert_eq!(lab.vm("web")["status"]["pid"], pid);
+
     lab.cli(&["vm", "migrate", "web", "--to", "hostile", "--no-wait"]);
     let marker = lab.dir.path().join("pwned");
     let key = "/corral/migrations/default/web";
-    let (mut m, rev) = hostile.get(key);
-    m["phase"] = json!("target_ready");
-    m["target_uri"] = json!(format!("exec:touch {}", marker.display()));
-    m["disk_uri"] = json!(format!("file:{}", marker.display()));
-    let (status, why) = hostile.put(key, &m, rev);
+    let ready = |port: u16, run_dir: &str, disk: &str| {
+        json!({ "step": "target_ready", "target_port": port, "target_pid": 1,
+            "target_run_dir": run_dir, "target_disk": disk,
+            // Not fields of the protocol: never stored, never seen by the source.
+            "target_uri": format!("exec:touch {}", marker.display()),
+            "disk_uri": format!("file:{}", marker.display()) })
+    };
+    let (status, why) = hostile.step("web", ready(0, "/r", "/d"));
     assert_eq!(status, 403, "{why}");
     assert!(
         why.contains("records the port of its migration stream"),
         "{why}"
     );
-    // With a port, the write is taken, but only as a migration record has it.
-    m["target_port"] = json!(1);
-    let (status, why) = hostile.put(key, &m, rev);
+    let progress = hostile.get(key).0["progress"].clone();
+    let (status, why) = hostile.step(
+        "web",
+        json!({ "step": "transferring", "progress": progress }),
+    );
+    assert_eq!(status, 403, "the target does not send: {why}");
+    for (dir, disk) in [
+        ("/r", "/d,file.locking=off"),
+        ("/r/../..", "/d"),
+        ("r", "/d"),
+    ] {
+        let (status, why) = hostile.step("web", ready(1, dir, disk));
+        assert_eq!(status, 403, "{dir} {disk}: {why}");
+        assert!(why.contains("not a plain absolute path"), "{why}");
+    }
+    // With a port, the step is taken, but only as the protocol has it.
+    let (status, why) = hostile.step("web", ready(1, "/r", "/d"));
     assert_eq!(status, 200, "{why}");
     let (stored, _) = hostile.get(key);
     assert!(stored.get("target_uri").is_none(), "{stored}");
@@ -246,13 +301,13 @@ fn a_hostile_host_cannot_make_another_host_run_or_open_anything() {
         ),
         (precious.display().to_string(), "a file of host-a"),
     ] {
-        let (mut bait, rev) = hostile.get(key);
-        let generation = bait["meta"]["generation"].clone();
-        bait["status"]["phase"] = json!("running");
-        bait["status"]["pid"] = json!(1);
-        bait["status"]["observed_generation"] = generation;
-        bait["status"]["disk"] = json!({ "path": path, "backing": "", "datastore": "nfs" });
-        let (status, why) = hostile.put(key, &bait, rev);
+        let (bait, rev) = hostile.get(key);
+        let mut status = bait["status"].clone();
+        status["phase"] = json!("running");
+        status["pid"] = json!(1);
+        status["observed_generation"] = bait["meta"]["generation"].clone();
+        status["disk"] = json!({ "path": path, "backing": "", "datastore": "nfs" });
+        let (status, why) = hostile.0.vm_status("bait", rev, &status);
         assert_eq!(status, 200, "{what}: {why}");
         lab.cli(&["vm", "migrate", "bait", "--to", "host-a", "--no-wait"]);
         let ended = migration_after(&lab, "bait", "preparing");

@@ -67,7 +67,10 @@ impl Cluster {
             };
             let driver = Arc::new(FakeDriver::default());
             drivers.push((h.to_string(), driver.clone()));
-            let agent = Agent::new(store.clone(), driver, cfg, None);
+            let local = corral_controller::LocalHost::register(store.clone(), h)
+                .await
+                .expect("register");
+            let agent = Agent::new(Arc::new(local), driver, cfg, None);
             tokio::spawn(agent.run());
         }
         let c = Cluster {

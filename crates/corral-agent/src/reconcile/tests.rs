@@ -9,19 +9,27 @@ use corral_api::{keys, Accel, Image, ImagePhase};
 use corral_api::{ImageSource, ImageSpec, ImageStatus, ObjectMeta};
 use corral_hypervisor::fake::FakeDriver;
 use corral_hypervisor::LaunchSpec;
-use corral_store::RedbStore;
+use corral_store::{Precondition, RedbStore, Store, StoreError};
 
 struct Fixture {
     _dir: tempfile::TempDir,
-    store: Arc<dyn Store>,
+    /// The store as the API writes it.
+    db: Arc<dyn Store>,
+    /// The controller as host h1 reaches it.
+    store: Arc<dyn Controller>,
     driver: FakeDriver,
     cfg: AgentConfig,
 }
 
 async fn fixture() -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store: Arc<dyn Store> =
+    let db: Arc<dyn Store> =
         Arc::new(RedbStore::open(&dir.path().join("store.redb")).expect("store"));
+    let store: Arc<dyn Controller> = Arc::new(
+        corral_controller::LocalHost::register(db.clone(), "h1")
+            .await
+            .expect("register"),
+    );
     let base = dir.path().join("base.qcow2");
     let out = std::process::Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2"])
@@ -45,14 +53,13 @@ async fn fixture() -> Fixture {
             message: String::new(),
         },
     };
-    store
-        .put(
-            &keys::image("default", "jeos"),
-            serde_json::to_vec(&image).expect("json"),
-            Precondition::Absent,
-        )
-        .await
-        .expect("image");
+    db.put(
+        &keys::image("default", "jeos"),
+        serde_json::to_vec(&image).expect("json"),
+        Precondition::Absent,
+    )
+    .await
+    .expect("image");
     let cfg = AgentConfig {
         host: "h1".into(),
         data_dir: dir.path().to_path_buf(),
@@ -69,6 +76,7 @@ async fn fixture() -> Fixture {
     };
     Fixture {
         _dir: dir,
+        db,
         store,
         driver: FakeDriver::default(),
         cfg,
@@ -81,7 +89,7 @@ impl Fixture {
         vm.spec.datastore = corral_api::LOCAL_DATASTORE.into();
         vm.status.host = Some("h1".into());
         let key = keys::vm("default", name);
-        self.store
+        self.db
             .put(
                 &key,
                 serde_json::to_vec(&vm).expect("json"),
@@ -101,7 +109,7 @@ impl Fixture {
     }
 
     async fn edit(&self, key: &str, f: impl Fn(&mut Vm)) {
-        corral_store::update_json::<Vm, StoreError>(&*self.store, key, |vm| {
+        corral_store::update_json::<Vm, StoreError>(&*self.db, key, |vm| {
             f(vm);
             vm.meta.bump();
             Ok(true)

@@ -529,26 +529,28 @@ impl HostClient {
         )
     }
 
-    /// Sends a transaction: the status and what the endpoint said.
-    pub fn txn(&self, ops: &Value) -> (u16, String) {
+    /// POSTs `body` to `path`: the status and what the endpoint said.
+    pub fn post(&self, path: &str, body: &Value) -> (u16, String) {
         let mut res = self
             .agent
-            .post(format!("{}/agent/v1/txn", self.url))
-            .send_json(ops)
-            .expect("txn");
+            .post(format!("{}{path}", self.url))
+            .send_json(body)
+            .expect("post");
         let body = res.body_mut().read_to_string().unwrap_or_default();
         (res.status().as_u16(), body)
     }
 
-    /// Writes `value` at `key`, if it is still at `rev` (`None`: whatever is there).
-    pub fn put(&self, key: &str, value: &Value, rev: Option<u64>) -> (u16, String) {
-        let when = rev.map_or(
-            serde_json::json!("Any"),
-            |r| serde_json::json!({ "ModRevision": r }),
-        );
-        let value = serde_json::to_vec(value).expect("json");
-        self.txn(&serde_json::json!([{ "Put": {
-            "key": key, "value": value, "when": when, "lease": null } }]))
+    /// Sends a write of the host protocol (`HostWrite` as JSON).
+    pub fn write(&self, write: &Value) -> (u16, String) {
+        self.post("/agent/v1/write", write)
+    }
+
+    /// Reports `status` as the observed status of VM `name` (project default), read at `rev`.
+    pub fn vm_status(&self, name: &str, rev: u64, status: &Value) -> (u16, String) {
+        self.write(&serde_json::json!({
+            "kind": "vm_status", "vm": { "project": "default", "name": name },
+            "revision": rev, "status": status,
+        }))
     }
 }
 
