@@ -76,9 +76,7 @@ impl Agent {
             standby: false,
             capacity_refused: None,
         };
-        write_heartbeat(&*self.store, &self.cfg.host, status)
-            .await
-            .map(drop)
+        write_heartbeat(&*self.store, status).await
     }
 
     /// Registers the host, then reconciles VMs until the task is dropped.

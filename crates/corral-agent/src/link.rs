@@ -6,7 +6,7 @@
 
 pub use corral_api::host_protocol::HostLink;
 use corral_api::host_protocol::{HostWrite, MigrationStep, VmRef, Written};
-use corral_api::{keys, Host, HostStatus, Migration, Vm};
+use corral_api::{HostStatus, Migration, Vm};
 use corral_store::{get_json, ReadStore, Versioned};
 
 use crate::AgentError;
@@ -16,21 +16,10 @@ pub trait Controller: ReadStore + HostLink {}
 
 impl<T: ReadStore + HostLink + ?Sized> Controller for T {}
 
-/// Reports this host's status and returns its record as the controller keeps it (with what the
-/// operator set: maintenance, standby, approved capacity).
-pub async fn write_heartbeat(
-    ctl: &dyn Controller,
-    host: &str,
-    status: HostStatus,
-) -> Result<Host, AgentError> {
+/// Reports this host's status (the controller keeps what the operator set).
+pub async fn write_heartbeat(ctl: &dyn Controller, status: HostStatus) -> Result<(), AgentError> {
     ctl.write(HostWrite::Heartbeat { status }).await?;
-    get_json::<Host>(ctl, &keys::host(host))
-        .await?
-        .map(|h| h.value)
-        .ok_or_else(|| AgentError::Missing {
-            what: "host",
-            name: host.to_string(),
-        })
+    Ok(())
 }
 
 /// Records `vm`'s status, as read at `revision`; `powered_off`: its guest powered itself off (its

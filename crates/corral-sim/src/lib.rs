@@ -332,11 +332,15 @@ impl Fleet {
                 continue;
             }
             first = false;
-            let beat = corral_agent::write_heartbeat(&*m.host.store, &name, self.status(false));
-            match beat.await {
-                Ok(record) if record.standby && self.empty(&name) => self.go_standby(m).await,
-                Ok(_) => {}
-                Err(e) => tracing::warn!(host = %name, error = %e, "heartbeat failed"),
+            let beat = corral_agent::write_heartbeat(&*m.host.store, self.status(false)).await;
+            if let Err(e) = beat {
+                tracing::warn!(host = %name, error = %e, "heartbeat failed");
+                continue;
+            }
+            // DPM asks for standby in the host's record.
+            let asked = get_json::<Host>(&*m.host.store, &keys::host(&name)).await;
+            if matches!(asked, Ok(Some(ref h)) if h.value.standby) && self.empty(&name) {
+                self.go_standby(m).await;
             }
         }
     }
@@ -344,7 +348,7 @@ impl Fleet {
     /// Powers the host down: it says so in its record, then falls silent.
     async fn go_standby(&self, m: &Member) {
         let name = &m.host.name;
-        match corral_agent::write_heartbeat(&*m.host.store, name, self.status(true)).await {
+        match corral_agent::write_heartbeat(&*m.host.store, self.status(true)).await {
             Ok(_) => {
                 tracing::info!(host = %name, "simulated host in standby");
                 m.power.set_standby(true);
@@ -365,7 +369,7 @@ impl Fleet {
             return;
         }
         tokio::time::sleep(self.spec.boot).await;
-        match corral_agent::write_heartbeat(&*m.host.store, name, self.status(false)).await {
+        match corral_agent::write_heartbeat(&*m.host.store, self.status(false)).await {
             Ok(_) => {
                 tracing::info!(host = %name, "simulated host woke from standby");
                 m.power.set_standby(false);
