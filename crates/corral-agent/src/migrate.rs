@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use corral_api::host_protocol::{HostWrite, MigrationStep, VmRef, Written};
 use corral_api::{
-    keys, ClusterSettings, Host, Migration, MigrationEndpoints, MigrationPhase, MigrationProgress,
-    MigrationResult, PowerState, Vm, VmEvent,
+    keys, ClusterSettings, Host, Migration, MigrationEndpoints, MigrationPhase, MigrationResult,
+    Vm, VmEvent,
 };
-use corral_hypervisor::{Driver, RunState, Transfer, TransferStatus, Tuning};
+use corral_hypervisor::{Driver, RunState, Transfer, Tuning};
 use corral_store::{get_json, Versioned};
 
 use crate::guest::{
@@ -33,19 +33,11 @@ use crate::{layout, AgentConfig, AgentError};
 
 use corral_api::ValidationError;
 
-/// How long the source waits for the target to prepare.
-const PREPARE_TIMEOUT: Duration = Duration::from_secs(60);
-/// A copy that moves no byte for this long is given up (a cut link, a hung target).
-const STALL_TIMEOUT: Duration = Duration::from_secs(20);
-/// A migration that has not converged after this long is given up.
-const CONVERGE_TIMEOUT: Duration = Duration::from_secs(300);
-/// How often the source looks at the copy (more often once memory moves: the switchover is noticed
-/// sooner, and the guest waits paused until it is), and writes progress at most.
-const POLL: Duration = Duration::from_millis(20);
-const POLL_MEMORY: Duration = Duration::from_millis(10);
+mod source;
+use source::Step;
+
 /// How often the record and the VM are read again while memory moves (for a cancel or a stop).
 const STORE_POLL: Duration = Duration::from_millis(200);
-const REPORT: Duration = Duration::from_secs(1);
 
 /// How this cluster wants memory sent.
 async fn tuning(store: &dyn Controller) -> Result<Tuning, AgentError> {
@@ -172,40 +164,19 @@ pub(crate) async fn note_end(
     .await
 }
 
-fn percent(done: u64, total: u64) -> u8 {
-    (done.min(total) * 100).checked_div(total).unwrap_or(0) as u8
+/// The source's side of one migration: what every step of it acts on.
+struct Source<'a> {
+    store: &'a dyn Controller,
+    driver: &'a dyn Driver,
+    cfg: &'a AgentConfig,
+    vm_key: &'a str,
+    mig_key: &'a str,
+    dir: &'a Path,
 }
 
-fn progress_of(t: &Transfer, memory_started: bool) -> MigrationProgress {
-    let mut p = MigrationProgress::default();
-    if let Some(d) = &t.disk {
-        p.disk_copied_bytes = d.copied;
-        p.disk_total_bytes = d.total;
-    }
-    if !memory_started {
-        p.stage = "disk".into();
-        p.percent = percent(p.disk_copied_bytes, p.disk_total_bytes);
-        return p;
-    }
-    p.stage = "memory".into();
-    p.memory_total_bytes = t.memory_total;
-    p.memory_sent_bytes = t.memory_sent;
-    p.memory_remaining_bytes = t.memory_remaining;
-    p.dirty_rate_bytes = t.dirty_rate_bytes;
-    p.mbps = t.mbps;
-    p.percent = percent(
-        t.memory_total - t.memory_remaining.min(t.memory_total),
-        t.memory_total,
-    );
-    let rate = t.mbps * 1e6 / 8.0;
-    if rate > 0.0 {
-        p.expected_remaining_ms = Some((t.memory_remaining as f64 / rate * 1000.0) as u64);
-    }
-    p
-}
-
-/// Carries out the source's side of a migration, from wherever it stands, until it ends. Runs in
-/// the VM's worker, so nothing else touches the VM meanwhile.
+/// Carries out the source's side of a migration, from wherever it stands, until it ends: reads
+/// the record, the VM and QEMU, and does what [`source::next`] decides. Runs in the VM's worker,
+/// so nothing else touches the VM meanwhile.
 pub(crate) async fn run_source(
     store: &dyn Controller,
     driver: &dyn Driver,
@@ -213,308 +184,224 @@ pub(crate) async fn run_source(
     vm_key: &str,
     mig: Versioned<Migration>,
 ) -> Result<Outcome, AgentError> {
-    let mig_key = &keys::migration(&mig.value.project, &mig.value.vm);
-    let dir = &layout::vm_dir(&cfg.data_dir, mig.value.vm_uid);
-    let began = Instant::now();
-    let mut last_report = Instant::now();
-    let mut moved = (0u64, Instant::now());
-    // Whether this migration's memory stream was started (by this run, or by one before an agent
-    // restart: QEMU then reports it active when we first look).
-    let mut memory_started = false;
-    let mut memory_since: Option<Instant> = None;
-    let mut first = true;
-    // The record and the VM as last read; while memory moves QEMU is polled far more often than
-    // the store is read.
+    let src = Source {
+        store,
+        driver,
+        cfg,
+        vm_key,
+        mig_key: &keys::migration(&mig.value.project, &mig.value.vm),
+        dir: &layout::vm_dir(&cfg.data_dir, mig.value.vm_uid),
+    };
+    let mut mem = source::Memory::new(mig.value.phase, Instant::now());
+    // The record and the VM as last read, and when.
     let mut read: Option<(Instant, Versioned<Migration>, Option<Versioned<Vm>>)> = None;
     loop {
+        // Before memory moves the store is read on every look; while it moves, QEMU is looked at
+        // far more often than the store is read.
         let fresh = read
             .as_ref()
-            .is_none_or(|(at, ..)| !memory_started || at.elapsed() >= STORE_POLL);
+            .is_none_or(|(at, ..)| !mem.memory_moves() || at.elapsed() >= STORE_POLL);
         if fresh {
-            let Some(m) = get_json::<Migration>(store, mig_key).await? else {
+            let Some(m) = get_json::<Migration>(store, src.mig_key).await? else {
                 return Ok(Outcome::Requeue(Duration::ZERO));
             };
-            let vm = get_json::<Vm>(store, vm_key).await?;
-            read = Some((Instant::now(), m, vm));
+            read = Some((Instant::now(), m, get_json::<Vm>(store, vm_key).await?));
         }
-        let Some((
-            _,
-            Versioned {
-                value: m,
-                revision: mig_rev,
-            },
-            vm,
-        )) = read.clone()
-        else {
+        let Some((_, m, vm)) = &read else {
             return Ok(Outcome::Requeue(Duration::ZERO));
         };
+        let (m, mig_rev) = (m.value.clone(), m.revision);
         if m.id != mig.value.id {
             return Ok(Outcome::Requeue(Duration::ZERO));
         }
-        if m.phase.is_finished() {
-            // Ended by the target or the controller: stop sending. Should the copy have completed
-            // already, the VM's worker resumes the paused guest here.
-            driver.cancel_transfer(dir).await?;
-            note_end(store, vm_key, &m).await?;
-            return Ok(Outcome::Requeue(Duration::ZERO));
-        }
-        let stop_reason = match &vm {
-            None => Some("the VM was deleted"),
-            Some(v) if v.value.meta.deletion_requested_at.is_some() => {
-                Some("the VM is being deleted")
+        let state = driver.observe(src.dir).await?.map(|o| o.state);
+        let transfer = match state {
+            Some(_) => driver.transfer(src.dir).await?,
+            None => Transfer::default(),
+        };
+        let look = source::Look {
+            migration: &m,
+            vm: vm.as_ref().map(|v| &v.value),
+            state,
+            transfer: &transfer,
+            now: Instant::now(),
+        };
+        match source::next(&mut mem, &look) {
+            Step::Ended => {
+                driver.cancel_transfer(src.dir).await?;
+                note_end(store, vm_key, &m).await?;
+                return Ok(Outcome::Requeue(Duration::ZERO));
             }
-            Some(v) if v.value.spec.power != PowerState::Running => Some("the VM is being stopped"),
-            _ if m.cancel_requested => Some("cancelled on request"),
-            _ => None,
-        };
-        let Some(observed) = driver.observe(dir).await? else {
-            end(
-                store,
-                mig_key,
-                vm_key,
-                &cfg.host,
-                MigrationPhase::Failed,
-                &format!("the VM's QEMU on {} exited during the migration", cfg.host),
-            )
-            .await?;
-            return Ok(Outcome::Requeue(Duration::ZERO));
-        };
-        let mut transfer = driver.transfer(dir).await?;
-        // "Completed" alone may be the VM's arrival here; paused after sending is the departure.
-        let sent = |t: &Transfer, state: &RunState| {
-            t.status == TransferStatus::Completed && *state == RunState::MigratedAway
-        };
-        if std::mem::take(&mut first)
-            && mig.value.phase == MigrationPhase::Transferring
-            && transfer.status == TransferStatus::Active
-        {
-            memory_started = true;
-        }
-        // What QEMU reports before this migration's stream started is an earlier migration's end.
-        if !memory_started && !sent(&transfer, &observed.state) {
-            transfer.status = TransferStatus::None;
-        }
-        if sent(&transfer, &observed.state) {
-            // Whatever else happened meanwhile, the state is on the target now: hand over.
-            return hand_over(store, driver, cfg, vm_key, mig_key, m.id, dir, &transfer).await;
-        }
-        let id = m.id;
-        let give_up = |phase: MigrationPhase, why: String| async move {
-            driver.cancel_transfer(dir).await?;
-            // The copy may have completed just before the cancel: then it stands.
-            let t = driver.transfer(dir).await?;
-            let state = driver.observe(dir).await?.map(|o| o.state);
-            if state.is_some_and(|s| sent(&t, &s)) {
-                return hand_over(store, driver, cfg, vm_key, mig_key, id, dir, &t).await;
+            Step::QemuExited => {
+                let why = format!("the VM's QEMU on {} exited during the migration", cfg.host);
+                end(
+                    store,
+                    src.mig_key,
+                    vm_key,
+                    &cfg.host,
+                    MigrationPhase::Failed,
+                    &why,
+                )
+                .await?;
+                return Ok(Outcome::Requeue(Duration::ZERO));
             }
-            end(store, mig_key, vm_key, &cfg.host, phase, &why).await?;
-            Ok::<_, AgentError>(Outcome::Requeue(Duration::ZERO))
-        };
-        if let Some(why) = stop_reason {
-            return give_up(MigrationPhase::Cancelled, why.to_string()).await;
-        }
-        match m.phase {
-            MigrationPhase::Preparing => {
-                if began.elapsed() > PREPARE_TIMEOUT {
-                    let why = format!(
-                        "host {} did not prepare within {} s",
-                        m.target,
-                        PREPARE_TIMEOUT.as_secs()
-                    );
-                    return give_up(MigrationPhase::Failed, why).await;
-                }
-            }
-            MigrationPhase::TargetReady => {
+            Step::HandOver => return src.hand_over(m.id, &transfer).await,
+            Step::GiveUp { phase, why } => return src.give_up(m.id, phase, &why).await,
+            Step::StartCopy => {
                 // Where to, from the target's own record: never a URI a host wrote.
                 let to = match endpoints(store, &m).await? {
                     Ok(to) => to,
-                    Err(why) => return give_up(MigrationPhase::Failed, why.0).await,
+                    Err(why) => return src.give_up(m.id, MigrationPhase::Failed, &why.0).await,
                 };
                 let started = match to.disk {
-                    None => driver.send(dir, to.stream, &tuning(store).await?).await,
-                    Some(disk) => driver.mirror_disk(dir, disk).await,
+                    None => driver.send(src.dir, to.stream, &tuning(store).await?).await,
+                    Some(disk) => driver.mirror_disk(src.dir, disk).await,
                 };
                 if let Err(e) = started {
-                    return give_up(MigrationPhase::Failed, e.to_string()).await;
+                    let why = e.to_string();
+                    return src.give_up(m.id, MigrationPhase::Failed, &why).await;
                 }
-                memory_started = m.shared_storage;
-                moved = (0, Instant::now());
-                let progress = progress_of(&transfer, memory_started);
-                take(store, mig_key, MigrationStep::Transferring { progress }).await?;
+                mem.copy_started(m.shared_storage, Instant::now());
+                let progress = mem.progress(&transfer);
+                take(store, src.mig_key, MigrationStep::Transferring { progress }).await?;
                 // The record changed: read it again before the next step.
                 read = None;
             }
-            MigrationPhase::Transferring => {
-                if !m.shared_storage && memory_started && transfer.disk.is_none() {
-                    let why = "the disk copy to the target stopped".to_string();
-                    return give_up(MigrationPhase::Failed, why).await;
+            Step::SendMemory => {
+                let to = match endpoints(store, &m).await? {
+                    Ok(to) => to.stream,
+                    Err(why) => return src.give_up(m.id, MigrationPhase::Failed, &why.0).await,
+                };
+                if let Err(e) = driver.send(src.dir, to, &tuning(store).await?).await {
+                    let why = e.to_string();
+                    return src.give_up(m.id, MigrationPhase::Failed, &why).await;
                 }
-                if let Some(e) = transfer.disk.as_ref().and_then(|d| d.error.clone()) {
-                    return give_up(MigrationPhase::Failed, format!("copying the disk: {e}")).await;
-                }
-                match &transfer.status {
-                    TransferStatus::Failed(e) => {
-                        return give_up(MigrationPhase::Failed, e.clone()).await;
-                    }
-                    TransferStatus::Cancelled => {
-                        return give_up(MigrationPhase::Cancelled, "cancelled".into()).await;
-                    }
-                    TransferStatus::None if memory_started || m.shared_storage => {
-                        // QEMU knows of no migration (an agent restart in the middle): the copy
-                        // it had going is lost; start over is the user's call.
-                        let why = "the source QEMU lost track of the migration".to_string();
-                        return give_up(MigrationPhase::Failed, why).await;
-                    }
-                    TransferStatus::None => {
-                        // The disk is in sync: now the memory.
-                        if transfer.disk.as_ref().is_some_and(|d| d.ready) {
-                            let to = match endpoints(store, &m).await? {
-                                Ok(to) => to.stream,
-                                Err(why) => return give_up(MigrationPhase::Failed, why.0).await,
-                            };
-                            if let Err(e) = driver.send(dir, to, &tuning(store).await?).await {
-                                return give_up(MigrationPhase::Failed, e.to_string()).await;
-                            }
-                            memory_started = true;
-                            moved = (0, Instant::now());
-                        } else if transfer.disk.is_none() {
-                            let why = "the disk copy stopped".to_string();
-                            return give_up(MigrationPhase::Failed, why).await;
-                        }
-                    }
-                    TransferStatus::Active | TransferStatus::Completed => {
-                        memory_started = true;
-                    }
-                }
-                let bytes = transfer.memory_sent + transfer.disk.as_ref().map_or(0, |d| d.copied);
-                if bytes != moved.0 {
-                    moved = (bytes, Instant::now());
-                } else if moved.1.elapsed() > STALL_TIMEOUT {
-                    let why = format!(
-                        "no progress for {} s: is {} reachable?",
-                        STALL_TIMEOUT.as_secs(),
-                        m.target
-                    );
-                    return give_up(MigrationPhase::Failed, why).await;
-                }
-                // Convergence is timed from the start of the memory copy, not the disk's.
-                if memory_started {
-                    memory_since.get_or_insert_with(Instant::now);
-                }
-                if memory_since.is_some_and(|t| t.elapsed() > CONVERGE_TIMEOUT) {
-                    let why = format!(
-                        "did not converge within {} s: the guest dirties memory faster than the link sends it",
-                        CONVERGE_TIMEOUT.as_secs()
-                    );
-                    return give_up(MigrationPhase::Failed, why).await;
-                }
-                if last_report.elapsed() >= REPORT {
-                    last_report = Instant::now();
+                mem.copy_started(true, Instant::now());
+            }
+            Step::Wait { report, .. } => {
+                if let Some(progress) = report {
                     // A record changed meanwhile gets the next report.
-                    let progress = progress_of(&transfer, memory_started);
                     let step = MigrationStep::Transferring { progress };
                     migration_step(store, &m, mig_rev, step).await?;
                 }
             }
-            MigrationPhase::Completed | MigrationPhase::Failed | MigrationPhase::Cancelled => {
-                return Ok(Outcome::Requeue(Duration::ZERO))
-            }
         }
-        tokio::time::sleep(if memory_started { POLL_MEMORY } else { POLL }).await;
+        tokio::time::sleep(mem.poll()).await;
     }
 }
 
-/// The copy is complete and the guest paused on both sides: finish the disk copy, then give the
-/// VM to the target and mark the migration completed in one transaction, then remove the source's
-/// copy.
-#[allow(clippy::too_many_arguments)]
-async fn hand_over(
-    store: &dyn Controller,
-    driver: &dyn Driver,
-    cfg: &AgentConfig,
-    vm_key: &str,
-    mig_key: &str,
-    id: uuid::Uuid,
-    dir: &Path,
-    transfer: &Transfer,
-) -> Result<Outcome, AgentError> {
-    let completed_at = Utc::now();
-    let (shared, source) = get_json::<Migration>(store, mig_key)
-        .await?
-        .map(|m| (m.value.shared_storage, m.value.source))
-        .unwrap_or_default();
-    // Without its disk in sync the target's copy must not run: the guest resumes here instead.
-    let disk_done = match (&transfer.disk, shared) {
-        (_, true) => Ok(()),
-        (Some(_), false) => driver
-            .finish_disk_copy(dir)
-            .await
-            .map_err(|e| e.to_string()),
-        (None, false) => Err("the disk copy to the target stopped before the switchover".into()),
-    };
-    if let Err(why) = disk_done {
-        end(
-            store,
-            mig_key,
-            vm_key,
-            &source,
-            MigrationPhase::Failed,
-            &why,
-        )
-        .await?;
-        return Ok(Outcome::Requeue(Duration::ZERO));
+impl Source<'_> {
+    /// Stops the copy and ends migration `id` as `phase` because of `why`, unless the copy
+    /// completed just before the cancel: then it stands, and the VM is handed over.
+    async fn give_up(
+        &self,
+        id: uuid::Uuid,
+        phase: MigrationPhase,
+        why: &str,
+    ) -> Result<Outcome, AgentError> {
+        self.driver.cancel_transfer(self.dir).await?;
+        let t = self.driver.transfer(self.dir).await?;
+        let state = self.driver.observe(self.dir).await?.map(|o| o.state);
+        if state.is_some_and(|s| source::sent(&t, &s)) {
+            return self.hand_over(id, &t).await;
+        }
+        let (store, host) = (self.store, &self.cfg.host);
+        end(store, self.mig_key, self.vm_key, host, phase, why).await?;
+        Ok(Outcome::Requeue(Duration::ZERO))
     }
-    let source_disk = loop {
-        let (Some(vm), Some(mig)) = (
-            get_json::<Vm>(store, vm_key).await?,
-            get_json::<Migration>(store, mig_key).await?,
-        ) else {
-            return Err(AgentError::Refused(
-                "the VM or its migration record vanished during the handover".into(),
-            ));
+
+    /// The copy is complete and the guest paused on both sides: finish the disk copy, then give
+    /// the VM to the target and mark the migration completed in one transaction, then remove the
+    /// source's copy.
+    async fn hand_over(&self, id: uuid::Uuid, transfer: &Transfer) -> Result<Outcome, AgentError> {
+        let Source {
+            store,
+            driver,
+            cfg,
+            vm_key,
+            mig_key,
+            dir,
+        } = *self;
+        let completed_at = Utc::now();
+        let (shared, source) = get_json::<Migration>(store, mig_key)
+            .await?
+            .map(|m| (m.value.shared_storage, m.value.source))
+            .unwrap_or_default();
+        // Without its disk in sync the target's copy must not run: the guest resumes here instead.
+        let disk_done = match (&transfer.disk, shared) {
+            (_, true) => Ok(()),
+            (Some(_), false) => driver
+                .finish_disk_copy(dir)
+                .await
+                .map_err(|e| e.to_string()),
+            (None, false) => {
+                Err("the disk copy to the target stopped before the switchover".into())
+            }
         };
-        let (v, m) = (vm.value, mig.value);
-        if m.id != id || m.phase != MigrationPhase::Transferring {
-            // Ended meanwhile (the target failed, the controller gave up): no handover; the
-            // VM's worker resumes the paused guest here.
+        if let Err(why) = disk_done {
+            end(
+                store,
+                mig_key,
+                vm_key,
+                &source,
+                MigrationPhase::Failed,
+                &why,
+            )
+            .await?;
             return Ok(Outcome::Requeue(Duration::ZERO));
         }
-        let total_ms = (Utc::now() - m.created_at).num_milliseconds().max(0) as u64;
-        // The mirror's last report, if QEMU already dropped the finished job.
-        let disk_bytes = transfer
-            .disk
-            .as_ref()
-            .map_or(m.progress.disk_total_bytes, |d| d.total);
-        let source_disk = match &v.status.disk {
-            Some(_) => known_disk(store, cfg, &v).await,
-            None => None,
+        let source_disk = loop {
+            let (Some(vm), Some(mig)) = (
+                get_json::<Vm>(store, vm_key).await?,
+                get_json::<Migration>(store, mig_key).await?,
+            ) else {
+                return Err(AgentError::Refused(
+                    "the VM or its migration record vanished during the handover".into(),
+                ));
+            };
+            let (v, m) = (vm.value, mig.value);
+            if m.id != id || m.phase != MigrationPhase::Transferring {
+                // Ended meanwhile (the target failed, the controller gave up): no handover; the
+                // VM's worker resumes the paused guest here.
+                return Ok(Outcome::Requeue(Duration::ZERO));
+            }
+            let total_ms = (Utc::now() - m.created_at).num_milliseconds().max(0) as u64;
+            // The mirror's last report, if QEMU already dropped the finished job.
+            let disk_bytes = transfer
+                .disk
+                .as_ref()
+                .map_or(m.progress.disk_total_bytes, |d| d.total);
+            let source_disk = match &v.status.disk {
+                Some(_) => known_disk(store, cfg, &v).await,
+                None => None,
+            };
+            let result = MigrationResult {
+                downtime_ms: transfer.downtime_ms.unwrap_or(0),
+                total_ms,
+                memory_bytes: transfer.memory_sent,
+                disk_bytes,
+                completed_at: Some(completed_at),
+            };
+            // The controller gives the VM the copy the target recorded, and completes the
+            // migration with it.
+            let handover = HostWrite::Handover {
+                vm: VmRef::of(&v),
+                vm_revision: vm.revision,
+                migration_revision: mig.revision,
+                result,
+            };
+            match store.write(handover).await? {
+                Written::Applied { .. } => break (source_disk, m.shared_storage),
+                Written::Stale => continue,
+            }
         };
-        let result = MigrationResult {
-            downtime_ms: transfer.downtime_ms.unwrap_or(0),
-            total_ms,
-            memory_bytes: transfer.memory_sent,
-            disk_bytes,
-            completed_at: Some(completed_at),
-        };
-        // The controller gives the VM the copy the target recorded, and completes the
-        // migration with it.
-        let handover = HostWrite::Handover {
-            vm: VmRef::of(&v),
-            vm_revision: vm.revision,
-            migration_revision: mig.revision,
-            result,
-        };
-        match store.write(handover).await? {
-            Written::Applied { .. } => break (source_disk, m.shared_storage),
-            Written::Stale => continue,
-        }
-    };
-    tracing::info!(vm = %vm_key, "handed over after live migration");
-    // The paused source copy: its state lives on elsewhere.
-    driver.kill(dir).await?;
-    let (disk, shared) = source_disk;
-    remove_vm_files(dir, if shared { None } else { disk.as_deref() })?;
-    Ok(Outcome::Gone)
+        tracing::info!(vm = %vm_key, "handed over after live migration");
+        // The paused source copy: its state lives on elsewhere.
+        driver.kill(dir).await?;
+        let (disk, shared) = source_disk;
+        remove_vm_files(dir, if shared { None } else { disk.as_deref() })?;
+        Ok(Outcome::Gone)
+    }
 }
 
 /// The target's side: prepares the incoming copy, watches it, and removes it if the migration does

@@ -123,6 +123,151 @@ struct Inner {
     gossip: Vec<(String, std::net::SocketAddr)>,
 }
 
+/// What one tick of the detector found.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Judged {
+    /// Hosts whose state changed (a host first seen live is no news).
+    transitions: Vec<(String, HostHa)>,
+    /// Hosts not heard from for [`placement::HEARTBEAT_TIMEOUT`] (or not yet).
+    quiet: HashSet<String>,
+    /// Hosts failed or isolated: their VMs are HA's business.
+    failed: HashSet<String>,
+}
+
+impl Inner {
+    /// Takes in the lease files as read at `now`: a lease changed when its content did (a file
+    /// that vanished is a change too). Only files that exist and entries already kept are looked
+    /// at, not every host.
+    fn observe_leases(&mut self, read: LeaseFiles, now: Instant) {
+        let mut observable = HashMap::new();
+        for (ds, files) in read {
+            let Some(files) = files else { continue };
+            let since = self.observable.get(&ds).copied().unwrap_or(now);
+            observable.insert(ds.clone(), since);
+            let kept = self.leases.entry(ds).or_default();
+            let present: HashSet<String> = files.iter().map(|(h, _)| h.clone()).collect();
+            for (host, content) in files {
+                match kept.get_mut(&host) {
+                    Some(l) if l.content.as_ref() == Some(&content) => {}
+                    Some(l) => {
+                        l.content = Some(content);
+                        l.changed = now;
+                    }
+                    None => {
+                        let content = Some(content);
+                        kept.insert(
+                            host,
+                            Lease {
+                                content,
+                                changed: now,
+                            },
+                        );
+                    }
+                }
+            }
+            for (host, l) in kept.iter_mut() {
+                if l.content.is_some() && !present.contains(host) {
+                    l.content = None;
+                    l.changed = now;
+                }
+            }
+        }
+        self.observable = observable;
+    }
+
+    /// How the lease of `host` on the datastores the controller reads looks at `now`.
+    fn lease_seen(&self, host: &str, now: Instant) -> LeaseSeen {
+        let mut lease = LeaseSeen::None;
+        for (ds, hosts) in &self.leases {
+            let Some(l) = hosts
+                .get(host)
+                .filter(|l| self.observable.contains_key(ds) && l.content.is_some())
+            else {
+                continue;
+            };
+            if now.saturating_duration_since(l.changed) < timing::LEASE_STALE_AFTER {
+                return LeaseSeen::Fresh;
+            }
+            lease = LeaseSeen::Stale;
+        }
+        lease
+    }
+
+    /// Whether `host`'s lease on `datastore` has been seen unchanged for
+    /// [`timing::LEASE_EXPIRES_AFTER`] at `now` (by when the host has killed its copies). A host
+    /// that never wrote a lease there counts from when the datastore could first be read.
+    fn lease_expired(&self, datastore: &str, host: &str, now: Instant) -> bool {
+        let Some(since) = self.observable.get(datastore) else {
+            return false;
+        };
+        let changed = self
+            .leases
+            .get(datastore)
+            .and_then(|hosts| hosts.get(host))
+            .map_or(*since, |l| l.changed);
+        now.saturating_duration_since(changed) >= timing::LEASE_EXPIRES_AFTER
+    }
+
+    /// Judges every host in `hosts` at `now` (the detector started at `started`: a host never
+    /// heard from counts as silent from then) and keeps each one's state.
+    fn judge(&mut self, hosts: &[std::sync::Arc<Host>], started: Instant, now: Instant) -> Judged {
+        let silent = |inner: &Inner, h: &str| {
+            let at = inner.seen.get(h).copied().unwrap_or(started);
+            now.saturating_duration_since(at) > timing::SILENT_AFTER
+        };
+        // The hosts a responding peer sees alive, gathered once: asking every report about every
+        // host would cost hosts x reports (10^8 at 10,000 hosts) four times a second, with the
+        // reports' lock held.
+        let seen_by_peers: HashSet<String> = self
+            .reports
+            .iter()
+            .filter(|(p, (at, _))| {
+                !silent(self, p) && now.saturating_duration_since(*at) < timing::SILENT_AFTER
+            })
+            .flat_map(|(p, (_, alive))| alive.iter().filter(move |a| *a != p))
+            .cloned()
+            .collect();
+        let mut judged = Judged::default();
+        for h in hosts {
+            let name = h.name.as_str();
+            let heard = self
+                .seen
+                .get(name)
+                .map(|at| now.saturating_duration_since(*at));
+            if heard.is_none_or(|e| e > placement::HEARTBEAT_TIMEOUT) {
+                judged.quiet.insert(name.to_string());
+            }
+            let state = judge(
+                !silent(self, name),
+                seen_by_peers.contains(name),
+                self.lease_seen(name, now),
+            );
+            // Only a change costs an allocation (this runs four times a second for every host).
+            let previous = self.states.get(name).map(|(s, _)| *s);
+            if previous != Some(state) {
+                self.states.insert(name.to_string(), (state, now));
+                if previous.is_some() || state != HostHa::Live {
+                    judged.transitions.push((name.to_string(), state));
+                }
+            }
+        }
+        // A removed host (or one in standby) is judged no more: its last state, failed perhaps,
+        // must not keep HA looking for VMs to restart. Every host above has a state, so more
+        // states than hosts means some are stale.
+        if self.states.len() > hosts.len() {
+            let names: HashSet<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
+            self.states.retain(|h, _| names.contains(h.as_str()));
+        }
+        judged.failed = self
+            .states
+            .iter()
+            .filter(|(_, (s, _))| matches!(s, HostHa::Failed | HostHa::Isolated))
+            .map(|(h, _)| h.clone())
+            .collect();
+        judged
+    }
+}
+
 /// The controller's failure detector: in memory, rebuilt from scratch after a restart (it then
 /// waits a full lease period before it declares anything failed).
 pub struct Monitor {
@@ -324,8 +469,9 @@ pub(crate) fn spawn(ctx: Ctx) {
     });
 }
 
-/// One tick: reads leases and hosts, judges every host, reports what changed, and, when a host
-/// failed or restarts are under way, reads the VMs (once) to restart what needs it.
+/// One tick: reads leases and hosts, judges every host ([`Inner::observe_leases`],
+/// [`Inner::judge`]), reports what changed, and, when a host failed or restarts are under way,
+/// reads the VMs (once) to restart what needs it.
 async fn watch(ctx: &Ctx, tick: u64) -> Result<(), ApiError> {
     let (datastores, _) = list_json::<Datastore>(&*ctx.store, keys::DATASTORES).await?;
     let shared: Vec<(String, PathBuf)> = datastores
@@ -346,121 +492,25 @@ async fn watch(ctx: &Ctx, tick: u64) -> Result<(), ApiError> {
             .collect()
     };
     let isolation_response = placement::settings(ctx).await?.ha_isolation_response;
-    let now = Instant::now();
-    let mut transitions = Vec::new();
-    let failed: HashSet<String> = {
+    let Judged {
+        transitions,
+        quiet,
+        failed,
+    } = {
         let mut inner = ctx.ha.lock();
         inner.isolation_response = isolation_response;
         inner.gossip = hosts
             .iter()
             .filter_map(|h| h.status.gossip.map(|g| (h.name.clone(), g)))
             .collect();
-        // Leases: only files that exist and entries already kept are looked at, not every host.
-        let mut observable = HashMap::new();
-        for (ds, files) in read {
-            let Some(files) = files else { continue };
-            let since = inner.observable.get(&ds).copied().unwrap_or(now);
-            observable.insert(ds.clone(), since);
-            let kept = inner.leases.entry(ds).or_default();
-            let present: HashSet<String> = files.iter().map(|(h, _)| h.clone()).collect();
-            for (host, content) in files {
-                match kept.get_mut(&host) {
-                    Some(l) if l.content.as_ref() == Some(&content) => {}
-                    Some(l) => {
-                        l.content = Some(content);
-                        l.changed = now;
-                    }
-                    None => {
-                        let content = Some(content);
-                        kept.insert(
-                            host,
-                            Lease {
-                                content,
-                                changed: now,
-                            },
-                        );
-                    }
-                }
-            }
-            // A file that vanished is a change too.
-            for (host, l) in kept.iter_mut() {
-                if l.content.is_some() && !present.contains(host) {
-                    l.content = None;
-                    l.changed = now;
-                }
-            }
-        }
-        inner.observable = observable;
-        let silent = |inner: &Inner, h: &str| {
-            inner
-                .seen
-                .get(h)
-                .copied()
-                .unwrap_or(ctx.ha.started)
-                .elapsed()
-                > timing::SILENT_AFTER
-        };
-        // The hosts a responding peer sees alive, gathered once: asking every report about every
-        // host would cost hosts x reports (10^8 at 10,000 hosts) four times a second, with the
-        // reports' lock held.
-        let seen_by_peers: HashSet<String> = inner
-            .reports
-            .iter()
-            .filter(|(p, (at, _))| !silent(&inner, p) && at.elapsed() < timing::SILENT_AFTER)
-            .flat_map(|(p, (_, alive))| alive.iter().filter(move |a| *a != p))
-            .cloned()
-            .collect();
-        let mut quiet = HashSet::new();
-        for h in &hosts {
-            let name = h.name.as_str();
-            let heard = inner.seen.get(name).map(Instant::elapsed);
-            if heard.is_none_or(|e| e > placement::HEARTBEAT_TIMEOUT) {
-                quiet.insert(name.to_string());
-            }
-            let peer_sees = seen_by_peers.contains(name);
-            let mut lease = LeaseSeen::None;
-            for (ds, hosts) in &inner.leases {
-                let Some(l) = hosts
-                    .get(name)
-                    .filter(|l| inner.observable.contains_key(ds) && l.content.is_some())
-                else {
-                    continue;
-                };
-                if l.changed.elapsed() < timing::LEASE_STALE_AFTER {
-                    lease = LeaseSeen::Fresh;
-                    break;
-                }
-                lease = LeaseSeen::Stale;
-            }
-            let state = judge(!silent(&inner, name), peer_sees, lease);
-            // Only a change costs an allocation (this runs four times a second for every host).
-            let previous = inner.states.get(name).map(|(s, _)| *s);
-            if previous != Some(state) {
-                inner.states.insert(name.to_string(), (state, now));
-                // A host first seen live is no news.
-                if previous.is_some() || state != HostHa::Live {
-                    transitions.push((name.to_string(), state));
-                }
-            }
-        }
-        // A removed host (or one in standby) is judged no more: its last state, failed perhaps,
-        // must not keep HA looking for VMs to restart. Every host above has a state, so more
-        // states than hosts means some are stale.
-        if inner.states.len() > hosts.len() {
-            let names: HashSet<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
-            inner.states.retain(|h, _| names.contains(h.as_str()));
-        }
-        *ctx.ha
-            .quiet
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(std::sync::Arc::new(quiet));
-        inner
-            .states
-            .iter()
-            .filter(|(_, (s, _))| matches!(s, HostHa::Failed | HostHa::Isolated))
-            .map(|(h, _)| h.clone())
-            .collect()
+        let now = Instant::now();
+        inner.observe_leases(read, now);
+        inner.judge(&hosts, ctx.ha.started, now)
     };
+    *ctx.ha
+        .quiet
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(std::sync::Arc::new(quiet));
     for (host, state) in transitions {
         let reason = match state {
             HostHa::Live => "HostBack",
@@ -612,25 +662,65 @@ pub(crate) fn restart_order<'a>(candidates: &[&'a Vm], in_flight: &[&Vm]) -> Vec
     free
 }
 
-async fn fail_over(
-    ctx: &Ctx,
+/// Where a restart can go: the cluster's placement view in the controller, a fixed answer in
+/// tests.
+pub(crate) trait RestartPlacement {
+    /// A host other than its own that `vm` can run on, with that host's revision as read (to
+    /// guard the restart), or the reason there is none.
+    fn place(&self, vm: &Vm) -> Result<(String, u64), String>;
+    /// Counts `vm` where it is placed now, for the decisions that follow.
+    fn placed(&mut self, vm: Vm);
+}
+
+impl RestartPlacement for placement::ClusterView {
+    fn place(&self, vm: &Vm) -> Result<(String, u64), String> {
+        match self.decide_migration(vm, None) {
+            Decision::Place { host } => {
+                let revision = self.host_revision(&host);
+                Ok((host, revision))
+            }
+            Decision::Pending { reason } => Err(reason),
+        }
+    }
+
+    fn placed(&mut self, vm: Vm) {
+        self.record(vm);
+    }
+}
+
+/// One thing the failover does.
+#[derive(Debug)]
+pub(crate) enum Restart {
+    /// Move the VM at `key` (as read at `revision`) to `target` (as read at `target_revision`),
+    /// recording `vm` as its new record and `event` in the cluster's events.
+    Move {
+        key: String,
+        revision: u64,
+        vm: Box<Vm>,
+        from: String,
+        target: String,
+        target_revision: u64,
+        event: String,
+    },
+    /// No host can take the VM now: said once, tried again next tick.
+    Blocked {
+        uid: uuid::Uuid,
+        subject: String,
+        message: String,
+    },
+}
+
+/// The restarts to make now, in order: the protected VMs of `failed` hosts whose storage lease
+/// `expired`, in [`restart_order`], each placed on a host that takes it (and counted there for
+/// the ones after it). `now` is the wall clock, for the tier timeout.
+pub(crate) fn plan_restarts(
     failed: &HashSet<String>,
     datastores: &[Datastore],
     vms: &[(String, u64, Vm)],
-) -> Result<(), ApiError> {
-    // A host that never wrote a lease there counts from when the datastore could first be read.
-    let expired = |vm: &Vm, host: &str| {
-        let inner = ctx.ha.lock();
-        let Some(since) = inner.observable.get(&vm.spec.datastore) else {
-            return false;
-        };
-        let changed = inner
-            .leases
-            .get(&vm.spec.datastore)
-            .and_then(|hosts| hosts.get(host))
-            .map_or(*since, |l| l.changed);
-        changed.elapsed() >= timing::LEASE_EXPIRES_AFTER
-    };
+    expired: impl Fn(&Vm, &str) -> bool,
+    place: &mut dyn RestartPlacement,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Vec<Restart> {
     let candidates: Vec<&Vm> = vms
         .iter()
         .map(|(_, _, v)| v)
@@ -643,7 +733,7 @@ async fn fail_over(
         })
         .collect();
     if candidates.is_empty() {
-        return Ok(());
+        return Vec::new();
     }
     let in_flight: Vec<&Vm> = vms
         .iter()
@@ -651,34 +741,30 @@ async fn fail_over(
         .filter(|v| {
             v.status.phase != VmPhase::Running
                 && !failed.contains(v.status.host.as_deref().unwrap_or_default())
-                && restarted_at(v).is_some_and(|at| {
-                    (chrono::Utc::now() - at).to_std().unwrap_or_default() < TIER_TIMEOUT
-                })
+                && restarted_at(v)
+                    .is_some_and(|at| (now - at).to_std().unwrap_or_default() < TIER_TIMEOUT)
         })
         .collect();
     let order: Vec<uuid::Uuid> = restart_order(&candidates, &in_flight)
         .iter()
         .map(|v| v.meta.uid)
         .collect();
-    if order.is_empty() {
-        return Ok(());
-    }
-    let _one_at_a_time = ctx.placement.lock().await;
-    let mut view = placement::view(ctx).await?;
-    view.down = failed.clone();
+    let mut restarts = Vec::new();
     for uid in order {
         let Some((key, rev, vm)) = vms.iter().find(|(_, _, v)| v.meta.uid == uid) else {
             continue;
         };
         let from = vm.status.host.clone().unwrap_or_default();
-        let subject = format!("vm/{}/{}", vm.meta.project, vm.meta.name);
-        let target = match view.decide_migration(vm, None) {
-            Decision::Place { host } => host,
-            Decision::Pending { reason } => {
-                if ctx.ha.lock().blocked.insert(uid) {
-                    let msg = format!("{} cannot run again yet: {reason}", vm.meta.name);
-                    events::record(&*ctx.store, "RestartBlocked", &subject, &msg).await;
-                }
+        let (target, target_revision) = match place.place(vm) {
+            Ok(to) => to,
+            Err(reason) => {
+                let message = format!("{} cannot run again yet: {reason}", vm.meta.name);
+                let subject = format!("vm/{}/{}", vm.meta.project, vm.meta.name);
+                restarts.push(Restart::Blocked {
+                    uid,
+                    subject,
+                    message,
+                });
                 continue;
             }
         };
@@ -707,34 +793,96 @@ async fn fail_over(
             vm.meta.name, vm.spec.ha_priority
         )
         .to_lowercase();
+        place.placed(v.clone());
+        restarts.push(Restart::Move {
+            key: key.clone(),
+            revision: *rev,
+            vm: Box::new(v),
+            from,
+            target,
+            target_revision,
+            event,
+        });
+    }
+    restarts
+}
+
+/// Makes the restarts [`plan_restarts`] decides, each a compare-and-swap of the VM from its failed
+/// host to the new one, with its event, in one transaction.
+async fn fail_over(
+    ctx: &Ctx,
+    failed: &HashSet<String>,
+    datastores: &[Datastore],
+    vms: &[(String, u64, Vm)],
+) -> Result<(), ApiError> {
+    let _one_at_a_time = ctx.placement.lock().await;
+    let mut view = placement::view(ctx).await?;
+    view.down = failed.clone();
+    let restarts = {
+        let expired = |vm: &Vm, host: &str| {
+            ctx.ha
+                .lock()
+                .lease_expired(&vm.spec.datastore, host, Instant::now())
+        };
+        plan_restarts(
+            failed,
+            datastores,
+            vms,
+            expired,
+            &mut view,
+            chrono::Utc::now(),
+        )
+    };
+    for restart in restarts {
+        let Restart::Move {
+            key,
+            revision,
+            vm,
+            from,
+            target,
+            target_revision,
+            event,
+        } = restart
+        else {
+            if let Restart::Blocked {
+                uid,
+                subject,
+                message,
+            } = restart
+            {
+                // Said once, until the VM is restarted.
+                if ctx.ha.lock().blocked.insert(uid) {
+                    events::record(&*ctx.store, "RestartBlocked", &subject, &message).await;
+                }
+            }
+            continue;
+        };
+        let subject = format!("vm/{}/{}", vm.meta.project, vm.meta.name);
         let ops = vec![
             Op::Check {
                 key: keys::host(&target),
-                when: Precondition::ModRevision(view.host_revision(&target)),
+                when: Precondition::ModRevision(target_revision),
             },
             Op::Put {
-                key: key.clone(),
-                value: serde_json::to_vec(&v).map_err(StoreError::from)?,
-                when: Precondition::ModRevision(*rev),
+                key,
+                value: serde_json::to_vec(&*vm).map_err(StoreError::from)?,
+                when: Precondition::ModRevision(revision),
                 lease: None,
             },
             events::op("VmRestarting", &subject, &event)?,
         ];
         match ctx.store.txn(ops).await {
             Ok(_) => {
-                let declared = ctx
-                    .ha
-                    .lock()
-                    .states
-                    .get(&from)
-                    .map_or_else(Instant::now, |(_, since)| *since);
                 {
                     let mut inner = ctx.ha.lock();
-                    inner.blocked.remove(&uid);
-                    inner.restarting.insert(uid, (from.clone(), declared));
+                    let declared = inner
+                        .states
+                        .get(&from)
+                        .map_or_else(Instant::now, |(_, since)| *since);
+                    inner.blocked.remove(&vm.meta.uid);
+                    inner.restarting.insert(vm.meta.uid, (from, declared));
                 }
                 events::log("VmRestarting", &subject, &event);
-                view.record(v);
             }
             // The VM or the target changed since they were read (the failed host may have come
             // back and claimed it): judged again on the next tick.
@@ -803,114 +951,4 @@ pub(crate) fn admission(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use corral_api::{HaPriority, ObjectMeta, VmSpec, VmStatus, LOCAL_DATASTORE};
-
-    #[test]
-    fn a_peers_claim_alone_never_keeps_a_host_from_failing() {
-        use LeaseSeen as L;
-        // (reports to the controller, a peer sees it, its lease)
-        assert_eq!(judge(true, false, L::Stale), HostHa::Live);
-        assert_eq!(judge(false, true, L::Fresh), HostHa::Partitioned);
-        assert_eq!(judge(false, false, L::Fresh), HostHa::Isolated);
-        assert_eq!(judge(false, false, L::Stale), HostHa::Failed);
-        assert_eq!(
-            judge(false, true, L::Stale),
-            HostHa::Failed,
-            "a silent host that no longer renews its lease has fenced itself, whatever a peer says"
-        );
-        // Without a lease the controller reads nothing can be restarted; the peers' word is shown.
-        assert_eq!(judge(false, true, L::None), HostHa::Partitioned);
-        assert_eq!(judge(false, false, L::None), HostHa::Failed);
-    }
-
-    fn vm(name: &str, p: HaPriority, after: &[&str]) -> Vm {
-        Vm {
-            meta: ObjectMeta::new("default", name),
-            spec: VmSpec {
-                image: "jeos".into(),
-                cpus: 1,
-                memory_bytes: 128 << 20,
-                disk_bytes: 0,
-                power: PowerState::Running,
-                force_stop: false,
-                reboots: 0,
-                host: None,
-                datastore: "nfs".into(),
-                ha: HaPolicy::Restart,
-                ha_priority: p,
-                ha_after: after.iter().map(|s| s.to_string()).collect(),
-                nics: Vec::new(),
-                security_groups: Vec::new(),
-            },
-            status: VmStatus::default(),
-            ha: None,
-        }
-    }
-
-    fn names(v: Vec<&Vm>) -> Vec<&str> {
-        v.iter().map(|v| v.meta.name.as_str()).collect()
-    }
-
-    #[test]
-    fn restarts_go_by_priority_and_wait_for_what_they_need() {
-        let db = vm("db", HaPriority::High, &[]);
-        let cache = vm("cache", HaPriority::High, &[]);
-        let web = vm("web", HaPriority::Medium, &["db"]);
-        let api = vm("api", HaPriority::Medium, &["web"]);
-        let batch = vm("batch", HaPriority::Low, &[]);
-        let all = [&db, &cache, &web, &api, &batch];
-        // The high tier first, by name.
-        assert_eq!(names(restart_order(&all, &[])), ["cache", "db"]);
-        // While db still starts, the medium tier waits.
-        assert!(restart_order(&[&web, &api, &batch], &[&db]).is_empty());
-        // Once it runs: web, but not api, which waits for web.
-        assert_eq!(names(restart_order(&[&web, &api, &batch], &[])), ["web"]);
-        assert!(restart_order(&[&api, &batch], &[&web]).is_empty());
-        assert_eq!(names(restart_order(&[&api, &batch], &[])), ["api"]);
-        assert_eq!(names(restart_order(&[&batch], &[])), ["batch"]);
-        // A cycle does not block for ever.
-        let a = vm("a", HaPriority::Medium, &["b"]);
-        let b = vm("b", HaPriority::Medium, &["a"]);
-        assert_eq!(names(restart_order(&[&a, &b], &[])), ["a", "b"]);
-        assert!(restart_order(&[], &[&db]).is_empty());
-    }
-
-    #[test]
-    fn only_running_vms_with_ha_on_a_shared_datastore_unpinned_are_protected() {
-        let ds = vec![
-            Datastore {
-                name: "nfs".into(),
-                path: "/mnt/nfs".into(),
-                shared: true,
-                created_at: chrono::Utc::now(),
-                deleting: false,
-            },
-            Datastore {
-                name: "disk2".into(),
-                path: "/mnt/disk2".into(),
-                shared: false,
-                created_at: chrono::Utc::now(),
-                deleting: false,
-            },
-        ];
-        let ok = vm("web", HaPriority::High, &[]);
-        assert!(protection(&ok, &ds).protected);
-        let mut v = ok.clone();
-        v.spec.ha = HaPolicy::Off;
-        assert!(protection(&v, &ds).reason.contains("ha: restart"));
-        let mut v = ok.clone();
-        v.spec.datastore = LOCAL_DATASTORE.into();
-        assert!(protection(&v, &ds).reason.contains("local datastore"));
-        let mut v = ok.clone();
-        v.spec.datastore = "disk2".into();
-        assert!(protection(&v, &ds).reason.contains("not shared"));
-        let mut v = ok.clone();
-        v.spec.host = Some("host-1".into());
-        assert!(protection(&v, &ds).reason.contains("pinned"));
-        let mut v = ok;
-        v.spec.power = PowerState::Stopped;
-        assert!(!protection(&v, &ds).protected);
-    }
-}
+mod tests;
