@@ -3,7 +3,7 @@
 set -euo pipefail
 
 packages=(qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs iproute2 util-linux ca-certificates
-  nftables dnsmasq-base python3-venv)
+  nftables dnsmasq-base python3-venv curl)
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 

@@ -15,6 +15,8 @@ if [ ! -x "$venv/bin/openapi-spec-validator" ]; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check openapi-spec-validator
 fi
 "$venv/bin/openapi-spec-validator" docs/openapi.json
+# And the server keeps to it: a schema-driven fuzzer against a live `corral up`.
+./scripts/fuzz-api.sh
 # The controller drives no hypervisor (docs/ARCHITECTURE.md): it links no agent, QEMU driver, host
 # networking or image builder, not even for its tests.
 if cargo tree -p corral-controller --prefix none | grep -E '^corral-(agent|hypervisor|network|jeos) '; then

@@ -62,7 +62,7 @@ async fn endpoints(
     m: &Migration,
 ) -> Result<Result<MigrationEndpoints, ValidationError>, AgentError> {
     let Some(target) = get_json::<Host>(store, &keys::host(&m.target)).await? else {
-        return Ok(Err(ValidationError(format!(
+        return Ok(Err(ValidationError::new(format!(
             "host {} is no longer in the cluster",
             m.target
         ))));

@@ -124,6 +124,9 @@ pub struct DrsPlan {
 pub struct ApplyDrsRequest {
     /// The plan to carry out (from `GET /api/v1/drs/plan`); a fresh plan when absent.
     #[serde(default)]
+    #[schema(
+        pattern = "^([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}|[0-9a-fA-F]{32})$"
+    )]
     pub plan: Option<uuid::Uuid>,
 }
 

@@ -43,6 +43,8 @@ pub struct CreateGroupRequest {
     pub name: String,
     pub rule: GroupRule,
     pub strength: GroupStrength,
+    /// The VMs of the project in the group.
+    #[schema(schema_with = crate::meta::names_schema)]
     pub members: Vec<String>,
 }
 

@@ -75,14 +75,14 @@ impl Capacity {
     /// Refuses a capacity no machine has, with a sentence.
     pub fn check(&self) -> Result<(), crate::ValidationError> {
         if self.cpus == 0 || self.cpus > Self::MAX_CPUS {
-            return Err(crate::ValidationError(format!(
+            return Err(crate::ValidationError::new(format!(
                 "{} CPUs is not a machine's capacity: 1 to {} CPUs are accepted",
                 self.cpus,
                 Self::MAX_CPUS
             )));
         }
         if self.memory_bytes < 1 << 20 || self.memory_bytes > Self::MAX_MEMORY_BYTES {
-            return Err(crate::ValidationError(format!(
+            return Err(crate::ValidationError::new(format!(
                 "{} of memory is not a machine's capacity: 1 MiB to {} are accepted",
                 crate::format_bytes(self.memory_bytes),
                 crate::format_bytes(Self::MAX_MEMORY_BYTES)
@@ -120,7 +120,7 @@ pub fn check_own_address(host: &Host, hosts: &[Host]) -> Result<(), crate::Valid
         .iter()
         .find(|h| h.name != host.name && h.status.address == Some(ip))
     {
-        Some(other) => Err(crate::ValidationError(format!(
+        Some(other) => Err(crate::ValidationError::new(format!(
             "host {} claims the address {ip}, which host {} has registered too: refusing to send a VM there",
             host.name, other.name
         ))),
@@ -136,7 +136,7 @@ pub fn check_fabric_address(ip: std::net::IpAddr) -> Result<(), crate::Validatio
         || ip.is_multicast()
         || matches!(ip, std::net::IpAddr::V4(a) if a.is_broadcast());
     if bad {
-        return Err(crate::ValidationError(format!(
+        return Err(crate::ValidationError::new(format!(
             "{ip} is not an address other hosts can reach it at on the fabric"
         )));
     }
@@ -273,7 +273,7 @@ pub struct ClusterSettings {
     pub memory_overcommit: f64,
     /// Cap on one live migration's stream, bytes per second; none: as fast as the link goes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(minimum = 1048576)]
+    #[schema(minimum = 1048576, maximum = 1099511627776_u64)]
     pub migration_bandwidth_bytes: Option<u64>,
     /// The longest pause of a guest at the switchover of a live migration (QEMU's default: 300).
     #[serde(default = "default_downtime_ms")]
@@ -349,6 +349,11 @@ impl ClusterSettings {
         if self.migration_bandwidth_bytes.is_some_and(|b| b < 1 << 20) {
             return Err(crate::ValidationError::new(
                 "migration_bandwidth_bytes below 1 MiB/s would never finish a migration: give at least 1M, or none for no cap",
+            ));
+        }
+        if self.migration_bandwidth_bytes.is_some_and(|b| b > 1 << 40) {
+            return Err(crate::ValidationError::new(
+                "migration_bandwidth_bytes above 1 TiB/s is no cap at all: give at most 1T, or none for no cap",
             ));
         }
         if !(1..=5).contains(&self.drs_aggressiveness) {

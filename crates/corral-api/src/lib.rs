@@ -27,7 +27,7 @@ pub use drs::{
     PowerAction, PowerManagement, VmUsage, DPM_MAX_LOAD, DPM_WAKE_LOAD, DRS_HOLD_SECS,
     DRS_PERIOD_SECS,
 };
-pub use error::{ApiErrorBody, ValidationError};
+pub use error::{ApiErrorBody, Refusal, ValidationError};
 pub use group::{CreateGroupRequest, GroupRule, GroupStrength, VmGroup};
 pub use ha::{timing, ClusterEvent, HaPolicy, HaPriority, HaProtection, IsolationResponse};
 pub use host::{
@@ -67,6 +67,11 @@ pub struct Health {
 pub struct BuildJeosRequest {
     /// Name of the image to create; "jeos" when absent.
     #[serde(default)]
+    #[schema(
+        min_length = 1,
+        max_length = 63,
+        pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+    )]
     pub name: Option<String>,
     /// Rebuild from the Debian packages even if the image already exists and is ready.
     #[serde(default)]

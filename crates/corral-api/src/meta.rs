@@ -47,6 +47,20 @@ impl ObjectMeta {
     }
 }
 
+/// The schema of a list of names (each as [`validate_name`] takes it), for `schema_with`.
+pub(crate) fn names_schema() -> utoipa::openapi::schema::Array {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
+    let name = ObjectBuilder::new()
+        .schema_type(Type::String)
+        .min_length(Some(1))
+        .max_length(Some(63))
+        .pattern(Some(NAME_PATTERN));
+    ArrayBuilder::new().items(name).build()
+}
+
+/// What [`validate_name`] takes, as a regular expression.
+pub(crate) const NAME_PATTERN: &str = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$";
+
 /// Names of projects and objects are DNS labels: they show up in host names, paths and QEMU's
 /// `-name`, so they are kept to characters that are safe everywhere.
 pub fn validate_name(kind: &str, name: &str) -> Result<(), ValidationError> {

@@ -179,22 +179,22 @@ impl Migration {
         target: &crate::Host,
     ) -> Result<MigrationEndpoints, crate::ValidationError> {
         if target.name != self.target {
-            return Err(crate::ValidationError(format!(
+            return Err(crate::ValidationError::new(format!(
                 "host {} is not the target of this migration ({} is)",
                 target.name, self.target
             )));
         }
         let ip = target.status.address.ok_or_else(|| {
-            crate::ValidationError(format!(
+            crate::ValidationError::new(format!(
                 "host {} has registered no fabric address to migrate to",
                 self.target
             ))
         })?;
         crate::check_fabric_address(ip)
-            .map_err(|e| crate::ValidationError(format!("host {}: {e}", self.target)))?;
+            .map_err(|e| crate::ValidationError::new(format!("host {}: {e}", self.target)))?;
         let port = |p: Option<u16>, what: &str| match p {
             Some(p) if p > 0 => Ok(SocketAddr::new(ip, p)),
-            _ => Err(crate::ValidationError(format!(
+            _ => Err(crate::ValidationError::new(format!(
                 "host {} recorded no port for the {what}",
                 self.target
             ))),
@@ -203,7 +203,7 @@ impl Migration {
         let disk = match (self.shared_storage, self.disk_port) {
             (true, None) => None,
             (true, Some(_)) => {
-                return Err(crate::ValidationError(format!(
+                return Err(crate::ValidationError::new(format!(
                     "host {} exported a disk for a move on shared storage",
                     self.target
                 )))

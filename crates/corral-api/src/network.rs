@@ -51,7 +51,7 @@ impl Cidr {
         }
         let cidr = Cidr { base, prefix };
         if u32::from(base) & !cidr.mask() != 0 {
-            return Err(ValidationError::new(format!(
+            return Err(ValidationError::unprocessable(format!(
                 "{s:?} has host bits set: the network is {}/{prefix}",
                 Ipv4Addr::from(u32::from(base) & cidr.mask())
             )));
@@ -297,7 +297,7 @@ pub fn parse_peer(s: &str) -> Result<String, ValidationError> {
         u32::MAX << (32 - prefix)
     };
     if u32::from(ip) & !mask != 0 {
-        return Err(ValidationError::new(format!(
+        return Err(ValidationError::unprocessable(format!(
             "{s:?} has host bits set: the network is {}/{prefix}",
             Ipv4Addr::from(u32::from(ip) & mask)
         )));
@@ -387,11 +387,19 @@ pub struct SecurityRule {
     /// Port range (TCP and UDP only); all ports when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ports: Option<PortRange>,
-    /// The other side as an IPv4 network ("0.0.0.0/0" for anywhere)...
+    /// The other side as an IPv4 address or network ("0.0.0.0/0" for anywhere)...
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(
+        pattern = "^((25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])(/0*([0-9]|[12][0-9]|3[0-2]))?$"
+    )]
     pub cidr: Option<String>,
     /// ...or as the VMs of another security group of the project.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(
+        min_length = 1,
+        max_length = 63,
+        pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+    )]
     pub group: Option<String>,
 }
 
@@ -470,12 +478,12 @@ impl SecurityRule {
     pub fn normalized(&self) -> Result<SecurityRule, ValidationError> {
         if let Some(PortRange { first: a, last: b }) = self.ports {
             if a == 0 || a > b {
-                return Err(ValidationError::new(format!(
+                return Err(ValidationError::unprocessable(format!(
                     "port range {a}-{b} is empty: give ports from 1 to 65535, the lower first"
                 )));
             }
             if !matches!(self.protocol, Protocol::Tcp | Protocol::Udp) {
-                return Err(ValidationError::new(
+                return Err(ValidationError::unprocessable(
                     "ports apply to tcp and udp only: leave them out for icmp and any",
                 ));
             }
@@ -487,7 +495,7 @@ impl SecurityRule {
                 None
             }
             _ => {
-                return Err(ValidationError::new(
+                return Err(ValidationError::unprocessable(
                     "a rule names its peer as either a CIDR or a group",
                 ))
             }

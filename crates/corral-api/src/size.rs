@@ -26,8 +26,11 @@ pub fn parse_size(what: &str, input: &str) -> Result<u64, ValidationError> {
     };
     let value: f64 = num.parse().map_err(|_| bad())?;
     let bytes = value * (1u64 << shift) as f64;
+    // Well-formed, but no size Corral can use: a rule the API document does not state.
     if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 / 2.0 || bytes.fract() != 0.0 {
-        return Err(bad());
+        return Err(ValidationError::unprocessable(format!(
+            "{what} {input:?} is not a whole number of bytes Corral can use: e.g. 256M or 1G"
+        )));
     }
     Ok(bytes as u64)
 }
@@ -61,6 +64,21 @@ mod tests {
         assert_eq!(parse_size("disk", "1G").unwrap(), 1 << 30);
         assert_eq!(parse_size("disk", "1.5g").unwrap(), 3 << 29);
         assert_eq!(parse_size("disk", "4096").unwrap(), 4096);
+    }
+
+    #[test]
+    fn a_size_written_right_but_unusable_is_unprocessable_not_malformed() {
+        use crate::Refusal;
+        assert_eq!(
+            parse_size("memory", "12XB").unwrap_err().1,
+            Refusal::Malformed
+        );
+        assert_eq!(
+            parse_size("memory", "0.3B").unwrap_err().1,
+            Refusal::Unprocessable
+        );
+        let huge = parse_size("disk", "99999999999T").unwrap_err();
+        assert_eq!(huge.1, Refusal::Unprocessable, "{huge}");
     }
 
     #[test]

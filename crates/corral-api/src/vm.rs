@@ -256,7 +256,12 @@ pub struct CreateVmRequest {
         pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
     )]
     pub name: String,
-    #[schema(min_length = 1)]
+    /// The image to clone the VM's disk from.
+    #[schema(
+        min_length = 1,
+        max_length = 63,
+        pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+    )]
     pub image: String,
     #[serde(default = "one")]
     #[schema(minimum = 1, maximum = 255)]
@@ -295,12 +300,14 @@ pub struct CreateVmRequest {
     pub ha_priority: crate::HaPriority,
     /// VMs that must run before this one is restarted after a host failure.
     #[serde(default)]
+    #[schema(schema_with = crate::meta::names_schema)]
     pub ha_after: Vec<String>,
     /// NICs on networks of the project; address and MAC are chosen when not given.
     #[serde(default)]
     pub nics: Vec<crate::NicRequest>,
     /// Security groups for the VM's NICs; `default` when none is named.
     #[serde(default)]
+    #[schema(schema_with = crate::meta::names_schema)]
     pub security_groups: Vec<String>,
 }
 
@@ -325,7 +332,7 @@ impl CreateVmRequest {
         }
         let memory_bytes = parse_size("memory", &self.memory)?;
         if memory_bytes < MIN_MEMORY_BYTES || memory_bytes % (1 << 20) != 0 {
-            return Err(ValidationError::new(format!(
+            return Err(ValidationError::unprocessable(format!(
                 "memory {:?} is not usable: give a whole number of MiB, at least 64M (e.g. 256M)",
                 self.memory
             )));
@@ -334,7 +341,7 @@ impl CreateVmRequest {
             Some(d) => {
                 let b = parse_size("disk size", d)?;
                 if b == 0 || b % 512 != 0 || b > MAX_DISK_BYTES {
-                    return Err(ValidationError::new(format!(
+                    return Err(ValidationError::unprocessable(format!(
                         "disk size {d:?} is not usable: give a multiple of 512 bytes up to 16T, e.g. 1G"
                     )));
                 }

@@ -8,6 +8,10 @@ use corral_api::ApiErrorBody;
 pub enum ApiError {
     #[error("{0}")]
     BadRequest(String),
+    /// Well-formed, but against a rule the API document cannot state (see
+    /// [`corral_api::Refusal`]).
+    #[error("{0}")]
+    Unprocessable(String),
     #[error("{0}")]
     Unauthorized(String),
     #[error("{0}")]
@@ -39,6 +43,7 @@ impl ApiError {
     fn parts(&self) -> (StatusCode, &'static str) {
         match self {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            ApiError::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unprocessable"),
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
@@ -53,7 +58,10 @@ impl ApiError {
 
 impl From<corral_api::ValidationError> for ApiError {
     fn from(e: corral_api::ValidationError) -> Self {
-        ApiError::BadRequest(e.0)
+        match e.1 {
+            corral_api::Refusal::Malformed => ApiError::BadRequest(e.0),
+            corral_api::Refusal::Unprocessable => ApiError::Unprocessable(e.0),
+        }
     }
 }
 
@@ -81,10 +89,58 @@ impl IntoResponse for ApiError {
 }
 
 /// `Json`, `Path` and `Query` whose rejections are API errors with a sentence, like every other
-/// failure, instead of axum's plain-text answers.
-#[derive(axum::extract::FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
+/// failure, instead of axum's plain-text answers. A JSON number with no fraction (`5.0`) is an
+/// integer, as JSON Schema and so the API document count it: clients whose JSON writer prints
+/// whole floats that way are not refused.
 pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        let axum::Json(mut value) =
+            axum::Json::<serde_json::Value>::from_request(req, state).await?;
+        if !value.is_object() {
+            return Err(ApiError::BadRequest(
+                "the request body must be a JSON object, as documented in /api/v1/openapi.json"
+                    .into(),
+            ));
+        }
+        whole_numbers_as_integers(&mut value);
+        serde_path_to_error::deserialize(value)
+            .map(ApiJson)
+            .map_err(|e| {
+                let at = e.path().to_string();
+                let at = if at == "." { String::new() } else { format!("{at}: ") };
+                ApiError::BadRequest(format!(
+                    "the request body is not valid: {at}{}; send JSON as documented in /api/v1/openapi.json",
+                    e.inner()
+                ))
+            })
+    }
+}
+
+/// Rewrites every float without a fraction that an integer type can hold as that integer.
+fn whole_numbers_as_integers(v: &mut serde_json::Value) {
+    use serde_json::Value;
+    match v {
+        Value::Number(n) if n.is_f64() => {
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            // 2^63: every whole float below it in magnitude is an exact i64 (or u64).
+            const LIMIT: f64 = 9_223_372_036_854_775_808.0;
+            if f.fract() == 0.0 && f.abs() < LIMIT {
+                *v = if f >= 0.0 {
+                    Value::from(f as u64)
+                } else {
+                    Value::from(f as i64)
+                };
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(whole_numbers_as_integers),
+        Value::Object(fields) => fields.values_mut().for_each(whole_numbers_as_integers),
+        _ => {}
+    }
+}
 
 #[derive(axum::extract::FromRequestParts)]
 #[from_request(via(axum::extract::Path), rejection(ApiError))]

@@ -241,7 +241,7 @@ fn check_own_path(what: &str, path: &str) -> Result<(), ValidationError> {
     if plain {
         Ok(())
     } else {
-        Err(ValidationError(format!(
+        Err(ValidationError::new(format!(
             "{what} {path:?} is not a plain absolute path (no commas, no '..')"
         )))
     }
@@ -261,12 +261,12 @@ fn migration_step(
     let is_source = stored.source == host;
     let is_target = stored.target == host;
     if !is_source && !is_target {
-        return Err(ValidationError(
-            "the host is neither the source nor the target of this migration".into(),
+        return Err(ValidationError::new(
+            "the host is neither the source nor the target of this migration",
         ));
     }
     if stored.phase.is_finished() {
-        return Err(ValidationError("the migration already ended".into()));
+        return Err(ValidationError::new("the migration already ended"));
     }
     let mut next = stored.clone();
     next.updated_at = now;
@@ -279,8 +279,8 @@ fn migration_step(
             target_disk,
         } => {
             if !is_target || stored.phase != P::Preparing {
-                return Err(ValidationError(
-                    "only the target readies a migration, once, while it prepares".into(),
+                return Err(ValidationError::new(
+                    "only the target readies a migration, once, while it prepares",
                 ));
             }
             // The ports of what this kind of move needs, and nothing else: the source builds the
@@ -288,7 +288,7 @@ fn migration_step(
             let ports =
                 *target_port > 0 && disk_port.is_some_and(|p| p > 0) != stored.shared_storage;
             if !ports {
-                return Err(ValidationError("a target that is ready records the port of its migration stream, and of its disk export exactly when the storage is not shared".into()));
+                return Err(ValidationError::new("a target that is ready records the port of its migration stream, and of its disk export exactly when the storage is not shared"));
             }
             check_own_path("the run directory", target_run_dir)?;
             check_own_path("the disk", target_disk)?;
@@ -301,8 +301,8 @@ fn migration_step(
         }
         MigrationStep::Transferring { progress } => {
             if !is_source || !matches!(stored.phase, P::TargetReady | P::Transferring) {
-                return Err(ValidationError(
-                    "only the source transfers, once the target is ready".into(),
+                return Err(ValidationError::new(
+                    "only the source transfers, once the target is ready",
                 ));
             }
             next.phase = P::Transferring;
@@ -311,12 +311,10 @@ fn migration_step(
         MigrationStep::Failed { error } | MigrationStep::Cancelled { error } => {
             let cancel = matches!(step, MigrationStep::Cancelled { .. });
             if cancel && !is_source {
-                return Err(ValidationError(
-                    "only the source cancels a migration".into(),
-                ));
+                return Err(ValidationError::new("only the source cancels a migration"));
             }
             if error.len() > MAX_ERROR {
-                return Err(ValidationError(format!(
+                return Err(ValidationError::new(format!(
                     "a reason is at most {MAX_ERROR} bytes"
                 )));
             }
@@ -338,13 +336,13 @@ fn handover(
     now: DateTime<Utc>,
 ) -> Result<(Vm, Migration), ValidationError> {
     if m.source != host || m.vm_uid != vm.meta.uid {
-        return Err(ValidationError(
-            "the host is not the source of this VM's migration".into(),
+        return Err(ValidationError::new(
+            "the host is not the source of this VM's migration",
         ));
     }
     if m.phase != MigrationPhase::Transferring {
-        return Err(ValidationError(
-            "a migration completes only from transferring".into(),
+        return Err(ValidationError::new(
+            "a migration completes only from transferring",
         ));
     }
     let mut m = m.clone();

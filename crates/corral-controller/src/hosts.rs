@@ -229,7 +229,8 @@ pub async fn get_cluster(State(ctx): State<Ctx>) -> Result<Json<ClusterSettings>
 }
 
 #[utoipa::path(put, path = "/api/v1/cluster", tag = "cluster", request_body = ClusterSettings,
-    responses((status = 200, body = ClusterSettings), (status = 400, body = corral_api::ApiErrorBody)),
+    responses((status = 200, body = ClusterSettings), (status = 400, body = corral_api::ApiErrorBody),
+        (status = 409, description = "the cluster has too few hosts to tolerate that many failures", body = corral_api::ApiErrorBody)),
     security(("bearer" = [])))]
 pub async fn put_cluster(
     State(ctx): State<Ctx>,
@@ -238,7 +239,7 @@ pub async fn put_cluster(
     req.validate()?;
     let mut view = placement::view(&ctx).await?;
     if req.ha_host_failures_to_tolerate as usize >= view.hosts.len().max(1) {
-        return Err(ApiError::BadRequest(format!(
+        return Err(ApiError::Conflict(format!(
             "ha_host_failures_to_tolerate {} leaves no host to restart VMs on: the cluster has {} host(s); tolerate fewer failures",
             req.ha_host_failures_to_tolerate,
             view.hosts.len()

@@ -259,9 +259,11 @@ pub async fn build_jeos(
 }
 
 #[utoipa::path(put, path = "/api/v1/projects/{project}/images/{name}", tag = "images",
-    params(("project" = String, Path), ("name" = String, Path)),
+    params(("project" = String, Path),
+        ("name" = String, Path, description = "the new image's name: a DNS label", min_length = 1, max_length = 63, pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")),
     request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "the disk image: qcow2, or raw"),
     responses((status = 201, body = Image), (status = 400, body = corral_api::ApiErrorBody), (status = 409, body = corral_api::ApiErrorBody),
+        (status = 422, description = "the body is not a disk image (qcow2, or a raw disk with a partition table or file system), or a qcow2 that refers to other files", body = corral_api::ApiErrorBody),
         (status = 413, description = "the image is larger than 64 GiB", body = corral_api::ApiErrorBody)),
     security(("bearer" = [])))]
 pub async fn import(
@@ -306,7 +308,7 @@ pub async fn import(
     let status = ctx.image_files.import(image_meta.uid, &tmp).await;
     let _ = std::fs::remove_file(&tmp);
     let status = status.map_err(|e| match e {
-        ImageError::Bad(why) => ApiError::BadRequest(format!("cannot import {name}: {why}")),
+        ImageError::Bad(why) => ApiError::Unprocessable(format!("cannot import {name}: {why}")),
         ImageError::Failed(why) => ApiError::Internal(format!("importing {name}: {why}")),
     })?;
     let image = Image {

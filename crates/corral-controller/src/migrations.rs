@@ -113,7 +113,7 @@ pub async fn start(
                 .await?
                 .is_none()
             {
-                return Err(ApiError::BadRequest(format!("there is no host {t}")));
+                return Err(ApiError::NotFound(format!("there is no host {t}")));
             }
         }
         let shared_storage = on_shared_storage(ctx, v).await?;

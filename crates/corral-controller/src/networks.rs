@@ -88,7 +88,9 @@ pub async fn get(
 #[utoipa::path(post, path = "/api/v1/projects/{project}/networks", tag = "networks",
     params(("project" = String, Path)), request_body = CreateNetworkRequest,
     responses((status = 201, body = Network), (status = 400, body = corral_api::ApiErrorBody),
-        (status = 409, body = corral_api::ApiErrorBody)), security(("bearer" = [])))]
+        (status = 409, body = corral_api::ApiErrorBody),
+        (status = 422, description = "the network's address has host bits set", body = corral_api::ApiErrorBody)),
+    security(("bearer" = [])))]
 pub async fn create(
     State(ctx): State<Ctx>,
     ApiPath(project): ApiPath<String>,
@@ -505,7 +507,9 @@ pub async fn get_group(
 #[utoipa::path(post, path = "/api/v1/projects/{project}/security-groups", tag = "networks",
     params(("project" = String, Path)), request_body = CreateSecurityGroupRequest,
     responses((status = 201, body = SecurityGroup), (status = 400, body = corral_api::ApiErrorBody),
-        (status = 409, body = corral_api::ApiErrorBody)), security(("bearer" = [])))]
+        (status = 409, body = corral_api::ApiErrorBody),
+        (status = 422, description = "a rule names both a CIDR and a group (or neither), ports for a protocol other than tcp or udp, a port range whose lower end is above its upper, or a CIDR with host bits set", body = corral_api::ApiErrorBody)),
+    security(("bearer" = [])))]
 pub async fn create_group(
     State(ctx): State<Ctx>,
     ApiPath(project): ApiPath<String>,
@@ -548,7 +552,9 @@ pub async fn create_group(
     params(("project" = String, Path), ("name" = String, Path)), request_body = SetRulesRequest,
     responses((status = 200, description = "the group with its new rules, applied on every host within a second or so", body = SecurityGroup),
         (status = 400, body = corral_api::ApiErrorBody), (status = 404, body = corral_api::ApiErrorBody),
-        (status = 409, body = corral_api::ApiErrorBody)), security(("bearer" = [])))]
+        (status = 409, body = corral_api::ApiErrorBody),
+        (status = 422, description = "a rule names both a CIDR and a group (or neither), ports for a protocol other than tcp or udp, a port range whose lower end is above its upper, or a CIDR with host bits set", body = corral_api::ApiErrorBody)),
+    security(("bearer" = [])))]
 pub async fn set_rules(
     State(ctx): State<Ctx>,
     ApiPath((project, name)): ApiPath<(String, String)>,
@@ -593,15 +599,16 @@ pub async fn set_rules(
 
 #[utoipa::path(delete, path = "/api/v1/projects/{project}/security-groups/{name}", tag = "networks",
     params(("project" = String, Path), ("name" = String, Path)),
-    responses((status = 204), (status = 400, body = corral_api::ApiErrorBody), (status = 404, body = corral_api::ApiErrorBody),
-        (status = 409, body = corral_api::ApiErrorBody)), security(("bearer" = [])))]
+    responses((status = 204), (status = 404, body = corral_api::ApiErrorBody),
+        (status = 409, description = "VMs use the group, or it is the built-in default group", body = corral_api::ApiErrorBody)),
+    security(("bearer" = [])))]
 pub async fn delete_group(
     State(ctx): State<Ctx>,
     ApiPath((project, name)): ApiPath<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     ensure_project(&ctx, &project).await?;
     if name == DEFAULT_SECURITY_GROUP {
-        return Err(ApiError::BadRequest(
+        return Err(ApiError::Conflict(
             "the default group is built in and cannot be deleted: change its rules instead".into(),
         ));
     }

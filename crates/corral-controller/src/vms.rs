@@ -72,7 +72,8 @@ pub async fn get(
     params(("project" = String, Path)), request_body = CreateVmRequest,
     responses((status = 202, description = "accepted; follow the task", body = Task),
         (status = 400, body = corral_api::ApiErrorBody), (status = 404, body = corral_api::ApiErrorBody),
-        (status = 409, body = corral_api::ApiErrorBody)),
+        (status = 409, body = corral_api::ApiErrorBody),
+        (status = 422, description = "a memory size below 64M or not whole MiB, or a disk size not a multiple of 512 bytes or above 16T", body = corral_api::ApiErrorBody)),
     security(("bearer" = [])))]
 pub async fn create(
     State(ctx): State<Ctx>,
@@ -371,7 +372,7 @@ pub async fn move_storage(
             .await?
             .is_none()
     {
-        return Err(ApiError::BadRequest(format!("there is no datastore {ds}")));
+        return Err(ApiError::NotFound(format!("there is no datastore {ds}")));
     }
     // Guarded by the migration record too: a migration started meanwhile makes this try again.
     let mig_key = keys::migration(&project, &name);

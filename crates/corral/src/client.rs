@@ -221,6 +221,9 @@ fn hint(method: &str, path: &str, status: u16, message: &str) -> Option<String> 
         (404, ..) if message.starts_with("project ") => {
             Some("see `corral project list`, or `corral project create NAME`".into())
         }
+        // A VM's request that names a host or datastore that does not exist.
+        (404, ..) if message.starts_with("there is no host ") => list("host"),
+        (404, ..) if message.starts_with("there is no datastore ") => list("datastore"),
         (404, _, ["projects", _, kind, ..]) => match *kind {
             "vms" => list("vm"),
             "images" => list("image"),
@@ -259,6 +262,10 @@ mod tests {
         assert!(
             h("GET", "/hosts/h9?x=1", 404, "host h9 does not exist").contains("corral host list")
         );
+        let to = "/projects/default/vms/web/migrate";
+        assert!(h("POST", to, 404, "there is no host h9").contains("corral host list"));
+        let to = "/projects/default/vms/web/move-storage";
+        assert!(h("POST", to, 404, "there is no datastore nfs").contains("corral datastore list"));
         assert!(h(
             "GET",
             "/projects/nope/vms",

@@ -844,10 +844,14 @@ fn a_client_generated_from_the_document_drives_the_api() {
         let api =
             corral_client::Client::new_with_client(&format!("http://127.0.0.1:{}", lab.port), http);
 
-        // A raw upload body.
+        // A raw upload body, to a name the document constrains.
         let bytes = std::fs::read(&img).expect("image");
+        let tiny = "tiny".parse().expect("an image name");
+        assert!("Tiny"
+            .parse::<corral_client::types::ImagesImportName>()
+            .is_err());
         let image = api
-            .images_import("default", "tiny", bytes)
+            .images_import("default", &tiny, bytes)
             .await
             .expect("import");
         assert_eq!(image.meta.name, "tiny");

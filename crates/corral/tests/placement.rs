@@ -455,7 +455,8 @@ async fn a_running_vm_moves_and_maintenance_empties_its_host() {
         "{body}"
     );
     let (status, body) = c.migrate("m1", Some("host-z")).await;
-    assert_eq!(status, 400, "{body}");
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["message"], "there is no host host-z", "{body}");
     let (status, _) = c.migrate("nope", None).await;
     assert_eq!(status, 404);
     assert_eq!(c.runs_on("m1").await, other);
