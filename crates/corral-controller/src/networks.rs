@@ -470,7 +470,7 @@ async fn check_rules(
         let r = r.normalized()?;
         if let Some(g) = r.group.as_deref().filter(|g| *g != group) {
             if load_group(ctx, project, g).await?.is_none() {
-                return Err(ApiError::BadRequest(format!(
+                return Err(ApiError::NotFound(format!(
                     "rule \"{r}\" names group {g}, which does not exist in project {project}: create it first"
                 )));
             }
