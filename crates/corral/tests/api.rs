@@ -820,14 +820,7 @@ fn a_client_generated_from_the_document_drives_the_api() {
 
     let lab = Lab::start();
     let token = std::fs::read_to_string(lab.data_dir().join("admin-token")).expect("token");
-    let img = lab.dir.path().join("tiny.qcow2");
-    let made = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&img)
-        .arg("16M")
-        .status()
-        .expect("qemu-img");
-    assert!(made.success());
+    let img = lab.blank_qcow2("tiny.qcow2", "16M");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

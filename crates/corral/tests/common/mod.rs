@@ -308,19 +308,25 @@ impl Lab {
 
     /// A 64M image `tiny` and a shared datastore `nfs`: all a simulated VM needs.
     pub fn tiny_image_and_shared_datastore(&self) {
-        let img = self.dir.path().join("tiny.qcow2");
-        let made = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&img)
-            .arg("64M")
-            .status()
-            .expect("qemu-img runs (scripts/setup.sh installs it)");
-        assert!(made.success());
+        let img = self.blank_qcow2("tiny.qcow2", "64M");
         self.cli(&["image", "import", "tiny", img.to_str().expect("utf-8")]);
         let ds = self.dir.path().join("shared");
         std::fs::create_dir_all(&ds).expect("datastore dir");
         let ds = ds.to_str().expect("utf-8");
         self.cli(&["datastore", "create", "nfs", "--path", ds, "--shared"]);
+    }
+
+    /// An empty qcow2 disk of `size` (e.g. "16M") in the lab's directory.
+    pub fn blank_qcow2(&self, name: &str, size: &str) -> PathBuf {
+        let img = self.dir.path().join(name);
+        let made = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&img)
+            .arg(size)
+            .status()
+            .expect("qemu-img runs (scripts/setup.sh installs it)");
+        assert!(made.success(), "qemu-img create {}", img.display());
+        img
     }
 
     /// The controller's (or `corral up`'s) process id while it runs.
