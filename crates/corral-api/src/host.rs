@@ -233,7 +233,8 @@ pub struct HostInfo {
     /// Since when the host has not responded (its last heartbeat), when it does not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_responding_since: Option<DateTime<Utc>>,
-    /// vCPUs and memory of the VMs placed on the host.
+    /// vCPUs and memory held on the host by the VMs placed there that run or are to run (a stopped
+    /// VM holds none: its start is admitted against what is free then).
     pub allocated_cpus: u32,
     pub allocated_memory_bytes: u64,
     /// vCPUs and memory of the VMs running on the host now.

@@ -246,6 +246,16 @@ pub struct Vm {
     pub ha: Option<crate::HaProtection>,
 }
 
+impl Vm {
+    /// Whether the VM holds CPU and memory on its host: it should run (started, starting, failed
+    /// but to be started again, migrating) or its guest still runs (being stopped). A stopped VM
+    /// holds only its disk; starting it is admitted against its host's free capacity then.
+    pub fn holds_capacity(&self) -> bool {
+        self.spec.power == PowerState::Running
+            || matches!(self.status.phase, VmPhase::Running | VmPhase::Stopping)
+    }
+}
+
 /// Body of `POST /api/v1/projects/{project}/vms`.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct CreateVmRequest {

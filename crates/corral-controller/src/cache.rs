@@ -39,11 +39,14 @@ impl<T> Clone for Entry<T> {
     }
 }
 
-/// What the VMs placed on a host take of it.
+/// What the VMs placed on a host take of it: those that run (or should) hold CPU and memory there;
+/// the stopped ones hold none, and are counted apart for placement's balance.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Alloc {
     pub cpus: u64,
     pub memory: u64,
+    pub stopped_cpus: u64,
+    pub stopped_memory: u64,
 }
 
 impl Alloc {
@@ -55,8 +58,12 @@ impl Alloc {
                 v.saturating_sub(d)
             }
         };
-        apply(&mut self.cpus, u64::from(vm.spec.cpus));
-        apply(&mut self.memory, vm.spec.memory_bytes);
+        let (cpus, memory) = match vm.holds_capacity() {
+            true => (&mut self.cpus, &mut self.memory),
+            false => (&mut self.stopped_cpus, &mut self.stopped_memory),
+        };
+        apply(cpus, u64::from(vm.spec.cpus));
+        apply(memory, vm.spec.memory_bytes);
     }
 }
 
@@ -403,6 +410,7 @@ pub(crate) mod tests {
                 .expect("put");
         }
         let mut v = vm("a", "x1");
+        v.spec.power = corral_api::PowerState::Running;
         for host in ["h1", "h2"] {
             v.status.host = Some(host.into());
             let bytes = serde_json::to_vec(&v).expect("json");
@@ -416,7 +424,8 @@ pub(crate) mod tests {
                 on(host),
                 Alloc {
                     cpus: 1,
-                    memory: 1 << 30
+                    memory: 1 << 30,
+                    ..Alloc::default()
                 }
             );
             assert_eq!(on(if host == "h1" { "h2" } else { "h1" }), Alloc::default());

@@ -48,6 +48,18 @@ pub struct ClusterView {
     incoming: HashMap<String, Alloc>,
 }
 
+/// Whether a stopped VM may start, decided at power-on against what is free at that moment.
+#[derive(Debug, PartialEq)]
+pub enum StartAdmission {
+    /// On its host (or, not placed yet, wherever the placer finds room).
+    Here,
+    /// Its host cannot run it now, but its disk is on a datastore every host reaches and `host`
+    /// (as read at `revision`) has room: it starts there.
+    Move { host: String, revision: u64 },
+    /// Nowhere now: the sentence says why and what would make room.
+    Refused(String),
+}
+
 /// The host's state, from its record and whether the failure detector heard its agent lately.
 pub fn host_state(h: &Host, now: DateTime<Utc>, heard: bool) -> (HostState, Option<DateTime<Utc>>) {
     // Asked to go to standby, or still there while it wakes: silent on purpose.
@@ -221,8 +233,16 @@ impl ClusterView {
                     host,
                     state,
                     not_responding_since: since,
-                    allocated_cpus: placed.iter().map(|v| v.spec.cpus).sum(),
-                    allocated_memory_bytes: placed.iter().map(|v| v.spec.memory_bytes).sum(),
+                    allocated_cpus: placed
+                        .iter()
+                        .filter(|v| v.holds_capacity())
+                        .map(|v| v.spec.cpus)
+                        .sum(),
+                    allocated_memory_bytes: placed
+                        .iter()
+                        .filter(|v| v.holds_capacity())
+                        .map(|v| v.spec.memory_bytes)
+                        .sum(),
                     used_cpus: placed
                         .iter()
                         .filter(|v| v.status.phase == VmPhase::Running)
@@ -242,6 +262,57 @@ impl ClusterView {
                 }
             })
             .collect()
+    }
+
+    /// Admits the start of `vm`, as stored before it is asked to run. `shared`: whether every
+    /// host reaches its disk. A VM that already holds its room starts where it is.
+    pub fn admit_start(&self, vm: &Vm, shared: bool) -> StartAdmission {
+        let Some(host) = vm.status.host.as_deref() else {
+            return StartAdmission::Here;
+        };
+        if vm.holds_capacity() {
+            return StartAdmission::Here;
+        }
+        let policy = self.policy();
+        let Some(h) = self.sched_hosts().into_iter().find(|h| &*h.name == host) else {
+            // Its host's record is gone: nothing to admit against (the host is being removed).
+            return StartAdmission::Here;
+        };
+        let (cpus, memory) = sched::free(&policy, &h);
+        let short = if h.state != sched::HostState::Connected {
+            format!("host {host} is {}", state_words(h.state))
+        } else if u64::from(vm.spec.cpus) > cpus || vm.spec.memory_bytes > memory {
+            format!(
+                "host {host} has {cpus} vCPUs and {} free (after overcommit) and the VM needs {} vCPUs and {}",
+                corral_api::format_bytes(memory),
+                vm.spec.cpus,
+                corral_api::format_bytes(vm.spec.memory_bytes)
+            )
+        } else {
+            return StartAdmission::Here;
+        };
+        if let Some(pin) = &vm.spec.host {
+            return StartAdmission::Refused(format!(
+                "{short}, and the VM is pinned to {pin}: stop a VM there to make room, or unpin it"
+            ));
+        }
+        if !shared {
+            return StartAdmission::Refused(format!(
+                "{short}, and its disk is on datastore {}, which only {host} reaches: stop a VM on {host} to make room, or move the disk to a shared datastore (POST .../vms/{}/move-storage) so that another host can start it",
+                vm.spec.datastore, vm.meta.name
+            ));
+        }
+        let mut running = vm.clone();
+        running.spec.power = corral_api::PowerState::Running;
+        match self.decide_with(&running, Some(host), None) {
+            sched::Decision::Place { host } => StartAdmission::Move {
+                revision: self.host_revision(&host),
+                host,
+            },
+            sched::Decision::Pending { reason } => StartAdmission::Refused(format!(
+                "{short}, and no other host can take it ({reason}): stop a VM to make room"
+            )),
+        }
     }
 
     /// Asks the scheduler where `vm` goes.
@@ -347,6 +418,8 @@ impl ClusterView {
                     memory_bytes: h.value.status.memory_bytes,
                     allocated_cpus: u32::try_from(h.alloc.cpus + arriving.cpus).unwrap_or(u32::MAX),
                     allocated_memory: h.alloc.memory + arriving.memory,
+                    stopped_cpus: u32::try_from(h.alloc.stopped_cpus).unwrap_or(u32::MAX),
+                    stopped_memory: h.alloc.stopped_memory,
                     vms,
                 }
             })
@@ -384,14 +457,19 @@ impl ClusterView {
         if let Some(h) = hosts.iter_mut().find(|h| leaving == Some(&*h.name)) {
             h.state = sched::HostState::Maintenance;
             h.vms.retain(|v| *v != me);
-            h.allocated_cpus = h.allocated_cpus.saturating_sub(vm.spec.cpus);
-            h.allocated_memory = h.allocated_memory.saturating_sub(vm.spec.memory_bytes);
+            let (cpus, memory) = match vm.holds_capacity() {
+                true => (&mut h.allocated_cpus, &mut h.allocated_memory),
+                false => (&mut h.stopped_cpus, &mut h.stopped_memory),
+            };
+            *cpus = cpus.saturating_sub(vm.spec.cpus);
+            *memory = memory.saturating_sub(vm.spec.memory_bytes);
         }
         let req = sched::Request {
             vm: me,
             cpus: vm.spec.cpus,
             memory_bytes: vm.spec.memory_bytes,
             host: pin,
+            reserve: vm.holds_capacity(),
         };
         sched::place(&self.policy(), &hosts, &self.sched_groups(), &req)
     }
@@ -426,6 +504,16 @@ impl ClusterView {
                 None
             }
         }
+    }
+}
+
+/// A host state as a sentence says it.
+fn state_words(state: sched::HostState) -> &'static str {
+    match state {
+        sched::HostState::Connected => "connected",
+        sched::HostState::NotResponding => "not responding",
+        sched::HostState::Maintenance => "in maintenance",
+        sched::HostState::Standby => "in standby",
     }
 }
 

@@ -150,9 +150,11 @@ pub async fn create(
     };
     loop {
         // Admission control adds up the protected VMs; a plain placement needs no other VM.
-        let view = match vm.spec.ha {
-            corral_api::HaPolicy::Restart => placement::view(&ctx).await?,
-            _ => placement::placement_view(&ctx).await?,
+        // A VM created stopped holds no room: admission control counts it once it starts.
+        let admission = vm.spec.ha == corral_api::HaPolicy::Restart && vm.holds_capacity();
+        let view = match admission {
+            true => placement::view(&ctx).await?,
+            false => placement::placement_view(&ctx).await?,
         };
         if let Some(pin) = &vm.spec.host {
             if !view.hosts.iter().any(|h| *h.name == **pin) {
@@ -161,7 +163,7 @@ pub async fn create(
                 )));
             }
         }
-        if vm.spec.ha == corral_api::HaPolicy::Restart {
+        if admission {
             let (datastores, _) = list_json::<Datastore>(&*ctx.store, keys::DATASTORES).await?;
             crate::ha::admission(&view, &datastores, Some(&vm))?;
         }
@@ -261,6 +263,46 @@ async fn change_guarded(
     guards: Vec<Op>,
     edit: impl Fn(&mut Vm) -> Result<TaskGoal, ApiError>,
 ) -> Result<(StatusCode, Json<Task>), ApiError> {
+    change_with(ctx, project, name, kind, |vm| {
+        Ok((edit(vm)?, guards.clone()))
+    })
+    .await
+    .map_err(|u| match u {
+        Unchanged::Refused(e) => e,
+        Unchanged::Guard(k) => ApiError::Conflict(format!(
+            "VM {name} changed while this request was checked ({k}): try again"
+        )),
+    })
+}
+
+/// Why [`change_with`] did not change the VM.
+enum Unchanged {
+    /// Refused, as the API answers.
+    Refused(ApiError),
+    /// A key the edit guarded (not the VM's own) changed since it was read.
+    Guard(String),
+}
+
+impl From<ApiError> for Unchanged {
+    fn from(e: ApiError) -> Self {
+        Unchanged::Refused(e)
+    }
+}
+
+impl From<StoreError> for Unchanged {
+    fn from(e: StoreError) -> Self {
+        Unchanged::Refused(e.into())
+    }
+}
+
+/// [`change`], where the edit also names the keys that must still be as they were read.
+async fn change_with(
+    ctx: &Ctx,
+    project: &str,
+    name: &str,
+    kind: &str,
+    edit: impl Fn(&mut Vm) -> Result<(TaskGoal, Vec<Op>), ApiError>,
+) -> Result<(StatusCode, Json<Task>), Unchanged> {
     ensure_project(ctx, project).await?;
     let key = keys::vm(project, name);
     loop {
@@ -269,12 +311,12 @@ async fn change_guarded(
             revision,
         }) = get_json::<Vm>(&*ctx.store, &key).await?
         else {
-            return Err(vm_not_found(project, name));
+            return Err(vm_not_found(project, name).into());
         };
         if vm.meta.deletion_requested_at.is_some() {
-            return Err(ApiError::Conflict(format!("VM {name} is being deleted")));
+            return Err(ApiError::Conflict(format!("VM {name} is being deleted")).into());
         }
-        let goal = edit(&mut vm)?;
+        let (goal, mut ops) = edit(&mut vm)?;
         vm.meta.bump();
         let task = Task::new(project, kind, format!("vm/{name}"), goal);
         let op = Op::Put {
@@ -283,15 +325,10 @@ async fn change_guarded(
             when: Precondition::ModRevision(revision),
             lease: None,
         };
-        let mut ops = guards.clone();
         ops.push(op);
         match tasks::submit(ctx, task, ops).await {
             Ok(task) => return Ok((StatusCode::ACCEPTED, Json(task))),
-            Err(StoreError::Conflict { key: k }) if k != key => {
-                return Err(ApiError::Conflict(format!(
-                    "VM {name} changed while this request was checked ({k}): try again"
-                )))
-            }
+            Err(StoreError::Conflict { key: k }) if k != key => return Err(Unchanged::Guard(k)),
             Err(StoreError::Conflict { .. }) => continue,
             Err(e) => return Err(e.into()),
         }
@@ -300,19 +337,75 @@ async fn change_guarded(
 
 #[utoipa::path(post, path = "/api/v1/projects/{project}/vms/{name}/start", tag = "vms",
     params(("project" = String, Path), ("name" = String, Path)),
-    responses((status = 202, body = Task), (status = 404, body = corral_api::ApiErrorBody)), security(("bearer" = [])))]
+    responses((status = 202, description = "accepted; a stopped VM starts on its host if that has room now, else on another host that reaches its disk", body = Task),
+        (status = 404, body = corral_api::ApiErrorBody),
+        (status = 409, description = "no host that reaches the VM's disk has room to run it now (or HA admission control refuses it)", body = corral_api::ApiErrorBody)),
+    security(("bearer" = [])))]
 pub async fn start(
     State(ctx): State<Ctx>,
     ApiPath((project, name)): ApiPath<(String, String)>,
 ) -> Result<(StatusCode, Json<Task>), ApiError> {
-    change(&ctx, &project, &name, "vm.start", |vm| {
-        vm.spec.power = PowerState::Running;
-        vm.spec.force_stop = false;
-        Ok(TaskGoal::VmStart {
-            generation: vm.meta.generation + 1,
+    ensure_project(&ctx, &project).await?;
+    let (datastores, _) = list_json::<Datastore>(&*ctx.store, keys::DATASTORES).await?;
+    // A stopped VM holds no CPU or memory: its start is admitted against what is free now, one
+    // at a time as placements are, so two starts cannot both take a host's last room.
+    let _one_at_a_time = ctx.placement.lock().await;
+    loop {
+        let view = placement::view(&ctx).await?;
+        let started = change_with(&ctx, &project, &name, "vm.start", |vm| {
+            let shared = vm.spec.datastore != LOCAL_DATASTORE
+                && datastores
+                    .iter()
+                    .any(|d| d.name == vm.spec.datastore && d.shared);
+            let mut guards = Vec::new();
+            match view.admit_start(vm, shared) {
+                placement::StartAdmission::Here => {}
+                placement::StartAdmission::Move { host, revision } => {
+                    let from = vm.status.host.clone().unwrap_or_default();
+                    let msg = format!("{from} has no room to run it now: moved to {host} to start");
+                    vm.status.host = Some(host.clone());
+                    vm.status.run_dir = None;
+                    vm.status.set_condition(
+                        corral_api::ConditionType::Scheduled,
+                        true,
+                        "PlacedAtStart",
+                        &msg,
+                    );
+                    vm.status
+                        .push_event(corral_api::VmEvent::new("PlacedAtStart", msg));
+                    guards.push(Op::Check {
+                        key: keys::host(&host),
+                        when: Precondition::ModRevision(revision),
+                    });
+                }
+                placement::StartAdmission::Refused(why) => {
+                    return Err(ApiError::Conflict(format!(
+                        "VM {} cannot start now: {why}",
+                        vm.meta.name
+                    )))
+                }
+            }
+            let admitted = vm.holds_capacity();
+            vm.spec.power = PowerState::Running;
+            vm.spec.force_stop = false;
+            if !admitted && vm.spec.ha == corral_api::HaPolicy::Restart {
+                crate::ha::admission(&view, &datastores, Some(vm))?;
+            }
+            Ok((
+                TaskGoal::VmStart {
+                    generation: vm.meta.generation + 1,
+                },
+                guards,
+            ))
         })
-    })
-    .await
+        .await;
+        match started {
+            Ok(task) => return Ok(task),
+            Err(Unchanged::Refused(e)) => return Err(e),
+            // The host it was to move to changed since it was read: decide again.
+            Err(Unchanged::Guard(_)) => continue,
+        }
+    }
 }
 
 #[utoipa::path(post, path = "/api/v1/projects/{project}/vms/{name}/stop", tag = "vms",

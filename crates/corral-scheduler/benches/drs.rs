@@ -38,6 +38,8 @@ fn host(i: usize, cpus: u32, mem: u64) -> HostView {
         memory_bytes: mem,
         allocated_cpus: 0,
         allocated_memory: 0,
+        stopped_cpus: 0,
+        stopped_memory: 0,
         vms: vec![],
     }
 }
@@ -195,6 +197,7 @@ fn packing(seed: u64) -> (usize, usize, f64) {
             cpus: *cpus,
             memory_bytes: *mem,
             host: None,
+            reserve: true,
         };
         if let Decision::Place { host } = place(&policy, &hosts, &[], &req) {
             let h = hosts.iter_mut().find(|h| *h.name == *host).expect("host");

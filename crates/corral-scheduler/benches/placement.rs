@@ -32,6 +32,8 @@ fn cluster(n: usize) -> (Vec<HostView>, Vec<Group>) {
                 memory_bytes: 512 * GIB,
                 allocated_cpus: 10 * 2,
                 allocated_memory: 10 * 4 * GIB,
+                stopped_cpus: 0,
+                stopped_memory: 0,
                 vms,
             }
         })
@@ -72,6 +74,7 @@ fn run(
             cpus: 2,
             memory_bytes: 4 * GIB,
             host: None,
+            reserve: true,
         };
         let t = Instant::now();
         let chosen = decide(&hosts, &groups, &req);

@@ -22,6 +22,8 @@ fn cluster(spec: &[(u32, Vec<Guest>)]) -> (Vec<HostView>, Vec<DrsVm>) {
             memory_bytes: 64 * GIB,
             allocated_cpus: 0,
             allocated_memory: 0,
+            stopped_cpus: 0,
+            stopped_memory: 0,
             vms: vec![],
         };
         for (j, (vcpus, cores, mem_gib, movable)) in guests.iter().enumerate() {

@@ -34,9 +34,14 @@ pub struct HostView {
     pub state: HostState,
     pub cpus: u32,
     pub memory_bytes: u64,
-    /// vCPUs and memory of the VMs placed on the host.
+    /// vCPUs and memory held by the VMs placed on the host that run (or should: see
+    /// `corral_api::Vm::holds_capacity`).
     pub allocated_cpus: u32,
     pub allocated_memory: u64,
+    /// vCPUs and memory of the stopped VMs placed on the host. They hold none of it; scores count
+    /// them as if they ran, so that hosts stay balanced for when they start.
+    pub stopped_cpus: u32,
+    pub stopped_memory: u64,
     /// Names of the VMs placed on the host.
     pub vms: Vec<String>,
 }
@@ -103,6 +108,9 @@ pub struct Request {
     pub memory_bytes: u64,
     /// Pinned by the user to this host.
     pub host: Option<String>,
+    /// Whether the VM is to run, so the host must have the room free. A VM created stopped holds
+    /// only its disk: any host takes it, and only the score counts its size.
+    pub reserve: bool,
 }
 
 /// The scheduler's answer.
@@ -215,11 +223,11 @@ pub fn place(policy: &Policy, hosts: &[HostView], groups: &[Group], req: &Reques
         let mem_total = cap(h.memory_bytes, policy.memory_overcommit);
         let cpus = cpu_total.saturating_sub(h.allocated_cpus as u64);
         let mem = mem_total.saturating_sub(h.allocated_memory);
-        if (req.cpus as u64) > cpus {
+        if req.reserve && (req.cpus as u64) > cpus {
             no_cpu += 1;
             continue;
         }
-        if req.memory_bytes > mem {
+        if req.reserve && req.memory_bytes > mem {
             no_mem += 1;
             continue;
         }
@@ -254,9 +262,18 @@ pub fn place(policy: &Policy, hosts: &[HostView], groups: &[Group], req: &Reques
                 };
             }
         }
-        // Load after placement, in thousandths of the scarcer resource.
-        let cpu_left = (cpus - req.cpus as u64) as f64 / cpu_total.max(1) as f64;
-        let mem_left = (mem - req.memory_bytes) as f64 / mem_total.max(1) as f64;
+        // Room left after placement, in thousandths of the scarcer resource, with the stopped
+        // VMs there counted as running (below zero where they could not all run at once).
+        let room = |free: u64, stopped: u64, asked: u64, total: u64| {
+            (free as f64 - stopped as f64 - asked as f64) / total.max(1) as f64
+        };
+        let cpu_left = room(
+            cpus,
+            u64::from(h.stopped_cpus),
+            u64::from(req.cpus),
+            cpu_total,
+        );
+        let mem_left = room(mem, h.stopped_memory, req.memory_bytes, mem_total);
         let left = (cpu_left.min(mem_left) * 1000.0) as i64;
         let fit = match policy.placement {
             Placement::Spread => left,

@@ -12,6 +12,8 @@ fn host(name: &str, cpus: u32, mem_gib: u64) -> HostView {
         memory_bytes: mem_gib * GIB,
         allocated_cpus: 0,
         allocated_memory: 0,
+        stopped_cpus: 0,
+        stopped_memory: 0,
         vms: vec![],
     }
 }
@@ -22,6 +24,7 @@ fn req(vm: &str, cpus: u32, mem_gib: u64) -> Request {
         cpus,
         memory_bytes: mem_gib * GIB,
         host: None,
+        reserve: true,
     }
 }
 
@@ -40,8 +43,13 @@ fn place_all(
                 .iter_mut()
                 .find(|h| *h.name == **host)
                 .expect("chosen host exists");
-            h.allocated_cpus += r.cpus;
-            h.allocated_memory += r.memory_bytes;
+            if r.reserve {
+                h.allocated_cpus += r.cpus;
+                h.allocated_memory += r.memory_bytes;
+            } else {
+                h.stopped_cpus += r.cpus;
+                h.stopped_memory += r.memory_bytes;
+            }
             h.vms.push(r.vm.clone());
         }
         decisions.push(d);
@@ -62,6 +70,54 @@ fn spread_balances_six_vms_two_per_host() {
     let reqs: Vec<_> = (0..6).map(|i| req(&format!("vm{i}"), 1, 1)).collect();
     let (hosts, _) = place_all(&Policy::default(), three(), &[], &reqs);
     assert!(hosts.iter().all(|h| h.vms.len() == 2), "{hosts:?}");
+}
+
+fn stopped(vm: &str, cpus: u32, mem_gib: u64) -> Request {
+    Request {
+        reserve: false,
+        ..req(vm, cpus, mem_gib)
+    }
+}
+
+#[test]
+fn a_stopped_vm_holds_no_room_yet_full_hosts_take_it_and_stopped_vms_spread() {
+    let policy = Policy {
+        cpu_overcommit: 1.0,
+        ..Policy::default()
+    };
+    // Twelve running one-vCPU VMs fill the three 4-CPU hosts: a thirteenth waits...
+    let reqs: Vec<_> = (0..12).map(|i| req(&format!("run{i}"), 1, 1)).collect();
+    let (full, decisions) = place_all(&policy, three(), &[], &reqs);
+    assert!(decisions
+        .iter()
+        .all(|d| matches!(d, Decision::Place { .. })));
+    assert!(matches!(
+        place(&policy, &full, &[], &req("one-more", 1, 1)),
+        Decision::Pending { reason } if reason.contains("no host has 1 vCPUs free")
+    ));
+    // ...but stopped ones are placed, spread as if they ran.
+    let reqs: Vec<_> = (0..6).map(|i| stopped(&format!("idle{i}"), 1, 1)).collect();
+    let (hosts, decisions) = place_all(&policy, full, &[], &reqs);
+    assert!(decisions
+        .iter()
+        .all(|d| matches!(d, Decision::Place { .. })));
+    assert!(
+        hosts
+            .iter()
+            .all(|h| h.vms.len() == 6 && h.stopped_cpus == 2),
+        "{hosts:?}"
+    );
+    // On hosts with room, a running VM goes where fewer stopped VMs wait to start.
+    let mut hosts = three();
+    hosts[0].stopped_cpus = 3;
+    hosts[1].stopped_cpus = 1;
+    hosts[2].stopped_cpus = 2;
+    assert_eq!(
+        place(&policy, &hosts, &[], &req("web", 1, 1)),
+        Decision::Place {
+            host: "host-b".into()
+        }
+    );
 }
 
 #[test]
@@ -171,10 +227,14 @@ fn arb_cluster() -> impl Strategy<Value = (Vec<HostView>, Vec<Group>, Vec<Reques
             })
             .collect::<Vec<_>>()
     });
-    let reqs = prop::collection::vec((1u32..8, 1u64..12), 1..30).prop_map(|rs| {
+    // Some VMs are created stopped: they must never push a host's running VMs over capacity.
+    let reqs = prop::collection::vec((1u32..8, 1u64..12, 0u8..4), 1..30).prop_map(|rs| {
         rs.into_iter()
             .enumerate()
-            .map(|(i, (c, m))| req(&format!("v{i}"), c, m))
+            .map(|(i, (c, m, s))| Request {
+                reserve: s > 0,
+                ..req(&format!("v{i}"), c, m)
+            })
             .collect::<Vec<_>>()
     });
     let groups = prop::collection::vec(

@@ -238,6 +238,13 @@ fn hint(method: &str, path: &str, status: u16, message: &str) -> Option<String> 
         (409, "DELETE", ["projects", _, "vms", name]) if message.contains("is running") => Some(
             format!("`corral vm stop {name}`, or `corral vm delete {name} --force`"),
         ),
+        (409, "POST", ["projects", _, "vms", name, "start"])
+            if message.contains("move the disk to a shared datastore") =>
+        {
+            Some(format!(
+                "`corral vm stop OTHER` on that host, or `corral vm move-storage {name} --datastore SHARED` (see `corral datastore list`)"
+            ))
+        }
         (409, "POST", ["drs", "apply"]) if message.starts_with("DRS is off") => {
             Some("`corral cluster set --drs manual`".into())
         }
@@ -280,6 +287,9 @@ mod tests {
             "VM web is running: ..."
         )
         .contains("corral vm delete web --force"));
+        let start = "/projects/default/vms/web/start";
+        let full = "VM web cannot start now: host h1 has 0 vCPUs ..., or move the disk to a shared datastore (...)";
+        assert!(h("POST", start, 409, full).contains("corral vm move-storage web --datastore"));
         assert!(h("GET", "/vms", 401, "the token is not valid").contains("--token"));
         assert_eq!(hint("POST", "/projects/default/vms", 400, "bad"), None);
     }

@@ -407,6 +407,97 @@ async fn a_vm_too_big_for_the_free_memory_waits_and_says_how_much_is_free() {
     );
 }
 
+/// Capacity is held by the VMs that run: stopped VMs are placed on full hosts and take nothing
+/// there; a start is admitted against what is free at that moment, moves a VM whose disk every
+/// host reaches to a host with room, and refuses, with a sentence and changing nothing, a VM whose
+/// disk only its full host reaches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_vms_hold_no_room_and_a_start_is_admitted_against_what_is_free_then() {
+    let c = Cluster::start(&["host-a", "host-b"]).await;
+    let cpus = c.get("/hosts/host-a").await["status"]["cpus"]
+        .as_u64()
+        .expect("cpus");
+    let pack = json!({"placement": "pack", "cpu_overcommit": 1.0, "memory_overcommit": 1.0});
+    assert_eq!(
+        c.call("PUT", "/cluster", Some(Body::Json(pack))).await.0,
+        200
+    );
+    let shared = c._dir.path().join("shared");
+    std::fs::create_dir_all(&shared).expect("shared dir");
+    let ds = json!({"name": "shared", "path": shared, "shared": true});
+    let (status, body) = c.call("POST", "/datastores", Some(Body::Json(ds))).await;
+    assert_eq!(status, 201, "{body}");
+    let create_stopped = async |name: &str, datastore: &str| {
+        let body = json!({"name": name, "image": "base", "memory": "128M", "cpus": 1,
+            "datastore": datastore});
+        let (status, task) = c
+            .call("POST", "/projects/default/vms", Some(Body::Json(body)))
+            .await;
+        assert_eq!(status, 202, "{task}");
+        assert_eq!(c.task_end(&task).await["state"], "succeeded", "{name}");
+    };
+    let start = async |name: &str| {
+        c.call("POST", &format!("/projects/default/vms/{name}/start"), None)
+            .await
+    };
+    // Pack puts everything on host-a: two stopped VMs, then as many running ones as it has CPUs.
+    create_stopped("roamer", "shared").await;
+    create_stopped("homebody", "local").await;
+    for i in 0..cpus {
+        let (status, task) = c.create(&format!("run-{i}"), "128M").await;
+        assert_eq!(status, 202, "{task}");
+        assert_eq!(c.task_end(&task).await["state"], "succeeded");
+        assert_eq!(c.runs_on(&format!("run-{i}")).await, "host-a");
+    }
+    let a = c.get("/hosts/host-a").await;
+    assert_eq!(a["allocated_cpus"], cpus, "only running VMs hold CPUs: {a}");
+    assert_eq!(a["vms"].as_array().map(Vec::len), Some(cpus as usize + 2));
+    // A full host still takes a VM created stopped: it holds only its disk.
+    create_stopped("late", "local").await;
+    let late = c.get("/projects/default/vms/late").await;
+    assert_eq!(late["status"]["phase"], "stopped", "{late}");
+
+    // host-a has no room: a VM whose disk only host-a reaches cannot start, and is left as it was.
+    let (status, err) = start("homebody").await;
+    assert_eq!(status, 409, "{err}");
+    let msg = err["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("host host-a has 0 vCPUs")
+            && msg.contains("only host-a reaches")
+            && msg.contains("stop a VM on host-a"),
+        "{msg}"
+    );
+    let homebody = c.get("/projects/default/vms/homebody").await;
+    assert_eq!(homebody["spec"]["power"], "stopped", "{homebody}");
+    assert_eq!(homebody["status"]["host"], "host-a", "{homebody}");
+    // A VM whose disk every host reaches starts where there is room, and says why it moved.
+    let (status, task) = start("roamer").await;
+    assert_eq!(status, 202, "{task}");
+    assert_eq!(c.task_end(&task).await["state"], "succeeded", "{task}");
+    assert_eq!(c.runs_on("roamer").await, "host-b");
+    let roamer = c.get("/projects/default/vms/roamer").await;
+    assert!(
+        roamer["status"]["events"]
+            .to_string()
+            .contains("host-a has no room to run it now: moved to host-b"),
+        "{roamer}"
+    );
+    // Room made on host-a: the same start goes through there.
+    let (status, task) = c
+        .call(
+            "POST",
+            "/projects/default/vms/run-0/stop",
+            Some(Body::Json(json!({"force": true}))),
+        )
+        .await;
+    assert_eq!(status, 202, "{task}");
+    assert_eq!(c.task_end(&task).await["state"], "succeeded", "{task}");
+    let (status, task) = start("homebody").await;
+    assert_eq!(status, 202, "{task}");
+    assert_eq!(c.task_end(&task).await["state"], "succeeded", "{task}");
+    assert_eq!(c.runs_on("homebody").await, "host-a");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_vm_moves_and_maintenance_empties_its_host() {
     let c = Cluster::start(&["host-a", "host-b", "host-c"]).await;
