@@ -357,6 +357,10 @@ pub async fn start(
                 && datastores
                     .iter()
                     .any(|d| d.name == vm.spec.datastore && d.shared);
+            // The cluster's HA policy is judged first: no placement makes a refused VM fit it.
+            if !vm.holds_capacity() && vm.spec.ha == corral_api::HaPolicy::Restart {
+                crate::ha::admission(&view, &datastores, Some(vm))?;
+            }
             let mut guards = Vec::new();
             match view.admit_start(vm, shared) {
                 placement::StartAdmission::Here => {}
@@ -385,12 +389,8 @@ pub async fn start(
                     )))
                 }
             }
-            let admitted = vm.holds_capacity();
             vm.spec.power = PowerState::Running;
             vm.spec.force_stop = false;
-            if !admitted && vm.spec.ha == corral_api::HaPolicy::Restart {
-                crate::ha::admission(&view, &datastores, Some(vm))?;
-            }
             Ok((
                 TaskGoal::VmStart {
                     generation: vm.meta.generation + 1,
