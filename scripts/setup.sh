@@ -3,7 +3,8 @@
 set -euo pipefail
 
 packages=(qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs iproute2 util-linux ca-certificates
-  nftables dnsmasq-base python3-venv curl)
+  nftables dnsmasq-base python3-venv curl
+  ceph-mon ceph-osd ceph-mgr ceph-common qemu-block-extra)
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 

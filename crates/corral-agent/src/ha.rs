@@ -96,8 +96,7 @@ async fn shared_datastores(store: &dyn Controller, data_dir: &Path) -> Vec<PathB
         Ok(Ok((ds, _))) => {
             let paths: Vec<PathBuf> = ds
                 .into_iter()
-                .filter(|d| d.shared)
-                .map(|d| PathBuf::from(d.path))
+                .filter_map(|d| d.lease_directory().map(Path::to_path_buf))
                 .collect();
             if let Ok(bytes) = serde_json::to_vec(&paths) {
                 let tmp = file.with_extension("json.part");

@@ -36,6 +36,8 @@ pub enum AgentError {
     Driver(#[from] corral_hypervisor::DriverError),
     #[error(transparent)]
     Jeos(#[from] corral_jeos::JeosError),
+    #[error(transparent)]
+    Ceph(#[from] corral_ceph::CephError),
     #[error("preparing the VM's NICs: {0}")]
     Network(#[from] corral_network::NetError),
     /// A record another party wrote holds what this host refuses to act on (a name, a path).

@@ -25,7 +25,7 @@ use corral_store::{get_json, Versioned};
 
 use crate::guest::{
     clone_disk, disk_on, disk_path, image_of, known_disk, launch_spec, new_disk_path, private_dir,
-    remove_vm_files,
+    remove_vm_files, Disk,
 };
 use crate::lifecycle::Outcome;
 use crate::link::{migration_step, update_vm_status, Controller};
@@ -399,7 +399,8 @@ impl Source<'_> {
         // The paused source copy: its state lives on elsewhere.
         driver.kill(dir).await?;
         let (disk, shared) = source_disk;
-        remove_vm_files(dir, if shared { None } else { disk.as_deref() })?;
+        let own = disk.as_ref().filter(|_| !shared).and_then(Disk::as_file);
+        remove_vm_files(dir, own)?;
         Ok(Outcome::Gone)
     }
 }
@@ -526,7 +527,8 @@ async fn own_clone(
     let names = std::iter::once(corral_api::LOCAL_DATASTORE.to_string())
         .chain(datastores.into_iter().map(|d| d.name));
     for name in names {
-        if disk_on(store, cfg, &name, uid).await.ok().as_deref() == Some(recorded) {
+        let derived = disk_on(store, cfg, &name, uid).await.ok();
+        if derived.as_ref().and_then(Disk::as_file) == Some(recorded) {
             return Ok(Some(recorded.to_path_buf()));
         }
     }
@@ -551,18 +553,21 @@ async fn prepare(
     // Derived here from the datastore and the VM's uid, never from the source's status.
     let source_disk = disk_path(store, cfg, vm).await?;
     let (disk, cloned) = if m.shared_storage {
-        if !source_disk.exists() {
+        if !source_disk.exists().await? {
             return Err(AgentError::Refused(format!(
-                "the shared disk {} is not visible on this host: is the datastore {} mounted here?",
-                source_disk.display(),
+                "the shared disk {source_disk} is not visible on this host: is the datastore {} reachable from here?",
                 vm.spec.datastore
             )));
         }
         (source_disk, false)
     } else {
+        let doing = "a migration that copies the disk";
         let path = new_disk_path(store, cfg, vm).await?;
+        let path = path.file(doing)?;
         // On `local` every host derives its own path, so the two are equal by construction.
-        if vm.spec.datastore != corral_api::LOCAL_DATASTORE && path == source_disk && path.exists()
+        if vm.spec.datastore != corral_api::LOCAL_DATASTORE
+            && Some(path) == source_disk.as_file()
+            && path.exists()
         {
             // The VM's own disk is visible here: replacing it with a fresh clone would destroy it.
             return Err(AgentError::Refused(format!(
@@ -572,9 +577,10 @@ async fn prepare(
             )));
         }
         // A fresh clone of the same image: the source mirrors only the VM's own layer into it.
-        let _ = std::fs::remove_file(&path);
-        clone_disk(store, driver, vm, &path).await?;
-        (path, true)
+        let _ = std::fs::remove_file(path);
+        let disk = Disk::File(path.to_path_buf());
+        clone_disk(store, driver, vm, &disk).await?;
+        (disk, true)
     };
     let started = async {
         let image = image_of(store, vm).await?;
@@ -591,14 +597,14 @@ async fn prepare(
         Ok(i) => i,
         Err(e) => {
             let _ = driver.kill(dir).await;
-            let made = cloned.then_some(disk.as_path());
+            let made = disk.as_file().filter(|_| cloned);
             if let Err(rm) = remove_vm_files(dir, made) {
                 tracing::warn!(error = %rm, "could not remove a failed incoming copy");
             }
             return Err(e);
         }
     };
-    let disk = disk.display().to_string();
+    let disk = disk.to_string();
     let ready = MigrationStep::TargetReady {
         target_port: incoming.port,
         disk_port: incoming.disk_port,

@@ -12,7 +12,7 @@ use corral_hypervisor::Driver;
 use corral_store::{get_json, Versioned};
 
 use crate::guest::{
-    clone_disk, disk_path, image_of, known_disk, launch_spec, private_dir, remove_vm_files,
+    clone_disk, disk_path, image_of, known_disk, launch_spec, private_dir, remove_vm_files, Disk,
 };
 use crate::lifecycle::{self, Action, Facts, Outcome, WorkerState};
 use crate::link::Controller;
@@ -24,24 +24,40 @@ async fn ensure_disk(
     driver: &dyn Driver,
     vm: &mut Vm,
     dir: &Path,
-    disk: &Path,
+    disk: &Disk,
 ) -> Result<(), AgentError> {
     private_dir(dir)?;
     vm.status
         .run_dir
         .get_or_insert_with(|| dir.display().to_string());
-    clone_disk(store, driver, vm, disk).await?;
+    let derived = disk.to_string();
+    // An RBD disk once recorded exists (only its VM's deletion removes it): no round trip to the
+    // cluster on every pass.
+    let recorded = vm.status.disk.as_ref().is_some_and(|d| d.path == derived);
+    if !(recorded && matches!(disk, Disk::Rbd { .. })) {
+        clone_disk(store, driver, vm, disk).await?;
+    }
     // The path shown is the one derived here, whatever an earlier host recorded.
     if let Some(d) = vm.status.disk.as_mut() {
-        let derived = disk.display().to_string();
         if d.path != derived {
-            d.path = derived;
+            d.path.clone_from(&derived);
         }
     }
     if vm.status.disk.is_none() {
-        let backing = driver.disk_backing(disk).await?.unwrap_or_default();
+        let backing = match disk {
+            Disk::File(f) => driver.disk_backing(f).await?.unwrap_or_default(),
+            Disk::Rbd { pool, .. } => {
+                let image = image_of(store, vm).await?;
+                format!(
+                    "rbd:{}/{}@{}",
+                    pool.name(),
+                    layout::rbd_base_image(image.meta.uid),
+                    corral_ceph::BASE_SNAPSHOT
+                )
+            }
+        };
         vm.status.disk = Some(DiskStatus {
-            path: disk.display().to_string(),
+            path: derived,
             backing,
             datastore: vm.spec.datastore.clone(),
         });
@@ -71,7 +87,7 @@ async fn start(
     cfg: &AgentConfig,
     vm: &Vm,
     dir: &Path,
-    disk: &Path,
+    disk: &Disk,
 ) -> Result<u32, AgentError> {
     let image = image_of(store, vm).await?;
     crate::network::prepare(store, cfg, vm).await?;
@@ -121,7 +137,10 @@ pub(crate) async fn reconcile(
             Some(_) => known_disk(store, cfg, &vm).await,
             None => None,
         };
-        remove_vm_files(&dir, disk.as_deref())?;
+        if let Some(d) = &disk {
+            d.remove_image().await?;
+        }
+        remove_vm_files(&dir, disk.as_ref().and_then(Disk::as_file))?;
         let release = HostWrite::VmReleased {
             vm: VmRef::of(&vm),
             revision: rev,

@@ -33,8 +33,12 @@ pub(crate) async fn move_disk(
         .disk
         .clone()
         .ok_or_else(|| AgentError::Refused("the VM has no disk yet".into()))?;
-    let old_path = disk_path(store, cfg, vm).await?;
-    let dest = new_disk_path(store, cfg, vm).await?;
+    let doing = "a storage move";
+    let old_path = disk_path(store, cfg, vm).await?.file(doing)?.to_path_buf();
+    let dest = new_disk_path(store, cfg, vm)
+        .await?
+        .file(doing)?
+        .to_path_buf();
     let moved = DiskStatus {
         path: dest.display().to_string(),
         datastore: vm.spec.datastore.clone(),

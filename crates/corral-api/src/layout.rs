@@ -19,6 +19,24 @@ pub fn datastore_vm_dir(datastore_path: &Path, uid: Uuid) -> PathBuf {
         .join(uid.simple().to_string())
 }
 
+/// Every RBD image Corral makes in a pool starts so; others in the pool are left alone.
+pub const RBD_IMAGE_PREFIX: &str = "corral-";
+
+/// The RBD image an image is stored as in a pool, once per pool: VMs are clones of its snapshot.
+pub fn rbd_base_image(image_uid: Uuid) -> String {
+    format!("{RBD_IMAGE_PREFIX}image-{}", image_uid.simple())
+}
+
+/// The RBD image of a VM's disk.
+pub fn rbd_vm_disk(vm_uid: Uuid) -> String {
+    format!("{RBD_IMAGE_PREFIX}vm-{}", vm_uid.simple())
+}
+
+/// Where a host (or the controller) keeps the Ceph configuration and keyring of an RBD datastore.
+pub fn ceph_dir(data_dir: &Path, datastore: &str) -> PathBuf {
+    data_dir.join("ceph").join(datastore)
+}
+
 /// File name of a VM's disk in its directory.
 pub const DISK_FILE: &str = "disk.qcow2";
 

@@ -21,7 +21,10 @@ mod size;
 mod task;
 mod vm;
 
-pub use datastore::{validate_datastore_path, CreateDatastoreRequest, Datastore, LOCAL_DATASTORE};
+pub use datastore::{
+    validate_datastore_path, validate_key, CreateDatastoreRequest, CreateRbdRequest, Datastore,
+    DatastoreDetail, DatastoreKind, DatastoreSecret, DatastoreUsage, RbdSettings, LOCAL_DATASTORE,
+};
 pub use drs::{
     drs_threshold, ApplyDrsRequest, ApplyDrsResponse, DrsMode, DrsMove, DrsPlan, HostLoad,
     PowerAction, PowerManagement, VmUsage, DPM_MAX_LOAD, DPM_WAKE_LOAD, DRS_HOLD_SECS,
@@ -101,6 +104,8 @@ pub mod keys {
     pub const CLUSTER: &str = "/corral/cluster";
     pub const GROUPS: &str = "/corral/groups/";
     pub const DATASTORES: &str = "/corral/datastores/";
+    /// The Ceph keys of RBD datastores: hosts read them, the API never returns them.
+    pub const DATASTORE_SECRETS: &str = "/corral/datastore-secrets/";
     pub const MIGRATIONS: &str = "/corral/migrations/";
     pub const EVENTS: &str = "/corral/events/";
     pub const PROJECTS: &str = "/corral/projects/";
@@ -173,6 +178,9 @@ pub mod keys {
     }
     pub fn datastore(name: &str) -> String {
         format!("{DATASTORES}{name}")
+    }
+    pub fn datastore_secret(name: &str) -> String {
+        format!("{DATASTORE_SECRETS}{name}")
     }
     pub fn event(id: &str) -> String {
         format!("{EVENTS}{id}")

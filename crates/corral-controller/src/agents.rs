@@ -192,9 +192,10 @@ async fn host_of(a: &AgentCtx, peer: &Peer) -> Result<String, ApiError> {
     }
 }
 
-/// Keys a host may read: what it may list, and the cluster settings.
+/// Keys a host may read: what it may list, the cluster settings, and the Ceph keys of RBD
+/// datastores (any host may run a VM whose disk is in the pool).
 fn may_read(key: &str) -> bool {
-    may_list(key) || key == keys::CLUSTER
+    may_list(key) || key == keys::CLUSTER || key.starts_with(keys::DATASTORE_SECRETS)
 }
 
 /// Prefixes a host may list and watch: what it runs and what its network reconciler needs (the

@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use corral_api::host_protocol::{HaReply, HaReport};
 use corral_api::{
-    keys, timing, Datastore, HaPolicy, HaProtection, Host, IsolationResponse, PowerState, Vm,
-    VmEvent, VmPhase,
+    keys, timing, Datastore, DatastoreKind, HaPolicy, HaProtection, Host, IsolationResponse,
+    PowerState, Vm, VmEvent, VmPhase,
 };
 use corral_scheduler::Decision;
 use corral_store::{list_json, Op, Precondition, StoreError};
@@ -389,6 +389,12 @@ pub fn protection(vm: &Vm, datastores: &[Datastore]) -> HaProtection {
         ));
     }
     match datastores.iter().find(|d| d.name == vm.spec.datastore) {
+        Some(d) if d.kind == DatastoreKind::Rbd => {
+            return no(format!(
+                "datastore {} is an RBD pool, and HA needs storage leases, which RBD datastores do not have yet: use a shared dir datastore for HA-protected VMs",
+                d.name
+            ))
+        }
         Some(d) if d.shared => {}
         _ => {
             return no(format!(
@@ -476,8 +482,7 @@ async fn watch(ctx: &Ctx, tick: u64) -> Result<(), ApiError> {
     let (datastores, _) = list_json::<Datastore>(&*ctx.store, keys::DATASTORES).await?;
     let shared: Vec<(String, PathBuf)> = datastores
         .iter()
-        .filter(|d| d.shared)
-        .map(|d| (d.name.clone(), PathBuf::from(&d.path)))
+        .filter_map(|d| Some((d.name.clone(), d.lease_directory()?.to_path_buf())))
         .collect();
     let read = tokio::task::spawn_blocking(move || read_leases(shared))
         .await

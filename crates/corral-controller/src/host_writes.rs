@@ -233,6 +233,18 @@ fn host_write(
 /// A path a target records for its own copy: absolute, plain, and nothing QEMU would read as
 /// options.
 fn check_own_path(what: &str, path: &str) -> Result<(), ValidationError> {
+    // An RBD disk is named `rbd:POOL/IMAGE`, in Ceph's plain characters.
+    if let Some((pool, image)) = path.strip_prefix("rbd:").and_then(|r| r.split_once('/')) {
+        let ceph = |n: &str| {
+            !n.is_empty()
+                && n.len() <= 128
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+        };
+        if ceph(pool) && ceph(image) {
+            return Ok(());
+        }
+    }
     let plain = path.starts_with('/')
         && path.len() < 4096
         && !path.contains(',')
@@ -242,7 +254,7 @@ fn check_own_path(what: &str, path: &str) -> Result<(), ValidationError> {
         Ok(())
     } else {
         Err(ValidationError::new(format!(
-            "{what} {path:?} is not a plain absolute path (no commas, no '..')"
+            "{what} {path:?} is not a plain absolute path (no commas, no '..') or rbd:POOL/IMAGE"
         )))
     }
 }

@@ -1,11 +1,11 @@
-//! Hosts, cluster placement settings, VM groups and datastores: the cluster's infrastructure.
+//! Hosts, cluster placement settings and VM groups: the cluster's compute.
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use corral_api::{
-    keys, ClusterSettings, CreateDatastoreRequest, CreateGroupRequest, Datastore, Host, HostInfo,
-    MaintenanceResponse, ObjectMeta, VmGroup,
+    keys, ClusterSettings, CreateGroupRequest, Datastore, Host, HostInfo, MaintenanceResponse,
+    ObjectMeta, VmGroup,
 };
 use corral_store::{get_json, list_json, Op, Precondition, StoreError};
 use serde::{Deserialize, Serialize};
@@ -330,114 +330,6 @@ pub async fn delete_group(
         Err(StoreError::NotFound { .. }) => Err(ApiError::NotFound(format!(
             "group {name} does not exist in project {project}"
         ))),
-        Err(e) => Err(e.into()),
-    }
-}
-
-fn datastore_not_found(name: &str) -> ApiError {
-    ApiError::NotFound(format!("datastore {name} does not exist"))
-}
-
-#[utoipa::path(get, path = "/api/v1/datastores", tag = "datastores",
-    responses((status = 200, description = "the datastores; `local` (each host's data dir) is built in and not listed", body = [Datastore])),
-    security(("bearer" = [])))]
-pub async fn list_datastores(State(ctx): State<Ctx>) -> Result<Json<Vec<Datastore>>, ApiError> {
-    Ok(Json(
-        list_json::<Datastore>(&*ctx.store, keys::DATASTORES)
-            .await?
-            .0,
-    ))
-}
-
-#[utoipa::path(get, path = "/api/v1/datastores/{name}", tag = "datastores", params(("name" = String, Path)),
-    responses((status = 200, body = Datastore), (status = 404, body = corral_api::ApiErrorBody)), security(("bearer" = [])))]
-pub async fn get_datastore(
-    State(ctx): State<Ctx>,
-    ApiPath(name): ApiPath<String>,
-) -> Result<Json<Datastore>, ApiError> {
-    get_json::<Datastore>(&*ctx.store, &keys::datastore(&name))
-        .await?
-        .map(|v| Json(v.value))
-        .ok_or_else(|| datastore_not_found(&name))
-}
-
-#[utoipa::path(post, path = "/api/v1/datastores", tag = "datastores", request_body = CreateDatastoreRequest,
-    responses((status = 201, body = Datastore), (status = 400, body = corral_api::ApiErrorBody), (status = 409, body = corral_api::ApiErrorBody)),
-    security(("bearer" = [])))]
-pub async fn create_datastore(
-    State(ctx): State<Ctx>,
-    ApiJson(req): ApiJson<CreateDatastoreRequest>,
-) -> Result<(StatusCode, Json<Datastore>), ApiError> {
-    req.validate()?;
-    let ds = Datastore {
-        name: req.name.clone(),
-        path: req.path,
-        shared: req.shared,
-        created_at: chrono::Utc::now(),
-        deleting: false,
-    };
-    let bytes = serde_json::to_vec(&ds).map_err(StoreError::from)?;
-    match ctx
-        .store
-        .put(&keys::datastore(&req.name), bytes, Precondition::Absent)
-        .await
-    {
-        Ok(_) => Ok((StatusCode::CREATED, Json(ds))),
-        Err(StoreError::Conflict { .. }) => Err(ApiError::Conflict(format!(
-            "a datastore named {} already exists: pick another name",
-            req.name
-        ))),
-        Err(e) => Err(e.into()),
-    }
-}
-
-#[utoipa::path(delete, path = "/api/v1/datastores/{name}", tag = "datastores", params(("name" = String, Path)),
-    responses((status = 204), (status = 404, body = corral_api::ApiErrorBody), (status = 409, body = corral_api::ApiErrorBody)),
-    security(("bearer" = [])))]
-pub async fn delete_datastore(
-    State(ctx): State<Ctx>,
-    ApiPath(name): ApiPath<String>,
-) -> Result<StatusCode, ApiError> {
-    let key = keys::datastore(&name);
-    let ds = get_json::<Datastore>(&*ctx.store, &key)
-        .await?
-        .ok_or_else(|| datastore_not_found(&name))?;
-    // Mark it first, then look for users: a VM created from here on conflicts on the datastore.
-    let mut marked = ds.value.clone();
-    marked.deleting = true;
-    let changed = || ApiError::Conflict(format!("datastore {name} changed meanwhile: try again"));
-    let rev = match ctx
-        .store
-        .put(
-            &key,
-            serde_json::to_vec(&marked).map_err(StoreError::from)?,
-            Precondition::ModRevision(ds.revision),
-        )
-        .await
-    {
-        Ok(r) => r,
-        Err(StoreError::Conflict { .. }) => return Err(changed()),
-        Err(e) => return Err(e.into()),
-    };
-    let (vms, _) = list_json::<corral_api::Vm>(&*ctx.store, keys::VMS).await?;
-    let users: Vec<String> = vms
-        .iter()
-        .filter(|v| v.spec.datastore == name)
-        .map(|v| format!("{}/{}", v.meta.project, v.meta.name))
-        .collect();
-    if !users.is_empty() {
-        let value = serde_json::to_vec(&ds.value).map_err(StoreError::from)?;
-        ctx.store
-            .put(&key, value, Precondition::ModRevision(rev))
-            .await?;
-        return Err(ApiError::Conflict(format!(
-            "datastore {name} holds the disks of VMs {}: delete them first",
-            users.join(", ")
-        )));
-    }
-    match ctx.store.delete(&key, Precondition::ModRevision(rev)).await {
-        Ok(_) => Ok(StatusCode::NO_CONTENT),
-        Err(StoreError::Conflict { .. }) => Err(changed()),
         Err(e) => Err(e.into()),
     }
 }

@@ -6,6 +6,7 @@
 pub mod agents;
 mod auth;
 mod cache;
+mod datastores;
 mod drs;
 mod error;
 mod events;
@@ -328,7 +329,7 @@ impl utoipa::Modify for CommonResponses {
         health, list_tasks, get_task, cancel_task, events::list,
         hosts::list, hosts::get, hosts::remove, hosts::maintenance, hosts::set_capacity, hosts::join_token, hosts::get_cluster, hosts::put_cluster,
         hosts::list_groups, hosts::get_group, hosts::create_group, hosts::delete_group,
-        hosts::list_datastores, hosts::get_datastore, hosts::create_datastore, hosts::delete_datastore,
+        datastores::list, datastores::get, datastores::create, datastores::delete,
         vms::list, vms::get, vms::create, vms::start, vms::stop, vms::reboot, vms::delete, vms::console,
         vms::move_storage, migrations::migrate, migrations::get,
         networks::list, networks::get, networks::create, networks::delete,
@@ -365,11 +366,11 @@ pub fn router(ctx: Ctx) -> Router {
         )
         .route(
             "/api/v1/datastores",
-            get(hosts::list_datastores).post(hosts::create_datastore),
+            get(datastores::list).post(datastores::create),
         )
         .route(
             "/api/v1/datastores/{name}",
-            get(hosts::get_datastore).delete(hosts::delete_datastore),
+            get(datastores::get).delete(datastores::delete),
         )
         .route(
             &format!("{p}/groups"),

@@ -6,7 +6,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use chrono::Utc;
 use corral_api::{
-    format_bytes, keys, ConsoleChunk, CreateVmRequest, Datastore, Image, ImagePhase,
+    format_bytes, keys, ConsoleChunk, CreateVmRequest, Datastore, DatastoreKind, Image, ImagePhase,
     MoveStorageRequest, ObjectMeta, PowerState, StopVmRequest, Task, TaskGoal, Vm, VmPhase,
     VmStatus, LOCAL_DATASTORE,
 };
@@ -448,6 +448,16 @@ pub async fn reboot(
     .await
 }
 
+/// What the datastore `name` is made of; `None` if there is no such datastore.
+async fn datastore_kind(ctx: &Ctx, name: &str) -> Result<Option<DatastoreKind>, ApiError> {
+    if name == LOCAL_DATASTORE {
+        return Ok(Some(DatastoreKind::Dir));
+    }
+    Ok(get_json::<Datastore>(&*ctx.store, &keys::datastore(name))
+        .await?
+        .map(|d| d.value.kind))
+}
+
 #[utoipa::path(post, path = "/api/v1/projects/{project}/vms/{name}/move-storage", tag = "vms",
     params(("project" = String, Path), ("name" = String, Path)), request_body = MoveStorageRequest,
     responses((status = 202, description = "accepted; a running VM keeps running while its disk is copied", body = Task),
@@ -460,12 +470,21 @@ pub async fn move_storage(
     ApiJson(req): ApiJson<MoveStorageRequest>,
 ) -> Result<(StatusCode, Json<Task>), ApiError> {
     let ds = req.datastore.clone();
-    if ds != LOCAL_DATASTORE
-        && get_json::<Datastore>(&*ctx.store, &keys::datastore(&ds))
-            .await?
-            .is_none()
-    {
+    let Some(to_kind) = datastore_kind(&ctx, &ds).await? else {
         return Err(ApiError::NotFound(format!("there is no datastore {ds}")));
+    };
+    let from = get_json::<Vm>(&*ctx.store, &keys::vm(&project, &name))
+        .await?
+        .map(|v| v.value.spec.datastore);
+    let from_kind = match &from {
+        Some(f) => datastore_kind(&ctx, f).await?,
+        None => None,
+    };
+    if to_kind == DatastoreKind::Rbd || from_kind == Some(DatastoreKind::Rbd) {
+        return Err(ApiError::Conflict(format!(
+            "moving a disk to or from an RBD datastore is not possible yet (from {}, to {ds}): create the VM on the datastore it should live on",
+            from.unwrap_or_default()
+        )));
     }
     // Guarded by the migration record too: a migration started meanwhile makes this try again.
     let mig_key = keys::migration(&project, &name);

@@ -28,13 +28,35 @@ pub struct LaunchSpec {
     pub name: String,
     pub cpus: u32,
     pub memory_mib: u64,
-    /// The VM's own disk (a qcow2 linked clone).
-    pub disk: PathBuf,
+    /// The VM's own disk.
+    pub disk: DiskSource,
     /// Kernel, initrd and command line for direct kernel boot; `None` boots from the disk.
     pub direct_boot: Option<corral_api::DirectBoot>,
     pub accel: corral_api::Accel,
     /// Network interfaces, eth0 first: a tap prepared by the host's network driver, and the MAC.
     pub nics: Vec<NicLaunch>,
+}
+
+/// Where a VM's disk is.
+#[derive(Clone, Debug, PartialEq)]
+pub enum DiskSource {
+    /// A qcow2 file (a linked clone of its image).
+    File(PathBuf),
+    /// A raw RBD image, opened through librbd with the configuration file `conf` (monitors and
+    /// keyring) as Ceph user `user`. The names are checked by whoever builds this (they reach
+    /// QEMU's options, where a comma would start another one).
+    Rbd {
+        pool: String,
+        image: String,
+        user: String,
+        conf: PathBuf,
+    },
+}
+
+impl From<PathBuf> for DiskSource {
+    fn from(p: PathBuf) -> Self {
+        DiskSource::File(p)
+    }
 }
 
 /// One virtio NIC, attached to a tap that exists before QEMU starts.
@@ -166,6 +188,16 @@ pub trait Driver: Send + Sync + 'static {
         size: u64,
     ) -> Result<(), DriverError> {
         disk::create_linked_clone(backing, format, disk, size).await
+    }
+    /// Writes the disk image `source` into a new RBD image (`target`, a `qemu-img` `rbd:` target);
+    /// returns once it is complete.
+    async fn import_disk(
+        &self,
+        source: &Path,
+        format: corral_api::DiskFormat,
+        target: &str,
+    ) -> Result<(), DriverError> {
+        disk::import(source, format, target).await
     }
     /// The file `disk` is a linked clone of, if any.
     async fn disk_backing(&self, disk: &Path) -> Result<Option<String>, DriverError> {

@@ -14,8 +14,8 @@ use tokio::process::Command;
 use crate::migration::{DiskCopy, Incoming, Transfer, TransferStatus, Tuning};
 use crate::qmp::Qmp;
 use crate::{
-    console_log, serial_socket, signal, socket_dir, vm_socket, Driver, DriverError, LaunchSpec,
-    Observed, RunState, QMP_SOCKET, SERIAL_SOCKET,
+    console_log, serial_socket, signal, socket_dir, vm_socket, DiskSource, Driver, DriverError,
+    LaunchSpec, Observed, RunState, QMP_SOCKET, SERIAL_SOCKET,
 };
 
 const QEMU: &str = "qemu-system-x86_64";
@@ -90,10 +90,21 @@ pub fn qemu_args(run_dir: &Path, spec: &LaunchSpec) -> Vec<String> {
         "-serial".into(),
         "chardev:serial0".into(),
         "-drive".into(),
-        format!(
-            "file={},if=virtio,format=qcow2,discard=unmap",
-            p(spec.disk.clone())
-        ),
+        match &spec.disk {
+            DiskSource::File(f) => {
+                format!("file={},if=virtio,format=qcow2,discard=unmap", p(f.clone()))
+            }
+            // librbd's own cache, as Proxmox and OpenStack run it (flushed when the guest asks).
+            DiskSource::Rbd {
+                pool,
+                image,
+                user,
+                conf,
+            } => format!(
+                "file.driver=rbd,file.pool={pool},file.image={image},file.user={user},file.conf={},if=virtio,format=raw,cache=writeback,discard=unmap",
+                p(conf.clone())
+            ),
+        },
     ]);
     for (i, nic) in spec.nics.iter().enumerate() {
         args.extend([

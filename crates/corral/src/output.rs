@@ -4,8 +4,8 @@
 use anyhow::Result;
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
 use corral_api::{
-    format_bytes, ClusterEvent, ClusterSettings, Datastore, DrsPlan, HostInfo, HostState, Image,
-    Migration, Network, SecurityGroup, Segment, Task, Vm, VmGroup,
+    format_bytes, ClusterEvent, ClusterSettings, Datastore, DatastoreDetail, DrsPlan, HostInfo,
+    HostState, Image, Migration, Network, SecurityGroup, Segment, Task, Vm, VmGroup,
 };
 use serde::Serialize;
 
@@ -347,16 +347,74 @@ pub fn security_groups(fmt: Format, items: &[SecurityGroup], single: bool) -> Re
     Ok(())
 }
 
+/// Where a datastore's disks are: its path, or its pool and monitors.
+fn datastore_location(d: &Datastore) -> String {
+    match &d.rbd {
+        Some(r) => format!("rbd:{} ({})", r.pool, r.monitors.join(",")),
+        None => d.path.clone(),
+    }
+}
+
 pub fn datastores(fmt: Format, items: &[Datastore], single: bool) -> Result<()> {
     if fmt == Format::Json {
         return json_items(items, single);
     }
     table(
-        &["NAME", "PATH", "SHARED"],
+        &["NAME", "TYPE", "LOCATION", "SHARED"],
         items
             .iter()
-            .map(|d| vec![d.name.clone(), d.path.clone(), d.shared.to_string()])
+            .map(|d| {
+                vec![
+                    d.name.clone(),
+                    format!("{:?}", d.kind).to_lowercase(),
+                    datastore_location(d),
+                    d.shared.to_string(),
+                ]
+            })
             .collect(),
+    );
+    Ok(())
+}
+
+/// One datastore with its space: capacity, used, provisioned (thin) and the overcommit ratio.
+pub fn datastore(fmt: Format, d: &DatastoreDetail) -> Result<()> {
+    if fmt == Format::Json {
+        return json(d);
+    }
+    let ds = &d.datastore;
+    let (capacity, used, provisioned, overcommit) = match &d.usage {
+        Some(u) => (
+            format_bytes(u.capacity_bytes),
+            format_bytes(u.used_bytes),
+            format_bytes(u.provisioned_bytes),
+            format!("{:.2}", u.overcommit),
+        ),
+        None => {
+            let why = d.usage_error.clone().unwrap_or_else(|| "-".into());
+            (why, "-".into(), "-".into(), "-".into())
+        }
+    };
+    table(
+        &[
+            "NAME",
+            "TYPE",
+            "LOCATION",
+            "SHARED",
+            "CAPACITY",
+            "USED",
+            "PROVISIONED",
+            "OVERCOMMIT",
+        ],
+        vec![vec![
+            ds.name.clone(),
+            format!("{:?}", ds.kind).to_lowercase(),
+            datastore_location(ds),
+            ds.shared.to_string(),
+            capacity,
+            used,
+            provisioned,
+            overcommit,
+        ]],
     );
     Ok(())
 }

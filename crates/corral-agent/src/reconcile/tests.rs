@@ -491,7 +491,7 @@ async fn leftover_copies_are_swept_but_a_running_guest_is_never_killed() {
         name: "x".into(),
         cpus: 1,
         memory_mib: 64,
-        disk: kept.join(layout::DISK_FILE),
+        disk: kept.join(layout::DISK_FILE).into(),
         direct_boot: None,
         accel: Accel::Tcg,
         nics: Vec::new(),

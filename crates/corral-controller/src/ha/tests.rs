@@ -73,24 +73,23 @@ fn restarts_go_by_priority_and_wait_for_what_they_need() {
 
 #[test]
 fn only_running_vms_with_ha_on_a_shared_datastore_unpinned_are_protected() {
+    let mut ceph = dir_datastore("ceph", "", true);
+    ceph.kind = corral_api::DatastoreKind::Rbd;
     let ds = vec![
-        Datastore {
-            name: "nfs".into(),
-            path: "/mnt/nfs".into(),
-            shared: true,
-            created_at: chrono::Utc::now(),
-            deleting: false,
-        },
-        Datastore {
-            name: "disk2".into(),
-            path: "/mnt/disk2".into(),
-            shared: false,
-            created_at: chrono::Utc::now(),
-            deleting: false,
-        },
+        dir_datastore("nfs", "/mnt/nfs", true),
+        dir_datastore("disk2", "/mnt/disk2", false),
+        ceph,
     ];
     let ok = vm("web", HaPriority::High, &[]);
     assert!(protection(&ok, &ds).protected);
+    let mut on_rbd = ok.clone();
+    on_rbd.spec.datastore = "ceph".into();
+    let p = protection(&on_rbd, &ds);
+    assert!(
+        !p.protected && p.reason.contains("storage leases"),
+        "{}",
+        p.reason
+    );
     let mut v = ok.clone();
     v.spec.ha = HaPolicy::Off;
     assert!(protection(&v, &ds).reason.contains("ha: restart"));
@@ -228,14 +227,20 @@ fn on(host: &str, v: Vm) -> (String, u64, Vm) {
     (keys::vm("default", &v.meta.name.clone()), 3, v)
 }
 
-fn nfs() -> Vec<Datastore> {
-    vec![Datastore {
-        name: "nfs".into(),
-        path: "/mnt/nfs".into(),
-        shared: true,
+fn dir_datastore(name: &str, path: &str, shared: bool) -> Datastore {
+    Datastore {
+        name: name.into(),
+        kind: corral_api::DatastoreKind::Dir,
+        path: path.into(),
+        shared,
+        rbd: None,
         created_at: chrono::Utc::now(),
         deleting: false,
-    }]
+    }
+}
+
+fn nfs() -> Vec<Datastore> {
+    vec![dir_datastore("nfs", "/mnt/nfs", true)]
 }
 
 #[test]

@@ -330,6 +330,8 @@ fn a_ready_target_records_ports_only_as_the_move_needs_and_plain_paths_of_its_ow
         ("/r", "/x/../../etc/passwd"),
         ("/r", "/d.qcow2,file.locking=off"),
         ("/r\n", "/d.qcow2"),
+        ("/r", "rbd:pool/img,file.locking=off"),
+        ("/r", "rbd:pool/../img"),
     ] {
         let s = MigrationStep::TargetReady {
             target_port: 4000,

@@ -1,34 +1,79 @@
 //! `corral datastore`, `corral group` and `corral project`: where disks live, VM groups, tenants.
 
-use anyhow::Result;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
 use clap::Subcommand;
 
 use super::Cx;
 use crate::output::{self, Format};
 use corral_api::{
-    CreateDatastoreRequest, CreateGroupRequest, CreateProjectRequest, Datastore, GroupRule,
-    GroupStrength, VmGroup,
+    CreateDatastoreRequest, CreateGroupRequest, CreateProjectRequest, CreateRbdRequest, Datastore,
+    DatastoreDetail, DatastoreKind, GroupRule, GroupStrength, RbdSettings, VmGroup,
 };
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum DatastoreCmd {
-    /// Add a datastore: PATH must exist on the hosts (mounted on every host with --shared).
+    /// Add a datastore: a directory (PATH must exist on the hosts; mounted on every host with
+    /// --shared), or a Ceph RBD pool (--type rbd), checked with the user's key before it is added.
     Create {
         name: String,
-        #[arg(long)]
-        path: String,
-        /// Every host sees the same files at PATH (NFS, CephFS...).
+        #[arg(long = "type", value_enum, default_value = "dir")]
+        kind: KindArg,
+        /// dir: the directory on the hosts.
+        #[arg(long, required_if_eq("kind", "dir"))]
+        path: Option<String>,
+        /// dir: every host sees the same files at PATH (NFS, CephFS...).
         #[arg(long)]
         shared: bool,
+        /// rbd: the pool (initialized with `rbd pool init`).
+        #[arg(long, required_if_eq("kind", "rbd"))]
+        pool: Option<String>,
+        /// rbd: the monitors, HOST:PORT, comma-separated.
+        #[arg(long, value_delimiter = ',', required_if_eq("kind", "rbd"))]
+        monitors: Vec<String>,
+        /// rbd: the Ceph user, without `client.`.
+        #[arg(long, required_if_eq("kind", "rbd"))]
+        user: Option<String>,
+        /// rbd: the user's keyring file (as `ceph auth get-or-create` writes it); its key is kept
+        /// as a secret, never shown again.
+        #[arg(long, required_if_eq("kind", "rbd"))]
+        keyring: Option<PathBuf>,
     },
     List,
+    /// A datastore, with its capacity, used and provisioned space (RBD).
     Show {
         name: String,
     },
-    /// Remove a datastore no VM disk lives on (its files are left in place).
+    /// Remove a datastore no VM disk lives on (the files of a dir datastore are left in place;
+    /// the images Corral stored in an RBD pool are removed).
     Delete {
         name: String,
     },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
+pub(crate) enum KindArg {
+    Dir,
+    Rbd,
+}
+
+/// The key of `user` in a keyring file: the `key = ...` line of its `[client.USER]` section.
+fn keyring_key(text: &str, user: &str) -> Option<String> {
+    let section = format!("[client.{user}]");
+    let mut inside = false;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') {
+            inside = line == section;
+        } else if inside {
+            if let Some((k, v)) = line.split_once('=') {
+                if k.trim() == "key" {
+                    return Some(v.trim().to_string());
+                }
+            }
+        }
+    }
+    None
 }
 
 #[derive(Subcommand, Debug)]
@@ -75,17 +120,55 @@ pub(crate) enum ProjectCmd {
 pub(crate) fn run_datastore(cx: &Cx, cmd: DatastoreCmd) -> Result<()> {
     let (c, fmt) = (cx.client, cx.fmt);
     match cmd {
-        DatastoreCmd::Create { name, path, shared } => {
-            let req = CreateDatastoreRequest { name, path, shared };
+        DatastoreCmd::Create {
+            name,
+            kind,
+            path,
+            shared,
+            pool,
+            monitors,
+            user,
+            keyring,
+        } => {
+            let rbd = match (kind, pool, user, keyring) {
+                (KindArg::Rbd, Some(pool), Some(user), Some(keyring)) => {
+                    let text = std::fs::read_to_string(&keyring)
+                        .with_context(|| format!("reading the keyring {}", keyring.display()))?;
+                    let key = keyring_key(&text, &user).with_context(|| {
+                        format!(
+                            "the keyring {} has no key for [client.{user}]: give the keyring of user {user} (ceph auth get client.{user})",
+                            keyring.display()
+                        )
+                    })?;
+                    Some(CreateRbdRequest {
+                        settings: RbdSettings {
+                            pool,
+                            monitors,
+                            user,
+                        },
+                        key,
+                    })
+                }
+                _ => None,
+            };
+            let req = CreateDatastoreRequest {
+                name,
+                kind: match kind {
+                    KindArg::Dir => DatastoreKind::Dir,
+                    KindArg::Rbd => DatastoreKind::Rbd,
+                },
+                path,
+                shared,
+                rbd,
+            };
             output::datastores(fmt, &[c.post::<Datastore>("/datastores", &req)?], true)
         }
         DatastoreCmd::List => {
             output::datastores(fmt, &c.get::<Vec<Datastore>>("/datastores")?, false)
         }
-        DatastoreCmd::Show { name } => output::datastores(
+        DatastoreCmd::Show { name } => output::datastore(
             fmt,
-            &[c.get::<Datastore>(&format!("/datastores/{name}"))?],
-            true,
+            &c.get::<DatastoreDetail>(&format!("/datastores/{name}"))?,
         ),
         DatastoreCmd::Delete { name } => super::delete(
             cx,
@@ -160,5 +243,17 @@ pub(crate) fn run_project(cx: &Cx, cmd: ProjectCmd) -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::keyring_key;
+
+    #[test]
+    fn the_key_is_read_from_the_users_section() {
+        let text = "[client.admin]\n\tkey = AQAdmin==\n[client.corral]\n\tkey = AQCorral==\n\tcaps mon = \"profile rbd\"\n";
+        assert_eq!(keyring_key(text, "corral").as_deref(), Some("AQCorral=="));
+        assert_eq!(keyring_key(text, "nobody"), None);
     }
 }

@@ -3,6 +3,7 @@
 //! belongs to its data dir, also when the test failed.
 #![allow(dead_code)]
 
+pub mod ceph;
 pub mod lifecycle;
 pub mod netlab;
 
@@ -28,7 +29,7 @@ pub struct Lab {
     env: Vec<(String, String)>,
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
         .local_addr()

@@ -1,0 +1,102 @@
+//! A real single-node Ceph cluster for a test binary (scripts/ceph-dev.sh: a monitor on a free
+//! loopback port, a mgr, a bluestore OSD on a sparse file, an initialized RBD pool and a user
+//! with `profile rbd` on it), stopped and removed when dropped, also when the test failed.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub struct Ceph {
+    dir: tempfile::TempDir,
+    pub port: u16,
+    pub pool: String,
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/ceph-dev.sh")
+}
+
+impl Ceph {
+    /// Starts the cluster with an RBD pool `pool`; fails loudly where Ceph is not installed.
+    pub fn start(pool: &str) -> Ceph {
+        let dir = tempfile::Builder::new()
+            .prefix("corral-ceph-")
+            .tempdir_in("/tmp")
+            .expect("temp dir");
+        let port = super::free_port();
+        let ceph = Ceph {
+            dir,
+            port,
+            pool: pool.into(),
+        };
+        let out = Command::new("bash")
+            .arg(script())
+            .args(["start", &ceph.cluster_dir().display().to_string()])
+            .arg(port.to_string())
+            .arg(pool)
+            .output()
+            .expect("bash runs");
+        assert!(
+            out.status.success(),
+            "the test Ceph cluster did not start (scripts/setup.sh installs Ceph):\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ceph
+    }
+
+    fn cluster_dir(&self) -> PathBuf {
+        self.dir.path().join("cluster")
+    }
+
+    /// The monitor, as `--monitors` takes it.
+    pub fn monitor(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The keyring of the `profile rbd` user `corral`.
+    pub fn user_keyring(&self) -> PathBuf {
+        self.cluster_dir().join("client.corral.keyring")
+    }
+
+    /// The key in the user's keyring.
+    pub fn user_key(&self) -> String {
+        let text = std::fs::read_to_string(self.user_keyring()).expect("keyring");
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix("key = "))
+            .expect("a key line")
+            .to_string()
+    }
+
+    /// Runs a Ceph tool (`rbd`, `ceph`) as the cluster's admin; its standard output.
+    pub fn admin(&self, tool: &str, args: &[&str]) -> String {
+        let out = Command::new(tool)
+            .arg("--conf")
+            .arg(self.cluster_dir().join("ceph.conf"))
+            .args(args)
+            .output()
+            .expect("the Ceph tools run");
+        assert!(
+            out.status.success(),
+            "{tool} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The names of the images in the pool.
+    pub fn images(&self) -> Vec<String> {
+        let out = self.admin("rbd", &["ls", "--pool", &self.pool, "--format", "json"]);
+        serde_json::from_str(&out).expect("rbd ls prints JSON")
+    }
+}
+
+impl Drop for Ceph {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(script())
+            .arg("stop")
+            .arg(self.cluster_dir())
+            .status();
+    }
+}
