@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # A single-node Ceph cluster for tests and trying RBD datastores by hand: one monitor on
-# 127.0.0.1:PORT (msgr2), one mgr, one bluestore OSD on a sparse file, all under DIR, from
+# ADDR:PORT (msgr2; ADDR 127.0.0.1 unless given), one mgr, one bluestore OSD on a sparse file, all under DIR, from
 # Debian's packages (ceph-mon ceph-osd ceph-mgr ceph-common; scripts/setup.sh installs them). No
 # systemd, cephadm or LVM. Ready (pool active+clean) in about 15 s.
-#   scripts/ceph-dev.sh start DIR PORT [POOL]   starts it; POOL (default corral) is an initialized
+#   scripts/ceph-dev.sh start DIR [ADDR:]PORT [POOL]
+#                                              starts it; POOL (default corral) is an initialized
 #                                              RBD pool, and DIR/client.corral.keyring a user
 #                                              with `profile rbd` on it
 #   scripts/ceph-dev.sh stop DIR                stops the daemons (by pid) and removes DIR
 set -euo pipefail
 
-usage() { echo "usage: $0 start DIR PORT [POOL] | stop DIR" >&2; exit 2; }
+usage() { echo "usage: $0 start DIR [ADDR:]PORT [POOL] | stop DIR" >&2; exit 2; }
 
 stop() {
   local dir=$1
@@ -32,7 +33,11 @@ stop() {
 }
 
 start() {
-  local dir=$1 port=$2 pool=${3:-corral}
+  local dir=$1 addr=127.0.0.1 port=$2 pool=${3:-corral}
+  if [[ $port == *:* ]]; then
+    addr=${port%:*}
+    port=${port##*:}
+  fi
   command -v ceph-mon >/dev/null || { echo "ceph-dev: ceph-mon is missing: run scripts/setup.sh" >&2; exit 1; }
   mkdir -p "$dir"/{mon,osd,mgr,run,log}
   dir=$(cd "$dir" && pwd)
@@ -41,7 +46,7 @@ start() {
   cat >"$conf" <<CONF
 [global]
 fsid = $fsid
-mon_host = v2:127.0.0.1:$port
+mon_host = v2:$addr:$port
 auth_cluster_required = cephx
 auth_service_required = cephx
 auth_client_required = cephx
@@ -81,7 +86,7 @@ CONF
   ceph-authtool --create-keyring "$dir/client.admin.keyring" --gen-key -n client.admin \
     --cap mon 'allow *' --cap osd 'allow *' --cap mds 'allow *' --cap mgr 'allow *' >/dev/null
   ceph-authtool "$dir/mon.keyring" --import-keyring "$dir/client.admin.keyring" >/dev/null
-  monmaptool --create --addv a "[v2:127.0.0.1:$port]" --fsid "$fsid" "$dir/monmap" >/dev/null
+  monmaptool --create --addv a "[v2:$addr:$port]" --fsid "$fsid" "$dir/monmap" >/dev/null
   ceph-mon "${c[@]}" --mkfs -i a --monmap "$dir/monmap" --keyring "$dir/mon.keyring" 2>/dev/null
   ceph-mon "${c[@]}" -i a
   mkdir -p "$dir/mgr/ceph-x"
@@ -103,7 +108,7 @@ CONF
   for _ in $(seq 120); do
     if ceph "${c[@]}" pg stat 2>/dev/null | grep -q "active+clean" &&
       ! ceph "${c[@]}" pg stat 2>/dev/null | grep -qE "creating|peering|activating|unknown"; then
-      echo "ceph-dev: up on 127.0.0.1:$port, pool $pool, admin conf $conf"
+      echo "ceph-dev: up on $addr:$port, pool $pool, admin conf $conf"
       return 0
     fi
     sleep 0.5

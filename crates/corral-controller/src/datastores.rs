@@ -261,16 +261,16 @@ pub async fn delete(
             )));
         }
     }
-    let ops = vec![
-        Op::Delete {
-            key: keys::datastore(&name),
-            when: Precondition::ModRevision(rev),
-        },
-        Op::Delete {
+    let mut ops = vec![Op::Delete {
+        key: keys::datastore(&name),
+        when: Precondition::ModRevision(rev),
+    }];
+    if ds.value.kind == DatastoreKind::Rbd {
+        ops.push(Op::Delete {
             key: keys::datastore_secret(&name),
             when: Precondition::Any,
-        },
-    ];
+        });
+    }
     match ctx.store.txn(ops).await {
         Ok(_) => {
             remove_dir(&layout::ceph_dir(&ctx.data_dir, &name));
