@@ -1,11 +1,13 @@
 //! Live migration between namespace hosts of a lab, with real guests and the stream over the lab
 //! fabric: shared storage and shared-nothing, a guest busy dirtying memory, a cancel and a target
-//! killed midway (the VM stays on its source), and a host evacuated for maintenance.
+//! killed midway (the VM stays on its source), a host evacuated for maintenance, and a guest on an
+//! RBD datastore (a real Ceph cluster whose monitor listens on the lab fabric).
 
 mod common;
 
 use std::time::{Duration, Instant};
 
+use common::ceph::Ceph;
 use common::netlab::{guest_value, start_in_guest, wait_booted, TestLab};
 use serde_json::Value;
 
@@ -324,4 +326,102 @@ fn running_guests_move_between_hosts_and_failed_moves_leave_them_on_their_source
         assert!(uptime(&lab, n) > ups[i], "{n} kept running");
     }
     lab.ok(&["host", "maintenance", "exit", &home]);
+}
+
+#[test]
+fn a_guest_on_rbd_moves_with_only_its_memory_and_keeps_writing_to_the_same_image() {
+    let lab = TestLab::up(2);
+    lab.ok(&["image", "build-jeos"]);
+    // The monitor listens where the controller does, on the fabric's .1: every host reaches it.
+    let host_addr = lab.address("host-1");
+    let fabric = host_addr.rsplit_once('.').expect("an IPv4 address").0;
+    let ceph = Ceph::start_at(&format!("{fabric}.1"), "corral");
+    let keyring = ceph.user_keyring();
+    lab.ok(&[
+        "datastore",
+        "create",
+        "ceph",
+        "--type",
+        "rbd",
+        "--pool",
+        "corral",
+        "--monitors",
+        &ceph.monitor(),
+        "--user",
+        "corral",
+        "--keyring",
+        keyring.to_str().expect("utf-8"),
+    ]);
+    lab.ok(&[
+        "vm",
+        "create",
+        "mover",
+        "--image",
+        "jeos",
+        "--memory",
+        "256M",
+        "--datastore",
+        "ceph",
+        "--start",
+    ]);
+    wait_booted(&lab, &["mover"]);
+    let wrote = guest_value(
+        &lab,
+        "mover",
+        "W",
+        "echo before > /root/rbd-mark; sync; read v < /root/rbd-mark",
+    );
+    assert_eq!(wrote, "before");
+    let home = host_of(&lab, "mover");
+    let other = if home == "host-1" { "host-2" } else { "host-1" };
+    let disk0 = vm(&lab, "mover")["status"]["disk"]["path"].clone();
+    assert!(
+        disk0
+            .as_str()
+            .is_some_and(|d| d.starts_with("rbd:corral/corral-vm-")),
+        "{disk0}"
+    );
+    let up0 = uptime(&lab, "mover");
+    lab.ok(&["vm", "migrate", "mover", "--to", other]);
+    runs_once_on(&lab, "mover", other);
+    let up1 = uptime(&lab, "mover");
+    assert!(up1 > up0, "no reboot: {up0} -> {up1}");
+    healthy(&lab, "mover");
+    let m = lab.json(&["vm", "migration", "mover"]);
+    assert_eq!(
+        (m["phase"].as_str(), m["shared_storage"].as_bool()),
+        (Some("completed"), Some(true)),
+        "{m}"
+    );
+    assert_eq!(
+        m["result"]["disk_bytes"].as_u64(),
+        Some(0),
+        "only memory moved: {m}"
+    );
+    assert_eq!(
+        vm(&lab, "mover")["status"]["disk"]["path"],
+        disk0,
+        "the same image"
+    );
+    // What was written before the move is read from the image (not the page cache), and the
+    // guest writes on through the new host's QEMU.
+    let read = guest_value(
+        &lab,
+        "mover",
+        "R",
+        "echo after > /root/rbd-mark2; sync; echo 3 > /proc/sys/vm/drop_caches; read a < /root/rbd-mark; read b < /root/rbd-mark2; v=$a-$b",
+    );
+    assert_eq!(read, "before-after");
+    lab.ok(&["vm", "delete", "mover", "--force"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while lab.corral(&["vm", "show", "mover"]).status.success() {
+        assert!(Instant::now() < deadline, "mover was not deleted");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    lab.ok(&["datastore", "delete", "ceph"]);
+    assert_eq!(
+        ceph.images(),
+        Vec::<String>::new(),
+        "nothing of Corral's is left in the pool"
+    );
 }

@@ -7,6 +7,8 @@ use std::process::Command;
 
 pub struct Ceph {
     dir: tempfile::TempDir,
+    /// The address its monitor listens on: loopback, or a lab fabric's so namespace hosts reach it.
+    pub addr: String,
     pub port: u16,
     pub pool: String,
 }
@@ -16,8 +18,14 @@ fn script() -> PathBuf {
 }
 
 impl Ceph {
-    /// Starts the cluster with an RBD pool `pool`; fails loudly where Ceph is not installed.
+    /// Starts the cluster on loopback with an RBD pool `pool`; fails loudly where Ceph is not
+    /// installed.
     pub fn start(pool: &str) -> Ceph {
+        Ceph::start_at("127.0.0.1", pool)
+    }
+
+    /// Starts the cluster with its monitor on `addr` (an address of this machine).
+    pub fn start_at(addr: &str, pool: &str) -> Ceph {
         let dir = tempfile::Builder::new()
             .prefix("corral-ceph-")
             .tempdir_in("/tmp")
@@ -25,13 +33,14 @@ impl Ceph {
         let port = super::free_port();
         let ceph = Ceph {
             dir,
+            addr: addr.into(),
             port,
             pool: pool.into(),
         };
         let out = Command::new("bash")
             .arg(script())
             .args(["start", &ceph.cluster_dir().display().to_string()])
-            .arg(port.to_string())
+            .arg(format!("{addr}:{port}"))
             .arg(pool)
             .output()
             .expect("bash runs");
@@ -50,7 +59,7 @@ impl Ceph {
 
     /// The monitor, as `--monitors` takes it.
     pub fn monitor(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.addr, self.port)
     }
 
     /// The keyring of the `profile rbd` user `corral`.
