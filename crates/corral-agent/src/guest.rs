@@ -223,28 +223,47 @@ pub(crate) async fn clone_disk(
             std::fs::rename(&tmp, path).map_err(|e| AgentError::io("creating", path, e))
         }
         Disk::Rbd { pool, image: name } => {
-            if pool.exists(name).await? {
-                return Ok(());
-            }
             let base = layout::rbd_base_image(image.meta.uid);
             if !pool.exists(&base).await? {
-                // Several hosts may import at once: each into its own name; the first to
-                // publish wins and the others' copies go.
-                let staged = format!("{base}.part-{}", uuid::Uuid::new_v4().simple());
-                let imported = driver
-                    .import_disk(&backing, format, &pool.qemu_img_target(&staged))
-                    .await;
-                if let Err(e) = imported {
-                    if let Err(rm) = pool.remove(&staged).await {
-                        tracing::warn!(image = %staged, error = %rm, "could not remove a failed import");
+                // One import per image on this host at a time: the VMs waiting for it clone it
+                // once it is there (50 VMs created at once import it once, not 50 times).
+                let lock = import_lock(&format!("{}/{base}", pool.conf().display()));
+                let _importing = lock.lock().await;
+                if !pool.exists(&base).await? {
+                    // Several hosts may import at once: each into its own name; the first to
+                    // publish wins and the others' copies go.
+                    let staged = format!("{base}.part-{}", uuid::Uuid::new_v4().simple());
+                    let imported = driver
+                        .import_disk(&backing, format, &pool.qemu_img_target(&staged))
+                        .await;
+                    if let Err(e) = imported {
+                        if let Err(rm) = pool.remove(&staged).await {
+                            tracing::warn!(image = %staged, error = %rm, "could not remove a failed import");
+                        }
+                        return Err(e.into());
                     }
-                    return Err(e.into());
+                    pool.publish_base(&staged, &base).await?;
                 }
-                pool.publish_base(&staged, &base).await?;
             }
-            Ok(pool.clone_base(&base, name, vm.spec.disk_bytes).await?)
+            let base_size = image.status.virtual_bytes;
+            Ok(pool
+                .clone_base(&base, base_size, name, vm.spec.disk_bytes)
+                .await?)
         }
     }
+}
+
+/// The lock that orders this host's imports of one stored image (`key`: the pool's
+/// configuration and the image name).
+fn import_lock(key: &str) -> std::sync::Arc<tokio::sync::Mutex<()>> {
+    static LOCKS: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
+    > = std::sync::OnceLock::new();
+    let mut locks = LOCKS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    locks.entry(key.to_string()).or_default().clone()
 }
 
 /// The VM's image, once it is ready.

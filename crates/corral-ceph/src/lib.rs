@@ -289,39 +289,43 @@ impl Pool {
         self.remove(base).await
     }
 
-    /// Makes `image` a clone of the stored image `base`, `size` bytes large (at least `base`'s
-    /// size), unless it exists. The clone is made under a temporary name and renamed, so a crash
-    /// never leaves a half-made disk under the real name.
-    pub async fn clone_base(&self, base: &str, image: &str, size: u64) -> Result<(), CephError> {
+    /// Makes `image` a clone of the stored image `base` (of `base_size` bytes), `size` bytes
+    /// large (at least `base_size`), unless it exists. The clone is made under a temporary name
+    /// and renamed, so a crash never leaves a half-made disk under the real name. Four calls of
+    /// the rbd tool when the disk is larger than the image, three otherwise.
+    pub async fn clone_base(
+        &self,
+        base: &str,
+        base_size: u64,
+        image: &str,
+        size: u64,
+    ) -> Result<(), CephError> {
         if self.exists(image).await? {
             return Ok(());
         }
-        let staged = format!("{image}.part");
-        self.remove(&staged).await?;
+        let staged = self.spec(&format!("{image}.part"));
         let snap = self.spec(&format!("{base}@{BASE_SNAPSHOT}"));
-        self.rbd(
-            "cloning the stored image",
-            &["clone", &snap, &self.spec(&staged)],
-        )
-        .await?;
-        let base_size = self.size(&staged).await?.unwrap_or(0);
+        let clone = ["clone", snap.as_str(), staged.as_str()];
+        match self.rbd("cloning the stored image", &clone).await {
+            Ok(_) => {}
+            // Left by a crash: made again from the start.
+            Err(e) if e.exists() => {
+                self.remove(&format!("{image}.part")).await?;
+                self.rbd("cloning the stored image", &clone).await?;
+            }
+            Err(e) => return Err(e),
+        }
         if size > base_size {
             let bytes = format!("{size}B");
             self.rbd(
                 "growing the VM's disk",
-                &[
-                    "resize",
-                    "--size",
-                    &bytes,
-                    "--no-progress",
-                    &self.spec(&staged),
-                ],
+                &["resize", "--size", &bytes, "--no-progress", &staged],
             )
             .await?;
         }
         self.rbd(
             "naming the VM's disk",
-            &["rename", &self.spec(&staged), &self.spec(image)],
+            &["rename", &staged, &self.spec(image)],
         )
         .await
         .map(|_| ())
