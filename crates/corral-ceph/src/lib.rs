@@ -331,6 +331,42 @@ impl Pool {
         .map(|_| ())
     }
 
+    /// Cuts every client that has `image` open (its watchers) or holds its exclusive lock off
+    /// the cluster (`ceph osd blocklist add`, for an hour), so that a copy of a VM still running
+    /// on a failed or cut-off host can never write to the disk again, however long it lives; the
+    /// addresses cut off. This is how a Ceph cluster fences: librbd then breaks the dead
+    /// owner's lock for the next QEMU that opens the image.
+    pub async fn fence_image(&self, image: &str) -> Result<Vec<String>, CephError> {
+        let spec = self.spec(image);
+        let what = format!("finding the clients of RBD image {spec}");
+        let mut addresses = Vec::new();
+        let status: &[&str] = &["status", "--format", "json"];
+        let locks: &[&str] = &["lock", "ls", "--format", "json"];
+        for args in [status, locks] {
+            let mut args = args.to_vec();
+            args.push(&spec);
+            let out = self.rbd(&what, &args).await;
+            let out = match out {
+                Ok(out) => out,
+                Err(e) if e.not_found() => return Ok(Vec::new()),
+                Err(e) => return Err(e),
+            };
+            let v: serde_json::Value = parse(&what, &out)?;
+            collect_addresses(&v, &mut addresses);
+        }
+        addresses.sort();
+        addresses.dedup();
+        for a in &addresses {
+            self.tool(
+                "ceph",
+                &format!("cutting client {a} off the cluster"),
+                &["osd", "blocklist", "add", a, "3600"],
+            )
+            .await?;
+        }
+        Ok(addresses)
+    }
+
     /// Removes `image`; one that is gone is not an error.
     pub async fn remove(&self, image: &str) -> Result<(), CephError> {
         let what = format!("removing RBD image {}/{image}", self.pool);
@@ -389,6 +425,33 @@ impl Pool {
             message,
         })
     }
+}
+
+/// Every client address (`IP:PORT/NONCE`) under an `address` key of what `rbd status` or
+/// `rbd lock ls` printed; anything else is not passed on to `ceph osd blocklist`.
+fn collect_addresses(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                match v.as_str() {
+                    Some(a) if k == "address" && is_client_address(a) => out.push(a.to_string()),
+                    _ => collect_addresses(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| collect_addresses(v, out)),
+        _ => {}
+    }
+}
+
+fn is_client_address(a: &str) -> bool {
+    let (host, nonce) = a.rsplit_once('/').unwrap_or((a, ""));
+    !host.is_empty()
+        && host.len() <= 64
+        && nonce.bytes().all(|b| b.is_ascii_digit())
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() || matches!(b, b'.' | b':' | b'[' | b']'))
 }
 
 /// What a Ceph tool said last: the line with its reason (earlier lines are start-up noise).
@@ -505,6 +568,18 @@ mod tests {
             Pool::configure(&odd, &settings(), KEY),
             Err(CephError::BadDirectory(_))
         ));
+    }
+
+    #[test]
+    fn only_client_addresses_are_fenced() {
+        let status =
+            serde_json::json!({"watchers": [{"address": "10.77.5.3:0/2911", "client": 4235}]});
+        let locks = serde_json::json!([{"id": "auto 1", "locker": "client.4235", "address": "10.77.5.3:0/2911"},
+            {"address": "--cluster=x"}, {"address": "1.2.3.4:0/5 6"}]);
+        let mut found = Vec::new();
+        collect_addresses(&status, &mut found);
+        collect_addresses(&locks, &mut found);
+        assert_eq!(found, ["10.77.5.3:0/2911", "10.77.5.3:0/2911"]);
     }
 
     #[test]

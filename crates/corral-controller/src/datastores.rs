@@ -281,6 +281,20 @@ pub async fn delete(
     }
 }
 
+/// Fences the disk of the VM `uid` on the RBD datastore `ds` ([`Pool::fence_image`]): the
+/// addresses of the clients cut off.
+pub(crate) async fn fence_disk(
+    ctx: &Ctx,
+    ds: &Datastore,
+    uid: uuid::Uuid,
+) -> Result<Vec<String>, ApiError> {
+    stored_pool(ctx, ds)
+        .await?
+        .fence_image(&layout::rbd_vm_disk(uid))
+        .await
+        .map_err(ceph_failed)
+}
+
 /// Removes every image Corral made in the pool (no VM uses the datastore any more): what is left
 /// of disks first (clones a crash left half made), then the stored images they were cloned from.
 /// Images of others in the pool are left alone.

@@ -117,6 +117,9 @@ struct Inner {
     restarting: HashMap<uuid::Uuid, (String, Instant)>,
     /// VMs whose restart could not be placed, reported once.
     blocked: HashSet<uuid::Uuid>,
+    /// VMs of failed hosts whose RBD disk was fenced at the storage (its clients blocklisted),
+    /// so they may run elsewhere; until they do.
+    storage_fenced: HashSet<uuid::Uuid>,
     /// What every report is answered with, as of the last tick: the isolation response and each
     /// host's gossip address (so reports, four a second per host, read nothing from the store).
     isolation_response: IsolationResponse,
@@ -389,12 +392,6 @@ pub fn protection(vm: &Vm, datastores: &[Datastore]) -> HaProtection {
         ));
     }
     match datastores.iter().find(|d| d.name == vm.spec.datastore) {
-        Some(d) if d.kind == DatastoreKind::Rbd => {
-            return no(format!(
-                "datastore {} is an RBD pool, and HA needs storage leases, which RBD datastores do not have yet: use a shared dir datastore for HA-protected VMs",
-                d.name
-            ))
-        }
         Some(d) if d.shared => {}
         _ => {
             return no(format!(
@@ -812,6 +809,53 @@ pub(crate) fn plan_restarts(
     restarts
 }
 
+/// RBD datastores have no lease files: before a protected VM of a failed host runs elsewhere, its
+/// disk is fenced at the storage instead, once: every client that has the image open or holds
+/// its lock is cut off the Ceph cluster, so the old copy, dead or merely cut off, can never write
+/// to it again (see docs/HA.md). A fence that fails is tried again on the next tick; the VM waits.
+async fn fence_at_storage(
+    ctx: &Ctx,
+    failed: &HashSet<String>,
+    datastores: &[Datastore],
+    vms: &[(String, u64, Vm)],
+) {
+    for (_, _, vm) in vms {
+        let host = vm.status.host.as_deref().unwrap_or_default();
+        let Some(ds) = datastores
+            .iter()
+            .find(|d| d.name == vm.spec.datastore && d.kind == DatastoreKind::Rbd)
+        else {
+            continue;
+        };
+        if !failed.contains(host)
+            || vm.meta.deletion_requested_at.is_some()
+            || !protection(vm, datastores).protected
+            || ctx.ha.lock().storage_fenced.contains(&vm.meta.uid)
+        {
+            continue;
+        }
+        let subject = format!("vm/{}/{}", vm.meta.project, vm.meta.name);
+        match crate::datastores::fence_disk(ctx, ds, vm.meta.uid).await {
+            Ok(cut) => {
+                ctx.ha.lock().storage_fenced.insert(vm.meta.uid);
+                let clients = if cut.is_empty() {
+                    "no client had it open".to_string()
+                } else {
+                    format!("clients {} cut off the Ceph cluster", cut.join(", "))
+                };
+                let msg = format!(
+                    "{}'s disk on RBD datastore {} fenced before it runs away from failed host {host}: {clients}",
+                    vm.meta.name, ds.name
+                );
+                events::record(&*ctx.store, "StorageFenced", &subject, &msg).await;
+            }
+            Err(e) => {
+                tracing::warn!(vm = %subject, error = %e, "could not fence the VM's RBD disk; its restart waits")
+            }
+        }
+    }
+}
+
 /// Makes the restarts [`plan_restarts`] decides, each a compare-and-swap of the VM from its failed
 /// host to the new one, with its event, in one transaction.
 async fn fail_over(
@@ -820,14 +864,23 @@ async fn fail_over(
     datastores: &[Datastore],
     vms: &[(String, u64, Vm)],
 ) -> Result<(), ApiError> {
+    fence_at_storage(ctx, failed, datastores, vms).await;
     let _one_at_a_time = ctx.placement.lock().await;
     let mut view = placement::view(ctx).await?;
     view.down = failed.clone();
     let restarts = {
+        let on_rbd = |vm: &Vm| {
+            datastores
+                .iter()
+                .any(|d| d.name == vm.spec.datastore && d.kind == DatastoreKind::Rbd)
+        };
         let expired = |vm: &Vm, host: &str| {
-            ctx.ha
-                .lock()
-                .lease_expired(&vm.spec.datastore, host, Instant::now())
+            let inner = ctx.ha.lock();
+            if on_rbd(vm) {
+                inner.storage_fenced.contains(&vm.meta.uid)
+            } else {
+                inner.lease_expired(&vm.spec.datastore, host, Instant::now())
+            }
         };
         plan_restarts(
             failed,
@@ -885,6 +938,7 @@ async fn fail_over(
                         .get(&from)
                         .map_or_else(Instant::now, |(_, since)| *since);
                     inner.blocked.remove(&vm.meta.uid);
+                    inner.storage_fenced.remove(&vm.meta.uid);
                     inner.restarting.insert(vm.meta.uid, (from, declared));
                 }
                 events::log("VmRestarting", &subject, &event);

@@ -86,9 +86,16 @@ fn plain_boot(argv: &[String], corral_run_dir: &str, image: &str, dir: &Path) ->
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).expect("dir");
     let d = dir.display().to_string();
+    // Corral's sockets are in a directory named by a hash of its run directory, gone with its VM.
+    let corral_sockets = corral_hypervisor::socket_dir(Path::new(corral_run_dir))
+        .display()
+        .to_string();
+    let sockets = dir.join("sockets");
+    std::fs::create_dir_all(&sockets).expect("socket dir");
+    let s = sockets.display().to_string();
     let args: Vec<String> = argv[1..]
         .iter()
-        .map(|a| a.replace(corral_run_dir, &d))
+        .map(|a| a.replace(&corral_sockets, &s).replace(corral_run_dir, &d))
         .collect();
     let start = Instant::now();
     let st = Command::new("qemu-img")

@@ -4,7 +4,8 @@
 //! cut off from the controller only keeps its VMs; a host cut off from everything keeps them under
 //! the leave-running isolation response, and under power-off fences itself and its VMs run again
 //! elsewhere. Throughout, every host's QEMU processes are sampled: no VM ever
-//! runs twice.
+//! runs twice. A protected VM on an RBD datastore (a real Ceph on the lab fabric) runs again
+//! elsewhere once its old copy is cut off the storage.
 
 mod common;
 
@@ -13,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::ceph::Ceph;
 use common::netlab::{guest_value, TestLab};
 use common::{pids_matching, READY};
 use serde_json::Value;
@@ -440,4 +442,94 @@ fn protected_vms_of_a_failed_host_run_again_elsewhere_once_and_never_twice() {
         assert_eq!(pids_matching(uid).len(), 1, "{name} runs exactly once");
     }
     sampler.check();
+}
+
+#[test]
+fn a_protected_vm_on_rbd_runs_again_elsewhere_once_its_old_copy_is_cut_off_the_storage() {
+    let lab = TestLab::up(2);
+    lab.ok(&["image", "build-jeos"]);
+    // The monitor listens where the controller does, on the fabric's .1: every host reaches it.
+    let fabric = lab.address("host-1");
+    let prefix = fabric.rsplit_once('.').expect("an IPv4 address").0;
+    let ceph = Ceph::start_at(&format!("{prefix}.1"), "corral");
+    let keyring = ceph.user_keyring();
+    lab.ok(&[
+        "datastore",
+        "create",
+        "ceph",
+        "--type",
+        "rbd",
+        "--pool",
+        "corral",
+        "--monitors",
+        &ceph.monitor(),
+        "--user",
+        "corral",
+        "--keyring",
+        keyring.to_str().expect("utf-8"),
+    ]);
+    lab.ok(&[
+        "vm",
+        "create",
+        "rbd-db",
+        "--image",
+        "jeos",
+        "--memory",
+        "256M",
+        "--datastore",
+        "ceph",
+        "--ha",
+        "restart",
+        "--start",
+    ]);
+    assert!(lab.ok(&["vm", "show", "rbd-db"]).contains("HA: protected"));
+    wait_for(&lab, "rbd-db to boot", Duration::from_secs(120), || {
+        booted(&lab, "rbd-db")
+    });
+    let wrote = guest_value(
+        &lab,
+        "rbd-db",
+        "W",
+        "echo kept > /root/ha-mark; sync; read v < /root/ha-mark",
+    );
+    assert_eq!(wrote, "kept");
+    let home = host_of(&lab, "rbd-db");
+    let home_addr = lab.address(&home);
+    let sampler = Sampler::start(vec![("rbd-db".into(), uid(&lab, "rbd-db"))]);
+
+    lab.ok(&["lab", "fault", &home, "kill"]);
+    wait_for(
+        &lab,
+        "rbd-db to run elsewhere",
+        Duration::from_secs(120),
+        || running_on(&lab, "rbd-db", &home),
+    );
+    wait_for(
+        &lab,
+        "rbd-db to boot again",
+        Duration::from_secs(120),
+        || booted(&lab, "rbd-db"),
+    );
+    // Its old copy was cut off the cluster before it ran elsewhere, and the new one has the data.
+    let log = events(&lab);
+    assert!(
+        log.contains("StorageFenced") && log.contains(&home_addr),
+        "{log}"
+    );
+    let blocklist = ceph.admin("ceph", &["osd", "blocklist", "ls"]);
+    assert!(blocklist.contains(&home_addr), "{blocklist}");
+    let read = guest_value(&lab, "rbd-db", "R", "read v < /root/ha-mark");
+    assert_eq!(read, "kept", "the file written before the failure");
+    sampler.check();
+    drop(sampler);
+
+    lab.ok(&["vm", "delete", "rbd-db", "--force"]);
+    wait_for(
+        &lab,
+        "rbd-db to be deleted",
+        Duration::from_secs(60),
+        || !lab.corral(&["vm", "show", "rbd-db"]).status.success(),
+    );
+    lab.ok(&["datastore", "delete", "ceph"]);
+    assert_eq!(ceph.images(), Vec::<String>::new());
 }
