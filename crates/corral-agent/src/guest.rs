@@ -224,10 +224,13 @@ pub(crate) async fn clone_disk(
         }
         Disk::Rbd { pool, image: name } => {
             let base = layout::rbd_base_image(image.meta.uid);
-            if !pool.exists(&base).await? {
+            // A stored image stays while VMs on the datastore use it: once seen, it is not
+            // asked about again (a clone that finds it gone forgets it, and imports it anew).
+            let stored = format!("{}/{base}", pool.conf().display());
+            if !known_stored(&stored) && !pool.exists(&base).await? {
                 // One import per image on this host at a time: the VMs waiting for it clone it
                 // once it is there (50 VMs created at once import it once, not 50 times).
-                let lock = import_lock(&format!("{}/{base}", pool.conf().display()));
+                let lock = import_lock(&stored);
                 let _importing = lock.lock().await;
                 if !pool.exists(&base).await? {
                     // Several hosts may import at once: each into its own name; the first to
@@ -246,10 +249,45 @@ pub(crate) async fn clone_disk(
                 }
             }
             let base_size = image.status.virtual_bytes;
-            Ok(pool
+            match pool
                 .clone_base(&base, base_size, name, vm.spec.disk_bytes)
-                .await?)
+                .await
+            {
+                Ok(()) => {
+                    remember_stored(&stored, true);
+                    Ok(())
+                }
+                Err(e) => {
+                    if e.not_found() {
+                        remember_stored(&stored, false);
+                    }
+                    Err(e.into())
+                }
+            }
         }
+    }
+}
+
+/// Stored images this host has seen in their pools (keys: the pool's configuration and the
+/// image name).
+fn stored_images() -> std::sync::MutexGuard<'static, std::collections::HashSet<String>> {
+    static SEEN: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<String>>> =
+        std::sync::OnceLock::new();
+    SEEN.get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn known_stored(key: &str) -> bool {
+    stored_images().contains(key)
+}
+
+fn remember_stored(key: &str, present: bool) {
+    let mut seen = stored_images();
+    if present {
+        seen.insert(key.to_string());
+    } else {
+        seen.remove(key);
     }
 }
 

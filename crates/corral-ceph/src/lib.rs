@@ -48,8 +48,8 @@ pub enum CephError {
 }
 
 impl CephError {
-    /// Whether Ceph said the image (or pool) does not exist.
-    fn not_found(&self) -> bool {
+    /// Whether Ceph said the image (or pool, or snapshot) does not exist.
+    pub fn not_found(&self) -> bool {
         matches!(self, CephError::Command { message, .. } if message.contains("(2) No such file or directory"))
     }
     fn exists(&self) -> bool {
@@ -162,8 +162,8 @@ impl Pool {
         parse("listing the pool", &out)
     }
 
-    /// Space used, free and provisioned in the pool.
-    pub async fn usage(&self) -> Result<Usage, CephError> {
+    /// Bytes stored in the pool and bytes it can still take, as `ceph df` reports them.
+    pub async fn space(&self) -> Result<(u64, u64), CephError> {
         #[derive(Deserialize)]
         struct Df {
             pools: Vec<DfPool>,
@@ -177,11 +177,6 @@ impl Pool {
         struct DfStats {
             stored: u64,
             max_avail: u64,
-        }
-        #[derive(Deserialize)]
-        struct Du {
-            #[serde(default)]
-            total_provisioned_size: u64,
         }
         let what = "reading the pool's space";
         let df: Df = parse(
@@ -197,6 +192,18 @@ impl Pool {
                 message: format!("ceph df does not list pool {}", self.pool),
             })?
             .stats;
+        Ok((stats.stored, stats.max_avail))
+    }
+
+    /// Space used, free and provisioned in the pool.
+    pub async fn usage(&self) -> Result<Usage, CephError> {
+        #[derive(Deserialize)]
+        struct Du {
+            #[serde(default)]
+            total_provisioned_size: u64,
+        }
+        let (used, available) = self.space().await?;
+        let what = "reading the pool's provisioned space";
         let du: Du = parse(
             what,
             &self
@@ -204,8 +211,8 @@ impl Pool {
                 .await?,
         )?;
         Ok(Usage {
-            used: stats.stored,
-            available: stats.max_avail,
+            used,
+            available,
             provisioned: du.total_provisioned_size,
         })
     }
@@ -290,9 +297,10 @@ impl Pool {
     }
 
     /// Makes `image` a clone of the stored image `base` (of `base_size` bytes), `size` bytes
-    /// large (at least `base_size`), unless it exists. The clone is made under a temporary name
-    /// and renamed, so a crash never leaves a half-made disk under the real name. Four calls of
-    /// the rbd tool when the disk is larger than the image, three otherwise.
+    /// large (at least `base_size`); one that exists already is left as it is. The clone is made
+    /// under a temporary name and renamed, so a crash never leaves a half-made disk under the
+    /// real name. Two calls of the rbd tool, three when the disk is larger than the image (each
+    /// call costs a process and a cephx handshake: they are what a clone costs).
     pub async fn clone_base(
         &self,
         base: &str,
@@ -300,17 +308,15 @@ impl Pool {
         image: &str,
         size: u64,
     ) -> Result<(), CephError> {
-        if self.exists(image).await? {
-            return Ok(());
-        }
-        let staged = self.spec(&format!("{image}.part"));
+        let staged_name = format!("{image}.part");
+        let staged = self.spec(&staged_name);
         let snap = self.spec(&format!("{base}@{BASE_SNAPSHOT}"));
         let clone = ["clone", snap.as_str(), staged.as_str()];
         match self.rbd("cloning the stored image", &clone).await {
             Ok(_) => {}
             // Left by a crash: made again from the start.
             Err(e) if e.exists() => {
-                self.remove(&format!("{image}.part")).await?;
+                self.remove(&staged_name).await?;
                 self.rbd("cloning the stored image", &clone).await?;
             }
             Err(e) => return Err(e),
@@ -323,12 +329,18 @@ impl Pool {
             )
             .await?;
         }
-        self.rbd(
-            "naming the VM's disk",
-            &["rename", &staged, &self.spec(image)],
-        )
-        .await
-        .map(|_| ())
+        match self
+            .rbd(
+                "naming the VM's disk",
+                &["rename", &staged, &self.spec(image)],
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            // Made before (its record was not written yet): that one stays.
+            Err(e) if e.exists() => self.remove(&staged_name).await,
+            Err(e) => Err(e),
+        }
     }
 
     /// Cuts every client that has `image` open (its watchers) or holds its exclusive lock off

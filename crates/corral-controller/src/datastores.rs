@@ -4,12 +4,13 @@
 //! returns.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use corral_api::{
-    keys, layout, CreateDatastoreRequest, Datastore, DatastoreDetail, DatastoreKind,
+    format_bytes, keys, layout, CreateDatastoreRequest, Datastore, DatastoreDetail, DatastoreKind,
     DatastoreSecret, DatastoreUsage, RbdSettings,
 };
 use corral_ceph::{CephError, Pool};
@@ -75,6 +76,48 @@ async fn rbd_usage(ctx: &Ctx, ds: &Datastore) -> Result<DatastoreUsage, ApiError
             (u.provisioned as f64 / capacity as f64 * 100.0).round() / 100.0
         },
     })
+}
+
+/// How long a pool's free space, as read for a VM create, is believed (50 creates at once ask
+/// Ceph once).
+const FREE_SPACE_TTL: Duration = Duration::from_secs(5);
+
+/// Refuses a disk of `bytes` on the RBD datastore `ds` when its pool has less space free: thin
+/// disks share the free space, but a disk larger than all of it would fill the pool before the
+/// guest filled the disk.
+pub(crate) async fn check_room(ctx: &Ctx, ds: &Datastore, bytes: u64) -> Result<(), ApiError> {
+    let cached = ctx
+        .rbd_free
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(&ds.name)
+        .filter(|(at, _)| at.elapsed() < FREE_SPACE_TTL)
+        .map(|(_, free)| *free);
+    let free = match cached {
+        Some(f) => f,
+        None => {
+            let (_, free) = stored_pool(ctx, ds).await?.space().await.map_err(|e| {
+                ApiError::Unavailable(format!(
+                    "datastore {} cannot be reached to see whether the disk fits: {e}",
+                    ds.name
+                ))
+            })?;
+            ctx.rbd_free
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(ds.name.clone(), (Instant::now(), free));
+            free
+        }
+    };
+    if bytes > free {
+        return Err(ApiError::Conflict(format!(
+            "a disk of {} cannot fit on datastore {}: its pool has {} free; give a smaller --disk, free space in the pool, or use another datastore",
+            format_bytes(bytes),
+            ds.name,
+            format_bytes(free)
+        )));
+    }
+    Ok(())
 }
 
 fn ceph_failed(e: CephError) -> ApiError {

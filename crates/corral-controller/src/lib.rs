@@ -86,6 +86,8 @@ pub struct Ctx {
     cache: Arc<cache::Cache>,
     /// Makes and removes image files (the binary wires in the hypervisor's tools).
     image_files: Arc<dyn ImageFiles>,
+    /// Free space of RBD datastores as last read for a VM create, and when.
+    rbd_free: Arc<std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, u64)>>>,
 }
 
 /// Prepares the store (the default project, the hash of the admin token) and resumes tasks.
@@ -125,6 +127,7 @@ pub async fn init(
         ha: Default::default(),
         drs_plan: Default::default(),
         image_files,
+        rbd_free: Arc::default(),
     };
     tasks::resume(&ctx).await?;
     spawn_placer(ctx.clone());

@@ -72,8 +72,9 @@ pub async fn get(
     params(("project" = String, Path)), request_body = CreateVmRequest,
     responses((status = 202, description = "accepted; follow the task", body = Task),
         (status = 400, body = corral_api::ApiErrorBody), (status = 404, body = corral_api::ApiErrorBody),
-        (status = 409, body = corral_api::ApiErrorBody),
-        (status = 422, description = "a memory size below 64M or not whole MiB, or a disk size not a multiple of 512 bytes or above 16T", body = corral_api::ApiErrorBody)),
+        (status = 409, description = "the VM cannot be made as asked now: a name taken, no capacity, a disk larger than its RBD datastore's free space", body = corral_api::ApiErrorBody),
+        (status = 422, description = "a memory size below 64M or not whole MiB, or a disk size not a multiple of 512 bytes or above 16T", body = corral_api::ApiErrorBody),
+        (status = 503, description = "the VM's RBD datastore cannot be reached to see whether its disk fits", body = corral_api::ApiErrorBody)),
     security(("bearer" = [])))]
 pub async fn create(
     State(ctx): State<Ctx>,
@@ -118,10 +119,16 @@ pub async fn create(
     } else {
         let key = keys::datastore(&spec.datastore);
         match get_json::<Datastore>(&*ctx.store, &key).await? {
-            Some(ds) if !ds.value.deleting => Some(Op::Check {
-                key,
-                when: Precondition::ModRevision(ds.revision),
-            }),
+            Some(ds) if !ds.value.deleting => {
+                if ds.value.kind == DatastoreKind::Rbd {
+                    let size = spec.disk_bytes.max(image.status.virtual_bytes);
+                    crate::datastores::check_room(&ctx, &ds.value, size).await?;
+                }
+                Some(Op::Check {
+                    key,
+                    when: Precondition::ModRevision(ds.revision),
+                })
+            }
             _ => {
                 return Err(ApiError::NotFound(format!(
                 "datastore {} does not exist: create it first, or leave the datastore out (local)",

@@ -273,7 +273,7 @@ fn rbd_benchmark(lab: &Lab, ceph: &Ceph) {
         used as f64 / 50.0 / 1024.0,
     );
     for i in 0..50 {
-        lab.cli(&["vm", "delete", &format!("rbd-clone-{i}"), "--no-wait"]);
+        lab.cli(&["vm", "delete", &format!("rbd-clone-{i}")]);
     }
     let (mut rbd, mut local) = (Vec::new(), Vec::new());
     for i in 0..RUNS {

@@ -174,6 +174,28 @@ fn guests_run_on_rbd_clones_of_one_stored_image_and_keep_their_data() {
         "{ds}"
     );
 
+    // A disk larger than all the pool has free is refused with the figures, and nothing is made.
+    let err = lab.fails(&[
+        "vm",
+        "create",
+        "huge",
+        "--image",
+        "jeos",
+        "--memory",
+        "128M",
+        "--disk",
+        "1T",
+        "--datastore",
+        "ceph",
+    ]);
+    assert!(
+        err.contains("cannot fit on datastore ceph") && err.contains("free"),
+        "{err}"
+    );
+    assert!(lab
+        .fails(&["vm", "show", "huge"])
+        .contains("does not exist"));
+
     // What the guest writes is on its RBD disk: it is there after a stop and a start.
     let written = lab.guest_value(
         "rbd-a",
