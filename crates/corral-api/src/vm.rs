@@ -314,6 +314,7 @@ pub struct CreateVmRequest {
     pub ha_after: Vec<String>,
     /// NICs on networks of the project; address and MAC are chosen when not given.
     #[serde(default)]
+    #[schema(max_items = 8)]
     pub nics: Vec<crate::NicRequest>,
     /// Security groups for the VM's NICs; `default` when none is named.
     #[serde(default)]
@@ -385,7 +386,7 @@ impl CreateVmRequest {
                 for n in &self.ha_after {
                     validate_name("VM (in ha_after)", n)?;
                     if *n == self.name {
-                        return Err(ValidationError::new(format!(
+                        return Err(ValidationError::unprocessable(format!(
                             "VM {n} cannot wait for itself: name other VMs in ha_after"
                         )));
                     }
@@ -409,7 +410,7 @@ impl CreateVmRequest {
                     validate_name("security group", g)?;
                 }
                 if self.nics.is_empty() && !self.security_groups.is_empty() {
-                    return Err(ValidationError::new(
+                    return Err(ValidationError::unprocessable(
                         "security groups apply to NICs: give the VM a NIC, or no security groups",
                     ));
                 }
