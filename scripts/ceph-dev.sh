@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # A single-node Ceph cluster for tests and trying RBD datastores by hand: one monitor on
 # ADDR:PORT (msgr2; ADDR 127.0.0.1 unless given), one mgr, one bluestore OSD on a sparse file,
-# all under DIR, from Debian's packages (ceph-mon ceph-osd ceph-mgr ceph-common; scripts/setup.sh installs them). No
-# systemd, cephadm or LVM. Ready (pool active+clean) in about 15 s.
+# all under DIR, from Debian's packages (ceph-mon ceph-osd ceph-mgr ceph-common; scripts/setup.sh
+# installs them). No systemd, cephadm or LVM. Ready (pool active+clean) in about 15 s.
 #   scripts/ceph-dev.sh start DIR [ADDR:]PORT [POOL]
 #                                              starts it; POOL (default corral) is an initialized
 #                                              RBD pool, and DIR/client.corral.keyring a user
