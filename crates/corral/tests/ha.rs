@@ -448,26 +448,7 @@ fn protected_vms_of_a_failed_host_run_again_elsewhere_once_and_never_twice() {
 fn a_protected_vm_on_rbd_runs_again_elsewhere_once_its_old_copy_is_cut_off_the_storage() {
     let lab = TestLab::up(2);
     lab.ok(&["image", "build-jeos"]);
-    // The monitor listens where the controller does, on the fabric's .1: every host reaches it.
-    let fabric = lab.address("host-1");
-    let prefix = fabric.rsplit_once('.').expect("an IPv4 address").0;
-    let ceph = Ceph::start_at(&format!("{prefix}.1"), "corral");
-    let keyring = ceph.user_keyring();
-    lab.ok(&[
-        "datastore",
-        "create",
-        "ceph",
-        "--type",
-        "rbd",
-        "--pool",
-        "corral",
-        "--monitors",
-        &ceph.monitor(),
-        "--user",
-        "corral",
-        "--keyring",
-        keyring.to_str().expect("utf-8"),
-    ]);
+    let ceph = Ceph::for_lab(&lab);
     lab.ok(&[
         "vm",
         "create",

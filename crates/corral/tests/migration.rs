@@ -332,26 +332,7 @@ fn running_guests_move_between_hosts_and_failed_moves_leave_them_on_their_source
 fn a_guest_on_rbd_moves_with_only_its_memory_and_keeps_writing_to_the_same_image() {
     let lab = TestLab::up(2);
     lab.ok(&["image", "build-jeos"]);
-    // The monitor listens where the controller does, on the fabric's .1: every host reaches it.
-    let host_addr = lab.address("host-1");
-    let fabric = host_addr.rsplit_once('.').expect("an IPv4 address").0;
-    let ceph = Ceph::start_at(&format!("{fabric}.1"), "corral");
-    let keyring = ceph.user_keyring();
-    lab.ok(&[
-        "datastore",
-        "create",
-        "ceph",
-        "--type",
-        "rbd",
-        "--pool",
-        "corral",
-        "--monitors",
-        &ceph.monitor(),
-        "--user",
-        "corral",
-        "--keyring",
-        keyring.to_str().expect("utf-8"),
-    ]);
+    let ceph = Ceph::for_lab(&lab);
     lab.ok(&[
         "vm",
         "create",

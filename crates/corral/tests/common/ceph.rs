@@ -53,6 +53,31 @@ impl Ceph {
         ceph
     }
 
+    /// A cluster whose monitor listens on the fabric of `lab` (its .1, where the controller
+    /// listens, so every host reaches it), added to the lab as the RBD datastore `ceph`.
+    pub fn for_lab(lab: &super::netlab::TestLab) -> Ceph {
+        let host = lab.address("host-1");
+        let fabric = host.rsplit_once('.').expect("an IPv4 address").0;
+        let ceph = Ceph::start_at(&format!("{fabric}.1"), "corral");
+        let keyring = ceph.user_keyring();
+        lab.ok(&[
+            "datastore",
+            "create",
+            "ceph",
+            "--type",
+            "rbd",
+            "--pool",
+            &ceph.pool,
+            "--monitors",
+            &ceph.monitor(),
+            "--user",
+            "corral",
+            "--keyring",
+            keyring.to_str().expect("utf-8"),
+        ]);
+        ceph
+    }
+
     fn cluster_dir(&self) -> PathBuf {
         self.dir.path().join("cluster")
     }
